@@ -1,0 +1,113 @@
+"""Our checkpoint format: one safetensors file that describes itself.
+
+The file's metadata carries the format name and version, the model's Hugging Face config and the
+weight scheme, so a checkpoint never depends on its file name or on a stray config next to it.
+Tensor names are those of `model.Transformer`'s state dict; a tied LM head is stored once.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import ModelArgs, Transformer
+
+FORMAT = "layerskip-llama"
+FORMAT_VERSION = "1"
+DEFAULT_NAME = "checkpoint.safetensors"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def expected_shapes(args: ModelArgs) -> dict:
+    """Tensor name -> shape that a checkpoint for `args` must hold (a tied LM head is not stored)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    if args.tie_word_embeddings:
+        shapes.pop("output.weight")
+    return shapes
+
+
+def resolve_checkpoint_path(path) -> Path:
+    """A checkpoint file, or a directory holding DEFAULT_NAME."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DEFAULT_NAME
+    if not path.is_file():
+        hint = (" Convert a Hugging Face checkpoint with `python convert_hf_checkpoint.py --checkpoint_dir DIR`"
+                " or prepare the default model with `python scripts/prepare_smollm2.py`.")
+        raise FileNotFoundError(f"checkpoint not found: {path}.{hint}")
+    return path
+
+
+def save_checkpoint(state_dict: dict, hf_config: dict, path, scheme: dict | None = None):
+    """Writes atomically: a temporary file in the same folder, renamed when complete."""
+    path = Path(path)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(hf_config, sort_keys=True),
+        "scheme": json.dumps(scheme or {"mode": "none"}, sort_keys=True),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metadata(path) -> dict:
+    path = resolve_checkpoint_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (metadata format={meta.get('format')!r}); "
+                              "convert it with convert_hf_checkpoint.py first")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('format_version')!r}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    return {"config": json.loads(meta["config"]), "scheme": json.loads(meta.get("scheme", '{"mode": "none"}'))}
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Builds the model described by the checkpoint and loads its weights onto `device`.
+
+    dtype=None keeps the stored dtype."""
+    path = resolve_checkpoint_path(path)
+    meta = read_metadata(path)
+    if meta["scheme"].get("mode", "none") != "none":
+        raise CheckpointError(f"{path} uses weight scheme {meta['scheme']}, which this build cannot load")
+    args = ModelArgs.from_hf_config(meta["config"])
+    expected = expected_shapes(args)
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            missing, unexpected = sorted(expected.keys() - keys), sorted(keys - expected.keys())
+            if missing or unexpected:
+                raise CheckpointError(f"{path} does not match its config: missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]}")
+            for k in expected:
+                t = f.get_tensor(k)
+                if t.shape != expected[k]:
+                    raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, config implies "
+                                          f"{tuple(expected[k])}")
+                state[k] = t if dtype is None else t.to(dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {e}") from e
+    if args.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, assign=True)
+    if args.tie_word_embeddings:  # assign=True replaced the shared Parameter; share it again
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()

@@ -1,0 +1,289 @@
+"""A Llama-family decoder in plain PyTorch, with a static KV cache.
+
+The forward pass is split into three public pieces so that early exit and self-speculation are
+just different ways of calling them:
+
+    h = model.embed(tokens)                                  # token ids -> hidden states
+    h = model.run_layers(h, input_pos, start=a, end=b)       # layers [a, b) only
+    logits = model.head(h)                                   # final norm + LM head
+
+`model(tokens, input_pos)` is the full model: head(run_layers(embed(tokens), input_pos)).
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int = 0  # 0 means dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}; None for plain rope.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", "default")
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"unsupported rope_type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Builds the arguments from a Hugging Face Llama `config.json` (older `rope_theta`/`rope_scaling`
+        keys or the newer `rope_parameters`)."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+            raise ValueError(
+                f"unsupported architecture: model_type={cfg.get('model_type')!r}, architectures={archs}; "
+                "only Llama-family checkpoints (LlamaForCausalLM) are supported")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise ValueError(f"config sets {key}=true; biased Llama variants are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; Llama uses silu")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
+
+        # Newer configs fold theta and scaling into one `rope_parameters` dict; older ones keep
+        # `rope_theta` beside a `rope_scaling` dict whose kind is under "rope_type" or "type".
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
+        kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        scaling = None if kind == "default" else {"rope_type": kind, **rope}
+
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or 0,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies, including `linear` and Llama 3.1 `llama3` scaling."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, and the band between
+    # the two cut-offs interpolated smoothly so nearby positions stay distinguishable.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(in_band, blended, scaled)
+
+
+def rope_cos_sin(args: ModelArgs, positions: torch.Tensor):
+    """cos/sin tables of shape [len(positions), head_dim] in float32 (rotate-half layout, as in HF)."""
+    freqs = torch.outer(positions.float(), rope_inv_freq(args).to(positions.device))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D]. Rotated in float32 so bf16 models keep position accuracy.
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer with a CPU decode path that inductor compiles well.
+
+    For one token, y = W x is a matrix-vector product bound by reading W. Written as a multiply
+    and a sum, inductor turns it into one vectorized loop over W's rows that streams the weights
+    at close to memory bandwidth, while the oneDNN/MKL GEMV it otherwise calls reaches about half
+    of that on our CI's CPU (BENCHMARKS.md). Eagerly, the product would materialize [out, in], so
+    the path is taken only under torch.compile.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.shape[-2] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+            return (self.weight.float() * x.float().unsqueeze(-2)).sum(-1).to(x.dtype)
+        return F.linear(x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every position up to max_seq_length, written in place."""
+
+    def __init__(self, batch_size, n_kv_heads, max_seq_length, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        # One fused projection: a single matmul is faster than three small ones when decoding.
+        self.wqkv = Linear(args.dim, q_size + 2 * kv_size)
+        self.wo = Linear(q_size, args.dim)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        bsz, seqlen, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size)  # gate and up, fused
+        self.w2 = Linear(args.intermediate_size, args.dim)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = Linear(args.dim, args.vocab_size)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocates the KV cache of every layer, and the rope and mask tables, for this size."""
+        if max_seq_length > self.args.max_position_embeddings:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's "
+                             f"max_position_embeddings={self.args.max_position_embeddings}")
+        if (max_batch_size, max_seq_length) == (self.max_batch_size, self.max_seq_length):
+            return
+        a = self.args
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim,
+                                               dtype, device)
+        cos, sin = rope_cos_sin(a, torch.arange(max_seq_length, device=device))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+        self.register_buffer("causal_mask", mask, persistent=False)
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(idx)
+
+    def run_layers(self, h: torch.Tensor, input_pos: torch.Tensor | None = None,
+                   start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Runs layers [start, end) on hidden states h [B, T, dim] at positions input_pos [T].
+
+        With input_pos, each layer writes its keys/values for those positions into its cache and
+        attends to every cached position up to its own. Without it (training, scoring), the layers
+        attend causally within h and the cache is neither read nor written.
+        """
+        end = self.args.n_layers if end is None else end
+        if input_pos is None:
+            cos, sin = rope_cos_sin(self.args, torch.arange(h.shape[1], device=h.device))
+            mask = None
+        else:
+            if self.max_seq_length == 0:
+                raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            mask = self.causal_mask[None, None, input_pos]
+        for layer in self.layers[start:end]:
+            h = layer(h, cos, sin, mask, input_pos)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: logits for every position of h."""
+        return self.output(self.norm(h))
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.run_layers(self.embed(idx), input_pos))

