@@ -1,4 +1,5 @@
 """Decoding loops over the model's API: prefill, then one token at a time."""
+import resource
 import time
 from dataclasses import dataclass
 
@@ -120,3 +121,19 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
     t2 = time.perf_counter()
     tokens = torch.cat([prompt] + out, dim=1)
     return tokens, GenerationStats(T, len(out), t1 - t0, t2 - t1)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except that an untied
+    embedding table contributes only the rows looked up (negligible)."""
+    params = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not model.args.tie_word_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB

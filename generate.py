@@ -7,7 +7,6 @@
 import argparse
 import contextlib
 import itertools
-import resource
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, load_model, resolve_checkpoint_path
-from decoding import compile_steps, decode_one_token, generate, prefill, synchronize
+from decoding import compile_steps, decode_one_token, generate, peak_memory_gb, prefill, synchronize, \
+    weight_bytes_per_token
 from sampling import SamplingParams
 from tokenizer import load_tokenizer
 
@@ -36,22 +36,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except that an untied
-    embedding table contributes only the rows looked up (negligible)."""
-    params = {p.data_ptr(): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    if not model.args.tie_word_embeddings:
-        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    return total
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 class StreamPrinter:

@@ -80,3 +80,18 @@ def tiny_checkpoint(tmp_path):
         hf = save_tiny_hf(tmp_path / "hf", cfg)
         return load_model(convert(tmp_path / "hf")), hf
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A small random model that speaks SmolLM2's tokenizer: fast CLI runs, compile included."""
+    import shutil
+    from convert_hf_checkpoint import TOKENIZER_FILES, convert
+    d = tmp_path_factory.mktemp("tiny_smol")
+    save_tiny_hf(d, tiny_hf_config(vocab_size=49152, num_hidden_layers=3, tie_word_embeddings=True,
+                                   bos_token_id=1, eos_token_id=2, max_position_embeddings=4096))
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copyfile(smollm2_dir / name, d / name)
+    convert(d)
+    return d

@@ -159,3 +159,41 @@ def test_cli_bad_input_gives_a_clear_message(smollm2_dir, args, message):
     r = run_cli("--checkpoint_path", str(smollm2_dir), *args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_compiled_prints_compile_time_separately(tiny_smol_dir):
+    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "8",
+                "--num_samples", "2", "--compile", "--compile_prefill")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("Compilation time:") == 1
+    assert r.stderr.count("Sample ") == 2
+
+
+def test_cli_random_prompt_and_profile(tiny_smol_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "20", "--max_new_tokens", "5",
+                "--num_samples", "1", "--profile", str(trace))
+    assert r.returncode == 0, r.stderr
+    assert "prefill 20 tokens" in r.stderr
+    assert trace.stat().st_size > 1000 and "aten::" in trace.read_text()
+
+
+def test_cli_interactive_chat_streams_replies(tiny_smol_dir):
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(tiny_smol_dir),
+                        "--interactive", "--max_new_tokens", "6", "--temperature", "0", "--max_seq_length", "256"],
+                       input="Hi there!\nAnd again?\n\n", capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 3  # two turns, then the empty line ends the chat
+    assert r.stderr.count("tokens/s]") == 2
+
+
+def test_compiled_prefill_handles_new_prompt_lengths_without_recompiling(tiny_checkpoint):
+    model, hf = tiny_checkpoint()
+    torch._dynamo.reset()
+    model.setup_caches(1, 64)
+    prefill_fn, decode_fn = compile_steps(torch.device("cpu"), compile_prefill=True)
+    for i, length in enumerate([5, 9, 17, 30]):
+        prompt = torch.randint(3, 96, (length,), generator=torch.Generator().manual_seed(length))
+        with torch._dynamo.config.patch(error_on_recompile=i > 1):  # lengths 5 and 9: dynamic graph made
+            ours, _ = generate(model, prompt, 10, GREEDY, prefill_fn=prefill_fn, decode_fn=decode_fn)
+        assert ours[0].tolist() == hf_greedy(hf, prompt, 10)
