@@ -23,11 +23,15 @@ class CheckpointError(ValueError):
     pass
 
 
-def expected_shapes(args: ModelArgs) -> dict:
-    """Tensor name -> shape that a checkpoint for `args` must hold (a tied LM head is not stored)."""
+def expected_shapes(args: ModelArgs, scheme: dict | None = None) -> dict:
+    """Tensor name -> shape that a checkpoint for `args` must hold (a tied LM head is not stored
+    unless it is quantized, which gives it its own copy)."""
+    from quantize import apply_scheme
+
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    if args.tie_word_embeddings:
+        model = apply_scheme(Transformer(args), scheme or {"mode": "none"})
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings and (scheme or {}).get("mode", "none") == "none":
         shapes.pop("output.weight")
     return shapes
 
@@ -77,16 +81,22 @@ def read_metadata(path) -> dict:
     return {"config": json.loads(meta["config"]), "scheme": json.loads(meta.get("scheme", '{"mode": "none"}'))}
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, prepare=None) -> Transformer:
     """Builds the model described by the checkpoint and loads its weights onto `device`.
 
-    dtype=None keeps the stored dtype."""
+    dtype=None keeps the stored dtype. prepare(model), if given, transforms the loaded model before
+    int4 weights are packed for their kernel (tensor-parallel sharding: tp.shard_model)."""
     path = resolve_checkpoint_path(path)
+    from quantize import SchemeError, apply_scheme, pack_model
+
     meta = read_metadata(path)
-    if meta["scheme"].get("mode", "none") != "none":
-        raise CheckpointError(f"{path} uses weight scheme {meta['scheme']}, which this build cannot load")
-    args = ModelArgs.from_hf_config(meta["config"])
-    expected = expected_shapes(args)
+    scheme = meta["scheme"]
+    try:
+        quantized = scheme.get("mode", "none") != "none"
+        args = ModelArgs.from_hf_config(meta["config"])
+        expected = expected_shapes(args, scheme)
+    except SchemeError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -100,14 +110,18 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Transfor
                 if t.shape != expected[k]:
                     raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, config implies "
                                           f"{tuple(expected[k])}")
-                state[k] = t if dtype is None else t.to(dtype)
+                # quantized integer tensors keep their type; scales follow the model's dtype
+                state[k] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
     except SafetensorError as e:
         raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {e}") from e
-    if args.tie_word_embeddings:
+    tied = args.tie_word_embeddings and not quantized
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     with torch.device("meta"):
-        model = Transformer(args)
+        model = apply_scheme(Transformer(args), scheme)
     model.load_state_dict(state, assign=True)
-    if args.tie_word_embeddings:  # assign=True replaced the shared Parameter; share it again
+    if tied:  # assign=True replaced the shared Parameter; share it again
         model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    if prepare is not None:
+        model = prepare(model)
+    return pack_model(model).eval()

@@ -1,43 +1,90 @@
-"""Decoding loops over the model's API: prefill, then one token at a time."""
+"""Decoding loops over the model's API: autoregressive (optionally early-exit), self-speculative
+(LayerSkip) and two-model speculative. Each loop is a short function over a few step functions,
+which `compile_steps` turns into fixed-shape graphs."""
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from model import Transformer
-from sampling import SamplingParams, sample
+from sampling import SamplingParams, logits_to_probs, sample, sample_from_probs, speculative_accept
 
 
-def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, params: SamplingParams):
-    """Runs the prompt x [B, T] at positions input_pos [T]; returns the first new token [B, 1]."""
-    logits = model(x, input_pos)
-    return sample(logits[:, -1], params)
+def prefill(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
+    """Runs the prompt x [B, T] at positions input_pos [T] through layers [0, exit_layer) (all by
+    default); returns the first new token [B, 1]."""
+    h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
+    return sample(model.head(h[:, -1:])[:, -1], params)
 
 
-def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, params: SamplingParams):
-    """One step: token x [B, 1] at position input_pos [1] -> next token [B, 1]."""
-    logits = model(x, input_pos)
-    return sample(logits[:, -1], params)
+def decode_one_token(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
+    """One step: token x [B, 1] at position input_pos [1] -> next token [B, 1]. With exit_layer E
+    this is early-exit inference: layers [0, E), then the model's own final norm and LM head."""
+    h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
+    return sample(model.head(h)[:, -1], params)
+
+
+def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
+    """One draft token: like decode_one_token, but also returns the layer-`exit_layer` hidden state
+    [1, 1, dim] (for the verify pass to resume from) and, when sampling, the draft distribution [V]."""
+    h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
+    logits = model.head(h)[0, -1]
+    if params.greedy:
+        return logits.argmax(-1, keepdim=True)[None], h, None
+    probs = logits_to_probs(logits, params)
+    return sample_from_probs(probs)[None], h, probs
+
+
+def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, params: SamplingParams,
+                exit_layer: int | None = None):
+    """Scores tokens [1, k+1] = [last accepted, d1..dk] at input_pos [k+1] with the full model and
+    decides how many drafts to keep. Returns (n_accepted, next token), both on the device.
+
+    Self-speculative (exit_layer E): positions 0..k-1 already went through layers [0, E) while
+    drafting, so they resume from their layer-E states exit_states [1, k, dim]; only dk, which no
+    layer has seen, runs layers [0, E) here. Two-model (exit_layer None): all k+1 run every layer.
+    """
+    if exit_layer is None:
+        logits = model(tokens, input_pos)
+    else:
+        newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[-1:], 0, exit_layer)
+        h = model.run_layers(torch.cat([exit_states, newest], dim=1), input_pos, exit_layer)
+        logits = model.head(h)
+    return speculative_accept(tokens[0, 1:], draft_probs, logits[0], params)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The functions a loop calls: plain or compiled."""
+    prefill: object = prefill
+    decode: object = decode_one_token
+    draft: object = draft_step
+    verify: object = verify_step
 
 
 def configure_inductor(device: torch.device):
     """Inductor settings that measured fastest for our decode step (see BENCHMARKS.md)."""
+    import torch._dynamo.config
     import torch._inductor.config as cfg
+    # Each (model, exit layer, number of speculations) is its own graph of the same Python
+    # function; a sweep over them must not fall back to eager after dynamo's default of 8.
+    torch._dynamo.config.recompile_limit = 256
     if device.type == "cuda":
         cfg.coordinate_descent_tuning = True
         cfg.triton.unique_kernel_names = True
     cfg.fx_graph_cache = True
 
 
-def compile_steps(device: torch.device, compile_prefill: bool = False):
-    """The decode step as one fixed-shape graph (CUDA graphs on CUDA) and, if asked, the prefill
-    compiled with dynamic shapes. Returns (prefill_fn, decode_fn)."""
+def compile_steps(device: torch.device, compile_prefill: bool = False) -> Steps:
+    """The decode step, the draft step and the verify pass as separate fixed-shape graphs (CUDA
+    graphs on CUDA), each compiled once per (exit layer, number of speculations) on first use;
+    the prefill, if asked, with dynamic shapes."""
     configure_inductor(device)
     mode = "reduce-overhead" if device.type == "cuda" else None
-    decode_fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-    prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
-    return prefill_fn, decode_fn
+    fixed = lambda fn: torch.compile(fn, mode=mode, fullgraph=True)  # noqa: E731
+    return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
+                 decode=fixed(decode_one_token), draft=fixed(draft_step), verify=fixed(verify_step))
 
 
 def synchronize(device: torch.device):
@@ -51,6 +98,11 @@ class GenerationStats:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    # Speculative loops only: one entry per round, the number of drafts accepted (0..k).
+    accepted_per_round: list = field(default_factory=list)
+    num_speculations: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
 
     @property
     def total_s(self) -> float:
@@ -62,26 +114,61 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens produced by the decode loop (all but the prefill's token) per second of decoding."""
+        """Tokens produced after the prefill's, per second of decoding."""
         return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
 
+    @property
+    def rounds(self) -> int:
+        return len(self.accepted_per_round)
 
-def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int):
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted tokens."""
+        drafted = self.rounds * self.num_speculations
+        return sum(self.accepted_per_round) / drafted if drafted else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Mean tokens a round yields: the accepted drafts plus the full model's own token."""
+        return sum(self.accepted_per_round) / self.rounds + 1 if self.rounds else float("nan")
+
+    @property
+    def accepted_histogram(self) -> list[int]:
+        """Rounds that accepted 0, 1, ..., k drafts."""
+        return [self.accepted_per_round.count(i) for i in range(self.num_speculations + 1)]
+
+    @property
+    def draft_share(self) -> float:
+        """Draft time / (draft + verify) time."""
+        busy = self.draft_s + self.verify_s
+        return self.draft_s / busy if busy else float("nan")
+
+
+def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahead: int = 0):
+    """lookahead: positions a speculative round may write past the last token it keeps."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_len < 1:
         raise ValueError("the prompt is empty")
-    need = prompt_len + max_new_tokens
+    need = prompt_len + max_new_tokens + lookahead
     if need > model.max_seq_length:
-        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} "
-                         f"positions but the KV cache holds {model.max_seq_length}; shorten the prompt, lower "
+        extra = f" and {lookahead} positions of speculation lookahead" if lookahead else ""
+        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}){extra} needs "
+                         f"{need} positions but the KV cache holds {model.max_seq_length}; shorten the prompt, lower "
                          "max_new_tokens or set up a larger cache")
+
+
+def check_exit_layer(model: Transformer, exit_layer: int | None):
+    n = model.args.n_layers
+    if exit_layer is not None and not 1 <= exit_layer < n:
+        raise ValueError(f"exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {exit_layer}")
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
-             stop_ids=(), on_token=None, prefill_fn=prefill, decode_fn=decode_one_token):
-    """Autoregressive generation from prompt [T] or [B, T].
+             stop_ids=(), on_token=None, steps: Steps = Steps(), exit_layer: int | None = None):
+    """Autoregressive generation from prompt [T] or [B, T]; with exit_layer E, early-exit inference
+    (every token, prompt included, from layers [0, E) and the model's final norm and LM head).
 
     Returns (tokens [B, T + n], stats) with n <= max_new_tokens: it stops early once every row has
     produced one of stop_ids (that token is kept). on_token(tokens [B, 1]) is called after each step.
@@ -90,6 +177,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
         prompt = prompt[None]
     bsz, T = prompt.shape
     check_fits(model, T, max_new_tokens)
+    check_exit_layer(model, exit_layer)
     if bsz > model.max_batch_size:
         raise ValueError(f"batch of {bsz} exceeds the cache's max_batch_size={model.max_batch_size}")
     device = prompt.device
@@ -97,7 +185,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
-    cur = prefill_fn(model, prompt, torch.arange(T, device=device), params)
+    cur = steps.prefill(model, prompt, torch.arange(T, device=device), params, exit_layer)
     out = [cur]
     synchronize(device)
     t1 = time.perf_counter()
@@ -112,7 +200,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
         # step's guards (about 1 ms for ~300 weight tensors) need not be evaluated again.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=i > 1):
             # Clone: with CUDA graphs the step's output buffer is overwritten by the next replay.
-            cur = decode_fn(model, cur, input_pos, params).clone()
+            cur = steps.decode(model, cur, input_pos, params, exit_layer).clone()
         input_pos += 1
         out.append(cur)
         if on_token:
@@ -123,13 +211,127 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
     return tokens, GenerationStats(T, len(out), t1 - t0, t2 - t1)
 
 
+class _Clock:
+    """Timestamps that cost no host synchronisation: CUDA events on CUDA, wall time on CPU
+    (where every op has finished when it returns)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a, b) -> float:  # call once b has completed
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+
+@torch.no_grad()
+def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
+                         num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
+                         stop_ids=(), on_tokens=None, steps: Steps = Steps()):
+    """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
+    verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
+    one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
+    output has the same distribution.
+
+    Self-speculative (LayerSkip): exit_layer=E drafts with layers [0, E) of `model` and its own
+    final norm and LM head, sharing the one KV cache; the verify pass resumes the drafted positions
+    at layer E. Two-model: draft_model drafts with its own cache.
+
+    A round writes at most k positions past the last token it keeps; they are never read: the next
+    round overwrites them before any position after them attends (the causal mask hides them).
+    on_tokens(list of ids) is called with each round's kept tokens. Returns (tokens [1, T + n], stats).
+    """
+    k = num_speculations
+    if (exit_layer is None) == (draft_model is None):
+        raise ValueError("give exactly one draft source: exit_layer (self-speculative) or draft_model")
+    if k < 1:
+        raise ValueError(f"num_speculations must be >= 1, got {k}")
+    check_exit_layer(model, exit_layer)
+    if prompt.dim() == 2:
+        if prompt.shape[0] != 1:
+            raise ValueError("speculative decoding runs one sequence at a time (batch size 1)")
+        prompt = prompt[0]
+    T = len(prompt)
+    check_fits(model, T, max_new_tokens, lookahead=k)
+    drafter = model if draft_model is None else draft_model
+    if draft_model is not None:
+        check_fits(draft_model, T, max_new_tokens, lookahead=k)
+        if draft_model.args.vocab_size != model.args.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
+                             f"model's ({model.args.vocab_size})")
+    device, clock = prompt.device, _Clock(prompt.device)
+    stop = set(stop_ids)
+    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=k)
+
+    t0 = time.perf_counter()
+    positions = torch.arange(T, device=device)
+    cur = steps.prefill(model, prompt[None], positions, params)
+    if draft_model is not None:
+        steps.prefill(draft_model, prompt[None], positions, params)
+    out = [int(cur)]
+    t1 = time.perf_counter()
+    if on_tokens:
+        on_tokens(out[:])
+    pos = T  # position of `cur`, the last kept token: no layer has processed it yet
+    catch_up = None  # two-model: the draft model has not seen the previous round's last draft
+    offsets = torch.arange(k + 1, device=device)
+    while len(out) < max_new_tokens and out[-1] not in stop:
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.rounds > 0):
+            start = clock.now()
+            base = torch.tensor(pos, device=device)
+            if catch_up is not None:
+                steps.draft(drafter, catch_up, (base - 1).view(1), params, None)
+            x, drafts, states, probs = cur, [], [], []
+            for j in range(k):
+                x, h, q = (t.clone() if t is not None else None
+                           for t in steps.draft(drafter, x, (base + j).view(1), params, exit_layer))
+                drafts.append(x)
+                states.append(h)
+                probs.append(q)
+            mid = clock.now()
+            tokens = torch.cat([cur] + drafts, dim=1)
+            n, nxt = steps.verify(model, tokens, torch.cat(states, dim=1) if exit_layer else None,
+                                  None if params.greedy else torch.stack(probs), base + offsets, params, exit_layer)
+            end = clock.now()
+            host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
+        a = host[-1]
+        stats.accepted_per_round.append(a)
+        stats.draft_s += clock.seconds(start, mid)
+        stats.verify_s += clock.seconds(mid, end)
+        kept = host[:a] + [host[k]]
+        for i, t in enumerate(kept):  # truncate at a stop token or the token budget
+            if t in stop or len(out) + i + 1 == max_new_tokens:
+                kept = kept[:i + 1]
+                break
+        out += kept
+        if on_tokens:
+            on_tokens(kept)
+        pos += a + 1
+        cur = nxt.view(1, 1).clone()
+        catch_up = tokens[:, -1:] if draft_model is not None and a == k else None
+    synchronize(device)
+    stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
+    stats.new_tokens = len(out)
+    return torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype, device=device)])[None], stats
+
+
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except that an untied
-    embedding table contributes only the rows looked up (negligible)."""
-    params = {p.data_ptr(): p for p in model.parameters()}
-    total = sum(p.numel() * p.element_size() for p in params.values())
-    if not model.args.tie_word_embeddings:
-        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    """Bytes of weights one decode step reads: every parameter and quantized weight buffer once,
+    except that an embedding table not shared with the LM head contributes only the rows looked
+    up (negligible). Caches and rope/mask tables are not weights."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.data_ptr() in seen or "cache" in name or name in ("rope_cos", "rope_sin", "causal_mask"):
+            continue
+        seen.add(t.data_ptr())
+        if name == "tok_embeddings.weight" and getattr(model.output, "weight", None) is not t:
+            continue
+        total += t.numel() * t.element_size()
     return total
 
 

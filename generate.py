@@ -3,10 +3,13 @@
     python generate.py --prompt "Hello, my name is"        # the default model, on CPU
     python generate.py --interactive --compile              # chat, streamed
     python generate.py --checkpoint_path checkpoints/meta-llama/Llama-2-7b-hf --compile --device cuda
+    python generate.py --generation_strategy self_speculative --exit_layer 8 --num_speculations 6 --compile
+    torchrun --standalone --nproc_per_node=2 generate.py --compile      # tensor parallel (tp.py)
 """
 import argparse
 import contextlib
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,12 +17,14 @@ from pathlib import Path
 import torch
 
 from checkpoint import CheckpointError, load_model, resolve_checkpoint_path
-from decoding import compile_steps, decode_one_token, generate, peak_memory_gb, prefill, synchronize, \
-    weight_bytes_per_token
+from decoding import (Steps, compile_steps, generate, peak_memory_gb, speculative_generate, synchronize,
+                      weight_bytes_per_token)
 from sampling import SamplingParams
+import tp
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"
+STRATEGIES = ("autoregressive", "self_speculative", "speculative")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,8 +49,8 @@ class StreamPrinter:
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
 
-    def __call__(self, token):
-        self.ids.append(int(token[0, 0]))
+    def __call__(self, ids: list[int]):
+        self.ids += ids
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return
@@ -82,6 +87,14 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="KV cache size (default: prompt + max_new_tokens; 2048 in --interactive)")
+    p.add_argument("--generation_strategy", default="autoregressive", choices=STRATEGIES,
+                   help="autoregressive (with --exit_layer: early-exit inference), self_speculative (LayerSkip: "
+                        "draft with the first --exit_layer layers, verify with the rest), or speculative "
+                        "(a separate --draft_checkpoint_path model drafts)")
+    p.add_argument("--exit_layer", type=int, default=None, help="E: layers [0, E) draft / produce tokens")
+    p.add_argument("--num_speculations", type=int, default=3, help="k: draft tokens per speculative round")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for --generation_strategy "
+                   "speculative (same tokenizer)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None)
@@ -100,6 +113,19 @@ def parse_args(argv=None):
         p.error("--max_seq_length must be >= 2")
     if args.compile_prefill and not args.compile:
         p.error("--compile_prefill needs --compile")
+    strategy = args.generation_strategy
+    if args.exit_layer is not None and args.exit_layer < 1:
+        p.error(f"--exit_layer must be >= 1, got {args.exit_layer}")
+    if strategy == "self_speculative" and args.exit_layer is None:
+        p.error("--generation_strategy self_speculative needs --exit_layer")
+    if strategy == "speculative" and args.draft_checkpoint_path is None:
+        p.error("--generation_strategy speculative needs --draft_checkpoint_path")
+    if strategy == "speculative" and args.exit_layer is not None:
+        p.error("--exit_layer does not apply to --generation_strategy speculative (the draft model drafts)")
+    if strategy != "speculative" and args.draft_checkpoint_path is not None:
+        p.error("--draft_checkpoint_path needs --generation_strategy speculative")
+    if args.num_speculations < 1:
+        p.error(f"--num_speculations must be >= 1, got {args.num_speculations}")
     try:
         args.sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
@@ -107,9 +133,10 @@ def parse_args(argv=None):
     return args
 
 
-def load(args):
+def load(args, rank=0, world_size=1):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    prepare = (lambda m: tp.shard_model(m, rank, world_size)) if world_size > 1 else None
     if args.checkpoint_path == DEFAULT_CHECKPOINT and not (DEFAULT_CHECKPOINT / "checkpoint.safetensors").is_file():
         print("The default model is not prepared yet; preparing it (python scripts/prepare_smollm2.py) ...",
               file=sys.stderr)
@@ -118,15 +145,52 @@ def load(args):
         prepare(DEFAULT_CHECKPOINT)
     path = resolve_checkpoint_path(args.checkpoint_path)
     t0 = time.perf_counter()
-    model = load_model(path, device, dtype)
+    model = load_model(path, device, dtype, prepare=prepare)
     tokenizer = load_tokenizer(path.parent)
-    print(f"Loaded {path} ({dtype}, {device}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    return model, tokenizer, device
+    shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
+    print(f"Loaded {path} ({dtype}, {device}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    draft_model = None
+    if args.draft_checkpoint_path is not None:
+        draft_model = load_model(resolve_checkpoint_path(args.draft_checkpoint_path), device, dtype, prepare=prepare)
+    n = model.args.n_layers
+    if args.exit_layer is not None and args.exit_layer >= n:
+        raise ValueError(f"--exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {args.exit_layer}")
+    return model, draft_model, tokenizer, device
 
 
-def run_samples(args, model, tokenizer, device, steps):
+def lookahead(args) -> int:
+    """Cache positions a speculative round may write beyond the tokens it keeps."""
+    return 0 if args.generation_strategy == "autoregressive" else args.num_speculations
+
+
+def setup_caches(args, model, draft_model, size):
+    for m in (model, draft_model):
+        if m is not None:
+            m.setup_caches(1, size)
+
+
+def run_generation(args, model, draft_model, prompt, max_new_tokens, steps, stop_ids, on_tokens=None):
+    """Dispatches to the chosen loop; on_tokens(list of ids) streams output."""
+    if args.generation_strategy == "autoregressive":
+        on_token = (lambda t: on_tokens([int(t)])) if on_tokens else None
+        return generate(model, prompt, max_new_tokens, args.sampling, stop_ids=stop_ids, on_token=on_token,
+                        steps=steps, exit_layer=args.exit_layer)
+    return speculative_generate(model, prompt, max_new_tokens, args.sampling, args.num_speculations,
+                                exit_layer=args.exit_layer, draft_model=draft_model, stop_ids=stop_ids,
+                                on_tokens=on_tokens, steps=steps)
+
+
+def speculation_summary(stats) -> str:
+    if not stats.rounds:
+        return ""
+    return (f"; acceptance rate {stats.acceptance_rate:.1%}, {stats.tokens_per_round:.2f} tokens/round over "
+            f"{stats.rounds} rounds, accepted-length histogram {stats.accepted_histogram}, "
+            f"draft {stats.draft_share:.0%} / verify {1 - stats.draft_share:.0%} of round time")
+
+
+def run_samples(args, model, draft_model, tokenizer, device, steps):
     prompt = encode_prompt(args, tokenizer, device)
-    model.setup_caches(1, args.max_seq_length or len(prompt) + args.max_new_tokens)
+    setup_caches(args, model, draft_model, args.max_seq_length or len(prompt) + args.max_new_tokens + lookahead(args))
     bytes_per_token = weight_bytes_per_token(model)
     # A compiled run starts with one untimed generation: it pays for compilation.
     samples = itertools.chain([None] if args.compile else [], range(args.num_samples))
@@ -136,8 +200,8 @@ def run_samples(args, model, tokenizer, device, steps):
         prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
         t0 = time.perf_counter()
         with prof:
-            tokens, stats = generate(model, prompt, args.max_new_tokens, args.sampling,
-                                     stop_ids=tokenizer.stop_ids, prefill_fn=steps[0], decode_fn=steps[1])
+            tokens, stats = run_generation(args, model, draft_model, prompt, args.max_new_tokens, steps,
+                                           tokenizer.stop_ids)
         synchronize(device)
         if i is None:
             print(f"Compilation time: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
@@ -150,56 +214,70 @@ def run_samples(args, model, tokenizer, device, steps):
               f"(decode {stats.decode_tokens_per_s:.2f} tokens/s, {1000 / stats.decode_tokens_per_s:.1f} ms/token; "
               f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s * 1000:.0f} ms), "
               f"bandwidth {bytes_per_token * stats.decode_tokens_per_s / 1e9:.2f} GB/s, "
-              f"peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+              f"peak memory {peak_memory_gb(device):.2f} GB{speculation_summary(stats)}", file=sys.stderr)
 
 
-def chat_loop(args, model, tokenizer, device, steps):
+def chat_loop(args, model, draft_model, tokenizer, device, steps):
     if tokenizer.chat_format is None:
         raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model")
-    model.setup_caches(1, args.max_seq_length or min(2048, model.args.max_position_embeddings))
+    setup_caches(args, model, draft_model, args.max_seq_length or min(2048, model.args.max_position_embeddings))
     messages = system_message(args)
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
         try:
-            text = input("> ")
+            text = input("> ") if tp.world()[0] == 0 else None
         except EOFError:
-            break
+            text = ""
+        if tp.world()[1] > 1:  # every rank runs the same generation on rank 0's input
+            box = [text]
+            torch.distributed.broadcast_object_list(box, src=0)
+            text = box[0]
         if not text.strip():
             break
         messages.append({"role": "user", "content": text})
         prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=device)
-        budget = model.max_seq_length - len(prompt)
+        budget = model.max_seq_length - len(prompt) - lookahead(args)
         if budget < 1:
             print("[the conversation fills the KV cache; starting a new one]", file=sys.stderr)
             messages = system_message(args) + [messages[-1]]
             prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=device)
-            budget = model.max_seq_length - len(prompt)
+            budget = model.max_seq_length - len(prompt) - lookahead(args)
             if budget < 1:
                 print("[this message alone is longer than the KV cache]", file=sys.stderr)
                 messages.pop()
                 continue
-        printer = StreamPrinter(tokenizer)
-        tokens, stats = generate(model, prompt, min(args.max_new_tokens, budget), args.sampling,
-                                 stop_ids=tokenizer.stop_ids, on_token=printer,
-                                 prefill_fn=steps[0], decode_fn=steps[1])
+        tokens, stats = run_generation(args, model, draft_model, prompt, min(args.max_new_tokens, budget), steps,
+                                       tokenizer.stop_ids, on_tokens=StreamPrinter(tokenizer))
         reply_ids = [t for t in tokens[0, len(prompt):].tolist() if t not in tokenizer.stop_ids]
         messages.append({"role": "assistant", "content": tokenizer.decode(reply_ids)})
-        print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s{speculation_summary(stats)}]",
+              file=sys.stderr)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rank = 0
     try:
-        model, tokenizer, device = load(args)
-        steps = compile_steps(device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+        rank, world_size, args.device = tp.init_from_env(args.device)
+        if rank != 0:  # only rank 0 prints; errors still reach every rank's stderr (below)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        model, draft_model, tokenizer, device = load(args, rank, world_size)
+        steps = compile_steps(device, args.compile_prefill) if args.compile else Steps()
         if args.interactive:
-            chat_loop(args, model, tokenizer, device, steps)
+            chat_loop(args, model, draft_model, tokenizer, device, steps)
         else:
-            run_samples(args, model, tokenizer, device, steps)
+            run_samples(args, model, draft_model, tokenizer, device, steps)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error{f' (rank {rank})' if tp.world()[1] > 1 else ''}: {e}", file=sys.__stderr__)
+        sys.exit(1)
+    except torch.distributed.DistError as e:
+        sys.__stderr__.write(f"error (rank {rank}): a collective failed, most likely because another rank "
+                             f"exited or timed out: {e}\n")
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        tp.shutdown()
 
 
 if __name__ == "__main__":

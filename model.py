@@ -130,21 +130,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer with a CPU decode path that inductor compiles well.
+    """A bias-free linear layer with a CPU path for a few rows that inductor compiles well.
 
-    For one token, y = W x is a matrix-vector product bound by reading W. Written as a multiply
-    and a sum, inductor turns it into one vectorized loop over W's rows that streams the weights
-    at close to memory bandwidth, while the oneDNN/MKL GEMV it otherwise calls reaches about half
-    of that on our CI's CPU (BENCHMARKS.md). Eagerly, the product would materialize [out, in], so
-    the path is taken only under torch.compile.
+    For one token, y = x W^T is bound by reading W. Written as a multiply and a sum over W's
+    rows, inductor turns it into one vectorized loop that streams the weights at close to memory
+    bandwidth; the oneDNN/MKL GEMV it otherwise calls reaches about half of that on our CI's CPU
+    (BENCHMARKS.md). For the handful of rows of a speculative verify pass the same loop reads each
+    row of W once for all rows of x, which pays off only for the large LM head: for the block's
+    small, cache-resident matrices, inductor's fused multi-row loop was measured slower than GEMM.
+    Eagerly the product would materialize [out, rows, in], so the path is taken only under
+    torch.compile.
     """
+
+    MAX_REDUCTION_ROWS = 8
+    MIN_MULTIROW_WEIGHT = 1 << 22
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.shape[-2] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-            return (self.weight.float() * x.float().unsqueeze(-2)).sum(-1).to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if (rows == 1 or (rows <= self.MAX_REDUCTION_ROWS and self.weight.numel() >= self.MIN_MULTIROW_WEIGHT)) \
+                and x.device.type == "cpu" and torch.compiler.is_compiling():
+            xs = x.reshape(rows, x.shape[-1]).float()
+            # [out, rows]: the loop over W's rows is outermost, so each row is read once
+            y = (self.weight.float().unsqueeze(1) * xs.unsqueeze(0)).sum(-1)
+            return y.T.reshape(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x, self.weight)
 
 
@@ -247,9 +258,9 @@ class Transformer(nn.Module):
             return
         a = self.args
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim,
-                                               dtype, device)
+        for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds its share
+            layer.attention.kv_cache = KVCache(max_batch_size, layer.attention.n_kv_heads, max_seq_length,
+                                               a.head_dim, dtype, device)
         cos, sin = rope_cos_sin(a, torch.arange(max_seq_length, device=device))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -49,3 +49,31 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.greedy:
         return torch.argmax(logits, dim=-1, keepdim=True)
     return sample_from_probs(logits_to_probs(logits, params))
+
+
+def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
+                       params: SamplingParams):
+    """How many of the k drafted tokens to keep, and the token that follows them.
+
+    drafts [k]; draft_probs [k, V] the (filtered) distributions they were drawn from, None when
+    greedy; target_logits [k+1, V] the full model's logits at the k+1 verified positions.
+    Greedy: keep the longest prefix that equals the full model's argmax, then take its argmax.
+    Sampling (speculative sampling): keep draft x with probability min(1, p(x) / q(x)); at the first
+    rejection draw from max(0, p - q) renormalised; if all k are kept, draw a bonus token from p.
+    The output tokens are then distributed exactly as sampling from p one token at a time.
+    Returns (n_accepted, next_token [1]), both on the device: no host synchronisation here.
+    """
+    k = drafts.shape[0]
+    if params.greedy:
+        target = target_logits.argmax(-1)
+        n = torch.cumprod(drafts == target[:k], 0).sum()
+        return n, target.index_select(0, n.view(1))  # index_select keeps n on the device (no .item())
+    p = logits_to_probs(target_logits, params)
+    rows = torch.arange(k, device=drafts.device)
+    p_x, q_x = p[rows, drafts], draft_probs[rows, drafts]
+    keep = torch.rand(k, device=drafts.device) * q_x < p_x  # u < p/q without dividing by q
+    n = torch.cumprod(keep, 0).sum()
+    # Row i < k: what to draw if draft i+1 is the first rejected; row k: the bonus distribution.
+    fallback = torch.cat([(p[:k] - draft_probs).clamp_min(0), p[k:]]).index_select(0, n.view(1))[0]
+    fallback = torch.where(fallback.sum() > 0, fallback, p.index_select(0, n.view(1))[0])  # p == q: nothing rejected
+    return n, sample_from_probs(fallback / fallback.sum())

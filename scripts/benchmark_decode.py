@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
-from decoding import (compile_steps, decode_one_token, generate, peak_memory_gb, prefill, synchronize,  # noqa: E402
+from decoding import (Steps, compile_steps, generate, peak_memory_gb, synchronize,  # noqa: E402
                       weight_bytes_per_token)
 from model import ModelArgs, Transformer  # noqa: E402
 from sampling import SamplingParams  # noqa: E402
@@ -78,11 +78,11 @@ def timed_runs(run, warmup: bool, repeats: int):
 def bench_ours(model, prompt, n, compiled: bool, repeats: int):
     device = prompt.device
     model.setup_caches(1, len(prompt) + n)
-    steps = compile_steps(device) if compiled else (prefill, decode_one_token)
+    steps = compile_steps(device) if compiled else Steps()
     greedy = SamplingParams()
 
     def run():
-        generate(model, prompt, n, greedy, prefill_fn=steps[0], decode_fn=steps[1])
+        generate(model, prompt, n, greedy, steps=steps)
         synchronize(device)
     return timed_runs(run, True, repeats)
 

@@ -33,6 +33,13 @@ def smollm2(smollm2_dir):
     return load_model(smollm2_dir, dtype=torch.float32)
 
 
+@pytest.fixture(scope="session")
+def smollm2_steps():
+    """Compiled step functions shared by every SmolLM2 test, so each graph compiles once per session."""
+    from decoding import compile_steps
+    return compile_steps(torch.device("cpu"))
+
+
 def tiny_hf_config(**overrides) -> dict:
     """A small random Llama config in the newer `rope_parameters` shape."""
     cfg = {

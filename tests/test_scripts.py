@@ -1,0 +1,162 @@
+"""The benchmark, sweep, correctness, latency and lm-eval tools, end to end on SmolLM2 (eager, few tokens)."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import benchmark
+import correctness
+import latency
+import sweep
+from tasks import load_samples
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "def add(a, b):\n", "response": "    return a + b\n"},
+            {"prompt": "The capital of France is", "response": " Paris."},
+            {"prompt": "1, 2, 3, 4,", "response": " 5, 6"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def common(smollm2_dir, jsonl, n=2, tokens=8):
+    return ["--checkpoint_path", str(smollm2_dir), "--dataset", "custom_jsonl", "--data_path", str(jsonl),
+            "--num_samples", str(n), "--max_new_tokens", str(tokens)]
+
+
+def test_rouge_and_stop_strings():
+    assert benchmark.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
+        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
+    assert benchmark.rouge("completely different words", "the cat sat")["rouge1"] == 0.0
+    assert benchmark.cut_at_stop("abc\ndef\nghi", ["\nd", "gh"]) == ("abc", True)
+    assert benchmark.cut_at_stop("abc", ["x"]) == ("abc", False)
+
+
+def test_datasets_offline(jsonl):
+    he = load_samples("human_eval")
+    assert len(he) == 164 and "def " in he[0].prompt and he[0].reference
+    shots = load_samples("custom_jsonl", jsonl, num_samples=1, n_shot=2, template="Q: {prompt}", seed=1)
+    assert len(shots) == 1 and shots[0].prompt.endswith("Q: def add(a, b):\n")
+    assert shots[0].prompt.count("\n\n") >= 2  # two examples with their answers before the question
+    shuffled = [s.prompt for s in load_samples("custom_jsonl", jsonl, shuffle=True, seed=3)]
+    assert sorted(shuffled) == sorted(s.prompt for s in load_samples("custom_jsonl", jsonl))
+
+
+def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
+    out = tmp_path / "b.json"
+    benchmark.main(common(smollm2_dir, jsonl) + ["--generation_strategy", "self_speculative", "--exit_layer", "20",
+                                                  "--num_speculations", "2", "--output", str(out), "--stop", "\n\n"])
+    doc = json.loads(out.read_text())
+    assert doc["config"]["generation_strategy"] == "self_speculative" and len(doc["samples"]) == 2
+    agg = doc["aggregate"]
+    assert agg["new_tokens"] == sum(s["new_tokens"] for s in doc["samples"])
+    assert agg["tokens_per_s"] == pytest.approx(agg["new_tokens"] / agg["seconds"])
+    assert 0 <= agg["acceptance_rate"] <= 1 and 1 <= agg["tokens_per_round"] <= 3
+    for s in doc["samples"]:
+        assert s["rouge1"] == pytest.approx(benchmark.rouge(s["generated"], s["reference"])["rouge1"])
+        assert "\n\n" not in s["generated"]
+    assert agg["rouge1"] == pytest.approx(sum(s["rouge1"] for s in doc["samples"]) / 2)
+
+
+def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    sweep.main(common(smollm2_dir, jsonl, n=1, tokens=6) + [
+        "--exit_layer_first", "10", "--exit_layer_last", "29", "--exit_layer_step", "19",
+        "--num_speculations_first", "1", "--num_speculations_last", "2", "--output_dir", str(out)])
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows] == [(10, 1), (10, 2), (29, 1), (29, 2)]
+    captured = capsys.readouterr()
+    line = next(x for x in captured.err.splitlines() if x.startswith('{"autoregressive"'))
+    base = json.loads(line)["autoregressive"]["tokens_per_s"]
+    for r in rows:
+        assert float(r["speedup"]) == pytest.approx(float(r["tokens_per_second"]) / base)
+        assert float(r["time_per_token"]) > 0 and 0 <= float(r["acceptance_rate"]) <= 1
+    assert (out / "sweep_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = max(rows, key=lambda r: float(r["speedup"]))
+    assert f"best: exit_layer={best['exit_layer']} num_speculations={best['num_speculations']}" in captured.out
+
+
+def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_path):
+    out = tmp_path / "c.json"
+    correctness.main(common(smollm2_dir, jsonl, n=3, tokens=12) + ["--exit_layer", "8", "--num_speculations", "3",
+                                                                  "--output", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["num_samples"] == 3 and doc["num_different"] == 0 and doc["share_different"] == 0.0
+    assert correctness.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert correctness.first_difference([1, 2], [1, 2, 3]) == 2
+    assert correctness.first_difference([1, 2], [1, 2]) is None
+
+
+def test_latency_json(capsys):
+    latency.main(["--prompt_length", "8", "--max_new_tokens", "6", "--repeats", "2",
+                  "--generation_strategy", "self_speculative", "--exit_layer", "20"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["decode_ms_p50"] <= r["decode_ms_p90"]
+    assert r["bandwidth_gbs"] == pytest.approx(r["weight_bytes_per_token"] / (r["decode_ms_p50"] / 1000) / 1e9)
+    assert r["prefill_ms"] > 0 and r["tokens_per_s"] > 0 and r["copy_bandwidth_gbs"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "custom_jsonl"], "needs --data_path"),
+    (["--dataset", "human_eval", "--generation_strategy", "self_speculative"], "needs --exit_layer"),
+    (["--dataset", "human_eval", "--exit_layer", "0"], "--exit_layer must be >= 1"),
+])
+def test_benchmark_bad_arguments_fail_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
+    (["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
+    (["--dataset", "cnn"], "unknown dataset"),
+])
+def test_sweep_bad_arguments_fail_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sweep, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
+    with pytest.raises(SystemExit):
+        sweep.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_exit_layer_out_of_range_is_refused_before_loading(smollm2_dir, jsonl, monkeypatch, capsys):
+    for script in (sweep, benchmark, correctness):
+        monkeypatch.setattr(script, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
+    with pytest.raises(SystemExit):
+        sweep.main(common(smollm2_dir, jsonl) + ["--exit_layer_first", "20", "--exit_layer_last", "30",
+                                                 "--exit_layer_step", "10"])
+    assert "exit layer(s) [30] out of range [1, 29]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        correctness.main(common(smollm2_dir, jsonl) + ["--exit_layer", "31"])
+    assert "exit layer(s) [31] out of range" in capsys.readouterr().err
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lm_eval_model_against_transformers(smollm2_dir, smollm2_hf):
+    from lm_eval_model import LayerSkipLM
+    lm = LayerSkipLM(str(smollm2_dir), generation_strategy="self_speculative", exit_layer=20, num_speculations=2,
+                     max_length=256)
+    context, cont = "The capital of France is", " Paris"
+    (ll, greedy), = lm.loglikelihood([Req(context, cont)])
+    ids = lm.tokenizer.encode(context + cont)
+    n_cont = len(ids) - len(lm.tokenizer.encode(context))
+    with torch.no_grad():
+        logits = smollm2_hf(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    ref = sum(lp[i - 1, ids[i]].item() for i in range(len(ids) - n_cont, len(ids)))
+    assert ll == pytest.approx(ref, abs=1e-3) and isinstance(greedy, bool)
+    text = "def f(x):\n    return x * 2\n"
+    rolling, = lm.loglikelihood_rolling([Req(text)])
+    assert rolling < 0 and math.isfinite(rolling)
+    out, = lm.generate_until([Req("def fibonacci(n):\n", {"until": ["\n\n"], "max_gen_toks": 24})])
+    assert "\n\n" not in out and len(out) > 0

@@ -1,0 +1,128 @@
+"""Tensor parallelism over gloo: torchrun runs of 2 and 3 CPU processes against single-process output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_model
+from conftest import REPO, save_tiny_hf, tiny_hf_config
+from decoding import generate, speculative_generate
+from quantize import quantize_model
+from sampling import SamplingParams
+
+GREEDY = SamplingParams()
+TIMEOUT = 600  # no test may hang: a stuck collective fails the test instead
+
+
+def torchrun(n, *args, env=None, timeout=TIMEOUT):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def run_worker(n, checkpoint, jobs, out_dir, env=None):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = torchrun(n, REPO / "tests" / "tp_worker.py", checkpoint, out_dir, json.dumps(jobs), env=env)
+    return r, [json.loads((out_dir / f"rank{i}.json").read_text()) if (out_dir / f"rank{i}.json").exists() else None
+               for i in range(n)]
+
+
+def single_process(checkpoint, job):
+    model = load_model(checkpoint)
+    if job.get("quantize"):
+        q = job["quantize"]
+        quantize_model(model, "int8" if q == "int8" else "int4", 32 if q == "int8" else int(q.split("-g")[1]))
+    model.setup_caches(1, job["cache"])
+    prompt = torch.tensor(job["prompt"])
+    if job["strategy"] == "autoregressive":
+        return generate(model, prompt, job["n"], GREEDY, exit_layer=job.get("exit_layer"))[0][0].tolist(), model
+    return speculative_generate(model, prompt, job["n"], GREEDY, job["k"], exit_layer=job["exit_layer"])[0][0].tolist(), model
+
+
+def jobs_for(prompt, n, cache, exit_layer, k, variants):
+    jobs = []
+    for quant, compiled in variants:
+        for strategy in ("autoregressive", "self_speculative"):
+            jobs.append({"name": f"{strategy}-{quant}-{'compiled' if compiled else 'eager'}", "prompt": prompt,
+                         "n": n, "strategy": strategy, "exit_layer": exit_layer if strategy != "autoregressive" else None,
+                         "k": k, "cache": cache, "quantize": quant, "compile": compiled})
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_tp_checkpoint(tmp_path_factory):
+    from convert_hf_checkpoint import convert
+    d = tmp_path_factory.mktemp("tp_tiny")
+    # 4 heads, 2 KV heads; weights 10x the default init, so logits are spread far beyond the float32
+    # rounding that a different summation order (partial sums over ranks) introduces
+    save_tiny_hf(d, tiny_hf_config(intermediate_size=128, num_hidden_layers=3, initializer_range=0.2))
+    return convert(d)
+
+
+def test_tiny_two_ranks_equal_single_process(tiny_tp_checkpoint, tmp_path):
+    """fp32 and int8 eager, int4 compiled; autoregressive and self-speculative; 2 gloo ranks."""
+    jobs = jobs_for([5, 17, 33, 2, 9], 24, 64, 2, 3, [(None, False), ("int8", False), ("int4-g32", True)])
+    jobs.append({**jobs[0], "name": "early-exit", "exit_layer": 1})
+    r, ranks = run_worker(2, tiny_tp_checkpoint, jobs, tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "graph break" not in r.stderr.lower()
+    for job in jobs:
+        ref, _ = single_process(tiny_tp_checkpoint, job)
+        assert ranks[0]["results"][job["name"]] == ref, job["name"]
+        assert ranks[1]["results"][job["name"]] == ref, job["name"]
+    # each rank holds half of the blocks' weights and half of the KV cache (jobs[0]: fp32)
+    _, full = single_process(tiny_tp_checkpoint, jobs[0])
+    full_weights = sum(t.numel() * t.element_size() for n, t in full.named_parameters() if n.startswith("layers."))
+    full_cache = sum(b.numel() * b.element_size() for n, b in full.named_buffers() if "cache" in n)
+    for rank in ranks:
+        norms = 2 * 3 * 64 * 4  # the two RMSNorm weights of each of 3 layers are replicated
+        assert rank["weight_bytes"] - norms == (full_weights - norms) // 2
+        assert rank["cache_bytes"] == full_cache // 2
+
+
+def test_smollm2_three_ranks_equal_single_process(smollm2_dir, tmp_path):
+    """The real model (9 heads, 3 KV heads: one KV head per rank), fp32 and int8, eager (int4 and
+    compiled runs are covered on the tiny model: three processes on CI's two cores are slow)."""
+    from tokenizer import load_tokenizer
+    prompt = load_tokenizer(smollm2_dir).encode("def fibonacci(n):\n")
+    jobs = jobs_for(prompt, 16, 64, 20, 3, [(None, False)])
+    jobs.append({**jobs[1], "name": "self_speculative-int8", "quantize": "int8"})
+    r, ranks = run_worker(3, smollm2_dir / "checkpoint.safetensors", jobs, tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for job in jobs:
+        ref, _ = single_process(smollm2_dir, job)
+        for rank in ranks:
+            assert rank["results"][job["name"]] == ref, job["name"]
+    # 576-wide blocks split in 3: each rank holds a third of their weights (norms replicated)
+    block_weights = 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536) * 4
+    for rank in ranks:
+        assert abs(rank["weight_bytes"] - 30 * 2 * 576 * 4 - block_weights / 3) < 1e-6 * block_weights
+
+
+def test_unshardable_world_size_fails_on_every_rank(tiny_smol_dir):
+    """4 heads over 3 ranks: refused up front with the reason, by every rank, via generate.py."""
+    r = torchrun(3, "generate.py", "--checkpoint_path", tiny_smol_dir, "--prompt", "hi", "--max_new_tokens", "4",
+                 timeout=180)
+    assert r.returncode != 0
+    for rank in range(3):
+        assert f"error (rank {rank}): cannot shard this model over 3 ranks: 4 attention heads" in r.stderr
+
+
+def test_generate_cli_tensor_parallel_prints_once(tiny_smol_dir):
+    r = torchrun(2, "generate.py", "--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--max_new_tokens", "8",
+                 "--temperature", "0", "--num_samples", "1", "--generation_strategy", "self_speculative",
+                 "--exit_layer", "1", "--num_speculations", "2", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Hello") == 1  # rank 1 printed nothing
+    assert "tensor parallel over 2 ranks" in r.stderr and "acceptance rate" in r.stderr
+
+
+def test_rank_failure_ends_every_rank(tiny_tp_checkpoint, tmp_path):
+    jobs = jobs_for([5, 6, 7], 6, 32, 2, 2, [(None, False)])
+    r, ranks = run_worker(2, tiny_tp_checkpoint, jobs, tmp_path / "out", env={"TP_WORKER_FAIL_RANK": "1"})
+    assert r.returncode != 0
+    assert "rank 1 failed on purpose" in r.stderr
+    assert ranks == [None, None]  # neither rank finished
