@@ -167,7 +167,8 @@ def main(argv=None):
 
     model.setup_caches(1, max(len(x) for x in prompts) + a.max_new_tokens + max(a.num_speculations) + 1)
     t0 = time.perf_counter()
-    costs = step_costs(model, steps, a.exit_layers, a.num_speculations, device)
+    with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
+        costs = step_costs(model, steps, a.exit_layers, a.num_speculations, device)
     print(f"step costs measured (compilation included) in {time.perf_counter() - t0:.0f} s", flush=True)
     n = a.max_new_tokens
     ar = lambda x: generate(model, x, n, GREEDY, steps=steps)  # noqa: E731
