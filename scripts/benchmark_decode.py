@@ -51,6 +51,17 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def check_model_and_device(p, model: str, device_name: str):
+    """(device, is_random) for --model/--device, or a parser error before anything is loaded."""
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    is_random = model in RANDOM_MODELS
+    if not is_random and not (Path(model) / "checkpoint.safetensors").is_file():
+        p.error(f"{model} has no checkpoint.safetensors (prepare it with scripts/prepare_smollm2.py)")
+    return device, is_random
+
+
 def random_model(name: str, device, dtype) -> Transformer:
     torch.manual_seed(0)
     with torch.device(device):
@@ -130,12 +141,7 @@ def main(argv=None):
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         p.error(f"unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda requested but CUDA is not available")
-    is_random = a.model in RANDOM_MODELS
-    if not is_random and not (Path(a.model) / "checkpoint.safetensors").is_file():
-        p.error(f"{a.model} has no checkpoint.safetensors (prepare it with scripts/prepare_smollm2.py)")
+    device, is_random = check_model_and_device(p, a.model, a.device)
 
     if a.freezing:
         import torch._inductor.config as inductor_config

@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 
-from benchmark_decode import DTYPES, RANDOM_MODELS, bench_ours, copy_bandwidth_gbs, random_model  # noqa: E402
+from benchmark_decode import (DTYPES, RANDOM_MODELS, bench_ours, check_model_and_device,  # noqa: E402
+                              copy_bandwidth_gbs, random_model)
 from checkpoint import load_model  # noqa: E402
 from decoding import weight_bytes_per_token  # noqa: E402
 from quantize import GROUPSIZES, quantize_model  # noqa: E402
@@ -103,12 +104,7 @@ def main(argv=None):
         p.error(str(e))
     if not configs:
         p.error("--configs is empty")
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda requested but CUDA is not available")
-    is_random = a.model in RANDOM_MODELS
-    if not is_random and not (Path(a.model) / "checkpoint.safetensors").is_file():
-        p.error(f"{a.model} has no checkpoint.safetensors (prepare it with scripts/prepare_smollm2.py)")
+    device, is_random = check_model_and_device(p, a.model, a.device)
     gguf = a.gguf or gguf_path()
     if a.llama_cpp_python and gguf is None:
         p.error("no GGUF found for the llama.cpp row; pass --gguf")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 
-from benchmark_decode import DTYPES, RANDOM_MODELS, random_model  # noqa: E402
+from benchmark_decode import DTYPES, RANDOM_MODELS, check_model_and_device, random_model  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from decoding import Steps, compile_steps, generate, speculative_generate, synchronize  # noqa: E402
 from sampling import SamplingParams  # noqa: E402
@@ -137,12 +137,7 @@ def main(argv=None):
     p.add_argument("--acceptance", type=float, default=None, help="also predict the speed-up at this acceptance rate")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda requested but CUDA is not available")
-    is_random = a.model in RANDOM_MODELS
-    if not is_random and not (Path(a.model) / "checkpoint.safetensors").is_file():
-        p.error(f"{a.model} has no checkpoint.safetensors (prepare it with scripts/prepare_smollm2.py)")
+    device, is_random = check_model_and_device(p, a.model, a.device)
     if not a.exit_layers or not a.num_speculations or min(a.num_speculations) < 1:
         p.error("need at least one exit layer and num_speculations >= 1")
     if a.acceptance is not None and not 0 <= a.acceptance < 1:
