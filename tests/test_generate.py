@@ -31,6 +31,13 @@ def smollm2_tok(smollm2_dir):
     return load_tokenizer(smollm2_dir)
 
 
+@pytest.fixture(scope="module")
+def smollm2_hf_greedy(smollm2_hf, smollm2_tok):
+    """(prompt ids, transformers' 64-token greedy continuation) for each of PROMPTS, computed once."""
+    prompts = [torch.tensor(smollm2_tok.encode(text)) for text in PROMPTS]
+    return [(prompt, hf_greedy(smollm2_hf, prompt, 64)) for prompt in prompts]
+
+
 def test_tiny_greedy_matches_transformers(tiny_checkpoint):
     model, hf = tiny_checkpoint()
     model.setup_caches(1, 64)
@@ -62,27 +69,23 @@ def test_prompt_longer_than_cache_is_a_clear_error(tiny_checkpoint):
         generate(model, torch.zeros(4, dtype=torch.long), 0, GREEDY)
 
 
-def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf, smollm2_tok):
+def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf_greedy):
     smollm2.setup_caches(1, 160)
-    for text in PROMPTS:
-        prompt = torch.tensor(smollm2_tok.encode(text))
-        ref = hf_greedy(smollm2_hf, prompt, 64)
+    for prompt, ref in smollm2_hf_greedy:
         ours, _ = generate(smollm2, prompt, 64, GREEDY)
         assert len(ref) == len(prompt) + 64
-        assert ours[0].tolist() == ref, text
+        assert ours[0].tolist() == ref
 
 
-def test_smollm2_compiled_greedy_matches_transformers_without_recompiling(smollm2, smollm2_hf, smollm2_tok,
+def test_smollm2_compiled_greedy_matches_transformers_without_recompiling(smollm2, smollm2_hf_greedy,
                                                                         smollm2_steps):
     smollm2.setup_caches(1, 160)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for i, text in enumerate(PROMPTS):
-        prompt = torch.tensor(smollm2_tok.encode(text))
-        ref = hf_greedy(smollm2_hf, prompt, 64)
+    for i, (prompt, ref) in enumerate(smollm2_hf_greedy):
         # After the first generation compiled the step, any recompilation is an error.
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             ours, _ = generate(smollm2, prompt, 64, GREEDY, steps=smollm2_steps)
-        assert ours[0].tolist() == ref, text
+        assert ours[0].tolist() == ref
     # At most one graph for the decode step (none if an earlier test compiled it), for every
     # prompt length and position.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 1

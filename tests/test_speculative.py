@@ -19,16 +19,14 @@ SMOL_PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "Question: What is 17 * 23? Answer:",
     "import numpy as np\n\ndef normalize(x):\n",
-    "The three primary colors are",
-    "Translate to French: 'Good morning, how are you?'\n",
     "<|im_start|>user\nGive me three tips for staying healthy.<|im_end|>\n<|im_start|>assistant\n",
-    "In 1969, Neil Armstrong",
     "SELECT name, COUNT(*) FROM users GROUP BY",
 ]
 # The first five prompts run eagerly, one (exit_layer, num_speculations) each: E=1, E=L-1 and k=1
 # all appear, and every k > 1 meets rounds that draft past the remaining token budget (chosen
-# cheap: an eager round costs about k * E / 30 + 1 full forward passes). The other five run
-# compiled, where every new (E, k) costs a draft and a verify graph (about 2 minutes here).
+# cheap: an eager round costs about k * E / 30 + 1 full forward passes). The other two run
+# compiled, where every new (E, k) costs a draft and a verify graph (together about as long to
+# compile as the whole model, ~75 s on CI's two cores): the first compiles them, the second must reuse them.
 SMOL_EAGER_CONFIGS = [(1, 1), (29, 2), (1, 3), (29, 1), (8, 4)]
 SMOL_COMPILED_CONFIG = (26, 3)
 
