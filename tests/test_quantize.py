@@ -141,11 +141,11 @@ def smol_quantized(smollm2_dir, tmp_path_factory):
 
 
 # Measured on SmolLM2-135M-Instruct over the first 12 HumanEval prompts (1,334 tokens, fp32 ppl
-# 6.57): int8 +0.61%, int4 g32 +3.7%, int4 g128 +43% (over 24 prompts: +0.64%, +3.9%, +43%, BENCHMARKS.md). The shipped weights were themselves
-# dequantized from Q4_1, whose groups of 32 our int4 g32 grid re-captures almost exactly; g128 has
-# to merge four of those groups, and a 135M model has little redundancy to absorb it. The int4
-# bounds leave headroom over the measurements for kernel differences between CPUs; a broken scale,
-# zero or packing costs orders of magnitude more.
+# 6.57): int8 +0.61%, int4 g32 +3.7%, int4 g128 +43% (over 24 prompts: +0.64%, +3.9%, +43%,
+# BENCHMARKS.md). The shipped weights were themselves dequantized from Q4_1, whose groups of 32 our
+# int4 g32 grid re-captures almost exactly; g128 has to merge four of those groups, and a 135M model
+# has little redundancy to absorb it. The int4 bounds leave headroom over the measurements for
+# kernel differences between CPUs; a broken scale, zero or packing costs orders of magnitude more.
 PPL_BOUNDS = {"int8": 0.01, "int4-g32": 0.08, "int4-g128": 0.60}
 
 
