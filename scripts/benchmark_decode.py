@@ -176,7 +176,7 @@ def main(argv=None):
             print(json.dumps(rows[-1]), flush=True)
             torch._dynamo.reset()
 
-    print(f"\n| engine | dtype | tokens/s | ms/token | compile s | peak mem GB | GB/s | % of copy bw | vs transformers eager |")
+    print("\n| engine | dtype | tokens/s | ms/token | compile s | peak mem GB | GB/s | % of copy bw | vs transformers eager |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((x["tokens_per_s"] for x in rows if x["engine"] == "transformers eager" and x["dtype"] == r["dtype"]), None)

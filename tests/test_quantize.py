@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from checkpoint import CheckpointError, load_model, read_metadata
 from conftest import REPO, tiny_hf_config
 from decoding import compile_steps, generate, speculative_generate
-from quantize import (Int4Linear, Int8Linear, dequantize_int4, main as quantize_main, pack_model, pack_nibbles,
+from quantize import (Int4Linear, Int8Linear, dequantize_int4, main as quantize_main, pack_nibbles,
                       quantize_int4, quantize_int8, quantize_model, unpack_nibbles)
 from sampling import SamplingParams
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from decoding import Steps, compile_steps, generate, speculative_generate
+from decoding import compile_steps, generate, speculative_generate
 from model import ModelArgs, Transformer
 from sampling import SamplingParams, logits_to_probs, speculative_accept
 
