@@ -129,10 +129,24 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
+    # PyTorch's CPU int8 kernel computes wrong results or crashes for a bfloat16 input whose width
+    # is not a multiple of 32 (torch 2.13 on AVX-512 BF16 / AMX CPUs; BENCHMARKS.md), so on CPU
+    # the weight is zero-padded to that width when the model is loaded, and the input with it.
+    CPU_K_MULTIPLE = 32
+
+    def pack(self):
+        """Pads the weight's input width for the CPU kernel (see CPU_K_MULTIPLE); no-op elsewhere."""
+        k_pad = -self.in_features % self.CPU_K_MULTIPLE if self.weight.device.type == "cpu" else 0
+        if k_pad and self.weight.shape[1] == self.in_features:
+            self.weight = F.pad(self.weight, (0, k_pad))
+
     def forward(self, x):
         if x.device.type == "cpu":
             dtype = cpu_compute_dtype(x)
-            y = int8_mm_cpu(x.reshape(-1, x.shape[-1]).to(dtype), self.weight, self.scales.to(dtype))
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            if self.weight.shape[1] != x2.shape[1]:
+                x2 = F.pad(x2, (0, self.weight.shape[1] - x2.shape[1]))
+            y = int8_mm_cpu(x2, self.weight, self.scales.to(dtype))
             return y.reshape(*x.shape[:-1], -1).to(x.dtype)
         # on CUDA inductor fuses the int8 -> dtype conversion into the matmul's weight load
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -245,7 +259,7 @@ def apply_scheme(model: Transformer, scheme: dict):
 
 def pack_model(model: Transformer) -> Transformer:
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, Int8Linear)):
             m.pack()
     return model
 

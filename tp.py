@@ -116,6 +116,8 @@ def _shard_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_range
         new.weight = nn.Parameter(w, requires_grad=False)
         return new
     if isinstance(lin, Int8Linear):  # per-output-channel scales travel with their rows
+        if lin.weight.shape[1] != lin.in_features:
+            raise ShardingError("int8 weights must be sharded before they are padded for the CPU kernel")
         new = Int8Linear(lin.in_features, lin.out_features, lin.scales.dtype, lin.weight.device)
         if out_rows is not None:
             new.weight, new.scales = _rows(lin.weight, out_rows), _rows(lin.scales, out_rows)

@@ -24,6 +24,7 @@ def int8_layer(w):
     q, s = quantize_int8(w)
     m = Int8Linear(w.shape[1], w.shape[0])
     m.weight, m.scales = q, s
+    m.pack()
     return m, (q.float() * s[:, None], q.float() * s.bfloat16().float()[:, None])
 
 
