@@ -129,16 +129,23 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
-    # PyTorch's CPU int8 kernel computes wrong results or crashes for a bfloat16 input whose width
-    # is not a multiple of 32 (torch 2.13 on AVX-512 BF16 / AMX CPUs; BENCHMARKS.md), so on CPU
-    # the weight is zero-padded to that width when the model is loaded, and the input with it.
+    # PyTorch's CPU int8 kernel (torch 2.13 on AVX-512 BF16 / AMX CPUs) computes wrong results or
+    # crashes for a bfloat16 input whose width is not a multiple of 32, and crashes on weights that
+    # are not 16-byte aligned (tensors read from a safetensors file can start anywhere). So on CPU
+    # the weight is zero-padded to that width and copied to fresh (64-byte aligned) memory when the
+    # model is loaded; the input is padded to match.
     CPU_K_MULTIPLE = 32
 
     def pack(self):
-        """Pads the weight's input width for the CPU kernel (see CPU_K_MULTIPLE); no-op elsewhere."""
-        k_pad = -self.in_features % self.CPU_K_MULTIPLE if self.weight.device.type == "cpu" else 0
+        """Pads and aligns the weight for the CPU kernel (see CPU_K_MULTIPLE); no-op elsewhere."""
+        if self.weight.device.type != "cpu":
+            return
+        k_pad = -self.in_features % self.CPU_K_MULTIPLE
         if k_pad and self.weight.shape[1] == self.in_features:
             self.weight = F.pad(self.weight, (0, k_pad))
+        for name in ("weight", "scales"):
+            if getattr(self, name).data_ptr() % 64:
+                setattr(self, name, getattr(self, name).clone())
 
     def forward(self, x):
         if x.device.type == "cpu":

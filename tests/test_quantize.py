@@ -97,6 +97,25 @@ def test_int4_linear_matches_dequantized_reference(shape, g, rows):
     check_within_rounding(y.reshape(-1, shape[0]), x.reshape(-1, shape[1]), *w_ref)
 
 
+def test_int8_weights_read_at_any_file_offset_are_aligned_for_the_cpu_kernel():
+    """A tensor read from a safetensors file can start at any byte; PyTorch's CPU int8 kernel
+    crashed on weights that were not 16-byte aligned (bfloat16, 2-8 rows, AVX-512 CPUs). pack()
+    moves them to aligned memory."""
+    torch.manual_seed(0)
+    q, s = quantize_int8(torch.randn(128, 64))
+    buf = torch.zeros(128 * 64 + 8, dtype=torch.int8)
+    m = Int8Linear(64, 128)
+    m.weight, m.scales = buf[8:].view(128, 64), s
+    m.weight.copy_(q)
+    assert m.weight.data_ptr() % 16 != 0
+    m.pack()
+    assert m.weight.data_ptr() % 64 == 0
+    x = torch.randn(5, 64).bfloat16()
+    ref = x.double() @ (q.double() * s.bfloat16().double()[:, None]).T
+    assert ((m(x).double() - ref).abs() <= 2 ** -7 * (x.double().abs() @ (q.double() * s.double()[:, None]).abs().T)
+            + 1e-3).all()
+
+
 def test_int4_linear_refuses_the_wrong_device():
     m, _ = int4_layer(torch.randn(32, 64), 32)
     m.packed_for = "cuda"
