@@ -13,9 +13,24 @@ from sampling import SamplingParams, logits_to_probs, sample, sample_from_probs,
 
 def prefill(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
     """Runs the prompt x [B, T] at positions input_pos [T] through layers [0, exit_layer) (all by
-    default); returns the first new token [B, 1]."""
+    default); returns the first new token [B, 1] and whether the logits it came from were finite."""
     h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
-    return sample(model.head(h[:, -1:])[:, -1], params)
+    logits = model.head(h[:, -1:])[:, -1]
+    return sample(logits, params), torch.isfinite(logits).all()
+
+
+class NonFiniteLogitsError(ValueError):
+    pass
+
+
+def check_finite(finite: torch.Tensor):
+    """Once per generation, at the prefill (whose result is waited for anyway): NaN or inf logits
+    would otherwise decode silently into garbage, typically one token repeated."""
+    if not bool(finite):
+        raise NonFiniteLogitsError(
+            "the model's logits for the prompt are not finite (NaN or inf): the checkpoint's weights may hold "
+            "NaN/inf (a corrupt file or a diverged training run), or float16 overflowed (try --dtype bfloat16 "
+            "or float32)")
 
 
 def decode_one_token(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
@@ -36,10 +51,12 @@ def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_la
     return sample_from_probs(probs)[None], h, probs
 
 
-def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, params: SamplingParams,
+def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit, params: SamplingParams,
                 exit_layer: int | None = None):
     """Scores tokens [1, k+1] = [last accepted, d1..dk] at input_pos [k+1] with the full model and
-    decides how many drafts to keep. Returns (n_accepted, next token), both on the device.
+    decides how many drafts to keep, at most `limit` (a 0-dim tensor: a round near the end of the
+    token budget drafts fewer than k and pads the rest). Returns (n_accepted, next token), both on
+    the device.
 
     Self-speculative (exit_layer E): positions 0..k-1 already went through layers [0, E) while
     drafting, so they resume from their layer-E states exit_states [1, k, dim]; only dk, which no
@@ -51,7 +68,7 @@ def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos,
         newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[-1:], 0, exit_layer)
         h = model.run_layers(torch.cat([exit_states, newest], dim=1), input_pos, exit_layer)
         logits = model.head(h)
-    return speculative_accept(tokens[0, 1:], draft_probs, logits[0], params)
+    return speculative_accept(tokens[0, 1:], draft_probs, logits[0], params, limit)
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,7 @@ class GenerationStats:
     # Speculative loops only: one entry per round, the number of drafts accepted (0..k).
     accepted_per_round: list = field(default_factory=list)
     num_speculations: int = 0
+    drafted: int = 0  # drafts that counted: k per round, fewer in a round cut short by the token budget
     draft_s: float = 0.0
     verify_s: float = 0.0
 
@@ -124,8 +142,7 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         """Accepted draft tokens / drafted tokens."""
-        drafted = self.rounds * self.num_speculations
-        return sum(self.accepted_per_round) / drafted if drafted else float("nan")
+        return sum(self.accepted_per_round) / self.drafted if self.drafted else float("nan")
 
     @property
     def tokens_per_round(self) -> float:
@@ -158,6 +175,16 @@ def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahe
                          "max_new_tokens or set up a larger cache")
 
 
+MAX_SPECULATIONS = 64
+
+
+def check_num_speculations(k: int):
+    # Every round verifies k + 1 positions and keeps k drafts only if all of them are accepted:
+    # far beyond what any draft achieves, a larger k only makes each round slower.
+    if not 1 <= k <= MAX_SPECULATIONS:
+        raise ValueError(f"num_speculations must be in [1, {MAX_SPECULATIONS}], got {k}")
+
+
 def check_exit_layer(model: Transformer, exit_layer: int | None):
     n = model.args.n_layers
     if exit_layer is not None and not 1 <= exit_layer < n:
@@ -185,9 +212,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
 
     t0 = time.perf_counter()
-    cur = steps.prefill(model, prompt, torch.arange(T, device=device), params, exit_layer)
+    cur, finite = steps.prefill(model, prompt, torch.arange(T, device=device), params, exit_layer)
     out = [cur]
-    synchronize(device)
+    check_finite(finite)
     t1 = time.perf_counter()
     if on_token:
         on_token(cur)
@@ -244,13 +271,14 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
+    No round drafts past the token budget: with r tokens still to produce, it runs min(k, r) draft
+    steps and pads the verify pass to its fixed k+1 positions (k is also capped at max_new_tokens).
     on_tokens(list of ids) is called with each round's kept tokens. Returns (tokens [1, T + n], stats).
     """
-    k = num_speculations
     if (exit_layer is None) == (draft_model is None):
         raise ValueError("give exactly one draft source: exit_layer (self-speculative) or draft_model")
-    if k < 1:
-        raise ValueError(f"num_speculations must be >= 1, got {k}")
+    check_num_speculations(num_speculations)
+    k = min(num_speculations, max_new_tokens)
     check_exit_layer(model, exit_layer)
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
@@ -270,9 +298,10 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
 
     t0 = time.perf_counter()
     positions = torch.arange(T, device=device)
-    cur = steps.prefill(model, prompt[None], positions, params)
+    cur, finite = steps.prefill(model, prompt[None], positions, params)
+    check_finite(finite)
     if draft_model is not None:
-        steps.prefill(draft_model, prompt[None], positions, params)
+        check_finite(steps.prefill(draft_model, prompt[None], positions, params)[1])
     out = [int(cur)]
     t1 = time.perf_counter()
     if on_tokens:
@@ -286,21 +315,33 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
             base = torch.tensor(pos, device=device)
             if catch_up is not None:
                 steps.draft(drafter, catch_up, (base - 1).view(1), params, None)
+            # r tokens still to produce: r - 1 drafts and the full model's own token suffice, and
+            # checking them takes the verify rows 0..r-1, whose states min(k, r) draft steps give.
+            # A round that drafts fewer than k pads the fixed-shape verify pass.
+            remaining = max_new_tokens - len(out)
             x, drafts, states, probs = cur, [], [], []
-            for j in range(k):
+            for j in range(min(k, remaining)):
                 x, h, q = (t.clone() if t is not None else None
                            for t in steps.draft(drafter, x, (base + j).view(1), params, exit_layer))
                 drafts.append(x)
                 states.append(h)
                 probs.append(q)
+            pad = k - len(drafts)  # the padded rows are never kept (limit), only computed
+            drafts += [x] * pad
+            states += [torch.zeros_like(states[-1])] * pad
+            probs += [probs[-1]] * pad
+            counted = remaining - 1 if pad else k
+            limit = torch.tensor(counted, device=device)
             mid = clock.now()
             tokens = torch.cat([cur] + drafts, dim=1)
             n, nxt = steps.verify(model, tokens, torch.cat(states, dim=1) if exit_layer else None,
-                                  None if params.greedy else torch.stack(probs), base + offsets, params, exit_layer)
+                                  None if params.greedy else torch.stack(probs), base + offsets, limit, params,
+                                  exit_layer)
             end = clock.now()
             host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
         a = host[-1]
         stats.accepted_per_round.append(a)
+        stats.drafted += counted
         stats.draft_s += clock.seconds(start, mid)
         stats.verify_s += clock.seconds(mid, end)
         kept = host[:a] + [host[k]]

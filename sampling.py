@@ -1,4 +1,5 @@
 """Turning logits into tokens: temperature, top-k, top-p and the draw, shared by every decoding loop."""
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +12,8 @@ class SamplingParams:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -25,7 +26,10 @@ class SamplingParams:
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, then top-k, then top-p (the order transformers applies them)."""
-    logits = logits.float() / params.temperature
+    # Shifted by the maximum first: a tiny temperature then sends the other logits to -inf (the
+    # greedy limit) instead of overflowing them all to inf, which softmax turns into NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,7 +56,7 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-                       params: SamplingParams):
+                       params: SamplingParams, limit: torch.Tensor | None = None):
     """How many of the k drafted tokens to keep, and the token that follows them.
 
     drafts [k]; draft_probs [k, V] the (filtered) distributions they were drawn from, None when
@@ -61,19 +65,24 @@ def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, t
     Sampling (speculative sampling): keep draft x with probability min(1, p(x) / q(x)); at the first
     rejection draw from max(0, p - q) renormalised; if all k are kept, draw a bonus token from p.
     The output tokens are then distributed exactly as sampling from p one token at a time.
+    With `limit` (a 0-dim tensor), only the first `limit` drafts count (the rest are padding): at
+    most that many are kept, and once all of them are, the next token is drawn from p as a bonus.
     Returns (n_accepted, next_token [1]), both on the device: no host synchronisation here.
     """
     k = drafts.shape[0]
+    limit = torch.tensor(k, device=drafts.device) if limit is None else limit
     if params.greedy:
         target = target_logits.argmax(-1)
-        n = torch.cumprod(drafts == target[:k], 0).sum()
+        n = torch.minimum(torch.cumprod(drafts == target[:k], 0).sum(), limit)
         return n, target.index_select(0, n.view(1))  # index_select keeps n on the device (no .item())
     p = logits_to_probs(target_logits, params)
     rows = torch.arange(k, device=drafts.device)
     p_x, q_x = p[rows, drafts], draft_probs[rows, drafts]
     keep = torch.rand(k, device=drafts.device) * q_x < p_x  # u < p/q without dividing by q
-    n = torch.cumprod(keep, 0).sum()
-    # Row i < k: what to draw if draft i+1 is the first rejected; row k: the bonus distribution.
-    fallback = torch.cat([(p[:k] - draft_probs).clamp_min(0), p[k:]]).index_select(0, n.view(1))[0]
-    fallback = torch.where(fallback.sum() > 0, fallback, p.index_select(0, n.view(1))[0])  # p == q: nothing rejected
+    n = torch.minimum(torch.cumprod(keep, 0).sum(), limit)
+    p_n = p.index_select(0, n.view(1))[0]
+    # Draft n+1 was rejected: draw from max(0, p - q) there; every counted draft was kept: a bonus from p.
+    residual = (p[:k] - draft_probs).clamp_min(0).index_select(0, n.clamp(max=k - 1).view(1))[0]
+    fallback = torch.where(n < limit, residual, p_n)
+    fallback = torch.where(fallback.sum() > 0, fallback, p_n)  # p == q: nothing can be rejected
     return n, sample_from_probs(fallback / fallback.sum())

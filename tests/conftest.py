@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 SMOLLM2_DIR = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker (and per process a test starts): two workers with two threads each on
+    # two cores would spin against each other; one each keeps both cores busy.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -40,22 +47,39 @@ def smollm2_steps():
     return compile_steps(torch.device("cpu"))
 
 
+def assert_varied(ids, min_share=0.25):
+    """Output that equality tests rely on must not be one token repeated (as tiny random models
+    with a small init produce): at least min_share of the tokens distinct."""
+    ids = ids.flatten().tolist() if hasattr(ids, "flatten") else list(ids)
+    assert len(set(ids)) >= min_share * len(ids), f"degenerate output: {len(set(ids))} distinct of {len(ids)}"
+
+
+def compiled_graphs(fn) -> int:
+    """Graphs dynamo holds for fn's code (one per guard set), whichever test compiled them: compile
+    tests bound this from below (something was compiled) and above (nothing was recompiled)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
 def tiny_hf_config(**overrides) -> dict:
-    """A small random Llama config in the newer `rope_parameters` shape."""
+    """A small random Llama config in the newer `rope_parameters` shape; initializer_range 0.2 (10x
+    transformers' default) so that greedy output varies instead of repeating a token."""
     cfg = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
         "max_position_embeddings": 256, "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.2,
     }
     cfg.update(overrides)
     return cfg
 
 
-def save_tiny_hf(path: Path, cfg: dict, seed: int = 0, safe_serialization=True, max_shard_size=None):
-    """Writes a random transformers LlamaForCausalLM for `cfg` into path (config.json as given)."""
+def save_tiny_hf(path: Path, cfg: dict, seed: int = 0, safe_serialization=True, max_shard_size=None,
+                 legacy_bin=False):
+    """Writes a random transformers LlamaForCausalLM for `cfg` into path (config.json as given);
+    safe_serialization=False: pytorch_model.bin (legacy_bin: the pre-1.6 non-zip format)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(LlamaConfig(**copy.deepcopy(cfg))).eval()  # LlamaConfig edits dicts in place
@@ -71,7 +95,7 @@ def save_tiny_hf(path: Path, cfg: dict, seed: int = 0, safe_serialization=True, 
         state = {k: v.clone() for k, v in hf.state_dict().items()}
         if cfg.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
-        torch.save(state, path / "pytorch_model.bin")
+        torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy_bin)
     (path / "config.json").write_text(json.dumps(cfg))
     return hf
 
