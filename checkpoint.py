@@ -66,6 +66,10 @@ def save_checkpoint(state_dict: dict, hf_config: dict, path, scheme: dict | None
 
 
 def read_metadata(path) -> dict:
+    """The checkpoint's config, weight scheme and model arguments ("config", "scheme", "args"),
+    read and checked without loading a weight."""
+    from quantize import SchemeError, validate_scheme
+
     path = resolve_checkpoint_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -78,7 +82,24 @@ def read_metadata(path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {meta.get('format_version')!r}; "
                               f"this code reads version {FORMAT_VERSION}")
-    return {"config": json.loads(meta["config"]), "scheme": json.loads(meta.get("scheme", '{"mode": "none"}'))}
+    out = {}
+    for key, default in (("config", None), ("scheme", '{"mode": "none"}')):
+        raw = meta.get(key, default)
+        try:
+            value = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: metadata key {key!r} is not valid JSON ({e}); re-convert the "
+                                  "checkpoint") from None
+        if not isinstance(value, dict):
+            what = "lacks the" if raw is None else "has a non-object"
+            raise CheckpointError(f"{path}: its metadata {what} {key!r} key; re-convert the checkpoint")
+        out[key] = value
+    try:
+        out["args"] = ModelArgs.from_hf_config(out["config"])
+        validate_scheme(out["scheme"])
+    except (ValueError, TypeError, SchemeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return out
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None, prepare=None) -> Transformer:
@@ -87,16 +108,12 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, prepare=Non
     dtype=None keeps the stored dtype. prepare(model), if given, transforms the loaded model before
     int4 weights are packed for their kernel (tensor-parallel sharding: tp.shard_model)."""
     path = resolve_checkpoint_path(path)
-    from quantize import SchemeError, apply_scheme, pack_model
+    from quantize import apply_scheme, pack_model
 
     meta = read_metadata(path)
-    scheme = meta["scheme"]
-    try:
-        quantized = scheme.get("mode", "none") != "none"
-        args = ModelArgs.from_hf_config(meta["config"])
-        expected = expected_shapes(args, scheme)
-    except SchemeError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    scheme, args = meta["scheme"], meta["args"]
+    quantized = scheme.get("mode", "none") != "none"
+    expected = expected_shapes(args, scheme)
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:

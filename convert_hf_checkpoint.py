@@ -6,17 +6,16 @@ Reads one or sharded `*.safetensors` (with their index) or `pytorch_model*.bin`,
 and writes `checkpoint.safetensors` next to them (or into --output_dir, with the config and tokenizer
 files copied along). The output appears only once it is complete.
 """
-import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import cli
 from checkpoint import DEFAULT_NAME, expected_shapes, save_checkpoint
 from model import ModelArgs
 
@@ -62,7 +61,14 @@ def find_weight_files(checkpoint_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = checkpoint_dir / index_name
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{index} is not valid JSON ({e}); re-download it") from None
+            except (KeyError, TypeError, AttributeError):
+                raise ValueError(f"{index} has no 'weight_map' object mapping tensor names to shard files; "
+                                 "re-download it") from None
             missing = [f for f in files if not (checkpoint_dir / f).is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
@@ -87,10 +93,22 @@ def iter_tensors(path: Path):
             raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = load_bin(path)
         except Exception as e:
-            raise ValueError(f"{path} could not be loaded as a weights-only PyTorch file: {e}") from e
+            # torch's message is a page; the unpickler's reason names the culprit
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(Check the documentation|$)", str(e), re.S)
+            reason = found.group(1) if found else (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path} could not be loaded as a weights-only PyTorch file (it holds more than "
+                             f"tensors, or is corrupt): {reason}") from e
         yield from state.items()
+
+
+def load_bin(path: Path) -> dict:
+    """torch.load with weights_only=True: memory-mapped for the zip format; the legacy (pre-1.6,
+    non-zip) format cannot be mapped and is read whole."""
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
 
 
 def load_hf_config(checkpoint_dir: Path) -> dict:
@@ -98,14 +116,20 @@ def load_hf_config(checkpoint_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs its config.json")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object of a model config")
+    return cfg
 
 
 def convert(checkpoint_dir, output_dir=None, dtype: str | None = None) -> Path:
     checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a folder: give the Hugging Face checkpoint's directory")
     output_dir = Path(output_dir) if output_dir else checkpoint_dir
+    cli.check_output_dir(output_dir)
     hf_config = load_hf_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(hf_config)  # refuses non-Llama configs before any weight is read
     if dtype is not None and dtype not in DTYPES:
@@ -137,13 +161,22 @@ def convert(checkpoint_dir, output_dir=None, dtype: str | None = None) -> Path:
         state.pop("output.weight", None)
     _check_shapes(state, args, checkpoint_dir)
 
+    created = output_dir.resolve()  # the outermost folder this call creates, removed again on failure
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created
     output_dir.mkdir(parents=True, exist_ok=True)
-    if output_dir.resolve() != checkpoint_dir.resolve():
-        for name in ("config.json",) + TOKENIZER_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copyfile(checkpoint_dir / name, output_dir / name)
-    out = output_dir / DEFAULT_NAME
-    save_checkpoint(state, normalize_config(hf_config), out)
+    try:
+        out = output_dir / DEFAULT_NAME
+        save_checkpoint(state, normalize_config(hf_config), out)
+        if output_dir.resolve() != checkpoint_dir.resolve():
+            for name in ("config.json",) + TOKENIZER_FILES:
+                if (checkpoint_dir / name).is_file():
+                    shutil.copyfile(checkpoint_dir / name, output_dir / name)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return out
 
 
@@ -167,17 +200,13 @@ def _check_shapes(state: dict, args: ModelArgs, source: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--output_dir", type=Path, default=None, help="where to write (default: --checkpoint_dir)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     a = p.parse_args(argv)
-    try:
-        out = convert(a.checkpoint_dir, a.output_dir, a.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {out}")
+    print(f"wrote {convert(a.checkpoint_dir, a.output_dir, a.dtype)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

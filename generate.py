@@ -6,19 +6,20 @@
     python generate.py --generation_strategy self_speculative --exit_layer 8 --num_speculations 6 --compile
     torchrun --standalone --nproc_per_node=2 generate.py --compile      # tensor parallel (tp.py)
 """
-import argparse
 import contextlib
 import itertools
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_model, resolve_checkpoint_path
-from decoding import (Steps, compile_steps, generate, peak_memory_gb, speculative_generate, synchronize,
-                      weight_bytes_per_token)
+import cli
+from checkpoint import load_model, read_metadata, resolve_checkpoint_path
+from decoding import (Steps, check_num_speculations, compile_steps, generate, peak_memory_gb, speculative_generate,
+                      synchronize, weight_bytes_per_token)
 from sampling import SamplingParams
 import tp
 from tokenizer import load_tokenizer
@@ -31,26 +32,61 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: this engine runs on cpu and cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, quantized: bool = False, strategy: str = "autoregressive"):
+    """The compute dtype, with a one-line note where a choice is slow on this machine (BENCHMARKS.md)."""
+    slow_quantized = ("PyTorch's CPU int8/int4 kernels are 3x (AVX-512 BF16 CPUs) to 20x (AVX2 CPUs) slower with "
+                      "float32 activations than with bfloat16")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+        if device.type == "cuda":
+            return torch.bfloat16
+        if quantized and strategy == "autoregressive":
+            note(f"quantized weights on CPU compute in bfloat16 ({slow_quantized}); --dtype float32 forces float32")
+            return torch.bfloat16
+        name = "float32"
+    dtype = DTYPES[name]
+    if device.type == "cpu" and quantized and dtype == torch.float32:
+        note(f"quantized weights with float32 activations decode slowly ({slow_quantized}); float32 keeps greedy "
+             "self-speculation token-for-token equal to greedy decoding, --dtype bfloat16 is faster")
+    if device.type == "cpu" and dtype == torch.float16 and not cpu_has_native_float16():
+        note("float16 on this CPU (no AVX-512 FP16) decodes about 5x slower than float32; prefer --dtype float32 "
+             "or bfloat16")
+    return dtype
+
+
+def cpu_has_native_float16() -> bool:
+    """AVX-512 FP16 (Sapphire Rapids and newer): float16 then runs as fast as float32 on CPU."""
+    try:
+        return "avx512_fp16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell (not Linux): say nothing
+
+
+def note(text: str):
+    print(f"note: {text}", file=sys.stderr)
 
 
 class StreamPrinter:
-    """Prints text as tokens arrive; holds back a partial UTF-8 character until it completes."""
+    """Prints text as tokens arrive, without stop tokens (end-of-turn markup); holds back a partial
+    UTF-8 character until it completes."""
 
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
 
     def __call__(self, ids: list[int]):
-        self.ids += ids
+        self.ids += [i for i in ids if i not in self.tokenizer.stop_ids]
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return
@@ -59,10 +95,16 @@ class StreamPrinter:
         self.printed = text
 
 
+def random_prompt_length(args) -> int | None:
+    """--prompt N, in ASCII digits and without --chat, asks for a random prompt of N tokens (for timing)."""
+    return int(args.prompt) if not args.chat and re.fullmatch("[0-9]+", args.prompt) else None
+
+
 def encode_prompt(args, tokenizer, device):
-    if args.prompt.isdigit():
+    n = random_prompt_length(args)
+    if n is not None:
         g = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, tokenizer.vocab_size, (int(args.prompt),), generator=g).to(device)
+        return torch.randint(0, tokenizer.vocab_size, (n,), generator=g).to(device)
     if args.chat:
         ids = tokenizer.encode_chat([*system_message(args), {"role": "user", "content": args.prompt}])
     else:
@@ -75,15 +117,16 @@ def system_message(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                    help="converted checkpoint file, or its directory (default: SmolLM2-135M-Instruct, prepared on first use)")
     p.add_argument("--prompt", default="Hello, my name is",
-                   help="prompt text, or an integer N for a random prompt of N tokens")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+                   help="prompt text, or an integer N (ASCII digits) for a random prompt of N tokens")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template and print "
+                   "the reply")
     p.add_argument("--system", default=None, help="system message for --chat and --interactive")
     p.add_argument("--interactive", action="store_true", help="chat loop with streamed output")
-    p.add_argument("--num_samples", type=int, default=5)
+    p.add_argument("--num_samples", type=int, default=1, help="generations of the same prompt (5 for timing)")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="KV cache size (default: prompt + max_new_tokens; 2048 in --interactive)")
@@ -124,43 +167,78 @@ def parse_args(argv=None):
         p.error("--exit_layer does not apply to --generation_strategy speculative (the draft model drafts)")
     if strategy != "speculative" and args.draft_checkpoint_path is not None:
         p.error("--draft_checkpoint_path needs --generation_strategy speculative")
-    if args.num_speculations < 1:
-        p.error(f"--num_speculations must be >= 1, got {args.num_speculations}")
+    if args.system is not None and not (args.chat or args.interactive):
+        p.error("--system needs --chat or --interactive")
+    if random_prompt_length(args) == 0:
+        p.error("--prompt 0 asks for a random prompt of 0 tokens; give text or a length >= 1")
     try:
+        check_num_speculations(args.num_speculations)
         args.sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    except ValueError as e:
-        p.error(str(e))
+        if args.profile is not None:
+            cli.check_output_file(args.profile, "--profile")
+    except (ValueError, OSError) as e:
+        p.error(str(e).replace("num_speculations", "--num_speculations", 1))
     return args
+
+
+def prepare_default_model(world_size: int):
+    if world_size > 1:  # ranks would race to write the same folder
+        raise FileNotFoundError("the default model is not prepared yet: run `python scripts/prepare_smollm2.py` "
+                                "once, then torchrun")
+    print("The default model is not prepared yet; preparing it (python scripts/prepare_smollm2.py) ...",
+          file=sys.stderr)
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    import prepare_smollm2
+    prepare_smollm2.prepare(DEFAULT_CHECKPOINT)
+
+
+def check_before_loading(args, meta, tokenizer, world_size: int):
+    """What the checkpoints' metadata and the tokenized prompt can refuse, before any weight is read."""
+    n = meta["args"].n_layers
+    if args.exit_layer is not None and args.exit_layer >= n:
+        raise ValueError(f"--exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {args.exit_layer}")
+    metas = [meta]
+    if args.draft_checkpoint_path is not None:
+        draft = read_metadata(args.draft_checkpoint_path)
+        if draft["args"].vocab_size != meta["args"].vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft['args'].vocab_size}) differs from the model's "
+                             f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
+        metas.append(draft)
+    if world_size > 1:
+        for m in metas:
+            tp.check_shardable(m["args"], world_size, m["scheme"].get("groupsize") if m["scheme"]["mode"] == "int4"
+                               else None)
+    if args.interactive and tokenizer.chat_format is None:
+        raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model's tokenizer")
+    if not args.interactive:
+        n = random_prompt_length(args)
+        cache_size(args, meta["args"], n if n is not None else len(encode_prompt(args, tokenizer, "cpu")))
 
 
 def load(args, rank=0, world_size=1):
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    prepare = (lambda m: tp.shard_model(m, rank, world_size)) if world_size > 1 else None
     if args.checkpoint_path == DEFAULT_CHECKPOINT and not (DEFAULT_CHECKPOINT / "checkpoint.safetensors").is_file():
-        print("The default model is not prepared yet; preparing it (python scripts/prepare_smollm2.py) ...",
-              file=sys.stderr)
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
-        from prepare_smollm2 import prepare
-        prepare(DEFAULT_CHECKPOINT)
+        prepare_default_model(world_size)
     path = resolve_checkpoint_path(args.checkpoint_path)
-    t0 = time.perf_counter()
-    model = load_model(path, device, dtype, prepare=prepare)
+    meta = read_metadata(path)
     tokenizer = load_tokenizer(path.parent)
+    check_before_loading(args, meta, tokenizer, world_size)
+    dtype = pick_dtype(args.dtype, device, meta["scheme"]["mode"] != "none", args.generation_strategy)
+    shard = (lambda m: tp.shard_model(m, rank, world_size)) if world_size > 1 else None
+    t0 = time.perf_counter()
+    model = load_model(path, device, dtype, prepare=shard)
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
     print(f"Loaded {path} ({dtype}, {device}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft_model = None
     if args.draft_checkpoint_path is not None:
-        draft_model = load_model(resolve_checkpoint_path(args.draft_checkpoint_path), device, dtype, prepare=prepare)
-    n = model.args.n_layers
-    if args.exit_layer is not None and args.exit_layer >= n:
-        raise ValueError(f"--exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {args.exit_layer}")
+        draft_model = load_model(resolve_checkpoint_path(args.draft_checkpoint_path), device, dtype, prepare=shard)
     return model, draft_model, tokenizer, device
 
 
 def lookahead(args) -> int:
-    """Cache positions a speculative round may write beyond the tokens it keeps."""
-    return 0 if args.generation_strategy == "autoregressive" else args.num_speculations
+    """Cache positions a speculative round may write beyond the tokens it keeps (k, which
+    speculative_generate caps at max_new_tokens)."""
+    return 0 if args.generation_strategy == "autoregressive" else min(args.num_speculations, args.max_new_tokens)
 
 
 def setup_caches(args, model, draft_model, size):
@@ -188,10 +266,39 @@ def speculation_summary(stats) -> str:
             f"draft {stats.draft_share:.0%} / verify {1 - stats.draft_share:.0%} of round time")
 
 
+def cache_size(args, model_args, prompt_len: int) -> int:
+    """KV cache positions for a prompt of prompt_len tokens; a clear error where they do not fit."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty; give some text")
+    need = prompt_len + args.max_new_tokens + lookahead(args)
+    context = model_args.max_position_embeddings
+    what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({args.max_new_tokens})"
+    if lookahead(args):
+        what += f" and {lookahead(args)} positions of speculation lookahead"
+    if args.max_seq_length is not None:
+        if args.max_seq_length > context:
+            raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds this model's context of {context}")
+        if need > args.max_seq_length:
+            raise ValueError(f"{what} needs {need} positions but the KV cache holds {args.max_seq_length} "
+                             "(--max_seq_length)")
+        return args.max_seq_length
+    if need > context:
+        raise ValueError(f"{what} needs {need} positions, more than this model's context of {context}; shorten "
+                         "the prompt or lower --max_new_tokens")
+    return need
+
+
+def printable(tokenizer, ids: list[int]) -> str:
+    """The text of ids without a final stop token (its markup, e.g. <|im_end|>, is not part of the reply)."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] in tokenizer.stop_ids else ids)
+
+
 def run_samples(args, model, draft_model, tokenizer, device, steps):
     prompt = encode_prompt(args, tokenizer, device)
-    setup_caches(args, model, draft_model, args.max_seq_length or len(prompt) + args.max_new_tokens + lookahead(args))
+    setup_caches(args, model, draft_model, cache_size(args, model.args, len(prompt)))
     bytes_per_token = weight_bytes_per_token(model)
+    if args.chat:  # the user's message as typed, not the chat template around it
+        print(f"user: {args.prompt}")
     # A compiled run starts with one untimed generation: it pays for compilation.
     samples = itertools.chain([None] if args.compile else [], range(args.num_samples))
     for i in samples:
@@ -209,7 +316,11 @@ def run_samples(args, model, draft_model, tokenizer, device, steps):
         if profiling:
             prof.export_chrome_trace(str(args.profile))
             print(f"Profile written to {args.profile}", file=sys.stderr)
-        print(tokenizer.decode(tokens[0].tolist()))
+        ids = tokens[0].tolist()
+        if args.chat:
+            print(f"assistant: {printable(tokenizer, ids[len(prompt):]).strip()}")
+        else:
+            print(printable(tokenizer, ids))
         print(f"Sample {i + 1}: {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.2f} tokens/s "
               f"(decode {stats.decode_tokens_per_s:.2f} tokens/s, {1000 / stats.decode_tokens_per_s:.1f} ms/token; "
               f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s * 1000:.0f} ms), "
@@ -218,8 +329,6 @@ def run_samples(args, model, draft_model, tokenizer, device, steps):
 
 
 def chat_loop(args, model, draft_model, tokenizer, device, steps):
-    if tokenizer.chat_format is None:
-        raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model")
     setup_caches(args, model, draft_model, args.max_seq_length or min(2048, model.args.max_position_embeddings))
     messages = system_message(args)
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
@@ -256,10 +365,9 @@ def chat_loop(args, model, draft_model, tokenizer, device, steps):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank = 0
     try:
         rank, world_size, args.device = tp.init_from_env(args.device)
-        if rank != 0:  # only rank 0 prints; errors still reach every rank's stderr (below)
+        if rank != 0:  # only rank 0 prints; errors still reach every rank's stderr (cli.run)
             sys.stdout = sys.stderr = open(os.devnull, "w")
         model, draft_model, tokenizer, device = load(args, rank, world_size)
         steps = compile_steps(device, args.compile_prefill) if args.compile else Steps()
@@ -267,18 +375,12 @@ def main(argv=None):
             chat_loop(args, model, draft_model, tokenizer, device, steps)
         else:
             run_samples(args, model, draft_model, tokenizer, device, steps)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        print(f"error{f' (rank {rank})' if tp.world()[1] > 1 else ''}: {e}", file=sys.__stderr__)
-        sys.exit(1)
     except torch.distributed.DistError as e:
-        sys.__stderr__.write(f"error (rank {rank}): a collective failed, most likely because another rank "
-                             f"exited or timed out: {e}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
+                              f"{e}") from e
     finally:
         tp.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, label=tp.error_label)

@@ -66,7 +66,12 @@ class ModelArgs:
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size") if k not in cfg]
         if missing:
-            raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
+            raise ValueError(f"the model config (config.json) lacks required keys: {', '.join(missing)}")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = cfg.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"the model config (config.json) has {key}={value!r}; expected a positive integer")
 
         # Newer configs fold theta and scaling into one `rope_parameters` dict; older ones keep
         # `rope_theta` beside a `rope_scaling` dict whose kind is under "rope_type" or "type".

@@ -23,7 +23,6 @@ wrong on another. The checkpoint therefore stores the plain nibbles (`packing: "
 CUDA packer takes) and the weights are packed for the device when the model is loaded, which takes
 well under a second. A checkpoint whose metadata names any other packing is refused.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 from model import Transformer
 
 MODES = ("int8", "int4")
@@ -338,22 +338,21 @@ def default_output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Pat
 def main(argv=None):
     from safetensors import safe_open
 
-    from checkpoint import CheckpointError, read_metadata, resolve_checkpoint_path, save_checkpoint
+    from checkpoint import read_metadata, resolve_checkpoint_path, save_checkpoint
 
-    p = argparse.ArgumentParser(description="Weight-only int8/int4 quantization of a converted checkpoint.")
+    p = cli.ArgumentParser(description="Weight-only int8/int4 quantization of a converted checkpoint.")
     p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint file or its directory")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--groupsize", type=int, default=128, choices=GROUPSIZES, help="int4 only")
     p.add_argument("--output", type=Path, default=None, help="default: next to the checkpoint")
     a = p.parse_args(argv)
-    try:
-        src = resolve_checkpoint_path(a.checkpoint_path)
-        meta = read_metadata(src)
-    except (FileNotFoundError, CheckpointError) as e:
-        p.error(str(e))
+    src = resolve_checkpoint_path(a.checkpoint_path)
+    meta = read_metadata(src)
     if meta["scheme"].get("mode", "none") != "none":
-        p.error(f"{src} is already quantized ({meta['scheme']['mode']}); quantize the original checkpoint")
-    out = a.output or default_output_path(src, a.mode, a.groupsize)
+        raise ValueError(f"{src} is already quantized ({meta['scheme']['mode']}); quantize the original checkpoint")
+    out = cli.check_output_file(a.output or default_output_path(src, a.mode, a.groupsize))
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--output {out} is the checkpoint being quantized; write to another file")
     cfg = meta["config"]
     # one stored tensor at a time: peak host memory is the quantized output plus one float layer
     with safe_open(str(src), framework="pt") as f:
@@ -368,4 +367,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

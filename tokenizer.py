@@ -422,4 +422,5 @@ def render_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
                 content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
             out += f"{bos}[INST] {content.strip()} [/INST]" if m["role"] == "user" else f" {content.strip()} {eos}"
         return out
-    raise ValueError("this tokenizer has no known chat format")
+    raise ValueError("this tokenizer has no known chat format; --chat and --interactive need an instruct "
+                     "model's tokenizer (Llama 2/3 chat or ChatML)")

@@ -26,12 +26,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import Linear, Transformer
+from model import Linear, ModelArgs, Transformer
 from quantize import Int4Linear, Int8Linear
 
 
 class ShardingError(ValueError):
     pass
+
+
+_joined = (0, 1)  # (rank, world size) of the group this process joined, kept after shutdown
+
+
+def error_label() -> str:
+    """" (rank R)" for messages of a process that ran tensor-parallel, "" otherwise."""
+    return f" (rank {_joined[0]})" if _joined[1] > 1 else ""
 
 
 def world() -> tuple[int, int]:
@@ -61,7 +69,9 @@ def init_from_env(device_name: str = "auto", timeout_s: float = 300) -> tuple[in
     else:
         device_name = "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size(), device_name
+    global _joined
+    _joined = dist.get_rank(), dist.get_world_size()
+    return *_joined, device_name
 
 
 def shutdown():
@@ -69,9 +79,10 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def check_shardable(model: Transformer, world_size: int):
-    """Raises ShardingError saying why `model` cannot be split over world_size ranks."""
-    a = model.args
+def check_shardable(args: ModelArgs, world_size: int, int4_groupsize: int | None = None):
+    """Raises ShardingError saying why a model of `args` (int4 with this group size, if given)
+    cannot be split over world_size ranks. Needs only the checkpoint's metadata."""
+    a = args
     problems = []
     if a.n_heads % world_size:
         problems.append(f"{a.n_heads} attention heads")
@@ -79,13 +90,11 @@ def check_shardable(model: Transformer, world_size: int):
         problems.append(f"{a.n_kv_heads} KV heads (neither divisible by the world size nor dividing it)")
     if a.intermediate_size % world_size:
         problems.append(f"MLP width {a.intermediate_size}")
-    for layer in model.layers[:1]:
-        for name, lin in (("attention output", layer.attention.wo), ("MLP down", layer.feed_forward.w2)):
-            if isinstance(lin, Int4Linear):
-                local = lin.in_features // world_size
-                if lin.in_features % world_size or local % lin.groupsize:
-                    problems.append(f"int4 {name} input width {lin.in_features} / {world_size} ranks is not a "
-                                    f"multiple of the group size {lin.groupsize}")
+    if int4_groupsize:  # the row-parallel layers' local input width must be whole groups
+        for name, width in (("attention output", a.n_heads * a.head_dim), ("MLP down", a.intermediate_size)):
+            if width % world_size or width // world_size % int4_groupsize:
+                problems.append(f"int4 {name} input width {width} / {world_size} ranks is not a multiple of the "
+                                f"group size {int4_groupsize}")
     if problems:
         raise ShardingError(f"cannot shard this model over {world_size} ranks: " + "; ".join(problems)
                             + ". Use a world size that divides them.")
@@ -143,7 +152,8 @@ def _shard_linear(lin: nn.Module, out_rows: torch.Tensor | None = None, in_range
 
 def shard_model(model: Transformer, rank: int, world_size: int, group=None) -> Transformer:
     """Keeps this rank's share of every block, in place; call before setup_caches (and int4 packing)."""
-    check_shardable(model, world_size)
+    w2 = model.layers[0].feed_forward.w2
+    check_shardable(model.args, world_size, w2.groupsize if isinstance(w2, Int4Linear) else None)
     if world_size == 1:
         return model
     group = group if group is not None else dist.group.WORLD

@@ -10,7 +10,6 @@ The aggregate averages the metrics over samples and computes speed over all toke
 at the model's stop tokens, at --max_new_tokens, or at the first --stop string (the text is cut
 there). Datasets: see scripts/tasks.py.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import cli  # noqa: E402
 from tasks import DATASETS, check_dataset_args, load_samples  # noqa: E402
 
 STRATEGIES = ("autoregressive", "self_speculative")
@@ -154,7 +154,7 @@ def evaluate(model, tokenizer, steps, device, samples, a, strategy, exit_layer, 
         total_s += stats.total_s
         rounds += stats.rounds
         accepted += sum(stats.accepted_per_round)
-        drafted += stats.rounds * k if strategy != "autoregressive" else 0
+        drafted += stats.drafted
     agg = {m: statistics.mean(r[m] for r in records) for m in ("rouge1", "rouge2", "rougeL", "exact_match")}
     agg.update(num_samples=len(records), new_tokens=total_tokens, seconds=total_s,
                tokens_per_s=total_tokens / total_s, time_per_token_s=total_s / max(total_tokens, 1),
@@ -180,11 +180,13 @@ def warm_up(model, tokenizer, steps, device, samples, a, strategy, exit_layer, k
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_args(p)
     p.add_argument("--output", type=Path, default=None, help="write the JSON here (default: stdout)")
     a = p.parse_args(argv)
     check_common_args(p, a)
+    if a.output:
+        cli.check_output_file(a.output)
     try:
         samples = load_samples(a.dataset, a.data_path, a.num_samples, a.n_shot, a.template, a.seed, a.shuffle)
     except ValueError as e:
@@ -207,4 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

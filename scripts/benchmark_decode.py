@@ -9,7 +9,6 @@ torch.compile. Each row: median tokens/s over --repeats generations of --max_new
 bandwidth and the ratio to transformers eager of the same dtype. The device's copy bandwidth is
 measured first, so the bandwidth column can be read against it.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
@@ -123,7 +123,7 @@ def row(name, dtype, n, first, times, bytes_per_token, device, compiled):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help=f"converted checkpoint dir, or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -190,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

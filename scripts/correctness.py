@@ -8,7 +8,6 @@ diverging position and both continuations from there. Equality is expected in fl
 precision on a GPU, the verify pass (k+1 tokens at once) may round a near tie differently from the
 one-token step: such a difference is reported, never hidden.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import add_common_args, check_common_args, check_exit_layers, load_engine, setup_caches_for  # noqa: E402
+import cli  # noqa: E402 (benchmark put the repository on the path)
 from tasks import load_samples  # noqa: E402
 
 
@@ -28,13 +28,15 @@ def first_difference(a: list, b: list) -> int | None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_args(p, strategy=False)
     p.add_argument("--exit_layer", type=int, required=True)
     p.add_argument("--num_speculations", type=int, default=3)
     p.add_argument("--output", type=Path, default=None)
     a = p.parse_args(argv)
     check_common_args(p, a, strategy=False)
+    if a.output:
+        cli.check_output_file(a.output)
     if a.temperature != 0:
         p.error("correctness compares greedy outputs: use --temperature 0")
     if a.exit_layer < 1 or a.num_speculations < 1:
@@ -75,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

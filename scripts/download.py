@@ -7,12 +7,13 @@ Files land in checkpoints/<repo_id>/ (weights, config and tokenizer only: Meta's
 consolidated copies are skipped). A gated repo needs its license accepted on the hub and a token,
 from --hf_token, the HF_TOKEN variable or `hf auth login`.
 """
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import cli  # noqa: E402
 
 WANTED = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
 SKIPPED = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.onnx", "*.ot"]
@@ -48,13 +49,13 @@ def download(repo_id: str, output_dir: Path, token: str | None = None) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--repo_id", required=True, help="e.g. meta-llama/Llama-2-7b-hf")
     p.add_argument("--hf_token", default=None, help="access token (default: HF_TOKEN or the saved login)")
     p.add_argument("--output_dir", type=Path, default=None, help="default: checkpoints/<repo_id>")
     p.add_argument("--no_convert", action="store_true", help="download only")
     a = p.parse_args(argv)
-    out = a.output_dir or REPO / "checkpoints" / a.repo_id
+    out = cli.check_output_dir(a.output_dir or REPO / "checkpoints" / a.repo_id)
     try:
         download(a.repo_id, out, a.hf_token)
         print(f"downloaded {a.repo_id} to {out}")
@@ -68,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

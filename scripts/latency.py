@@ -11,7 +11,6 @@ tokens it produced), tokens/s, weight bytes read per token and the bandwidth thi
 the device's measured copy bandwidth, and peak memory. Per-token times come from the streaming
 callback, which synchronises with the device once per step (self-speculation: once per round).
 """
-import argparse
 import json
 import statistics
 import sys
@@ -22,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 
 from benchmark_decode import DTYPES, RANDOM_MODELS, copy_bandwidth_gbs, random_model  # noqa: E402
@@ -65,7 +65,7 @@ def measure(model, prompt, n, strategy, exit_layer, k, steps, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help=f"checkpoint dir, or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -134,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -11,13 +11,13 @@ is cut at the first one); `loglikelihood` and `loglikelihood_rolling` score with
 without it, the class still works with any object that has `.args` (a tuple, like the harness's
 `Instance`), which is how the tests run it.
 """
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -130,7 +130,7 @@ class LayerSkipLM(_Base):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--tasks", required=True)
     p.add_argument("--checkpoint_path", default=str(REPO / "checkpoints" / "SmolLM2-135M-Instruct"))
     p.add_argument("--generation_strategy", default="autoregressive", choices=["autoregressive", "self_speculative"])
@@ -152,4 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

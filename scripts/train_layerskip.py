@@ -29,7 +29,6 @@ Default data, with nothing to download: the source files of this Python's standa
 code, like the HumanEval prompts the speed-up is measured on. Files are split into train and
 held-out sets by a hash of their path.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -43,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import cli  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -255,7 +255,7 @@ def train(model, train_tokens, a, progress=True, state_path: Path | None = None,
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_path", type=Path, default=REPO / "checkpoints" / "SmolLM2-135M-Instruct")
     p.add_argument("--output_dir", type=Path, required=True)
     p.add_argument("--data", type=Path, nargs="*", default=None, help="text files or JSONL (default: the Python stdlib)")
@@ -295,6 +295,7 @@ def main(argv=None):
     for path in a.data or []:
         if not path.is_file():
             p.error(f"--data {path} does not exist")
+    cli.check_output_dir(a.output_dir)
     from checkpoint import CheckpointError, load_model, read_metadata, resolve_checkpoint_path, save_checkpoint
     from tokenizer import load_tokenizer
     try:
@@ -345,4 +346,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -34,10 +34,12 @@ def test_sharded_safetensors(tmp_path):
     assert logits_equal(load_model(convert(tmp_path)), hf)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_pytorch_bin(tmp_path, tied):
-    hf = save_tiny_hf(tmp_path, tiny_hf_config(tie_word_embeddings=tied), safe_serialization=False)
+@pytest.mark.parametrize("tied, legacy", [(False, False), (True, False), (False, True)])
+def test_pytorch_bin(tmp_path, tied, legacy):
+    """pytorch_model.bin in the zip format (memory-mapped) and the legacy pre-1.6 format (read whole)."""
+    hf = save_tiny_hf(tmp_path, tiny_hf_config(tie_word_embeddings=tied), safe_serialization=False, legacy_bin=legacy)
     assert not list(tmp_path.glob("*.safetensors"))
+    assert ((tmp_path / "pytorch_model.bin").read_bytes()[:4] == b"PK\x03\x04") is not legacy
     out = convert(tmp_path)
     assert logits_equal(load_model(out), hf)
     with safe_open(str(out), "pt") as f:  # a tied head is stored once

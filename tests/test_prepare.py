@@ -19,6 +19,7 @@ def test_config_describes_smollm2(smollm2_dir):
     assert cfg["rms_norm_eps"] == 1e-5
 
 
+@pytest.mark.slow
 def test_weights_equal_transformers_own_gguf_loader(smollm2_dir, tmp_path):
     """transformers reads GGUF files itself (undoing llama.cpp's Q/K row order its own way): our
     dequantized Hugging Face weights must be identical to what it loads."""

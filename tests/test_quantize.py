@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint import CheckpointError, load_model, read_metadata
-from conftest import REPO, tiny_hf_config
-from decoding import compile_steps, generate, speculative_generate
+from conftest import REPO, assert_varied, compiled_graphs, tiny_hf_config
+from decoding import compile_steps, decode_one_token, draft_step, generate, speculative_generate, verify_step
 from quantize import (Int4Linear, Int8Linear, dequantize_int4, main as quantize_main, pack_nibbles,
                       quantize_int4, quantize_int8, quantize_model, unpack_nibbles)
 from sampling import SamplingParams
@@ -169,6 +170,7 @@ def smol_quantized(smollm2_dir, tmp_path_factory):
 PPL_BOUNDS = {"int8": 0.01, "int4-g32": 0.08, "int4-g128": 0.60}
 
 
+@pytest.mark.slow
 def test_perplexity_of_quantized_models(smollm2, smollm2_dir, smol_quantized):
     from tokenizer import load_tokenizer
     ids = torch.tensor(load_tokenizer(smollm2_dir).encode(humaneval_text()))
@@ -182,6 +184,7 @@ def test_perplexity_of_quantized_models(smollm2, smollm2_dir, smol_quantized):
         assert -0.01 < rel < PPL_BOUNDS[name], (name, ppl, base)
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_metadata_and_size(smollm2_dir, smol_quantized):
     orig = (smollm2_dir / "checkpoint.safetensors").stat().st_size
     meta = read_metadata(smol_quantized["int8"])["scheme"]
@@ -195,6 +198,7 @@ def test_quantized_checkpoint_metadata_and_size(smollm2_dir, smol_quantized):
     assert smol_quantized["int4-g32"].stat().st_size < 0.4 * orig
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, text", [("int8", "The capital of France is"), ("int4-g32", "def fibonacci(n):\n")])
 def test_self_speculation_on_quantized_smollm2_equals_its_greedy(name, text, smol_quantized, smollm2_dir):
     from tokenizer import load_tokenizer
@@ -202,12 +206,14 @@ def test_self_speculation_on_quantized_smollm2_equals_its_greedy(name, text, smo
     model.setup_caches(1, 96)
     tok = load_tokenizer(smollm2_dir)
     prompt = torch.tensor(tok.encode(text))
-    ref, _ = generate(model, prompt, 24, GREEDY)
+    ref, _ = generate(model, prompt, 16, GREEDY)
+    assert_varied(ref[0, len(prompt):])
     for E, k in [(29, 3), (8, 2)]:
-        out, _ = speculative_generate(model, prompt, 24, GREEDY, k, exit_layer=E)
+        out, _ = speculative_generate(model, prompt, 16, GREEDY, k, exit_layer=E)
         assert out.tolist() == ref.tolist(), (name, text, E, k)
 
 
+@pytest.mark.slow
 def test_quantized_model_drafts_for_the_float_model(smol_quantized, smollm2, smollm2_dir):
     """Two-model speculation with the int4 model as the draft keeps the fp32 target's greedy output."""
     from tokenizer import load_tokenizer
@@ -221,6 +227,7 @@ def test_quantized_model_drafts_for_the_float_model(smol_quantized, smollm2, smo
     assert stats.acceptance_rate > 0.5  # same model, 4-bit weights: mostly the same tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_compiled_quantized_tiny_model_never_recompiles(mode, tiny_checkpoint):
     """Compiled decode/draft/verify graphs on a quantized model: greedy equality, no graph break, no recompile."""
@@ -231,14 +238,17 @@ def test_compiled_quantized_tiny_model_never_recompiles(mode, tiny_checkpoint):
     refs = [generate(model, p, 20, GREEDY)[0].tolist() for p in prompts]
     steps = compile_steps(torch.device("cpu"))
     counters = torch._dynamo.utils.counters
-    graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    breaks_before = sum(counters["graph_break"].values())
+    fns = (decode_one_token, draft_step, verify_step)
+    before = [compiled_graphs(f) for f in fns]
     for i, (p, ref) in enumerate(zip(prompts, refs)):
+        assert_varied(ref[0][len(p):])
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             assert generate(model, p, 20, GREEDY, steps=steps)[0].tolist() == ref
             out, _ = speculative_generate(model, p, 20, GREEDY, 2, exit_layer=1, steps=steps)
         assert out.tolist() == ref
     assert sum(counters["graph_break"].values()) == breaks_before
-    assert counters["stats"]["unique_graphs"] - graphs_before <= 3  # decode, draft, verify
+    assert [compiled_graphs(f) - b for f, b in zip(fns, before)] == [1, 1, 1]  # decode, draft, verify
 
 
 # --- schemes that must be refused ---
@@ -289,39 +299,81 @@ def test_int8_tensors_under_an_int4_scheme_are_refused(tiny_quantized, tmp_path)
         load_model(bad)
 
 
-def test_quantized_tiny_models_match_in_memory_quantization(tiny_quantized):
+def numpy_reference(w: np.ndarray, mode: str, g: int = 32) -> dict:
+    """The schemes from their definitions, in float32 numpy (independent of quantize.py):
+    int8: q = round(w / s), s = max|w_row| / 127; int4: per group of g inputs, 16 codes spanning
+    [min, max]: s = (max - min) / 15, q = round((w - min) / s), w ~ (q - 8) * s + zero, zero = min + 8 s."""
+    if mode == "int8":
+        s = np.abs(w).max(axis=1) / np.float32(127)
+        q = np.clip(np.rint(w / s[:, None]), -127, 127)
+        return {"q": q, "scales": s, "dequantized": q * s[:, None]}
+    out, k = w.shape
+    w = np.pad(w, ((0, 0), (0, -k % g)))  # zero columns up to whole groups (they meet zero inputs)
+    groups = w.reshape(out, -1, g)
+    lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+    s = (hi - lo) / np.float32(15)
+    q = np.clip(np.rint((groups - lo[..., None]) / s[..., None]), 0, 15)
+    zero = lo + np.float32(8) * s
+    return {"q": q.reshape(out, -1), "scales": s, "zeros": zero,
+            "dequantized": ((q - 8) * s[..., None] + zero[..., None]).reshape(out, -1)[:, :k]}
+
+
+def test_quantized_checkpoints_match_numpy_definitions(tiny_quantized):
+    """Codes, scales and zeros of every quantized layer equal the numpy reference bit for bit, and the
+    loaded quantized model computes what a float model with those dequantized weights computes."""
     src, paths = tiny_quantized
-    x = torch.randint(0, 96, (1, 12))
+    with safe_open(str(src), "pt") as f:
+        floats = {k: f.get_tensor(k) for k in f.keys()}
+    x = torch.randint(0, 96, (1, 6))  # <= 8 rows: float32 arithmetic in the kernels
     for mode, path in paths.items():
-        loaded = load_model(path)
-        ref = quantize_model(load_model(src), mode, groupsize=32)
+        with safe_open(str(path), "pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        dequantized = dict(floats)
+        for name, w in floats.items():
+            prefix = name.rsplit(".", 1)[0]
+            if not (prefix == "output" or prefix.endswith(("wqkv", "wo", "w13", "w2"))):
+                continue
+            ref = numpy_reference(w.numpy(), mode)
+            if mode == "int8":
+                np.testing.assert_array_equal(stored[name].numpy(), ref["q"])
+                np.testing.assert_array_equal(stored[f"{prefix}.scales"].numpy(), ref["scales"])
+            else:
+                packed = stored[name].numpy()
+                codes = np.stack([packed >> 4, packed & 15], axis=-1).reshape(packed.shape[0], -1)
+                np.testing.assert_array_equal(codes, ref["q"])
+                sz = stored[f"{prefix}.scales_and_zeros"].numpy()  # [groups, out, 2]
+                np.testing.assert_array_equal(sz[..., 0].T, ref["scales"])
+                np.testing.assert_array_equal(sz[..., 1].T, ref["zeros"])
+            dequantized[name] = torch.from_numpy(ref["dequantized"].astype(np.float32))
+        reference = load_model(src)
+        reference.load_state_dict(dequantized)
         with torch.no_grad():
-            assert torch.allclose(loaded(x), ref(x), atol=1e-5)
-            full = load_model(src)(x)
-        # quantized, yet close to the float model
-        assert (loaded(x) - full).abs().max() < 0.25 * full.abs().max()
+            got, want, full = load_model(path)(x), reference(x), load_model(src)(x)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5, mode
+        # Near the float model too: int8 measured 3.8% here (this random model's weights are 10x
+        # transformers' init). int4 g32 moves them by ~60% on it; its quality is measured on the
+        # real model (test_perplexity_of_quantized_models).
+        if mode == "int8":
+            assert ((got - full).abs().max() / full.abs().max()).item() < 0.06
 
 
-def test_quantize_cli_errors_leave_no_files(tiny_quantized, tmp_path):
-    src, paths = tiny_quantized
-    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path", str(paths["int8"]),
-                        "--mode", "int4", "--output", str(tmp_path / "x.safetensors")],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "already quantized" in r.stderr
-    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path", str(tmp_path / "nope"),
-                        "--mode", "int8"], capture_output=True, text=True)
-    assert r.returncode != 0 and "checkpoint not found" in r.stderr
-    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
-    r = subprocess.run([sys.executable, str(REPO / "quantize.py"), "--checkpoint_path",
-                        str(tmp_path / "junk.safetensors"), "--mode", "int8"], capture_output=True, text=True)
-    assert r.returncode != 0 and "corrupt" in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors"]
-
-
-def test_generate_cli_runs_a_quantized_checkpoint(smol_quantized):
+@pytest.mark.slow
+def test_generate_cli_runs_a_quantized_checkpoint(smol_quantized, smollm2_dir):
+    """generate.py on the int4 checkpoint (bfloat16, self-speculative) prints what the same model and
+    loop print in this process."""
+    from tokenizer import load_tokenizer
+    prompt_text, E, k = "def add(a, b):", 20, 2
     r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(smol_quantized["int4-g32"]),
-                        "--prompt", "def add(a, b):", "--max_new_tokens", "12", "--generation_strategy",
-                        "self_speculative", "--exit_layer", "20", "--num_speculations", "2", "--dtype", "bfloat16"],
-                       capture_output=True, text=True, cwd=REPO)
+                        "--prompt", prompt_text, "--max_new_tokens", "12", "--generation_strategy", "self_speculative",
+                        "--exit_layer", str(E), "--num_speculations", str(k), "--dtype", "bfloat16",
+                        "--temperature", "0"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "def add(a, b):" in r.stdout and "acceptance" in r.stdout.lower() + r.stderr.lower()
+    assert "acceptance rate" in r.stderr
+    tok = load_tokenizer(smollm2_dir)
+    model = load_model(smol_quantized["int4-g32"], dtype=torch.bfloat16)
+    model.setup_caches(1, 64)
+    out, _ = speculative_generate(model, torch.tensor(tok.encode(prompt_text)), 12, GREEDY, k, exit_layer=E,
+                                  stop_ids=tok.stop_ids)
+    ids = out[0].tolist()
+    assert_varied(ids[len(tok.encode(prompt_text)):])
+    assert r.stdout == tok.decode(ids[:-1] if ids[-1] in tok.stop_ids else ids) + "\n"

@@ -46,6 +46,7 @@ def test_datasets_offline(jsonl):
     assert sorted(shuffled) == sorted(s.prompt for s in load_samples("custom_jsonl", jsonl))
 
 
+@pytest.mark.slow
 def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
     out = tmp_path / "b.json"
     benchmark.main(common(smollm2_dir, jsonl) + ["--generation_strategy", "self_speculative", "--exit_layer", "20",
@@ -62,6 +63,7 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
     assert agg["rouge1"] == pytest.approx(sum(s["rouge1"] for s in doc["samples"]) / 2)
 
 
+@pytest.mark.slow
 def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "sweep"
     sweep.main(common(smollm2_dir, jsonl, n=1, tokens=6) + [
@@ -80,6 +82,7 @@ def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
     assert f"best: exit_layer={best['exit_layer']} num_speculations={best['num_speculations']}" in captured.out
 
 
+@pytest.mark.slow
 def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_path):
     out = tmp_path / "c.json"
     correctness.main(common(smollm2_dir, jsonl, n=3, tokens=12) + ["--exit_layer", "8", "--num_speculations", "3",
@@ -91,6 +94,7 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     assert correctness.first_difference([1, 2], [1, 2]) is None
 
 
+@pytest.mark.slow
 def test_latency_json(capsys):
     latency.main(["--prompt_length", "8", "--max_new_tokens", "6", "--repeats", "2",
                   "--generation_strategy", "self_speculative", "--exit_layer", "20"])
@@ -142,6 +146,7 @@ class Req:
         self.args = args
 
 
+@pytest.mark.slow
 def test_lm_eval_model_against_transformers(smollm2_dir, smollm2_hf):
     from lm_eval_model import LayerSkipLM
     lm = LayerSkipLM(str(smollm2_dir), generation_strategy="self_speculative", exit_layer=20, num_speculations=2,

@@ -300,16 +300,20 @@ def test_llama3_chat(llama3_dirs, hf_llama3):
 # ---------------------------------------------------------------- byte-level BPE, SmolLM2 shape
 
 def train_byte_level(texts, vocab_size, alphabet=None):
+    """A SmolLM2-shaped tokenizer: byte-level BPE, used with one-token-per-digit pre-tokenization.
+    It is trained without the digit split, so its vocabulary holds multi-digit tokens ("20", "2024"):
+    only the pre-tokenizer keeps them out of the encoding, and a test of that can fail."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if alphabet is None else alphabet)
     backend.train_from_iterator(texts, trainer)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     return backend
 
 
@@ -333,6 +337,8 @@ def test_byte_level_parity(smol_dir):
 
 
 def test_byte_level_digits_are_single_tokens(smol_dir):
+    vocab = json.loads((smol_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"12", "Ġ2024", "000", "1234567890"} <= set(vocab)  # tokens that a missing digit split would produce
     tok = load_tokenizer(smol_dir)
     pieces = [tok.decode([i]) for i in tok.encode("x  1 a1b22c333 2024-11-27 1,000,000 ٣٤٥ x²")]
     assert pieces[:3] == ["x", "  ", "1"]

@@ -4,7 +4,8 @@
 
 JOBS_JSON: a list of {"name", "prompt": [ids], "n", "strategy": "autoregressive" | "self_speculative",
 "exit_layer", "k", "quantize": null | "int8" | "int4-gG", "compile": bool, "cache": size}.
-Each rank writes OUT_DIR/rank{R}.json: {name: tokens} plus its shard and cache sizes. With
+Each rank writes OUT_DIR/rank{R}.logits.json ({name: last-position logits of the prompt}) first, then
+OUT_DIR/rank{R}.json: {name: tokens} and its shard and cache sizes. With
 TP_WORKER_FAIL_RANK=r, rank r raises after its first generation (the rank-failure test).
 """
 import json
@@ -37,10 +38,10 @@ def main():
     ckpt, out_dir, jobs = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     rank, world_size, _ = tp.init_from_env("cpu", timeout_s=60)
     fail_rank = int(os.environ.get("TP_WORKER_FAIL_RANK", "-1"))
-    results = {}
+    results, logits = {}, {}
     try:
         models = {}
-        for i, job in enumerate(jobs):
+        for job in jobs:
             q = job.get("quantize")
             if q not in models:
                 if q is None:
@@ -51,7 +52,16 @@ def main():
                     quantize_model(m, mode, g, pack=False)
                     pack_model(tp.shard_model(m, rank, world_size))
                 models[q] = m
+            # The numbers themselves first, written at once: a wrong shard or all-reduce shows here
+            # even if the generations below then diverge between ranks and break their collectives.
             model = models[q]
+            model.setup_caches(1, job["cache"])
+            prompt = torch.tensor(job["prompt"])
+            with torch.no_grad():
+                logits[job["name"]] = model(prompt[None], torch.arange(len(prompt)))[0, -1].tolist()
+        (out_dir / f"rank{rank}.logits.json").write_text(json.dumps(logits))
+        for job in jobs:
+            model = models[job.get("quantize")]
             model.setup_caches(1, job["cache"])
             steps = compile_steps(torch.device("cpu")) if job.get("compile") else Steps()
             prompt = torch.tensor(job["prompt"])
