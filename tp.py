@@ -154,8 +154,8 @@ def shard_model(model: Transformer, rank: int, world_size: int, group=None) -> T
     """Keeps this rank's share of every block, in place; call before setup_caches (and int4 packing)."""
     w2 = model.layers[0].feed_forward.w2
     check_shardable(model.args, world_size, w2.groupsize if isinstance(w2, Int4Linear) else None)
-    if world_size == 1:
-        return model
+    if world_size == 1 and group is None and not dist.is_initialized():
+        return model  # no process group: nothing to reduce over (with one, a single rank runs the all-reduces)
     group = group if group is not None else dist.group.WORLD
     a = model.args
     hd, hq = a.head_dim, a.n_heads // world_size

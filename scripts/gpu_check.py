@@ -1,0 +1,416 @@
+"""Everything a short GPU loan should measure and check, in one command, within a time budget.
+
+    python scripts/gpu_check.py --output_dir gpu_check_out          # a GPU machine: at most 8 minutes
+    python scripts/gpu_check.py --device cpu --output_dir /tmp/gc    # every stage on tiny shapes (CI runs it)
+
+Stages, most important first; each is timed, and one that would not fit in what is left of
+--budget_s (from its estimate) is skipped and reported as skipped. A stage that fails is reported
+with its error and the next one runs. After every stage the table so far is printed and
+OUTPUT_DIR/gpu_check.json rewritten, so a run cut short still leaves its results; the whole
+table is printed at the end.
+
+1. environment: torch / CUDA versions, device name, measured copy bandwidth (a large device-to-device
+   copy, bytes read + written), bfloat16 matmul TFLOP/s.
+2. exactness, on a small random Llama (4 layers, GQA, untied and tied head) in float32: greedy
+   self-speculative (several (E, k), eager and compiled) and two-model speculative output equal
+   greedy autoregressive output token for token; the compiled steps do not recompile for a second
+   prompt of another length; logits on the device equal CPU logits (1e-4 relative); int8 and int4
+   greedy self-speculation equal their own greedy decoding.
+3. decode: Llama-2-7B shape (32 layers, dim 4096, MLP 11008, vocab 32000), bfloat16, random
+   weights, compiled: tokens/s, ms/token, weight bandwidth and its share of the copy bandwidth
+   (target >= 85%; gpt-fast: 59% on an H100), compile time (target < 60 s; gpt-fast: 131 s), peak memory.
+4. speculation, same model: draft step (E=8) and verify pass (k=6) as fractions of a decode step,
+   the ideal speed-up they predict at LayerSkip's published acceptance for Llama2-7B (79.5%), and
+   the loop's measured speed-up against the ideal for the acceptance it measured (target >= 95%).
+5. quantization, same shape with --quant_layers layers (compile time): int8 and int4 (group 128)
+   compiled decode tokens/s against bfloat16 (targets 1.8x and 3x; gpt-fast on A100: 1.48x, 1.88x).
+6. tensor_parallel: torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU) runs the small model
+   with its all-reduces in place, compiled; its greedy tokens equal the single-process ones.
+
+With --device cpu the "7B" stages use a small shape, so the whole run takes a minute or two.
+"""
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import cli  # noqa: E402
+import torch  # noqa: E402
+
+from benchmark_decode import RANDOM_MODELS, copy_bandwidth_gbs  # noqa: E402
+from benchmark_speculative import step_costs  # noqa: E402
+from decoding import (compile_steps, generate, peak_memory_gb, speculative_generate, synchronize,  # noqa: E402
+                      weight_bytes_per_token)
+from model import ModelArgs, Transformer  # noqa: E402
+from quantize import quantize_model  # noqa: E402
+from sampling import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams()
+LLAMA2_7B = RANDOM_MODELS["llama2-7b-random"]
+SMALL = dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, intermediate_size=512,
+             max_position_embeddings=1024)
+CPU_STANDIN_7B = dict(SMALL, n_layers=4)  # --device cpu: the "7B" stages on the small shape
+LAYERSKIP_ACCEPTANCE = 0.795  # Llama2-7B, E=8, k=6 (LayerSkip paper, CNN/DM)
+# Seconds each stage is expected to take (compiles included), for the budget.
+ESTIMATES = {"cuda": {"environment": 15, "exactness": 100, "decode": 150, "speculation": 150,
+                      "quantization": 150, "tensor_parallel": 60},
+             "cpu": {"environment": 5, "exactness": 60, "decode": 30, "speculation": 40, "quantization": 40,
+                     "tensor_parallel": 60}}
+
+
+# --- models ---
+
+def small_model(device, tied=False, n_layers=4, seed=0) -> Transformer:
+    """A small random Llama whose greedy output varies (weights of std 1.2/sqrt(dim)) and whose
+    early exits agree with the last layer part of the time (residual branches shrinking with
+    depth), in float32."""
+    torch.manual_seed(seed)  # drawn on the CPU, so every device gets the same weights
+    model = Transformer(ModelArgs(**dict(SMALL, n_layers=n_layers, tie_word_embeddings=tied)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 1.2 / math.sqrt(SMALL["dim"]))
+        for i, layer in enumerate(model.layers):
+            layer.attention.wo.weight.mul_(0.5 ** i)
+            layer.feed_forward.w2.weight.mul_(0.5 ** i)
+    return model.to(device).eval()
+
+
+BIG_CACHE = 256  # KV cache positions of the big model in every stage: another size would compile its graphs again
+
+
+def shaped_model(shape: dict, device, dtype, n_layers=None) -> Transformer:
+    """Random weights (std 0.02, as Llama's init) of a real model's shape, drawn on the device (a 7B
+    model would take a minute on the CPU)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelArgs(**dict(shape, n_layers=n_layers or shape["n_layers"]))).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval()
+
+
+def random_prompts(n, length, vocab, device):
+    return [torch.randint(3, vocab, (length + 5 * i,), generator=torch.Generator().manual_seed(i)).to(device)
+            for i in range(n)]
+
+
+# --- stages: each returns (results dict, table rows (check, value, target, ok: bool | None)) ---
+
+def stage_environment(ctx):
+    device = ctx["device"]
+    res = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        res.update(name=props.name, memory_gb=props.total_memory / 1e9, capability=f"{props.major}.{props.minor}")
+    else:
+        res.update(name=f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
+    res["copy_bandwidth_gbs"] = ctx["copy_bw"] = copy_bandwidth_gbs(device)
+    n = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    t, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    res["bf16_matmul_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    return res, [("device", res["name"], "", None), ("torch / CUDA", f"{res['torch']} / {res['cuda']}", "", None),
+                 ("copy bandwidth", f"{res['copy_bandwidth_gbs']:.0f} GB/s", "", None),
+                 ("bf16 matmul", f"{res['bf16_matmul_tflops']:.1f} TFLOP/s", "", None)]
+
+
+def stage_exactness(ctx):
+    device, res, rows = ctx["device"], {}, []
+
+    def check(name, ok, detail=""):
+        res[name] = {"ok": bool(ok), "detail": detail}
+        rows.append((name, detail or ("equal" if ok else "DIFFERENT"), "equal", bool(ok)))
+
+    n = 24
+    for tied in (False, True):
+        tag = "tied" if tied else "untied"
+        model = small_model(device, tied)
+        draft = small_model(device, tied, n_layers=2, seed=1)
+        for m in (model, draft):
+            m.setup_caches(1, 128)
+        prompts = random_prompts(2, 7, SMALL["vocab_size"], device)
+        refs = [generate(model, p, n, GREEDY)[0] for p in prompts]
+        distinct = min(len(set(r[0, len(p):].tolist())) for r, p in zip(refs, prompts))
+        res[f"{tag}: distinct tokens in {n}"] = distinct  # output that repeats one token would prove little
+        for E, k in [(1, 2), (2, 4), (3, 1)]:
+            same = all(speculative_generate(model, p, n, GREEDY, k, exit_layer=E)[0].equal(r)
+                       for p, r in zip(prompts, refs))
+            check(f"{tag}: self-speculative E={E} k={k} eager == autoregressive", same)
+        same = all(speculative_generate(model, p, n, GREEDY, 3, draft_model=draft)[0].equal(r)
+                   for p, r in zip(prompts, refs))
+        check(f"{tag}: two-model speculative eager == autoregressive", same)
+        if tied and device.type == "cpu":
+            continue  # the CPU dry run compiles the untied model only (time; same code path)
+        steps = compile_steps(device)
+        try:
+            for i, (p, r) in enumerate(zip(prompts, refs)):  # the second prompt (another length) must reuse the graphs
+                with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                    outs = [generate(model, p, n, GREEDY, steps=steps)[0],
+                            speculative_generate(model, p, n, GREEDY, 4, exit_layer=2, steps=steps)[0],
+                            speculative_generate(model, p, n, GREEDY, 3, draft_model=draft, steps=steps)[0]]
+                if not all(o.equal(r) for o in outs):
+                    raise AssertionError(f"prompt {i}: compiled output differs from eager autoregressive")
+            check(f"{tag}: compiled autoregressive, self-speculative (E=2 k=4), two-model == eager; no recompile",
+                  True)
+        except Exception as e:  # noqa: BLE001 -- a recompile or a difference is the finding
+            check(f"{tag}: compiled autoregressive, self-speculative (E=2 k=4), two-model == eager; no recompile",
+                  False, cli.describe(e)[:200])
+    # the device's float32 logits against the CPU's
+    model, cpu_model = small_model(device), small_model("cpu")
+    ids = random_prompts(1, 12, SMALL["vocab_size"], "cpu")[0][None]
+    with torch.no_grad():
+        a, b = model(ids.to(device)).float().cpu(), cpu_model(ids)
+    rel = ((a - b).abs().max() / b.abs().max()).item()
+    res["logits vs CPU (max rel err)"] = rel
+    rows.append((f"{device.type} float32 logits vs CPU", f"{rel:.1e}", "< 1e-4", rel < 1e-4))
+    # quantized models: greedy self-speculation equals their own greedy decoding
+    for mode, g in (("int8", None), ("int4", 128 if device.type == "cuda" else 32)):
+        model = quantize_model(small_model(device), mode, g or 128)
+        model.setup_caches(1, 128)
+        variants = [("eager", None)] + ([("compiled", compile_steps(device))] if device.type == "cuda" else [])
+        for how, steps in variants:
+            kw = {"steps": steps} if steps else {}
+            same = all(speculative_generate(model, p, n, GREEDY, 3, exit_layer=2, **kw)[0].equal(
+                generate(model, p, n, GREEDY, **kw)[0]) for p in random_prompts(2, 7, SMALL["vocab_size"], device))
+            check(f"{mode}{f'-g{g}' if g else ''}: self-speculative E=2 k=3 {how} == its autoregressive", same)
+    return res, rows
+
+
+def timed_decode(model, prompt, n, steps, device, repeats=3):
+    """(compile seconds: the first generation's time beyond a later one's, decode tokens/s (median), ms/token)."""
+    model.setup_caches(1, BIG_CACHE)
+
+    def run():
+        synchronize(device)
+        t = time.perf_counter()
+        _, stats = generate(model, prompt, n, GREEDY, steps=steps)
+        synchronize(device)
+        return time.perf_counter() - t, stats.decode_tokens_per_s
+    first, _ = run()
+    runs = [run() for _ in range(repeats)]
+    tps = statistics.median(r[1] for r in runs)
+    return first - statistics.median(r[0] for r in runs), tps, 1000 / tps
+
+
+def stage_decode(ctx):
+    device = ctx["device"]
+    shape = LLAMA2_7B if device.type == "cuda" else CPU_STANDIN_7B
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = ctx["big"] = shaped_model(shape, device, torch.bfloat16)
+    n = 128 if device.type == "cuda" else 16
+    prompt = random_prompts(1, 16, shape["vocab_size"], device)[0]
+    ctx["steps"] = compile_steps(device)
+    compile_s, tps, ms = timed_decode(model, prompt, n, ctx["steps"], device)
+    bw = weight_bytes_per_token(model) * tps / 1e9
+    share = bw / ctx["copy_bw"] if ctx.get("copy_bw") else float("nan")
+    res = {"shape": shape, "tokens_per_s": tps, "ms_per_token": ms, "weight_gbs": bw, "share_of_copy_bw": share,
+           "compile_s": compile_s, "peak_memory_gb": peak_memory_gb(device), "new_tokens": n}
+    name = "Llama-2-7B shape" if device.type == "cuda" else "small shape (CPU)"
+    on_gpu = device.type == "cuda"
+    return res, [(f"decode tokens/s ({name}, bf16, compiled)", f"{tps:.1f} ({ms:.2f} ms/token)", "", None),
+                 ("weight bandwidth / copy bandwidth", f"{bw:.0f} GB/s = {share:.0%}", ">= 85% (gpt-fast 59%)",
+                  share >= 0.85 if on_gpu else None),
+                 ("decode graph compile", f"{compile_s:.0f} s", "< 60 s (gpt-fast 131 s)",
+                  compile_s < 60 if on_gpu else None),
+                 ("peak memory", f"{res['peak_memory_gb']:.1f} GB", "", None)]
+
+
+def stage_speculation(ctx):
+    device, model, steps = ctx["device"], ctx.get("big"), ctx.get("steps")
+    if model is None:
+        raise RuntimeError("needs the decode stage's model, which did not run")
+    E, k = (8, 6) if device.type == "cuda" else (1, 2)
+    n = 96 if device.type == "cuda" else 16
+    prompts = random_prompts(2, 16, model.args.vocab_size, device)
+    model.setup_caches(1, BIG_CACHE)
+    with torch.no_grad():
+        costs = step_costs(model, steps, [E], [k], device)
+    draft, verify = costs[("draft", E)] / costs["full"], costs[("verify", E, k)] / costs["full"]
+    a = LAYERSKIP_ACCEPTANCE
+    predicted = (1 - a ** (k + 1)) / (1 - a) / (k * draft + verify)
+
+    def throughput(fn):
+        fn(prompts[0])  # warm-up
+        tokens, secs, stats = 0, 0.0, []
+        for p in prompts:
+            synchronize(device)
+            t = time.perf_counter()
+            _, s = fn(p)
+            synchronize(device)
+            secs += time.perf_counter() - t
+            tokens += s.new_tokens
+            stats.append(s)
+        return tokens / secs, stats
+    ar_tps, _ = throughput(lambda p: generate(model, p, n, GREEDY, steps=steps))
+    spec_tps, stats = throughput(lambda p: speculative_generate(model, p, n, GREEDY, k, exit_layer=E, steps=steps))
+    rounds = sum(s.rounds for s in stats)
+    tpr = sum(sum(s.accepted_per_round) for s in stats) / rounds + 1
+    ideal = tpr / (k * draft + verify)
+    efficiency = spec_tps / ar_tps / ideal
+    res = {"exit_layer": E, "k": k, "draft_cost": draft, "verify_cost": verify,
+           "predicted_speedup_at_0.795": predicted, "ar_tokens_per_s": ar_tps, "spec_tokens_per_s": spec_tps,
+           "tokens_per_round": tpr, "ideal_speedup": ideal, "efficiency": efficiency}
+    on_gpu = device.type == "cuda"
+    return res, [(f"draft step E={E} / decode step", f"{draft:.2f}", "~E/L + LM head", None),
+                 (f"verify pass k={k} / decode step", f"{verify:.2f}", "~1 on a GPU", None),
+                 (f"predicted speed-up at acceptance {a:.1%}", f"{predicted:.2f}x", "", None),
+                 ("loop: measured / ideal speed-up", f"{efficiency:.0%} (tokens/round {tpr:.2f}, random weights)",
+                  ">= 95%", efficiency >= 0.95 if on_gpu else None)]
+
+
+def stage_quantization(ctx):
+    device, layers = ctx["device"], ctx["quant_layers"]
+    ctx.pop("big", None)  # free the full model first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    shape = LLAMA2_7B if device.type == "cuda" else CPU_STANDIN_7B
+    layers = min(layers, shape["n_layers"])
+    n = 128 if device.type == "cuda" else 16
+    prompt = random_prompts(1, 16, shape["vocab_size"], device)[0]
+    res, rows, base = {"layers": layers}, [], None
+    for name, mode, g in (("bfloat16", None, None), ("int8", "int8", None), ("int4-g128", "int4", 128)):
+        model = shaped_model(shape, device, torch.bfloat16, n_layers=layers)
+        if mode:
+            quantize_model(model, mode, g or 128)
+        compile_s, tps, _ = timed_decode(model, prompt, n, compile_steps(device), device)
+        base = base or tps
+        res[name] = {"tokens_per_s": tps, "compile_s": compile_s, "ratio": tps / base}
+        target = {"int8": 1.8, "int4-g128": 3.0}.get(name)
+        rows.append((f"{name} decode ({layers} of {shape['n_layers']} layers)",
+                     f"{tps:.1f} tokens/s = {tps / base:.2f}x", f">= {target}x" if target else "",
+                     (tps / base >= target) if target and device.type == "cuda" else None))
+        del model
+    return res, rows
+
+
+def stage_tensor_parallel(ctx):
+    device, out = ctx["device"], ctx["output_dir"] / "tp_tokens.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
+           "--tp_worker", "--device", device.type, "--output_dir", str(ctx["output_dir"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    if r.returncode != 0:
+        raise RuntimeError(f"torchrun failed: {' '.join(r.stderr.strip().splitlines()[-3:])}")
+    got = json.loads(out.read_text())
+    model = small_model(device)
+    model.setup_caches(1, 128)
+    refs = [generate(model, p, 24, GREEDY)[0].tolist() for p in random_prompts(2, 7, SMALL["vocab_size"], device)]
+    same = got == {"autoregressive": refs[0], "self_speculative": refs[1]}
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    return {"backend": backend, "equal": same}, [
+        (f"torchrun 1 rank ({backend}), compiled, all-reduces in place == single process",
+         "equal" if same else "DIFFERENT", "equal", same)]
+
+
+def tp_worker(device_type: str, output_dir: Path):
+    """Run under torchrun by stage_tensor_parallel."""
+    import tp
+    rank, world_size, device_name = tp.init_from_env(device_type)
+    try:
+        device = torch.device(device_name)
+        model = tp.shard_model(small_model(device), rank, world_size)  # AllReduce wrappers even for one rank
+        model.setup_caches(1, 128)
+        steps = compile_steps(device)
+        prompts = random_prompts(2, 7, SMALL["vocab_size"], device)
+        out = {"autoregressive": generate(model, prompts[0], 24, GREEDY, steps=steps)[0].tolist(),
+               "self_speculative": speculative_generate(model, prompts[1], 24, GREEDY, 3, exit_layer=2,
+                                                        steps=steps)[0].tolist()}
+        if rank == 0:
+            (output_dir / "tp_tokens.json").write_text(json.dumps(out))
+    finally:
+        tp.shutdown()
+
+
+STAGES = [("environment", stage_environment), ("exactness", stage_exactness), ("decode", stage_decode),
+          ("speculation", stage_speculation), ("quantization", stage_quantization),
+          ("tensor_parallel", stage_tensor_parallel)]
+
+
+def print_table(report, only=None):
+    print("\n| stage | check | value | target | verdict |\n|---|---|---|---|---|")
+    for name, stage in report["stages"].items():
+        if only and name != only:
+            continue
+        if stage["status"] != "ok":
+            print(f"| {name} | {stage['status']} ({stage['seconds']:.0f} s) | {stage.get('reason', '')} | | "
+                  f"{stage['status'].upper()} |")
+        for check, value, target, ok in stage.get("rows", []):
+            verdict = "" if ok is None else ("ok" if ok else "MISSED")
+            print(f"| {name} | {check} | {value} | {target} | {verdict} |")
+    print(flush=True)
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny shapes, for CI)")
+    p.add_argument("--output_dir", type=Path, default=Path("gpu_check_out"))
+    p.add_argument("--budget_s", type=float, default=480, help="wall-time budget for all stages (default 8 min)")
+    p.add_argument("--quant_layers", type=int, default=8, help="layers of the quantization stage's model")
+    p.add_argument("--stages", default=",".join(s for s, _ in STAGES), help="comma-separated subset to run")
+    p.add_argument("--tp_worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type not in ("cuda", "cpu"):
+        p.error("--device is cuda or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu for the dry run)")
+    wanted = a.stages.split(",")
+    unknown = sorted(set(wanted) - {s for s, _ in STAGES})
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {', '.join(s for s, _ in STAGES)}")
+    cli.check_output_dir(a.output_dir)
+    a.output_dir.mkdir(parents=True, exist_ok=True)
+    if a.tp_worker:
+        return tp_worker(device.type, a.output_dir)
+
+    start = time.perf_counter()
+    ctx = {"device": device, "output_dir": a.output_dir, "quant_layers": a.quant_layers}
+    report = {"command": " ".join(["python", "scripts/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "budget_s": a.budget_s, "stages": {}}
+    json_path = a.output_dir / "gpu_check.json"
+    for name, fn in STAGES:
+        if name not in wanted:
+            continue
+        left, estimate = a.budget_s - (time.perf_counter() - start), ESTIMATES[device.type][name]
+        t = time.perf_counter()
+        if estimate > left:
+            stage = {"status": "skipped", "reason": f"budget: needs ~{estimate} s, {left:.0f} s left"}
+        else:
+            print(f"== {name} (about {estimate} s; {left:.0f} s of the budget left)", file=sys.stderr, flush=True)
+            try:
+                results, rows = fn(ctx)
+                stage = {"status": "ok", "results": results, "rows": rows}
+            except Exception as e:  # noqa: BLE001 -- a failing stage is a result; the next stages still run
+                stage = {"status": "failed", "reason": cli.describe(e)}
+        stage["seconds"] = time.perf_counter() - t
+        report["stages"][name] = stage
+        report["total_s"] = time.perf_counter() - start
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+        print_table(report, only=name)
+    print_table(report)
+    print(f"{report.get('total_s', 0):.0f} s in all; {json_path}")
+
+
+if __name__ == "__main__":
+    if "--tp_worker" in sys.argv:  # errors of the worker reach its parent through torchrun's stderr
+        main()
+    else:
+        cli.run(main)
