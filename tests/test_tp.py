@@ -70,7 +70,8 @@ def single_process(checkpoint, job):
 def jobs_for(prompt, n, cache, exit_layer, k, variants):
     jobs = []
     for quant, compiled in variants:
-        for strategy in ("autoregressive", "self_speculative"):
+        # compiled: the self-speculative draft and verify graphs hold every layer's all-reduces already
+        for strategy in ("self_speculative",) if compiled else ("autoregressive", "self_speculative"):
             jobs.append({"name": f"{strategy}-{quant}-{'compiled' if compiled else 'eager'}", "prompt": prompt,
                          "n": n, "strategy": strategy, "exit_layer": exit_layer if strategy != "autoregressive" else None,
                          "k": k, "cache": cache, "quantize": quant, "compile": compiled})
