@@ -47,7 +47,7 @@ import cli  # noqa: E402
 import torch  # noqa: E402
 
 from benchmark_decode import RANDOM_MODELS, copy_bandwidth_gbs  # noqa: E402
-from benchmark_speculative import step_costs  # noqa: E402
+from benchmark_speculative import run_prompts, step_costs  # noqa: E402
 from decoding import (Steps, compile_steps, generate, peak_memory_gb, speculative_generate, synchronize,  # noqa: E402
                       weight_bytes_per_token)
 from model import ModelArgs, Transformer  # noqa: E402
@@ -251,15 +251,7 @@ def stage_speculation(ctx):
 
     def throughput(fn):
         fn(prompts[0])  # warm-up
-        tokens, secs, stats = 0, 0.0, []
-        for p in prompts:
-            synchronize(device)
-            t = time.perf_counter()
-            _, s = fn(p)
-            synchronize(device)
-            secs += time.perf_counter() - t
-            tokens += s.new_tokens
-            stats.append(s)
+        tokens, secs, stats = run_prompts(fn, prompts, device)
         return tokens / secs, stats
     ar_tps, _ = throughput(lambda p: generate(model, p, n, GREEDY, steps=steps))
     spec_tps, stats = throughput(lambda p: speculative_generate(model, p, n, GREEDY, k, exit_layer=E, steps=steps))
