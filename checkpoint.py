@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import ModelArgs, Transformer
+from quantized import SchemeError, apply_scheme, pack_model, validate_scheme
 
 FORMAT = "layerskip-llama"
 FORMAT_VERSION = "1"
@@ -26,8 +27,6 @@ class CheckpointError(ValueError):
 def expected_shapes(args: ModelArgs, scheme: dict | None = None) -> dict:
     """Tensor name -> shape that a checkpoint for `args` must hold (a tied LM head is not stored
     unless it is quantized, which gives it its own copy)."""
-    from quantize import apply_scheme
-
     with torch.device("meta"):
         model = apply_scheme(Transformer(args), scheme or {"mode": "none"})
         shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -68,8 +67,6 @@ def save_checkpoint(state_dict: dict, hf_config: dict, path, scheme: dict | None
 def read_metadata(path) -> dict:
     """The checkpoint's config, weight scheme and model arguments ("config", "scheme", "args"),
     read and checked without loading a weight."""
-    from quantize import SchemeError, validate_scheme
-
     path = resolve_checkpoint_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -108,8 +105,6 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, prepare=Non
     dtype=None keeps the stored dtype. prepare(model), if given, transforms the loaded model before
     int4 weights are packed for their kernel (tensor-parallel sharding: tp.shard_model)."""
     path = resolve_checkpoint_path(path)
-    from quantize import apply_scheme, pack_model
-
     meta = read_metadata(path)
     scheme, args = meta["scheme"], meta["args"]
     quantized = scheme.get("mode", "none") != "none"

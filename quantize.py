@@ -1,365 +1,57 @@
-"""Weight-only int8 and int4 quantization.
+"""Writes a weight-only int8 or int4 copy of a converted checkpoint.
 
-    python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int8
-    python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --mode int4 --groupsize 32
+    python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --quantize int8
+    python quantize.py --checkpoint_path checkpoints/SmolLM2-135M-Instruct --quantize int4-g32
+    python quantize.py --checkpoint_path ... --mode int4 --groupsize 32     # gpt-fast's spelling
 
 writes `checkpoint.int8.safetensors` / `checkpoint.int4-g32.safetensors` next to the original. The
 names are only for people: the scheme (mode, group size, packing, padding) is in the file's
-metadata, and `checkpoint.load_model` builds the matching modules from it.
-
-- int8: symmetric, one scale per output channel: w ~ q * scale, q in [-127, 127].
-- int4: asymmetric, one (scale, zero) per group of `groupsize` input channels:
-  w ~ (q - 8) * scale + zero, q in [0, 15] -- the formula of PyTorch's packed int4 kernels
-  (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU).
-
-Every linear layer of the blocks and the LM head is quantized. The embedding is kept in the model's
-dtype: decoding reads one of its rows per token, so quantizing it would save memory but no time,
-and with tied embeddings the LM head gets its own quantized copy.
-
-The int4 kernels want their weights in a tiled layout that depends on the device and, on CPU, on
-the instruction set the kernel was built for, so a file packed on one machine could be silently
-wrong on another. The checkpoint therefore stores the plain nibbles (`packing: "u8-nibbles"`,
-`packed_for: "any"`: two 4-bit values per byte, even column in the high nibble, the layout the
-CUDA packer takes) and the weights are packed for the device when the model is loaded, which takes
-well under a second. A checkpoint whose metadata names any other packing is refused.
+metadata, and `checkpoint.load_model` builds the matching modules from it. The formats are
+described in quantized.py.
 """
-import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
+from safetensors import safe_open
 
 import cli
-from model import Transformer
-
-MODES = ("int8", "int4")
-GROUPSIZES = (32, 64, 128, 256)
-PACKING = "u8-nibbles"
-SCHEME_VERSION = "1"
+from checkpoint import read_metadata, resolve_checkpoint_path, save_checkpoint
+from quantized import GROUPSIZES, MODES, SchemeError, parse_quantize, quantize_tensors, scheme_name
 
 
-class SchemeError(ValueError):
-    pass
-
-
-# --- the quantizers (pure functions of a float weight) ---
-
-def quantize_int8(w: torch.Tensor):
-    """[out, in] float -> (int8 [out, in], float32 scales [out]), symmetric per output channel."""
-    w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-10) / 127
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
-
-
-def quantize_int4(w: torch.Tensor, groupsize: int):
-    """[out, in] float, in % groupsize == 0 -> (q uint8 [out, in] in [0, 15],
-    scales_and_zeros float32 [in // groupsize, out, 2]) with w ~ (q - 8) * scale + zero."""
-    out, k = w.shape
-    g = w.float().reshape(out, k // groupsize, groupsize)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)
-    # the kernel's zero is the value of the middle code 8; codes span [lo, hi] exactly
-    zeros = lo + 8 * scales
-    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(out, k), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-
-
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int) -> torch.Tensor:
-    scales = scales_and_zeros[..., 0].t().repeat_interleave(groupsize, dim=1)
-    zeros = scales_and_zeros[..., 1].t().repeat_interleave(groupsize, dim=1)
-    return (q.float() - 8) * scales + zeros
-
-
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in] in [0, 15] -> uint8 [out, in // 2], even columns in the high nibble."""
-    return (q[:, ::2] << 4) | q[:, 1::2]
-
-
-def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p >> 4, p & 15], dim=-1).reshape(p.shape[0], -1)
-
-
-# --- the modules ---
-
-MAX_EXACT_ROWS = 8
-
-
-def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The activation dtype of PyTorch's CPU int8/int4 kernels for input x.
-
-    Decoding, drafting and verifying (at most MAX_EXACT_ROWS rows) compute in the model's dtype, so
-    a float32 model keeps float32 arithmetic and greedy self-speculation stays equal to greedy
-    decoding: bfloat16 roundings would differ between a 1-row and a (k+1)-row pass and flip near
-    ties. Prefill and scoring run many rows, where the float32 kernels are ~40x slower than the
-    bfloat16 ones (BENCHMARKS.md), so they compute in bfloat16: an activation rounding far below
-    the weights' own quantization error."""
-    return x.dtype if x.numel() // x.shape[-1] <= MAX_EXACT_ROWS else torch.bfloat16
-
-
-# Inductor's own lowerings of the CPU int8/int4 kernels fail on an input computed inside the graph
-# (torch 2.13), so the kernels go in as opaque ops: compiled graphs call them like eager code does.
-@torch.library.custom_op("layerskip::int8_mm_cpu", mutates_args=())
-def int8_mm_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
-
-
-@int8_mm_cpu.register_fake
-def _(x, weight, scales):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op("layerskip::int4_mm_cpu", mutates_args=())
-def int4_mm_cpu(x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, groupsize, scales_and_zeros)
-
-
-@int4_mm_cpu.register_fake
-def _(x, weight, groupsize, scales_and_zeros):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-
-    # PyTorch's CPU int8 kernel (torch 2.13 on AVX-512 BF16 / AMX CPUs) computes wrong results or
-    # crashes for a bfloat16 input whose width is not a multiple of 32, and crashes on weights that
-    # are not 16-byte aligned (tensors read from a safetensors file can start anywhere). So on CPU
-    # the weight is zero-padded to that width and copied to fresh (64-byte aligned) memory when the
-    # model is loaded; the input is padded to match.
-    CPU_K_MULTIPLE = 32
-
-    def pack(self):
-        """Pads and aligns the weight for the CPU kernel (see CPU_K_MULTIPLE); no-op elsewhere."""
-        if self.weight.device.type != "cpu":
-            return
-        k_pad = -self.in_features % self.CPU_K_MULTIPLE
-        if k_pad and self.weight.shape[1] == self.in_features:
-            self.weight = F.pad(self.weight, (0, k_pad))
-        for name in ("weight", "scales"):
-            if getattr(self, name).data_ptr() % 64:
-                setattr(self, name, getattr(self, name).clone())
-
-    def forward(self, x):
-        if x.device.type == "cpu":
-            dtype = cpu_compute_dtype(x)
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            if self.weight.shape[1] != x2.shape[1]:
-                x2 = F.pad(x2, (0, self.weight.shape[1] - x2.shape[1]))
-            y = int8_mm_cpu(x2, self.weight, self.scales.to(dtype))
-            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        # on CUDA inductor fuses the int8 -> dtype conversion into the matmul's weight load
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-
-
-class Int4Linear(nn.Module):
-    """Holds the portable nibbles until `pack()` turns them into the kernel's layout for their device.
-
-    `in_features` is the layer's true width; the stored weight may be zero-padded to a multiple of
-    the group size (and at packing time, N to a multiple of 16 and K to the CUDA tile), and the
-    input is padded to match."""
-
-    def __init__(self, in_features: int, out_features: int, groupsize: int, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
-        k = math.ceil(in_features / groupsize) * groupsize
-        self.register_buffer("weight", torch.empty(out_features, k // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros", torch.empty(k // groupsize, out_features, 2, device=device))
-        self.packed_for = None  # device type of the kernel layout, once packed
-
-    def pack(self):
-        """Converts the nibbles to the int4 kernel layout of the buffers' device."""
-        dev = self.weight.device
-        n_pad = -self.out_features % 16  # both kernels tile N by (at least) 16
-        q = unpack_nibbles(self.weight)
-        sz = self.scales_and_zeros.float()
-        if dev.type == "cuda":
-            k_pad = -q.shape[1] % 32  # inner k tiles: 2 x 16 at least
-            inner = next(t for t in (8, 4, 2) if (q.shape[1] + k_pad) % (t * 16) == 0)
-        else:
-            k_pad, inner = 0, 2
-        q = F.pad(q, (0, k_pad, 0, n_pad), value=8)
-        # padded groups dequantize to 0; padded rows are sliced off the output
-        extra_groups = (q.shape[1] - sz.shape[0] * self.groupsize) // self.groupsize
-        sz = F.pad(sz, (0, 0, 0, n_pad, 0, extra_groups))
-        if dev.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q.to(torch.uint8)).contiguous(), inner)
-        elif dev.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), inner)
-        else:
-            raise RuntimeError(f"int4 weights are supported on cpu and cuda, not {dev.type}")
-        self.weight = packed
-        self.scales_and_zeros = sz.contiguous()
-        self.k_padded = q.shape[1]
-        self.packed_for = dev.type
-
-    def forward(self, x):
-        if self.packed_for != x.device.type:
-            raise RuntimeError(f"Int4Linear packed for {self.packed_for}, called on {x.device.type}; "
-                               "call quantize.pack_model(model) after moving the model")
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.k_padded != shape[-1]:
-            x2 = F.pad(x2, (0, self.k_padded - shape[-1]))
-        if self.packed_for == "cuda":  # the CUDA kernel takes bfloat16 only
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros.to(torch.bfloat16))
-        else:
-            dtype = cpu_compute_dtype(x2)
-            y = int4_mm_cpu(x2.to(dtype), self.weight, self.groupsize, self.scales_and_zeros.to(dtype))
-        y = y.to(x.dtype)
-        return y[:, :self.out_features].reshape(*shape[:-1], self.out_features)
-
-
-# --- whole models ---
-
-def quantized_linears(model: Transformer):
-    """(parent module, attribute name, module) for every linear layer that gets quantized."""
-    for layer in model.layers:
-        for parent, name in ((layer.attention, "wqkv"), (layer.attention, "wo"),
-                             (layer.feed_forward, "w13"), (layer.feed_forward, "w2")):
-            yield parent, name, getattr(parent, name)
-    yield model, "output", model.output
-
-
-def validate_scheme(scheme: dict) -> dict:
-    """Checks a checkpoint's scheme metadata; returns it. Raises SchemeError with the reason."""
-    mode = scheme.get("mode", "none")
-    if mode == "none":
-        return scheme
-    if mode not in MODES:
-        raise SchemeError(f"unknown weight scheme mode {mode!r}; this build reads none, {', '.join(MODES)}")
-    if scheme.get("version") != SCHEME_VERSION:
-        raise SchemeError(f"{mode} scheme version {scheme.get('version')!r}; this build reads {SCHEME_VERSION}")
-    if mode == "int4":
-        if scheme.get("groupsize") not in GROUPSIZES:
-            raise SchemeError(f"int4 group size {scheme.get('groupsize')!r} not in {GROUPSIZES}")
-        if scheme.get("packing") != PACKING or scheme.get("packed_for") != "any":
-            raise SchemeError(
-                f"int4 weights packed as {scheme.get('packing')!r} for {scheme.get('packed_for')!r}; this build "
-                f"reads the portable {PACKING!r} layout only (kernel layouts differ between devices and CPU "
-                "instruction sets); re-run quantize.py on the original checkpoint")
-    return scheme
-
-
-def apply_scheme(model: Transformer, scheme: dict):
-    """Replaces the linear layers by empty quantized modules of `scheme` (to be filled by load_state_dict)."""
-    mode = validate_scheme(scheme)["mode"]
-    if mode == "none":
-        return model
-    dtype, device = model.norm.weight.dtype, model.norm.weight.device
-    for parent, name, lin in quantized_linears(model):
-        if mode == "int8":
-            new = Int8Linear(lin.in_features, lin.out_features, dtype, device)
-        else:
-            new = Int4Linear(lin.in_features, lin.out_features, scheme["groupsize"], device)
-        setattr(parent, name, new)
-    return model
-
-
-def pack_model(model: Transformer) -> Transformer:
-    for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
-            m.pack()
-    return model
-
-
-QUANTIZED_SUFFIXES = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
-
-
-def is_quantized_linear(prefix: str) -> bool:
-    return prefix == "output" or (prefix.startswith("layers.") and prefix.split(".", 2)[2] in QUANTIZED_SUFFIXES)
-
-
-def quantize_tensors(get_tensor, keys, tie_word_embeddings: bool, mode: str, groupsize: int = 128,
-                     progress=True):
-    """Quantizes a state dict one tensor at a time (so a 7B model never sits in memory twice).
-
-    get_tensor(name) returns one stored tensor. Returns (quantized state dict, scheme, names of
-    layers whose input width was zero-padded to the group size)."""
-    if mode not in MODES:
-        raise SchemeError(f"unknown mode {mode!r}; choose from {MODES}")
-    if mode == "int4" and groupsize not in GROUPSIZES:
-        raise SchemeError(f"int4 group size must be one of {GROUPSIZES}, got {groupsize}")
-    keys = list(keys)
-    if tie_word_embeddings and "output.weight" not in keys:
-        keys.append("output.weight")  # the head gets its own quantized copy of the shared matrix
-    state, padded = {}, []
-    for key in tqdm(keys, desc=f"quantizing to {mode}", disable=not progress):
-        prefix = key.rsplit(".", 1)[0]
-        src = "tok_embeddings.weight" if key == "output.weight" and tie_word_embeddings else key
-        w = get_tensor(src)
-        if not (key.endswith(".weight") and is_quantized_linear(prefix)):
-            state[key] = w
-        elif mode == "int8":
-            q, scales = quantize_int8(w)
-            state[key], state[f"{prefix}.scales"] = q, scales.to(w.dtype)
-        else:
-            k_pad = -w.shape[1] % groupsize
-            if k_pad:
-                padded.append(prefix)
-                w = F.pad(w.float(), (0, k_pad))  # zero columns meet zero-padded inputs
-            q, sz = quantize_int4(w, groupsize)
-            state[key], state[f"{prefix}.scales_and_zeros"] = pack_nibbles(q), sz
-    scheme = {"mode": mode, "version": SCHEME_VERSION, "quantized": "block linears and LM head",
-              "embedding": "unquantized"}
-    if mode == "int8":
-        scheme.update(symmetric=True, granularity="per output channel")
-    else:
-        scheme.update(groupsize=groupsize, symmetric=False, packing=PACKING, packed_for="any",
-                      k_padded_layers=len(padded))
-    return state, scheme, padded
-
-
-def quantize_model(model: Transformer, mode: str, groupsize: int = 128, pack: bool = True) -> Transformer:
-    """In-memory quantization of a loaded model (tests, experiments): same result as save + load.
-    pack=False leaves int4 weights as nibbles (to be sharded first; then pack_model)."""
-    sd = model.state_dict()
-    keys = [k for k in sd if not (k == "output.weight" and model.args.tie_word_embeddings)]
-    state, scheme, _ = quantize_tensors(sd.__getitem__, keys, model.args.tie_word_embeddings, mode,
-                                        groupsize, progress=False)
-    apply_scheme(model, scheme)
-    model.load_state_dict(state, strict=True, assign=True)
-    return pack_model(model) if pack else model
-
-
-def default_output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
-    suffix = "int8" if mode == "int8" else f"int4-g{groupsize}"
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}.{suffix}.safetensors")
+def default_output_path(checkpoint_path: Path, spec: str) -> Path:
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}.{spec}.safetensors")
 
 
 def main(argv=None):
-    from safetensors import safe_open
-
-    from checkpoint import read_metadata, resolve_checkpoint_path, save_checkpoint
-
-    p = cli.ArgumentParser(description="Weight-only int8/int4 quantization of a converted checkpoint.")
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint_path", type=Path, required=True, help="checkpoint file or its directory")
-    p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--groupsize", type=int, default=128, choices=GROUPSIZES, help="int4 only")
+    p.add_argument("--quantize", default=None, help="int8, int4 (group size 128) or int4-g<N>, N in "
+                   f"{GROUPSIZES}")
+    p.add_argument("--mode", choices=MODES, default=None, help="gpt-fast's spelling: --mode int4 --groupsize 32")
+    p.add_argument("--groupsize", type=int, default=None, choices=GROUPSIZES, help="with --mode int4 (ignored for int8, as in gpt-fast)")
     p.add_argument("--output", type=Path, default=None, help="default: next to the checkpoint")
     a = p.parse_args(argv)
+    if (a.quantize is None) == (a.mode is None):
+        p.error("give --quantize int8|int4-g<N> (or gpt-fast's --mode int8|int4 [--groupsize N])")
+    try:
+        mode, groupsize = parse_quantize(a.quantize) if a.quantize else (a.mode, a.groupsize or 128)
+    except SchemeError as e:
+        p.error(str(e))
     src = resolve_checkpoint_path(a.checkpoint_path)
     meta = read_metadata(src)
     if meta["scheme"].get("mode", "none") != "none":
         raise ValueError(f"{src} is already quantized ({meta['scheme']['mode']}); quantize the original checkpoint")
-    out = cli.check_output_file(a.output or default_output_path(src, a.mode, a.groupsize))
+    out = cli.check_output_file(a.output or default_output_path(src, scheme_name(mode, groupsize)))
     if out.resolve() == src.resolve():
         raise ValueError(f"--output {out} is the checkpoint being quantized; write to another file")
     cfg = meta["config"]
     # one stored tensor at a time: peak host memory is the quantized output plus one float layer
     with safe_open(str(src), framework="pt") as f:
         state, scheme, padded = quantize_tensors(f.get_tensor, f.keys(), bool(cfg.get("tie_word_embeddings")),
-                                                 a.mode, a.groupsize)
+                                                 mode, groupsize)
     if padded:
-        print(f"{len(padded)} layers have an input width not divisible by {a.groupsize}: zero-padded "
+        print(f"{len(padded)} layers have an input width not divisible by {groupsize}: zero-padded "
               f"(e.g. {padded[0]}); their extra columns meet zero inputs and change nothing", file=sys.stderr)
     save_checkpoint(state, cfg, out, scheme)
     size = out.stat().st_size / 2**20

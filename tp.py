@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from model import Linear, ModelArgs, Transformer
-from quantize import Int4Linear, Int8Linear
+from quantized import Int4Linear, Int8Linear
 
 
 class ShardingError(ValueError):

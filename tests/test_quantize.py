@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from checkpoint import CheckpointError, load_model, read_metadata
 from conftest import REPO, assert_varied, compiled_graphs, tiny_hf_config
 from decoding import compile_steps, decode_one_token, draft_step, generate, speculative_generate, verify_step
-from quantize import (Int4Linear, Int8Linear, dequantize_int4, main as quantize_main, pack_nibbles,
-                      quantize_int4, quantize_int8, quantize_model, unpack_nibbles)
+from quantize import main as quantize_main
+from quantized import (Int4Linear, Int8Linear, dequantize_int4, pack_nibbles, parse_quantize, quantize_int4, quantize_int8,
+                       quantize_model, unpack_nibbles)
 from sampling import SamplingParams
 
 GREEDY = SamplingParams()
@@ -153,12 +154,21 @@ def smol_quantized(smollm2_dir, tmp_path_factory):
     for name in TOKENIZER_FILES:  # as next to the original, so generate.py finds the tokenizer
         if (smollm2_dir / name).is_file():
             shutil.copyfile(smollm2_dir / name, d / name)
-    for mode, g in [("int8", 128), ("int4", 32), ("int4", 128)]:
-        path = d / f"{mode}-{g}.safetensors"
-        quantize_main(["--checkpoint_path", str(smollm2_dir), "--mode", mode, "--groupsize", str(g),
-                       "--output", str(path)])
-        out[mode if mode == "int8" else f"int4-g{g}"] = path
+    # both spellings: ours (--quantize) and gpt-fast's (--mode/--groupsize)
+    for name, how in [("int8", ["--quantize", "int8"]), ("int4-g32", ["--mode", "int4", "--groupsize", "32"]),
+                      ("int4-g128", ["--quantize", "int4"])]:
+        out[name] = d / f"{name}.safetensors"
+        quantize_main(["--checkpoint_path", str(smollm2_dir), *how, "--output", str(out[name])])
     return out
+
+
+def test_quantize_spellings():
+    assert parse_quantize("int8") == ("int8", 128)
+    assert parse_quantize("int4") == ("int4", 128)
+    assert parse_quantize("int4-g32") == ("int4", 32)
+    for bad in ("int2", "int4-g48", "int4-", "INT8"):
+        with pytest.raises(ValueError, match="unknown quantization"):
+            parse_quantize(bad)
 
 
 # Measured on SmolLM2-135M-Instruct over the first 12 HumanEval prompts (1,334 tokens, fp32 ppl

@@ -10,7 +10,7 @@ import torch
 from checkpoint import load_model
 from conftest import REPO, save_tiny_hf, tiny_hf_config
 from decoding import generate, speculative_generate
-from quantize import quantize_model
+from quantized import quantize_model
 from sampling import SamplingParams
 
 GREEDY = SamplingParams()
