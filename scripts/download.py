@@ -14,38 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
-
-WANTED = ["*.json", "*.safetensors", "*.bin", "tokenizer.model"]
-SKIPPED = ["original/*", "*.pth", "*.gguf", "*.msgpack", "*.h5", "*.onnx", "*.ot"]
-
-
-def weight_patterns(files: list[str]) -> tuple[list[str], list[str]]:
-    """Patterns to fetch and to skip: pytorch_model*.bin only when the repo has no safetensors."""
-    skip = list(SKIPPED)
-    if any(f.endswith(".safetensors") and "/" not in f for f in files):
-        skip.append("*.bin")
-    return WANTED, skip
-
-
-def download(repo_id: str, output_dir: Path, token: str | None = None) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        files = HfApi(token=token).list_repo_files(repo_id)
-        allow, ignore = weight_patterns(files)
-        snapshot_download(repo_id, local_dir=output_dir, token=token, allow_patterns=allow, ignore_patterns=ignore)
-    except GatedRepoError as e:
-        raise PermissionError(
-            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then pass "
-            f"--hf_token, set HF_TOKEN or run `hf auth login` ({e.__class__.__name__})") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"{repo_id} was not found on the Hugging Face hub (misspelled, or private and no token with "
-            "access was given)") from None
-    except LocalEntryNotFoundError as e:
-        raise ConnectionError(f"could not reach the Hugging Face hub to download {repo_id}: {e}") from None
-    return output_dir
+import hub  # noqa: E402
 
 
 def main(argv=None):
@@ -55,9 +24,9 @@ def main(argv=None):
     p.add_argument("--output_dir", type=Path, default=None, help="default: checkpoints/<repo_id>")
     p.add_argument("--no_convert", action="store_true", help="download only")
     a = p.parse_args(argv)
-    out = cli.check_output_dir(a.output_dir or REPO / "checkpoints" / a.repo_id)
+    out = cli.check_output_dir(a.output_dir or hub.CHECKPOINTS / a.repo_id)
     try:
-        download(a.repo_id, out, a.hf_token)
+        hub.download(a.repo_id, out, a.hf_token)
         print(f"downloaded {a.repo_id} to {out}")
         if not a.no_convert:
             from convert_hf_checkpoint import convert

