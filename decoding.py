@@ -191,6 +191,55 @@ def check_exit_layer(model: Transformer, exit_layer: int | None):
         raise ValueError(f"exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {exit_layer}")
 
 
+STRATEGIES = ("autoregressive", "self_speculative", "speculative")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How tokens are produced: autoregressive (with exit_layer E: early-exit inference),
+    self_speculative (LayerSkip: layers [0, E) draft num_speculations tokens, the rest verify) or
+    speculative (a separate draft model drafts)."""
+    name: str = "autoregressive"
+    exit_layer: int | None = None
+    num_speculations: int = 3
+
+    def __post_init__(self):
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown generation strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
+        if self.exit_layer is not None and self.exit_layer < 1:
+            raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
+        if self.name == "self_speculative" and self.exit_layer is None:
+            raise ValueError("generation strategy self_speculative needs exit_layer")
+        if self.name == "speculative" and self.exit_layer is not None:
+            raise ValueError("exit_layer does not apply to generation strategy speculative (the draft model drafts)")
+        check_num_speculations(self.num_speculations)
+
+    def lookahead(self, max_new_tokens: int) -> int:
+        """Cache positions a round may write beyond the tokens it keeps (k, capped at max_new_tokens)."""
+        return 0 if self.name == "autoregressive" else min(self.num_speculations, max_new_tokens)
+
+    def describe(self) -> str:
+        if self.name == "autoregressive":
+            return "autoregressive" + (f" (exit layer {self.exit_layer})" if self.exit_layer else "")
+        return self.name + (f" E={self.exit_layer}" if self.exit_layer else "") + f" k={self.num_speculations}"
+
+
+def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
+        strategy: Strategy = Strategy(), draft_model: Transformer | None = None, stop_ids=(), on_tokens=None,
+        steps: Steps = Steps()):
+    """Runs prompt [T] through the chosen strategy; on_tokens(list of ids) streams the output.
+    Returns (tokens [1, T + n], stats)."""
+    if (strategy.name == "speculative") != (draft_model is not None):
+        raise ValueError("a draft model is given exactly for generation strategy speculative")
+    if strategy.name == "autoregressive":
+        on_token = (lambda t: on_tokens(t[0].tolist())) if on_tokens else None
+        return generate(model, prompt, max_new_tokens, params, stop_ids=stop_ids, on_token=on_token, steps=steps,
+                        exit_layer=strategy.exit_layer)
+    return speculative_generate(model, prompt, max_new_tokens, params, strategy.num_speculations,
+                                exit_layer=strategy.exit_layer, draft_model=draft_model, stop_ids=stop_ids,
+                                on_tokens=on_tokens, steps=steps)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
              stop_ids=(), on_token=None, steps: Steps = Steps(), exit_layer: int | None = None):

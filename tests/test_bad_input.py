@@ -66,13 +66,21 @@ CASES = [
     Case(G, ["--checkpoint_path", "{tiny_int8}", "--max_new_tokens", "2", "--dtype", "float32"],
          "float32 activations decode slowly", 0),
     Case(G, ["--checkpoint_path", "{tiny}", "--dtype", "float16", "--max_new_tokens", "2"], "about 5x slower", 0,
-         patch={"generate.cpu_has_native_float16": lambda: False}),
+         patch={"options.cpu_has_native_float16": lambda: False}),
     # --- generate.py: sampling
     Case(G, ["--checkpoint_path", "{tiny}", "--temperature", "nan"], "temperature must be a finite number", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--temperature", "inf"], "temperature must be a finite number", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--temperature", "-1"], "temperature must be a finite number", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--temperature", "hot"], "invalid float value: 'hot'", 2),
-    Case(G, ["--checkpoint_path", "{tiny}", "--top_k", "0"], "top_k must be >= 1", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--top_k", "-1"], "--top_k must be >= 1", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--sample", "maybe"], "invalid True|False value: 'maybe'", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--sample", "False", "--temperature", "0.7"], "contradicts", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--sample", "True", "--temperature", "0"], "contradicts", 2),
+    # --- generate.py: in-memory quantization
+    Case(G, ["--checkpoint_path", "{tiny}", "--quantize", "int3"], "unknown quantization 'int3'", 2),
+    Case(G, ["--checkpoint_path", "{tiny_int8}", "--quantize", "int8"], "already quantized", before_load=True),
+    Case(G, ["--checkpoint_path", "{tiny}", "--quantize", "int8", "--max_new_tokens", "2"],
+         "quantized to int8 in memory", 0),
     Case(G, ["--checkpoint_path", "{tiny}", "--top_p", "0"], "top_p must be in (0, 1]", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--top_p", "1.5"], "top_p must be in (0, 1]", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--top_p", "nan"], "top_p must be in (0, 1]", 2),
@@ -145,6 +153,9 @@ CASES = [
     Case(Q, ["--checkpoint_path", "{truncated}", "--mode", "int8"], "truncated or corrupt"),
     Case(Q, ["--checkpoint_path", "{junk}", "--mode", "int8"], "not a readable safetensors file"),
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int2"], "invalid choice: 'int2'", 2),
+    Case(Q, ["--checkpoint_path", "{tiny}", "--quantize", "int4-g48"], "unknown quantization 'int4-g48'", 2),
+    Case(Q, ["--checkpoint_path", "{tiny}"], "give --quantize", 2),
+    Case(Q, ["--checkpoint_path", "{tiny}", "--quantize", "int8", "--mode", "int8"], "give --quantize", 2),
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int4", "--groupsize", "48"], "invalid choice: 48", 2),
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int8", "--output", "{tmp}/missing/q.safetensors"],
          "does not exist"),
@@ -153,7 +164,7 @@ CASES = [
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int8", "--output", "{tiny}"],
          "is the checkpoint being quantized"),
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int8", "--output", "{tmp}/q.safetensors"], "interrupted", 130,
-         patch={"quantize.quantize_int8": interrupt_midway}),
+         patch={"quantized.quantize_int8": interrupt_midway}),
     Case(Q, ["--checkpoint_path", "{tiny}", "--mode", "int8", "--output", "{tmp}/q.safetensors"], "interrupted", 130,
          patch={"checkpoint.save_file": interrupt_midway}),
     # --- the scripts
@@ -325,11 +336,11 @@ def test_debug_shows_the_traceback(files, capfd, monkeypatch):
 
 
 def test_an_unexpected_error_is_one_line_that_says_so(files, capfd, monkeypatch):
-    import generate
+    import options
 
     def bug(*args, **kwargs):
         raise RuntimeError("boom\n  with a second line")
-    monkeypatch.setattr(generate, "load_model", bug)
+    monkeypatch.setattr(options, "load_model", bug)
     status, _, err = run_command("generate", ["--checkpoint_path", files["tiny"]], capfd)
     assert status == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("error: RuntimeError: boom with a second line (unexpected; rerun with "
@@ -339,8 +350,9 @@ def test_an_unexpected_error_is_one_line_that_says_so(files, capfd, monkeypatch)
 def test_tensor_parallel_shardability_is_checked_from_metadata(files, monkeypatch):
     """4 heads over 3 ranks is refused before a weight is read (the torchrun run is in test_tp.py)."""
     import generate
+    import options
     import tp
-    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(options, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
     args = generate.parse_args(["--checkpoint_path", files["tiny"]])
     with pytest.raises(tp.ShardingError, match="cannot shard this model over 3 ranks: 4 attention heads"):
-        generate.load(args, rank=0, world_size=3)
+        options.load_engine(args, rank=0, world_size=3)

@@ -165,16 +165,16 @@ def test_first_run_prepares_the_default_model_then_generates(tiny_smol_dir, tmp_
     import shutil
 
     import generate
-    import prepare_smollm2
+    import hub
     target = tmp_path / "checkpoints" / "SmolLM2-135M-Instruct"
     prepared = []
 
-    def stand_in(out_dir, source=None):
+    def stand_in(out_dir=None, source=None):
         prepared.append(Path(out_dir))
         shutil.copytree(tiny_smol_dir, out_dir)
         return Path(out_dir)
-    monkeypatch.setattr(generate, "DEFAULT_CHECKPOINT", target)
-    monkeypatch.setattr(prepare_smollm2, "prepare", stand_in)
+    monkeypatch.setattr(hub, "DEFAULT_CHECKPOINT", target)
+    monkeypatch.setattr(hub, "prepare_default_model", stand_in)
     generate.main(["--prompt", "Hi", "--chat", "--max_new_tokens", "4", "--temperature", "0"])
     assert prepared == [target]
     out, err = capsys.readouterr()
@@ -182,8 +182,9 @@ def test_first_run_prepares_the_default_model_then_generates(tiny_smol_dir, tmp_
     assert out.startswith("user: Hi\nassistant: ")
     generate.main(["--prompt", "Hi", "--max_new_tokens", "2"])  # prepared: not again
     assert prepared == [target]
+    shutil.rmtree(target)
     with pytest.raises(FileNotFoundError, match="run `python scripts/prepare_smollm2.py` once, then torchrun"):
-        generate.prepare_default_model(world_size=2)  # ranks must not race to write one folder
+        hub.find_checkpoint(target, world_size=2)  # ranks must not race to write one folder
 
 
 @pytest.mark.slow

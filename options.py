@@ -1,0 +1,272 @@
+"""The options every command shares, each defined once: the model (checkpoint, device, dtype,
+quantization), decoding (strategy, exit layer, number of speculations, token budget, compile) and
+sampling. A command adds the groups it needs, `check_options` validates them in one place, and
+`load_engine` returns an `Engine` whose `run` puts one prompt through the chosen strategy.
+
+The LayerSkip reference code's spellings work as aliases, so its commands run as written:
+--model (a converted checkpoint or a Hugging Face repo id), --max_steps, --sample True|False and
+--top_k 0 (no top-k).
+"""
+import atexit
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import hub
+import tp
+from checkpoint import load_model, read_metadata, resolve_checkpoint_path
+from decoding import STRATEGIES, Steps, Strategy, compile_steps, run
+from quantized import SchemeError, parse_quantize, quantize_model
+from sampling import SamplingParams
+from tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GENERATION_TEMPERATURE = 0.8  # generate.py samples; measuring commands decode greedily (as the paper's results)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected True or False, got {text!r}")
+
+
+parse_bool.__name__ = "True|False"  # argparse names the type in its error message
+
+
+def add_model_options(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint_path", "--model", dest="checkpoint_path", default=str(hub.DEFAULT_CHECKPOINT),
+                   help="converted checkpoint file or folder, or a Hugging Face repo id (downloaded and converted on "
+                        "first use); default: SmolLM2-135M-Instruct, prepared on first use. --model is LayerSkip's "
+                        "spelling")
+    g.add_argument("--hf_token", default=None, help="for gated hub repos (default: HF_TOKEN or the saved login)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="int8, int4 or int4-g<N>: quantize the weights in memory at load (quantize.py writes them "
+                        "to a checkpoint instead)")
+
+
+def add_decoding_options(p, strategies=STRATEGIES):
+    """strategies=None: the command chooses (E, k) itself (a sweep) and takes only the rest."""
+    g = p.add_argument_group("decoding")
+    if strategies:
+        g.add_argument("--generation_strategy", default=strategies[0], choices=strategies,
+                       help="autoregressive (with --exit_layer: early-exit inference), self_speculative (LayerSkip: "
+                            "the first --exit_layer layers draft, the rest verify) or speculative "
+                            "(--draft_checkpoint_path drafts)")
+        g.add_argument("--exit_layer", type=int, default=None, help="E: layers [0, E) draft / produce tokens")
+        g.add_argument("--num_speculations", type=int, default=3, help="k: draft tokens per speculative round")
+    if strategies and "speculative" in strategies:
+        g.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                       help="draft model for --generation_strategy speculative (same tokenizer)")
+    g.add_argument("--max_new_tokens", "--max_steps", dest="max_new_tokens", type=int, default=200,
+                   help="tokens to generate at most (--max_steps is LayerSkip's spelling)")
+    g.add_argument("--compile", action="store_true", help="compile the decode, draft and verify steps (CUDA graphs "
+                   "on CUDA)")
+    g.add_argument("--compile_prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
+
+
+def add_sampling_options(p, temperature: float = 0.0):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default: {temperature}; with --sample True: {GENERATION_TEMPERATURE})")
+    g.add_argument("--sample", type=parse_bool, default=None,
+                   help="LayerSkip's spelling: False = greedy (--temperature 0), True = sample")
+    g.add_argument("--top_k", type=int, default=200, help="0 = no top-k")
+    g.add_argument("--top_p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(default_temperature=temperature)
+
+
+def add_options(p, sampling_temperature: float = 0.0, strategies=STRATEGIES):
+    add_model_options(p)
+    add_decoding_options(p, strategies)
+    add_sampling_options(p, sampling_temperature)
+
+
+def check_options(p, a):
+    """Every check the options allow before anything is loaded; sets a.strategy, a.sampling and
+    a.quantize_mode (mode, groupsize) or None. Errors end as parser errors (usage, exit 2)."""
+    try:
+        if a.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens must be >= 1")
+        if a.compile_prefill and not a.compile:
+            raise ValueError("--compile_prefill needs --compile")
+        a.strategy = Strategy()
+        if hasattr(a, "exit_layer"):
+            draft = getattr(a, "draft_checkpoint_path", None)
+            if a.generation_strategy == "speculative" and draft is None:
+                raise ValueError("--generation_strategy speculative needs --draft_checkpoint_path")
+            if a.generation_strategy != "speculative" and draft is not None:
+                raise ValueError("--draft_checkpoint_path needs --generation_strategy speculative")
+            a.strategy = Strategy(a.generation_strategy, a.exit_layer, a.num_speculations)
+        if hasattr(a, "temperature"):
+            a.sampling = sampling_params(a)
+        if hasattr(a, "quantize"):
+            a.quantize_mode = parse_quantize(a.quantize) if a.quantize else None
+    except (ValueError, SchemeError) as e:
+        # the engine's messages name its parameters; here they are flags
+        p.error(re.sub(r"(?<![-\w])(exit_layer|num_speculations|temperature|top_p|top_k|generation strategy)\b",
+                       lambda m: "--" + m.group(1).replace(" ", "_"), str(e)))
+
+
+def sampling_params(a) -> SamplingParams:
+    if a.temperature is not None and a.sample is False and a.temperature != 0:
+        raise ValueError("--sample False is greedy decoding; it contradicts --temperature "
+                         f"{a.temperature}")
+    if a.temperature is not None:
+        temperature = a.temperature
+    elif a.sample is not None:
+        temperature = GENERATION_TEMPERATURE if a.sample else 0.0
+    else:
+        temperature = a.default_temperature
+    if a.sample is True and temperature == 0:
+        raise ValueError("--sample True contradicts --temperature 0 (greedy)")
+    return SamplingParams(temperature, a.top_k or None, a.top_p)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: this engine runs on cpu and cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device, quantized: bool = False, strategy: str = "autoregressive"):
+    """The compute dtype, with a one-line note where a choice is slow on this machine (BENCHMARKS.md)."""
+    slow_quantized = ("PyTorch's CPU int8/int4 kernels are 3x (AVX-512 BF16 CPUs) to 20x (AVX2 CPUs) slower with "
+                      "float32 activations than with bfloat16")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        if quantized and strategy == "autoregressive":
+            note(f"quantized weights on CPU compute in bfloat16 ({slow_quantized}); --dtype float32 forces float32")
+            return torch.bfloat16
+        name = "float32"
+    dtype = DTYPES[name]
+    if device.type == "cpu" and quantized and dtype == torch.float32:
+        note(f"quantized weights with float32 activations decode slowly ({slow_quantized}); float32 keeps greedy "
+             "self-speculation token-for-token equal to greedy decoding, --dtype bfloat16 is faster")
+    if device.type == "cpu" and dtype == torch.float16 and not cpu_has_native_float16():
+        note("float16 on this CPU (no AVX-512 FP16) decodes about 5x slower than float32; prefer --dtype float32 "
+             "or bfloat16")
+    return dtype
+
+
+def cpu_has_native_float16() -> bool:
+    """AVX-512 FP16 (Sapphire Rapids and newer): float16 then runs as fast as float32 on CPU."""
+    try:
+        return "avx512_fp16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell (not Linux): say nothing
+
+
+def note(text: str):
+    print(f"note: {text}", file=sys.stderr)
+
+
+@dataclass
+class Engine:
+    """A loaded model (and draft model), its tokenizer and steps, and the chosen strategy and sampling."""
+    model: object
+    draft_model: object
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    steps: Steps
+    strategy: Strategy
+    sampling: SamplingParams
+    path: Path
+
+    def setup_caches(self, size: int):
+        for m in (self.model, self.draft_model):
+            if m is not None:
+                m.setup_caches(1, size)
+
+    def run(self, prompt: torch.Tensor, max_new_tokens: int, on_tokens=None, sampling: SamplingParams | None = None,
+            stop_ids=None):
+        """Generates from prompt [T] with the engine's strategy; stops at the tokenizer's stop tokens
+        unless stop_ids is given (() never stops early). Returns (tokens [1, T + n], stats)."""
+        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy, self.draft_model,
+                   self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or (), on_tokens,
+                   self.steps)
+
+
+def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
+    """What the checkpoints' metadata can refuse before any weight is read."""
+    n = meta["args"].n_layers
+    E = a.strategy.exit_layer
+    if E is not None and E >= n:
+        raise ValueError(f"--exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {E}")
+    if a.quantize_mode and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--quantize {a.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
+    if draft_meta is not None and draft_meta["args"].vocab_size != meta["args"].vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_meta['args'].vocab_size}) differs from the model's "
+                         f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
+    if world_size > 1:
+        for m in [meta] + ([draft_meta] if draft_meta else []):
+            scheme = m["scheme"]
+            groupsize = scheme.get("groupsize") if scheme["mode"] == "int4" else None
+            if m is meta and a.quantize_mode and a.quantize_mode[0] == "int4":
+                groupsize = a.quantize_mode[1]
+            tp.check_shardable(m["args"], world_size, groupsize)
+
+
+def init_distributed(a) -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1); sets a.device to this rank's device. Only
+    rank 0 prints; errors still reach every rank's stderr (cli.run)."""
+    rank, world_size, a.device = tp.init_from_env(a.device)
+    if world_size > 1:
+        atexit.register(tp.shutdown)
+    if rank != 0:
+        sys.stdout = sys.stderr = open("/dev/null", "w")
+    return rank, world_size
+
+
+def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
+    """Loads what the options name. check(meta, tokenizer), if given, refuses what the metadata and
+    tokenizer already show is impossible, before any weight is read."""
+    device = pick_device(a.device)
+    path = resolve_checkpoint_path(hub.find_checkpoint(a.checkpoint_path, a.hf_token, world_size))
+    meta = read_metadata(path)
+    draft_path = getattr(a, "draft_checkpoint_path", None)
+    draft_meta = read_metadata(draft_path) if draft_path is not None else None
+    tokenizer = load_tokenizer(path.parent)
+    check_metadata(a, meta, world_size, draft_meta)
+    if check is not None:
+        check(meta, tokenizer)
+    quantized = meta["scheme"]["mode"] != "none" or a.quantize_mode is not None
+    dtype = pick_dtype(a.dtype, device, quantized, a.strategy.name)
+
+    def prepare(model, quantize=None):
+        if quantize:  # before sharding (tp splits the quantized modules) and before packing (load_model packs)
+            quantize_model(model, *quantize, pack=False)
+        return tp.shard_model(model, rank, world_size) if world_size > 1 else model
+    t0 = time.perf_counter()
+    model = load_model(path, device, dtype, prepare=lambda m: prepare(m, a.quantize_mode))
+    shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
+    how = f", quantized to {a.quantize} in memory" if a.quantize else ""
+    print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    draft = None
+    if draft_path is not None:
+        draft = load_model(resolve_checkpoint_path(draft_path), device, dtype, prepare=prepare)
+    steps = compile_steps(device, a.compile_prefill) if a.compile else Steps()
+    return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
+                  path)
