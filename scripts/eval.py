@@ -1,25 +1,26 @@
-"""An EleutherAI lm-evaluation-harness model backed by this engine.
+"""An EleutherAI lm-evaluation-harness model backed by this engine, and the command that runs it.
 
     pip install lm-eval
-    python scripts/lm_eval_model.py --tasks hellaswag,humaneval --checkpoint_path DIR \\
-        --generation_strategy self_speculative --exit_layer 20 --num_speculations 3 --limit 50
+    python scripts/eval.py --tasks hellaswag,humaneval --generation_strategy self_speculative --exit_layer 20 \\
+        --num_speculations 3 --limit 50 --output_dir logs
+    torchrun scripts/eval.py --model facebook/layerskip-llama2-7B --tasks gsm8k --limit 10 \\
+        --generation_strategy self_speculative --exit_layer 8 --num_speculations 6 --output_dir ./logs
 
-or from Python: `lm_eval.simple_evaluate(model=LayerSkipLM(...), tasks=[...])`.
+or from Python: `lm_eval.simple_evaluate(model=LayerSkipLM(engine), tasks=[...])`, or through the
+harness's own command line as `--model layerskip --model_args checkpoint_path=...,exit_layer=8`.
 `generate_until` runs the chosen strategy (greedy or sampled, stop sequences honoured: generation
 is cut at the first one); `loglikelihood` and `loglikelihood_rolling` score with the full model
 (every layer), in windows of the model's context for long documents. The harness is optional:
 without it, the class still works with any object that has `.args` (a tuple, like the harness's
 `Instance`), which is how the tests run it.
 """
-import sys
-from pathlib import Path
+import argparse
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import cli  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import common
+import cli
+import options
+import torch
+import torch.nn.functional as F
 
 try:
     from lm_eval.api.model import LM as _Base
@@ -33,26 +34,15 @@ except ImportError:  # the harness is optional
 
 @register_model("layerskip")
 class LayerSkipLM(_Base):
-    def __init__(self, checkpoint_path=str(REPO / "checkpoints" / "SmolLM2-135M-Instruct"), device="cpu",
-                 dtype="float32", generation_strategy="autoregressive", exit_layer=None, num_speculations=3,
-                 max_length=2048, compile=False, **kwargs):
+    def __init__(self, engine: options.Engine | None = None, max_length=2048, **kwargs):
+        """engine: a loaded engine; or, from the harness's --model_args, the shared options as
+        keywords (checkpoint_path=..., generation_strategy=..., exit_layer=..., compile=True, ...)."""
         if _Base is not object:
             super().__init__()
-        from checkpoint import load_model, resolve_checkpoint_path
-        from decoding import Steps, compile_steps
-        from tokenizer import load_tokenizer
-        path = resolve_checkpoint_path(checkpoint_path)
-        self.device = torch.device(device)
-        self.model = load_model(path, self.device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        self.tokenizer = load_tokenizer(path.parent)
-        self.strategy = generation_strategy
-        self.exit_layer = None if exit_layer in (None, "None") else int(exit_layer)
-        self.k = int(num_speculations)
-        if self.strategy == "self_speculative" and self.exit_layer is None:
-            raise ValueError("generation_strategy=self_speculative needs exit_layer")
+        self.engine = engine or load_from_keywords(kwargs)
+        self.model, self.tokenizer, self.device = self.engine.model, self.engine.tokenizer, self.engine.device
         self.max_length = min(int(max_length), self.model.args.max_position_embeddings)
-        self.steps = compile_steps(self.device) if str(compile).lower() in ("1", "true") else Steps()
-        self.model.setup_caches(1, self.max_length)
+        self.engine.setup_caches(self.max_length)
 
     def _start_id(self) -> int:
         """What the first scored token is conditioned on: BOS, or end-of-text for models without one."""
@@ -99,7 +89,6 @@ class LayerSkipLM(_Base):
 
     # --- generation: the chosen strategy ---
     def generate_until(self, requests):
-        from decoding import generate, speculative_generate
         from sampling import SamplingParams
         out = []
         for req in requests:
@@ -111,17 +100,11 @@ class LayerSkipLM(_Base):
                 temperature = 0.0
             params = SamplingParams(temperature, kw.get("top_k"), kw.get("top_p"))
             ids = self.tokenizer.encode(context)
-            k = self.k if self.strategy == "self_speculative" else 0
             max_new = int(kw.get("max_gen_toks", 256))
+            k = self.engine.strategy.lookahead(max_new)
             ids = ids[-(self.max_length - max_new - k):] if len(ids) + max_new + k > self.max_length else ids
-            prompt = torch.tensor(ids, device=self.device)
             n = min(max_new, self.max_length - len(ids) - k)
-            if self.strategy == "self_speculative":
-                tokens, _ = speculative_generate(self.model, prompt, n, params, self.k, exit_layer=self.exit_layer,
-                                                 stop_ids=self.tokenizer.stop_ids, steps=self.steps)
-            else:
-                tokens, _ = generate(self.model, prompt, n, params, stop_ids=self.tokenizer.stop_ids,
-                                     steps=self.steps, exit_layer=self.exit_layer)
+            tokens, _ = self.engine.run(torch.tensor(ids, device=self.device), n, sampling=params)
             gen = [t for t in tokens[0, len(ids):].tolist() if t not in self.tokenizer.stop_ids]
             text = self.tokenizer.decode(gen)
             cut = min((text.find(s) for s in until if s and s in text), default=-1)
@@ -129,26 +112,43 @@ class LayerSkipLM(_Base):
         return out
 
 
-def main(argv=None):
-    p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--tasks", required=True)
-    p.add_argument("--checkpoint_path", default=str(REPO / "checkpoints" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--generation_strategy", default="autoregressive", choices=["autoregressive", "self_speculative"])
-    p.add_argument("--exit_layer", type=int, default=None)
-    p.add_argument("--num_speculations", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--compile", action="store_true")
+def load_from_keywords(kwargs: dict) -> options.Engine:
+    p = argparse.ArgumentParser()
+    options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
+    argv = []
+    for key, value in kwargs.items():
+        if key in ("compile", "compile_prefill"):
+            argv += [f"--{key}"] if str(value).lower() in ("1", "true") else []
+        elif value not in (None, "None"):
+            argv += [f"--{key}", str(value)]
     a = p.parse_args(argv)
+    options.check_options(p, a)
+    return options.load_engine(a)
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--limit", type=int, default=None, help="samples per task")
+    p.add_argument("--num_fewshot", "--n_shot", dest="num_fewshot", type=int, default=None)
+    options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
+    common.add_output_option(p, None)
+    a = p.parse_args(argv)
+    options.check_options(p, a)
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out = common.check_output(a, "eval.json")
     try:
         import lm_eval
     except ImportError:
-        p.error("this needs the harness: pip install lm-eval")
-    lm = LayerSkipLM(a.checkpoint_path, a.device, a.dtype, a.generation_strategy, a.exit_layer, a.num_speculations,
-                     compile=a.compile)
-    results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit)
+        raise ValueError("this needs the harness: pip install lm-eval") from None
+    lm = LayerSkipLM(options.load_engine(a, *options.init_distributed(a)))
+    results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
+    common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})
 
 
 if __name__ == "__main__":

@@ -33,32 +33,23 @@ stage compiles; everything else runs the same code eagerly, in well under a minu
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import common
+import cli
+import torch
 
-import cli  # noqa: E402
-import torch  # noqa: E402
+from decoding import Steps, compile_steps, generate, speculative_generate, synchronize
+from model import ModelArgs, Transformer
+from quantized import quantize_model
+from sampling import SamplingParams
 
-from benchmark_decode import RANDOM_MODELS, copy_bandwidth_gbs  # noqa: E402
-from benchmark_speculative import run_prompts, step_costs  # noqa: E402
-from decoding import (Steps, compile_steps, generate, peak_memory_gb, speculative_generate, synchronize,  # noqa: E402
-                      weight_bytes_per_token)
-from model import ModelArgs, Transformer  # noqa: E402
-from quantize import quantize_model  # noqa: E402
-from sampling import SamplingParams  # noqa: E402
-
+REPO = common.REPO
 GREEDY = SamplingParams()
-LLAMA2_7B = RANDOM_MODELS["llama2-7b-random"]
-SMALL = dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, intermediate_size=512,
-             max_position_embeddings=1024)
-CPU_STANDIN_7B = dict(SMALL, n_layers=2)  # --device cpu: the "7B" stages on a small shape
+SMALL = dict(common.RANDOM_SHAPES["small"], n_layers=4)
 LAYERSKIP_ACCEPTANCE = 0.795  # Llama2-7B, E=8, k=6 (LayerSkip paper, CNN/DM)
 # Seconds each stage is expected to take (compiles included), for the budget.
 ESTIMATES = {"cuda": {"environment": 15, "exactness": 100, "decode": 150, "speculation": 150,
@@ -87,21 +78,6 @@ def small_model(device, tied=False, n_layers=4, seed=0) -> Transformer:
     return model.to(device).eval()
 
 
-BIG_CACHE = 256  # KV cache positions of the big model in every stage: another size would compile its graphs again
-
-
-def shaped_model(shape: dict, device, dtype, n_layers=None) -> Transformer:
-    """Random weights (std 0.02, as Llama's init) of a real model's shape, drawn on the device (a 7B
-    model would take a minute on the CPU)."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(ModelArgs(**dict(shape, n_layers=n_layers or shape["n_layers"]))).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
-
-
 def random_prompts(n, length, vocab, device):
     return [torch.randint(3, vocab, (length + 5 * i,), generator=torch.Generator().manual_seed(i)).to(device)
             for i in range(n)]
@@ -117,7 +93,7 @@ def stage_environment(ctx):
         res.update(name=props.name, memory_gb=props.total_memory / 1e9, capability=f"{props.major}.{props.minor}")
     else:
         res.update(name=f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
-    res["copy_bandwidth_gbs"] = ctx["copy_bw"] = copy_bandwidth_gbs(device)
+    res["copy_bandwidth_gbs"] = ctx["copy_bw"] = common.copy_bandwidth_gbs(device)
     n = 8192 if device.type == "cuda" else 512
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
@@ -194,105 +170,95 @@ def stage_exactness(ctx):
     return res, rows
 
 
-def timed_decode(model, prompt, n, steps, device, repeats=3):
-    """(compile seconds: the first generation's time beyond a later one's, decode tokens/s (median), ms/token)."""
-    model.setup_caches(1, BIG_CACHE)
+def preset_rows(ctx) -> list[dict]:
+    """The harness's `gpu` preset (scripts/speed.py --preset gpu): bfloat16 autoregressive and
+    self-speculative (E=8, k=6), int8 and int4-g128. The CPU dry run compiles only the first."""
+    rows = common.expand(common.PRESETS["gpu"]["grids"], {})
+    if ctx["device"].type == "cpu":
+        rows = [dict(c, exit_layer="1" if c["exit_layer"] else "", num_speculations="2",
+                     compile="true" if i == 0 else "false") for i, c in enumerate(rows)]
+    return rows
 
-    def run():
-        synchronize(device)
-        t = time.perf_counter()
-        _, stats = generate(model, prompt, n, GREEDY, steps=steps)
-        synchronize(device)
-        return time.perf_counter() - t, stats.decode_tokens_per_s
-    first, _ = run()
-    runs = [run() for _ in range(repeats)]
-    tps = statistics.median(r[1] for r in runs)
-    return first - statistics.median(r[0] for r in runs), tps, 1000 / tps
+
+def harness_args(ctx, n_layers=None):
+    """The harness's options for these stages: the preset's model, or a small stand-in on CPU."""
+    cuda = ctx["device"].type == "cuda"
+    shape = "random:llama2-7b" if cuda else "random:small"
+    return argparse.Namespace(checkpoint_path=shape + (f":{n_layers}" if n_layers else ""), device=str(ctx["device"]),
+                              max_new_tokens=128 if cuda else 16, repeats=3, num_samples=2, prompt_length=16)
+
+
+def measured(ctx, h, c, engine=None) -> tuple[dict, object]:
+    engine = engine or common.load_row_engine(h, c)
+    engine.strategy = common.row_args(h, c).strategy
+    r = common.bench_row(engine, c, common.prompts_for(h, engine, engine.model.args.vocab_size), h)
+    return common.finish_rows([r], ctx.get("copy_bw"))[0], engine
 
 
 def stage_decode(ctx):
-    device = ctx["device"]
-    shape = LLAMA2_7B if device.type == "cuda" else CPU_STANDIN_7B
+    device, h = ctx["device"], harness_args(ctx)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = ctx["big"] = shaped_model(shape, device, torch.bfloat16)
-    n = 128 if device.type == "cuda" else 16
-    prompt = random_prompts(1, 16, shape["vocab_size"], device)[0]
-    ctx["steps"] = compile_steps(device)
-    compile_s, tps, ms = timed_decode(model, prompt, n, ctx["steps"], device)
-    bw = weight_bytes_per_token(model) * tps / 1e9
-    share = bw / ctx["copy_bw"] if ctx.get("copy_bw") else float("nan")
-    res = {"shape": shape, "tokens_per_s": tps, "ms_per_token": ms, "weight_gbs": bw, "share_of_copy_bw": share,
-           "compile_s": compile_s, "peak_memory_gb": peak_memory_gb(device), "new_tokens": n}
+    r, ctx["engine"] = measured(ctx, h, preset_rows(ctx)[0])
+    tps, ms, share = r["tokens_per_s"], r["ms_per_token_p50"], r.get("copy_share") or float("nan")
     name = "Llama-2-7B shape" if device.type == "cuda" else "small shape (CPU)"
     on_gpu = device.type == "cuda"
-    return res, [(f"decode tokens/s ({name}, bf16, compiled)", f"{tps:.1f} ({ms:.2f} ms/token)", "", None),
-                 ("weight bandwidth / copy bandwidth", f"{bw:.0f} GB/s = {share:.0%}", ">= 85% (gpt-fast 59%)",
-                  share >= 0.85 if on_gpu else None),
-                 ("decode graph compile", f"{compile_s:.0f} s", "< 60 s (gpt-fast 131 s)",
-                  compile_s < 60 if on_gpu else None),
-                 ("peak memory", f"{res['peak_memory_gb']:.1f} GB", "", None)]
+    return r, [(f"decode tokens/s ({name}, bf16, compiled)", f"{tps:.1f} ({ms:.2f} ms/token)", "", None),
+               ("weight bandwidth / copy bandwidth", f"{r['gbs']:.0f} GB/s = {share:.0%}", ">= 85% (gpt-fast 59%)",
+                share >= 0.85 if on_gpu else None),
+               ("decode graph compile (+ one generation)", f"{r['compile_s']:.0f} s", "< 60 s (gpt-fast 131 s)",
+                r["compile_s"] < 60 if on_gpu else None),
+               ("peak memory", f"{r['peak_memory_gb']:.1f} GB", "", None)]
 
 
 def stage_speculation(ctx):
-    device, model = ctx["device"], ctx.get("big")
-    steps = ctx["steps"] if ctx["compile_all"] else Steps()
-    if model is None:
+    device, engine = ctx["device"], ctx.get("engine")
+    if engine is None:
         raise RuntimeError("needs the decode stage's model, which did not run")
-    E, k = (8, 6) if device.type == "cuda" else (1, 2)
-    n = 96 if device.type == "cuda" else 16
-    prompts = random_prompts(2, 16, model.args.vocab_size, device)
-    model.setup_caches(1, BIG_CACHE)
-    with torch.no_grad():
-        costs = step_costs(model, steps, [E], [k], device)
-    draft, verify = costs[("draft", E)] / costs["full"], costs[("verify", E, k)] / costs["full"]
+    h, (ar_row, spec_row) = harness_args(ctx), preset_rows(ctx)[:2]
+    spec_row = dict(spec_row, compile=ar_row["compile"])  # the decode stage's model and steps
+    if not ctx["compile_all"]:
+        engine.steps = Steps()
+        ar_row = dict(ar_row, compile="false")
+    ar, _ = measured(ctx, h, ar_row, engine)
+    r, _ = measured(ctx, h, spec_row, engine)
+    E, k = engine.strategy.exit_layer, engine.strategy.num_speculations
+    draft, verify = r["draft_cost"], r["verify_cost"]
     a = LAYERSKIP_ACCEPTANCE
     predicted = (1 - a ** (k + 1)) / (1 - a) / (k * draft + verify)
-
-    def throughput(fn):
-        fn(prompts[0])  # warm-up
-        tokens, secs, stats = run_prompts(fn, prompts, device)
-        return tokens / secs, stats
-    ar_tps, _ = throughput(lambda p: generate(model, p, n, GREEDY, steps=steps))
-    spec_tps, stats = throughput(lambda p: speculative_generate(model, p, n, GREEDY, k, exit_layer=E, steps=steps))
-    rounds = sum(s.rounds for s in stats)
-    tpr = sum(sum(s.accepted_per_round) for s in stats) / rounds + 1
-    ideal = tpr / (k * draft + verify)
-    efficiency = spec_tps / ar_tps / ideal
+    efficiency = r["tokens_per_s"] / ar["tokens_per_s"] / r["ideal_speedup"]
     res = {"exit_layer": E, "k": k, "draft_cost": draft, "verify_cost": verify,
-           "predicted_speedup_at_0.795": predicted, "ar_tokens_per_s": ar_tps, "spec_tokens_per_s": spec_tps,
-           "tokens_per_round": tpr, "ideal_speedup": ideal, "efficiency": efficiency}
+           "predicted_speedup_at_0.795": predicted, "ar_tokens_per_s": ar["tokens_per_s"],
+           "spec_tokens_per_s": r["tokens_per_s"], "tokens_per_round": r["tokens_per_round"],
+           "ideal_speedup": r["ideal_speedup"], "efficiency": efficiency}
     on_gpu = device.type == "cuda"
     return res, [(f"draft step E={E} / decode step", f"{draft:.2f}", "~E/L + LM head", None),
                  (f"verify pass k={k} / decode step", f"{verify:.2f}", "~1 on a GPU", None),
                  (f"predicted speed-up at acceptance {a:.1%}", f"{predicted:.2f}x", "", None),
-                 ("loop: measured / ideal speed-up", f"{efficiency:.0%} (tokens/round {tpr:.2f}, random weights)",
+                 ("loop: measured / ideal speed-up",
+                  f"{efficiency:.0%} (tokens/round {r['tokens_per_round']:.2f}, random weights)",
                   ">= 95%", efficiency >= 0.95 if on_gpu else None)]
 
 
 def stage_quantization(ctx):
-    device, layers = ctx["device"], ctx["quant_layers"]
-    ctx.pop("big", None)  # free the full model first
+    device = ctx["device"]
+    ctx.pop("engine", None)  # free the full model first
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    shape = LLAMA2_7B if device.type == "cuda" else CPU_STANDIN_7B
-    layers = min(layers, shape["n_layers"])
-    n = 128 if device.type == "cuda" else 16
-    prompt = random_prompts(1, 16, shape["vocab_size"], device)[0]
-    res, rows, base = {"layers": layers}, [], None
-    for name, mode, g in (("bfloat16", None, None), ("int8", "int8", None), ("int4-g128", "int4", 128)):
-        model = shaped_model(shape, device, torch.bfloat16, n_layers=layers)
-        if mode:
-            quantize_model(model, mode, g or 128)
-        compile_s, tps, _ = timed_decode(model, prompt, n, compile_steps(device) if ctx["compile_all"] else Steps(),
-                                         device)
+    h = harness_args(ctx, ctx["quant_layers"] if device.type == "cuda" else None)
+    base_row, quant_rows = preset_rows(ctx)[0], preset_rows(ctx)[2:]
+    res, rows, base = {"layers": h.checkpoint_path}, [], None
+    for c in [dict(base_row, compile=quant_rows[0]["compile"]), *quant_rows]:
+        r, _ = measured(ctx, h, c)
+        torch._dynamo.reset()
+        tps = r["tokens_per_s"]
         base = base or tps
-        res[name] = {"tokens_per_s": tps, "compile_s": compile_s, "ratio": tps / base}
+        name = c["quantize"] if c["quantize"] != "none" else c["dtype"]
+        res[name] = {"tokens_per_s": tps, "compile_s": r["compile_s"], "ratio": tps / base}
         target = {"int8": 1.8, "int4-g128": 3.0}.get(name)
-        rows.append((f"{name} decode ({layers} of {shape['n_layers']} layers)",
-                     f"{tps:.1f} tokens/s = {tps / base:.2f}x", f">= {target}x" if target else "",
-                     (tps / base >= target) if target and device.type == "cuda" else None))
-        del model
+        rows.append((f"{name} decode ({h.checkpoint_path})", f"{tps:.1f} tokens/s = {tps / base:.2f}x",
+                     f">= {target}x" if target else "", (tps / base >= target) if target and device.type == "cuda"
+                     else None))
     return res, rows
 
 

@@ -3,6 +3,8 @@
     python scripts/sweep.py --dataset human_eval --num_samples 10 --compile \\
         --exit_layer_first 4 --exit_layer_last 28 --exit_layer_step 4 \\
         --num_speculations_first 1 --num_speculations_last 6 --output_dir sweep_out
+    torchrun scripts/sweep.py --model facebook/layerskip-llama2-7B --dataset human_eval \\
+        --generation_strategy self_speculative --num_samples 150 --max_steps 256 --output_dir ./logs/ --sample False
 
 First the autoregressive baseline, then every (E, k) on the same samples in the same process. Each
 row goes to OUTPUT_DIR/sweep.csv as soon as it is measured (an interrupted sweep keeps every
@@ -15,13 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from benchmark import (add_common_args, check_common_args, check_exit_layers, evaluate, load_engine,  # noqa: E402
-                       setup_caches_for, warm_up)
-import cli  # noqa: E402 (benchmark put the repository on the path)
-from tasks import load_samples  # noqa: E402
+import common
+import cli
+import options
+from decoding import Strategy
 
 COLUMNS = ["exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "speedup",
            "rouge1", "rouge2", "rougeL"]
@@ -63,19 +62,23 @@ def draw_heatmap(rows, path: Path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    add_common_args(p, strategy=False)
+    options.add_model_options(p)
+    options.add_decoding_options(p, strategies=None)
+    options.add_sampling_options(p)
+    p.add_argument("--generation_strategy", choices=["self_speculative"], default="self_speculative",
+                   help="the strategy swept (accepted for the LayerSkip reference's command line)")
+    common.add_dataset_options(p)
     p.add_argument("--exit_layer_first", type=int, default=4)
     p.add_argument("--exit_layer_last", type=int, default=28)
     p.add_argument("--exit_layer_step", type=int, default=4)
     p.add_argument("--num_speculations_first", type=int, default=1)
     p.add_argument("--num_speculations_last", type=int, default=6)
     p.add_argument("--num_speculations_step", type=int, default=1)
-    p.add_argument("--output_dir", type=Path, default=Path("sweep_out"))
+    common.add_output_option(p, "sweep_out", file_option=False)
     a = p.parse_args(argv)
-    check_common_args(p, a, strategy=False)
-    cli.check_output_dir(a.output_dir)
+    options.check_options(p, a)
     try:
         exit_layers = grid(a.exit_layer_first, a.exit_layer_last, a.exit_layer_step, "exit_layer")
         ks = grid(a.num_speculations_first, a.num_speculations_last, a.num_speculations_step, "num_speculations")
@@ -83,18 +86,29 @@ def main(argv=None):
         p.error(str(e))
     if min(exit_layers) < 1 or min(ks) < 1:
         p.error("exit layers and num_speculations must be >= 1")
-    try:
-        samples = load_samples(a.dataset, a.data_path, a.num_samples, a.n_shot, a.template, a.seed, a.shuffle)
-    except ValueError as e:
-        p.error(str(e))
-    check_exit_layers(p, a.checkpoint_path, exit_layers)
-    model, tokenizer, steps, device = load_engine(a)
-    setup_caches_for(model, tokenizer, samples, a, max(ks))
+    common.check_dataset_options(p, a)
+    a.exit_layers, a.ks = exit_layers, ks
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    exit_layers, ks = a.exit_layers, a.ks
+    common.check_output(a, "sweep.csv")
+    samples = common.dataset_samples(a)
+
+    def check(meta, tokenizer):
+        n = meta["args"].n_layers
+        bad = [e for e in exit_layers if not 1 <= e < n]
+        if bad:
+            raise ValueError(f"exit layer(s) {bad} out of range [1, {n - 1}] for this {n}-layer model")
+    engine = options.load_engine(a, *options.init_distributed(a), check=check)
+    common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = a.output_dir / "sweep.csv", a.output_dir / "sweep_heatmap.png"
-    warm_up(model, tokenizer, steps, device, samples, a, "autoregressive", None, 0)
-    _, base = evaluate(model, tokenizer, steps, device, samples, a, "autoregressive", None, 0)
+    common.warm_up(engine, samples, a)
+    _, base = common.evaluate(engine, samples, a)
     print(json.dumps({"autoregressive": base}), file=sys.stderr)
     rows = []
     with open(csv_path, "w", newline="") as f:
@@ -104,8 +118,9 @@ def main(argv=None):
         try:
             for E in exit_layers:
                 for k in ks:
-                    warm_up(model, tokenizer, steps, device, samples, a, "self_speculative", E, k)
-                    _, agg = evaluate(model, tokenizer, steps, device, samples, a, "self_speculative", E, k)
+                    engine.strategy = Strategy("self_speculative", E, k)
+                    common.warm_up(engine, samples, a)
+                    _, agg = common.evaluate(engine, samples, a)
                     row = {"exit_layer": E, "num_speculations": k, "acceptance_rate": agg["acceptance_rate"],
                            "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
                            "speedup": agg["tokens_per_s"] / base["tokens_per_s"],

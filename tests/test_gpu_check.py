@@ -20,8 +20,9 @@ def test_every_stage_runs_on_cpu(tmp_path, capsys):
     assert exact["untied: distinct tokens in 24"] >= 6  # the output is not one token repeated
     assert report["stages"]["tensor_parallel"]["results"] == {"backend": "gloo", "equal": True}
     decode = report["stages"]["decode"]["results"]
-    assert decode["tokens_per_s"] > 0 and decode["weight_gbs"] == pytest.approx(
-        decode["share_of_copy_bw"] * report["stages"]["environment"]["results"]["copy_bandwidth_gbs"])
+    assert decode["tokens_per_s"] > 0 and decode["gbs"] == pytest.approx(
+        decode["copy_share"] * report["stages"]["environment"]["results"]["copy_bandwidth_gbs"])
+    assert decode["engine"] == "ours" and decode["config"] == "bfloat16 compiled"  # the harness's gpu preset row
     quant = report["stages"]["quantization"]["results"]
     assert quant["bfloat16"]["ratio"] == 1 and quant["int8"]["tokens_per_s"] > 0 and quant["int4-g128"]["tokens_per_s"] > 0
     out = capsys.readouterr().out

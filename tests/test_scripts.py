@@ -1,4 +1,5 @@
-"""The benchmark, sweep, correctness, latency and lm-eval tools, end to end on SmolLM2 (eager, few tokens)."""
+"""The evaluation scripts (benchmark, sweep, correctness, eval) and their shared module, end to end on
+SmolLM2 (eager, few tokens)."""
 import csv
 import json
 import math
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 import benchmark
+import common
 import correctness
-import latency
+import options
 import sweep
-from tasks import load_samples
+from common import load_samples
 
 
 @pytest.fixture
@@ -23,17 +25,17 @@ def jsonl(tmp_path):
     return path
 
 
-def common(smollm2_dir, jsonl, n=2, tokens=8):
+def dataset_args(smollm2_dir, jsonl, n=2, tokens=8):
     return ["--checkpoint_path", str(smollm2_dir), "--dataset", "custom_jsonl", "--data_path", str(jsonl),
             "--num_samples", str(n), "--max_new_tokens", str(tokens)]
 
 
 def test_rouge_and_stop_strings():
-    assert benchmark.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
+    assert common.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
         {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
-    assert benchmark.rouge("completely different words", "the cat sat")["rouge1"] == 0.0
-    assert benchmark.cut_at_stop("abc\ndef\nghi", ["\nd", "gh"]) == ("abc", True)
-    assert benchmark.cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert common.rouge("completely different words", "the cat sat")["rouge1"] == 0.0
+    assert common.cut_at_stop("abc\ndef\nghi", ["\nd", "gh"]) == ("abc", True)
+    assert common.cut_at_stop("abc", ["x"]) == ("abc", False)
 
 
 def test_datasets_offline(jsonl):
@@ -48,9 +50,10 @@ def test_datasets_offline(jsonl):
 
 @pytest.mark.slow
 def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
-    out = tmp_path / "b.json"
-    benchmark.main(common(smollm2_dir, jsonl) + ["--generation_strategy", "self_speculative", "--exit_layer", "20",
-                                                  "--num_speculations", "2", "--output", str(out), "--stop", "\n\n"])
+    benchmark.main(dataset_args(smollm2_dir, jsonl) + ["--generation_strategy", "self_speculative", "--exit_layer",
+                                                        "20", "--num_speculations", "2", "--output_dir", str(tmp_path),
+                                                        "--stop", "\n\n"])
+    out = tmp_path / "benchmark.json"
     doc = json.loads(out.read_text())
     assert doc["config"]["generation_strategy"] == "self_speculative" and len(doc["samples"]) == 2
     agg = doc["aggregate"]
@@ -58,7 +61,7 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
     assert agg["tokens_per_s"] == pytest.approx(agg["new_tokens"] / agg["seconds"])
     assert 0 <= agg["acceptance_rate"] <= 1 and 1 <= agg["tokens_per_round"] <= 3
     for s in doc["samples"]:
-        assert s["rouge1"] == pytest.approx(benchmark.rouge(s["generated"], s["reference"])["rouge1"])
+        assert s["rouge1"] == pytest.approx(common.rouge(s["generated"], s["reference"])["rouge1"])
         assert "\n\n" not in s["generated"]
     assert agg["rouge1"] == pytest.approx(sum(s["rouge1"] for s in doc["samples"]) / 2)
 
@@ -66,7 +69,7 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
 @pytest.mark.slow
 def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "sweep"
-    sweep.main(common(smollm2_dir, jsonl, n=1, tokens=6) + [
+    sweep.main(dataset_args(smollm2_dir, jsonl, n=1, tokens=6) + [
         "--exit_layer_first", "10", "--exit_layer_last", "29", "--exit_layer_step", "19",
         "--num_speculations_first", "1", "--num_speculations_last", "2", "--output_dir", str(out)])
     rows = list(csv.DictReader((out / "sweep.csv").open()))
@@ -84,9 +87,9 @@ def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_path):
-    out = tmp_path / "c.json"
-    correctness.main(common(smollm2_dir, jsonl, n=3, tokens=12) + ["--exit_layer", "8", "--num_speculations", "3",
-                                                                  "--output", str(out)])
+    out = tmp_path / "c.json"  # the deprecated --output FILE still works
+    correctness.main(dataset_args(smollm2_dir, jsonl, n=3, tokens=12) + ["--exit_layer", "8", "--num_speculations",
+                                                                        "3", "--output", str(out)])
     doc = json.loads(out.read_text())
     assert doc["num_samples"] == 3 and doc["num_different"] == 0 and doc["share_different"] == 0.0
     assert correctness.first_difference([1, 2, 3], [1, 5, 3]) == 1
@@ -94,51 +97,33 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     assert correctness.first_difference([1, 2], [1, 2]) is None
 
 
-@pytest.mark.slow
-def test_latency_json(capsys):
-    latency.main(["--prompt_length", "8", "--max_new_tokens", "6", "--repeats", "2",
-                  "--generation_strategy", "self_speculative", "--exit_layer", "20"])
-    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["decode_ms_p50"] <= r["decode_ms_p90"]
-    assert r["bandwidth_gbs"] == pytest.approx(r["weight_bytes_per_token"] / (r["decode_ms_p50"] / 1000) / 1e9)
-    assert r["prefill_ms"] > 0 and r["tokens_per_s"] > 0 and r["copy_bandwidth_gbs"] > 0
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--dataset", "custom_jsonl"], "needs --data_path"),
-    (["--dataset", "human_eval", "--generation_strategy", "self_speculative"], "needs --exit_layer"),
-    (["--dataset", "human_eval", "--exit_layer", "0"], "--exit_layer must be >= 1"),
-])
-def test_benchmark_bad_arguments_fail_before_loading(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(benchmark, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
+@pytest.mark.parametrize("script, argv, message", [
+    (benchmark, ["--dataset", "nope"], "unknown dataset 'nope'"),
+    (benchmark, ["--dataset", "custom_jsonl"], "needs --data_path"),
+    (benchmark, ["--dataset", "human_eval", "--generation_strategy", "self_speculative"], "needs --exit_layer"),
+    (benchmark, ["--dataset", "human_eval", "--exit_layer", "0"], "--exit_layer must be >= 1"),
+    (correctness, ["--exit_layer", "4", "--temperature", "0.7"], "correctness compares greedy outputs"),
+    (sweep, ["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
+    (sweep, ["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
+    (sweep, ["--dataset", "cnn"], "unknown dataset"),
+], ids=lambda x: getattr(x, "__name__", None))
+def test_bad_arguments_fail_before_loading(script, argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(options, "load_engine", lambda *a, **k: pytest.fail("model loaded before the arguments were "
+                                                                          "checked"))
     with pytest.raises(SystemExit):
-        benchmark.main(argv)
+        script.main(argv)
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
-    (["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
-    (["--dataset", "cnn"], "unknown dataset"),
-])
-def test_sweep_bad_arguments_fail_before_loading(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
-    with pytest.raises(SystemExit):
-        sweep.main(argv)
-    assert message in capsys.readouterr().err
-
-
-def test_exit_layer_out_of_range_is_refused_before_loading(smollm2_dir, jsonl, monkeypatch, capsys):
-    for script in (sweep, benchmark, correctness):
-        monkeypatch.setattr(script, "load_engine", lambda a: pytest.fail("model loaded before the arguments were checked"))
-    with pytest.raises(SystemExit):
-        sweep.main(common(smollm2_dir, jsonl) + ["--exit_layer_first", "20", "--exit_layer_last", "30",
-                                                 "--exit_layer_step", "10"])
-    assert "exit layer(s) [30] out of range [1, 29]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        correctness.main(common(smollm2_dir, jsonl) + ["--exit_layer", "31"])
-    assert "exit layer(s) [31] out of range" in capsys.readouterr().err
+def test_exit_layer_out_of_range_is_refused_before_loading(smollm2_dir, jsonl, monkeypatch):
+    monkeypatch.setattr(options, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(ValueError, match=r"exit layer\(s\) \[30\] out of range \[1, 29\]"):
+        sweep.main(dataset_args(smollm2_dir, jsonl) + ["--exit_layer_first", "20", "--exit_layer_last", "30",
+                                                       "--exit_layer_step", "10"])
+    for script in (correctness, benchmark):
+        with pytest.raises(ValueError, match=r"--exit_layer must be in \[1, 29\] for this 30-layer model"):
+            script.main(dataset_args(smollm2_dir, jsonl) + ["--generation_strategy", "self_speculative",
+                                                            "--exit_layer", "31"])
 
 
 class Req:
@@ -147,10 +132,10 @@ class Req:
 
 
 @pytest.mark.slow
-def test_lm_eval_model_against_transformers(smollm2_dir, smollm2_hf):
-    from lm_eval_model import LayerSkipLM
-    lm = LayerSkipLM(str(smollm2_dir), generation_strategy="self_speculative", exit_layer=20, num_speculations=2,
-                     max_length=256)
+def test_eval_model_against_transformers(smollm2_dir, smollm2_hf):
+    from eval import LayerSkipLM  # scripts/eval.py; built as the harness's --model_args would
+    lm = LayerSkipLM(checkpoint_path=str(smollm2_dir), generation_strategy="self_speculative", exit_layer=20,
+                     num_speculations=2, max_length=256)
     context, cont = "The capital of France is", " Paris"
     (ll, greedy), = lm.loglikelihood([Req(context, cont)])
     ids = lm.tokenizer.encode(context + cont)

