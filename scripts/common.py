@@ -428,6 +428,8 @@ def finish_rows(rows, copy_bw: float | None):
     """Derived columns: bandwidth, its share of the copy bandwidth, ratio to the first row."""
     base = rows[0]["tokens_per_s"] if rows else None
     for r in rows:
+        if r["tokens_per_s"] is None:  # a peer that failed
+            continue
         if r.get("bytes_per_token"):
             r["mb_per_token"] = r["bytes_per_token"] / 1e6
             r["gbs"] = r["bytes_per_token"] * r["tokens_per_s"] / 1e9

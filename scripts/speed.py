@@ -130,7 +130,12 @@ def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
     n, rows = a.max_new_tokens, []
 
     def row(name, config, generate_fn):
-        r = common.measure(generate_fn, prompts, a.repeats, device)
+        try:
+            r = common.measure(generate_fn, prompts, a.repeats, device)
+        except Exception as e:  # noqa: BLE001 -- a peer that fails is a row that says why; ours are kept
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            r = {"tokens_per_s": None, "failed": reason}
+            config = f"{config}: FAILED ({reason[:120]})"
         r.update(engine=name, config=config)
         rows.append(r)
         print(json.dumps(r, default=str), file=sys.stderr, flush=True)
@@ -167,14 +172,16 @@ def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
             server.stdin.flush()
             line = server.stdout.readline()
             if not line:
-                raise RuntimeError("llama-cpp-python exited; run the --llama_cpp_python interpreter by hand to see why")
+                raise RuntimeError(f"llama-cpp-python exited with status {server.wait()}; run the "
+                                   "--llama_cpp_python interpreter by hand to see why")
             return tuple(json.loads(line))
         try:
-            row("llama.cpp", f"{gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB read per token)", cpp)
+            row("llama.cpp", gguf.name, cpp)
             rows[-1]["bytes_per_token"] = gguf.stat().st_size  # every tensor once per token (embedding excepted)
         finally:
-            server.stdin.close()
-            server.wait()
+            if server.poll() is None:
+                server.stdin.close()
+                server.wait()
     return rows
 
 

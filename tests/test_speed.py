@@ -63,3 +63,15 @@ def test_tensor_parallel_rows_run_under_torchrun(tmp_path):
                "5", "--world_size", "1,2", "--dtype", "float32", "--compile", "false")["rows"]
     assert [r["config"] for r in rows] == ["float32 eager", "float32 eager tp=2"]
     assert rows[1]["tokens_per_s"] > 0 and rows[1]["allreduce_kb"] == pytest.approx(2 * 2 * 256 * 4 / 1024)
+
+
+@pytest.mark.slow
+def test_a_failing_peer_is_a_row_that_says_why(tmp_path, capsys):
+    """/bin/false stands in for a llama-cpp-python interpreter that crashes: our rows are kept."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    rows = run(tmp_path, "--dtype", "float32", "--compile", "false", "--num_samples", "1", "--peers", "llama_cpp",
+               "--llama_cpp_python", "/bin/false", "--gguf", str(gguf))["rows"]
+    assert rows[0]["tokens_per_s"] > 0 and rows[1]["engine"] == "llama.cpp" and rows[1]["tokens_per_s"] is None
+    assert "llama-cpp-python exited with status 1" in rows[1]["failed"]
+    assert "FAILED (RuntimeError: llama-cpp-python exited with status 1" in capsys.readouterr().out
