@@ -424,9 +424,13 @@ COLUMNS = [("engine", "engine", "{}"), ("config", "configuration", "{}"),
            ("vs_baseline", "vs baseline", "{:.2f}x")]
 
 
-def finish_rows(rows, copy_bw: float | None):
-    """Derived columns: bandwidth, its share of the copy bandwidth, ratio to the first row."""
-    base = rows[0]["tokens_per_s"] if rows else None
+def finish_rows(rows, copy_bw: float | None, baseline: str | None = None):
+    """Derived columns: bandwidth, its share of the copy bandwidth, and the ratio to the baseline
+    row: the first whose "engine configuration" contains `baseline`, or the first row."""
+    named = [r for r in rows if baseline and baseline in f"{r['engine']} {r['config']}"]
+    if baseline and not named:  # said, not raised: the rows took minutes to measure
+        print(f"note: --baseline {baseline!r} matches no row; comparing with the first", file=sys.stderr)
+    base = (named or rows or [{}])[0].get("tokens_per_s")
     for r in rows:
         if r["tokens_per_s"] is None:  # a peer that failed
             continue

@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--acceptance", type=float, default=None,
                    help="speculative rows also predict the speed-up at this per-token acceptance rate, from "
                         "expected tokens per round (1 - a^(k+1)) / (1 - a) (LayerSkip's Llama2-7B: 0.795)")
+    p.add_argument("--baseline", default=None,
+                   help="the row the last column compares with: the first whose 'engine configuration' contains "
+                        "this text, e.g. 'transformers float32 eager' (default: the first row)")
     p.add_argument("--freezing", action="store_true",
                    help="compile with inductor's freezing (weights as graph constants), to compare")
     p.add_argument("--llama_cpp_python", default=None, help="a Python with llama-cpp-python, for the llama_cpp peer")
@@ -125,11 +128,21 @@ def hf_model(a, dtype, compiled: bool):
     return hf
 
 
+def hf_weight_bytes(hf) -> int:
+    """Counted as ours (decoding.weight_bytes_per_token): every weight once, a tied head once, an
+    untied embedding not at all (a step reads one of its rows)."""
+    params = {p.data_ptr(): p for p in hf.parameters()}.values()
+    total = sum(p.numel() * p.element_size() for p in params)
+    emb = hf.get_input_embeddings().weight
+    tied = hf.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
+    return total if tied else total - emb.numel() * emb.element_size()
+
+
 def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
     import time
     n, rows = a.max_new_tokens, []
 
-    def row(name, config, generate_fn):
+    def row(name, config, generate_fn, model=None):
         try:
             r = common.measure(generate_fn, prompts, a.repeats, device)
         except Exception as e:  # noqa: BLE001 -- a peer that fails is a row that says why; ours are kept
@@ -137,6 +150,8 @@ def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
             r = {"tokens_per_s": None, "failed": reason}
             config = f"{config}: FAILED ({reason[:120]})"
         r.update(engine=name, config=config)
+        if model is not None:
+            r["bytes_per_token"] = hf_weight_bytes(model)
         rows.append(r)
         print(json.dumps(r, default=str), file=sys.stderr, flush=True)
 
@@ -154,11 +169,12 @@ def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
         if "transformers" in a.peers or "transformers_early_exit" in a.peers:
             hf = hf_model(a, dtype, False).to(device)
             if "transformers" in a.peers:
-                row("transformers", f"{dname} eager", hf_fn(hf))
+                row("transformers", f"{dname} eager", hf_fn(hf), hf)
             for E in exit_layers if "transformers_early_exit" in a.peers else []:
                 row("transformers", f"{dname} assistant_early_exit={E}", hf_fn(hf, assistant_early_exit=E))
         if "transformers_compile" in a.peers:
-            row("transformers", f"{dname} static cache + compile", hf_fn(hf_model(a, dtype, True).to(device)))
+            hf = hf_model(a, dtype, True).to(device)
+            row("transformers", f"{dname} static cache + compile", hf_fn(hf), hf)
             torch._dynamo.reset()
     if "llama_cpp" in a.peers:
         gguf = a.gguf or next(iter(sorted(Path(common.REPO, "checkpoints").glob("**/*.gguf"))), None)
@@ -198,8 +214,11 @@ def tp_row(a, c: dict) -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // n)) if "cuda" not in str(a.device) else "1"
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode or line is None:
-        raise RuntimeError(f"torchrun over {n} ranks failed: {' '.join(r.stderr.strip().splitlines()[-3:])}")
+    if r.returncode or line is None:  # a rank's one-line refusal (cli.run) says why, else torchrun's last words
+        said = [x for x in r.stderr.splitlines() if x.startswith("error")] or r.stderr.strip().splitlines()[-3:]
+        reason = " ".join(said[0].split()) if said else f"exit status {r.returncode}"
+        return {"engine": "ours", "config": f"{common.describe_row(c)}: FAILED ({reason[:160]})", "tokens_per_s": None,
+                "failed": reason, **c}
     return json.loads(line[len("RESULT "):])
 
 
@@ -255,7 +274,7 @@ def main(argv=None):
         dtypes = list(dict.fromkeys(c["dtype"] for c in a.rows))
         exit_layers = list(dict.fromkeys(int(c["exit_layer"]) for c in a.rows if c["exit_layer"]))
         rows += peer_rows(a, dtypes, exit_layers, prompts, device)
-    common.finish_rows(rows, copy_bw)
+    common.finish_rows(rows, copy_bw, a.baseline)
     print(f"\n{header}\n\n{common.table(rows)}")
     command = "python scripts/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     common.write_json(out, {"command": command, "device": str(device), "device_name": name,

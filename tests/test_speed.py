@@ -41,6 +41,15 @@ def test_compiled_rows_report_compile_time(tmp_path):
     assert rows[0]["compile_s"] is None and rows[1]["compile_s"] > 0
 
 
+def test_the_baseline_row(capsys):
+    rows = [{"engine": "ours", "config": "float32 eager", "tokens_per_s": 10.0},
+            {"engine": "transformers", "config": "float32 eager", "tokens_per_s": 5.0}]
+    assert [r["vs_baseline"] for r in common.finish_rows(rows, None)] == [1.0, 0.5]
+    assert [r["vs_baseline"] for r in common.finish_rows(rows, None, "transformers float32")] == [2.0, 1.0]
+    assert [r["vs_baseline"] for r in common.finish_rows(rows, None, "llama.cpp")] == [1.0, 0.5]
+    assert "--baseline 'llama.cpp' matches no row" in capsys.readouterr().err
+
+
 def test_the_timing_method():
     """measure(): tokens/s is the median pass's rate; peers report (tokens, seconds)."""
     import torch
@@ -55,14 +64,17 @@ def test_real_model_against_transformers(tmp_path):
                "transformers")["rows"]
     assert [(r["engine"], r["config"]) for r in rows] == [("ours", "float32 eager"), ("transformers", "float32 eager")]
     assert rows[0]["mb_per_token"] == pytest.approx(538, rel=0.01)  # SmolLM2-135M in float32, head tied
+    assert rows[1]["mb_per_token"] == pytest.approx(rows[0]["mb_per_token"], rel=0.001)  # counted alike
 
 
 @pytest.mark.slow
 def test_tensor_parallel_rows_run_under_torchrun(tmp_path):
     rows = run(tmp_path, "--checkpoint_path", "random:small", "--peers", "", "--num_samples", "1", "--prompt_length",
-               "5", "--world_size", "1,2", "--dtype", "float32", "--compile", "false")["rows"]
-    assert [r["config"] for r in rows] == ["float32 eager", "float32 eager tp=2"]
+               "5", "--world_size", "1,2,3", "--dtype", "float32", "--compile", "false")["rows"]
+    assert [r["config"] for r in rows[:2]] == ["float32 eager", "float32 eager tp=2"]
     assert rows[1]["tokens_per_s"] > 0 and rows[1]["allreduce_kb"] == pytest.approx(2 * 2 * 256 * 4 / 1024)
+    # 8 heads do not shard over 3 ranks: that row says so, the others stay
+    assert rows[2]["tokens_per_s"] is None and "cannot shard this model over 3 ranks" in rows[2]["failed"]
 
 
 @pytest.mark.slow
