@@ -527,13 +527,19 @@ def load_row_engine(a, c: dict, rank=0, world_size=1):
     if not spec.startswith("random:"):
         return options.load_engine(ns, rank, world_size)
     from decoding import Steps, compile_steps
-    from quantized import quantize_model
+    from quantized import pack_model, quantize_model
     _, shape, *layers = spec.split(":")
     device = options.pick_device(ns.device)
     dtype = options.pick_dtype(ns.dtype, device, ns.quantize_mode is not None, ns.strategy.name)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
+    if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
+        mode = ns.quantize_mode
+        tp.check_shardable(model.args, world_size, mode[1] if mode and mode[0] == "int4" else None)
     if ns.quantize_mode:
-        quantize_model(model, *ns.quantize_mode)
+        quantize_model(model, *ns.quantize_mode, pack=False)
+    if world_size > 1:
+        model = tp.shard_model(model, rank, world_size)
+    model = pack_model(model)
     steps = compile_steps(device) if ns.compile else Steps()
     return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec))
 

@@ -184,9 +184,12 @@ def peer_rows(a, dtypes, exit_layers, prompts, device) -> list[dict]:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
         def cpp(prompt, on_tokens):
-            server.stdin.write(json.dumps([prompt.tolist(), n]) + "\n")
-            server.stdin.flush()
-            line = server.stdout.readline()
+            try:
+                server.stdin.write(json.dumps([prompt.tolist(), n]) + "\n")
+                server.stdin.flush()
+                line = server.stdout.readline()
+            except BrokenPipeError:  # it exited before reading
+                line = ""
             if not line:
                 raise RuntimeError(f"llama-cpp-python exited with status {server.wait()}; run the "
                                    "--llama_cpp_python interpreter by hand to see why")
