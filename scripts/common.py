@@ -10,6 +10,7 @@ Datasets (prompt, reference samples):
   installed and the hub is reachable (cnn_dm_lm: the first 100 words of an article as the prompt,
   the rest as the reference).
 """
+import argparse
 import json
 import random
 import statistics
@@ -503,10 +504,15 @@ def describe_row(c: dict) -> str:
     return " ".join(parts)
 
 
+class _Refusing(argparse.ArgumentParser):
+    def error(self, message):  # the caller names the row
+        raise ValueError(message)
+
+
 def row_args(a, c: dict):
-    """The shared options for one row, as the engine's commands would parse them."""
-    import argparse
-    p = argparse.ArgumentParser()
+    """The shared options for one row, as the engine's commands would parse and check them;
+    ValueError if they refuse them."""
+    p = _Refusing(add_help=False)
     options.add_options(p)
     argv = ["--checkpoint_path", str(a.checkpoint_path), "--device", str(a.device), "--dtype", c["dtype"],
             "--generation_strategy", c["generation_strategy"], "--num_speculations", c["num_speculations"],

@@ -99,13 +99,13 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown peers {bad}; choose from {', '.join(PEERS)}")
     a.rows = common.expand(preset["grids"], {k: getattr(a, k) for k in common.GRID_KEYS})
-    try:
-        for c in a.rows:  # every row's options checked before anything runs
+    for c in a.rows:  # every row's options checked before anything runs
+        try:
             common.row_args(a, c)
             if int(c["world_size"]) < 1:
                 raise ValueError(f"--world_size must be >= 1, got {c['world_size']}")
-    except (SystemExit, ValueError) as e:
-        p.error(f"row {common.describe_row(c) if 'c' in dir() else ''}: {e}")
+        except ValueError as e:
+            p.error(f"the row {', '.join(f'{k}={v}' for k, v in c.items() if v)}: {e}")
     random_weights = a.checkpoint_path.startswith("random:")
     if random_weights and a.checkpoint_path.split(":")[1] not in common.RANDOM_SHAPES:
         p.error(f"unknown random shape in {a.checkpoint_path}; choose from {', '.join(common.RANDOM_SHAPES)}")

@@ -96,6 +96,11 @@ def test_speed_presets_are_grids_of_shared_options():
     (["--checkpoint_path", "random:gpt5", "--peers", ""], "unknown random shape"),
     (["--checkpoint_path", "random:small"], "peers need a real checkpoint"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+    (["--compile", "maybe"], "expected True or False, got 'maybe'"),
+    (["--world_size", "two"], "invalid literal for int()"),
+    (["--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "99"],
+     "--num_speculations must be in [1, 64]"),
 ])
 def test_speed_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
