@@ -221,12 +221,24 @@ def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
         raise ValueError(f"the draft model's vocabulary ({draft_meta['args'].vocab_size}) differs from the model's "
                          f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
     if world_size > 1:
-        for m in [meta] + ([draft_meta] if draft_meta else []):
-            scheme = m["scheme"]
-            groupsize = scheme.get("groupsize") if scheme["mode"] == "int4" else None
-            if m is meta and a.quantize_mode and a.quantize_mode[0] == "int4":
-                groupsize = a.quantize_mode[1]
-            tp.check_shardable(m["args"], world_size, groupsize)
+        check_shardable(meta["args"], meta["scheme"], a.quantize_mode, world_size)
+        if draft_meta is not None:
+            check_shardable(draft_meta["args"], draft_meta["scheme"], None, world_size)
+
+
+def check_shardable(model_args, scheme: dict, quantize_mode, world_size: int):
+    """tp.check_shardable for a model with this stored scheme, quantized in memory to quantize_mode
+    (mode, groupsize) or not: int4's group size constrains the split."""
+    mode, groupsize = quantize_mode or (scheme["mode"], scheme.get("groupsize"))
+    tp.check_shardable(model_args, world_size, groupsize if mode == "int4" else None)
+
+
+def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
+    """In-memory quantization before sharding (tp splits the quantized modules) and before packing
+    (load_model packs); then this rank's shard."""
+    if quantize_mode:
+        quantize_model(model, *quantize_mode, pack=False)
+    return tp.shard_model(model, rank, world_size) if world_size > 1 else model
 
 
 def init_distributed(a) -> tuple[int, int]:
@@ -254,19 +266,15 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
         check(meta, tokenizer)
     quantized = meta["scheme"]["mode"] != "none" or a.quantize_mode is not None
     dtype = pick_dtype(a.dtype, device, quantized, a.strategy.name)
-
-    def prepare(model, quantize=None):
-        if quantize:  # before sharding (tp splits the quantized modules) and before packing (load_model packs)
-            quantize_model(model, *quantize, pack=False)
-        return tp.shard_model(model, rank, world_size) if world_size > 1 else model
     t0 = time.perf_counter()
-    model = load_model(path, device, dtype, prepare=lambda m: prepare(m, a.quantize_mode))
+    model = load_model(path, device, dtype, prepare=lambda m: quantize_and_shard(m, a.quantize_mode, rank, world_size))
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
     how = f", quantized to {a.quantize} in memory" if a.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft = None
     if draft_path is not None:
-        draft = load_model(resolve_checkpoint_path(draft_path), device, dtype, prepare=prepare)
+        draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
+                           prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
     steps = compile_steps(device, a.compile_prefill) if a.compile else Steps()
     return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
                   path)

@@ -27,8 +27,10 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import options  # noqa: E402
 import tp  # noqa: E402
-from decoding import peak_memory_gb, synchronize  # noqa: E402
+from decoding import Steps, compile_steps, peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from quantized import pack_model  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
 
 DATASETS = ("human_eval", "custom_jsonl", "cnn_dm_summarization", "xsum_summarization", "cnn_dm_lm")
 HUB_DATASETS = {"cnn_dm_summarization": ("cnn_dailymail", "3.0.0", "article", "highlights"),
@@ -532,27 +534,20 @@ def load_row_engine(a, c: dict, rank=0, world_size=1):
     spec = str(a.checkpoint_path)
     if not spec.startswith("random:"):
         return options.load_engine(ns, rank, world_size)
-    from decoding import Steps, compile_steps
-    from quantized import pack_model, quantize_model
     _, shape, *layers = spec.split(":")
     device = options.pick_device(ns.device)
     dtype = options.pick_dtype(ns.dtype, device, ns.quantize_mode is not None, ns.strategy.name)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
     if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
-        mode = ns.quantize_mode
-        tp.check_shardable(model.args, world_size, mode[1] if mode and mode[0] == "int4" else None)
-    if ns.quantize_mode:
-        quantize_model(model, *ns.quantize_mode, pack=False)
-    if world_size > 1:
-        model = tp.shard_model(model, rank, world_size)
-    model = pack_model(model)
+        options.check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
+    model = pack_model(options.quantize_and_shard(model, ns.quantize_mode, rank, world_size))
     steps = compile_steps(device) if ns.compile else Steps()
     return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec))
 
 
-def prompts_for(a, engine, vocab_size: int) -> list:
+def prompts_for(a, engine) -> list:
     """--num_samples HumanEval prompts (or --prompt_length random tokens each; always for random weights)."""
-    n = a.num_samples or 2
+    n, vocab_size = a.num_samples or 2, engine.model.args.vocab_size
     if a.prompt_length or engine.tokenizer is None:
         length = a.prompt_length or 16
         return [torch.randint(100, min(1000, vocab_size), (length,), generator=torch.Generator().manual_seed(i)
@@ -563,12 +558,10 @@ def prompts_for(a, engine, vocab_size: int) -> list:
 
 def bench_row(engine, c: dict, prompts, a) -> dict:
     """One row of ours: measure() over the prompts, plus step costs for speculative rows."""
-    from decoding import weight_bytes_per_token
     n = a.max_new_tokens
     engine.setup_caches(max(len(p) for p in prompts) + n + engine.strategy.lookahead(n) + 1)
     r = measure(lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=())[1], prompts, a.repeats, engine.device)
     compiled = options.parse_bool(c["compile"])
-    from torch._inductor import config as inductor_config
     freezing = " +freezing" if compiled and inductor_config.freezing else ""
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
     if engine.strategy.name == "autoregressive":

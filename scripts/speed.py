@@ -233,7 +233,7 @@ def worker(a):
     rank, world_size, a.device = tp.init_from_env(a.device)
     try:
         engine = common.load_row_engine(a, c, rank, world_size)
-        r = common.bench_row(engine, c, common.prompts_for(a, engine, engine.model.args.vocab_size), a)
+        r = common.bench_row(engine, c, common.prompts_for(a, engine), a)
         if rank == 0:
             print("RESULT " + json.dumps(r, default=str), flush=True)
     finally:
@@ -268,7 +268,7 @@ def main(argv=None):
             engine = loaded[1]
             ns = common.row_args(a, c)
             engine.strategy = ns.strategy
-            prompts = prompts or common.prompts_for(a, engine, engine.model.args.vocab_size)
+            prompts = prompts or common.prompts_for(a, engine)
             rows.append(common.bench_row(engine, c, prompts, a))
         print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
     if a.peers:
