@@ -98,8 +98,12 @@ def compile_steps(device: torch.device, compile_prefill: bool = False) -> Steps:
     graphs on CUDA), each compiled once per (exit layer, number of speculations) on first use;
     the prefill, if asked, with dynamic shapes."""
     configure_inductor(device)
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    fixed = lambda fn: torch.compile(fn, mode=mode, fullgraph=True)  # noqa: E731
+    if device.type == "cuda":
+        fixed = lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True)  # noqa: E731
+    else:
+        # A C++ wrapper calls the graph's kernels (~120 int8/int4 kernels, ~200 fused loops per
+        # SmolLM2 step) without a Python call each: 1.6 ms of a 15.4 ms int8 step (BENCHMARKS.md).
+        fixed = lambda fn: torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True})  # noqa: E731
     return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
                  decode=fixed(decode_one_token), draft=fixed(draft_step), verify=fixed(verify_step))
 

@@ -150,20 +150,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, quantized: bool = False, strategy: str = "autoregressive"):
-    """The compute dtype, with a one-line note where a choice is slow on this machine (BENCHMARKS.md)."""
-    slow_quantized = ("PyTorch's CPU int8/int4 kernels are 3x (AVX-512 BF16 CPUs) to 20x (AVX2 CPUs) slower with "
-                      "float32 activations than with bfloat16")
+    """The compute dtype, with a one-line note where a choice is slow on this machine (BENCHMARKS.md).
+    On CPU auto is float32, quantized or not: the int8/int4 kernels compute in float32 anyway, and
+    float32 keeps greedy self-speculation equal to greedy decoding."""
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        if quantized and strategy == "autoregressive":
-            note(f"quantized weights on CPU compute in bfloat16 ({slow_quantized}); --dtype float32 forces float32")
-            return torch.bfloat16
-        name = "float32"
+        name = "bfloat16" if device.type == "cuda" else "float32"
     dtype = DTYPES[name]
-    if device.type == "cpu" and quantized and dtype == torch.float32:
-        note(f"quantized weights with float32 activations decode slowly ({slow_quantized}); float32 keeps greedy "
-             "self-speculation token-for-token equal to greedy decoding, --dtype bfloat16 is faster")
     if device.type == "cpu" and dtype == torch.float16 and not cpu_has_native_float16():
         note("float16 on this CPU (no AVX-512 FP16) decodes about 5x slower than float32; prefer --dtype float32 "
              "or bfloat16")

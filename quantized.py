@@ -3,8 +3,8 @@ and in-memory quantization. (`quantize.py` is the command that writes a quantize
 
 - int8: symmetric, one scale per output channel: w ~ q * scale, q in [-127, 127].
 - int4: asymmetric, one (scale, zero) per group of `groupsize` input channels:
-  w ~ (q - 8) * scale + zero, q in [0, 15] -- the formula of PyTorch's packed int4 kernels
-  (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU).
+  w ~ (q - 8) * scale + zero, q in [0, 15] -- the formula of PyTorch's packed int4 kernel
+  (`_weight_int4pack_mm`, used on CUDA; the CPU has its own kernels, `cpu_kernels.py`).
 
 Every linear layer of the blocks and the LM head is quantized. The embedding is kept in the model's
 dtype: decoding reads one of its rows per token, so quantizing it would save memory but no time,
@@ -18,12 +18,14 @@ CUDA packer takes) and the weights are packed for the device when the model is l
 well under a second. A checkpoint whose metadata names any other packing is refused.
 """
 import math
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cpu_kernels
 from model import Transformer
 
 MODES = ("int8", "int4")
@@ -76,85 +78,49 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 # --- the modules ---
 
-MAX_EXACT_ROWS = 8
+def _cpu_kernels_ready() -> bool:
+    """Builds the CPU kernels on first use; where they cannot be built, says so once and returns
+    False (the layers then dequantize their weights in PyTorch: correct but slow)."""
+    if cpu_kernels.load():
+        return True
+    if not _fallback_noted:
+        _fallback_noted.append(True)
+        print(f"note: the CPU int8/int4 kernels are not available ({cpu_kernels.reason()}); quantized layers "
+              "dequantize their weights on every call instead, which is slow", file=sys.stderr)
+    return False
 
 
-def cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The activation dtype of PyTorch's CPU int8/int4 kernels for input x.
-
-    Decoding, drafting and verifying (at most MAX_EXACT_ROWS rows) compute in the model's dtype, so
-    a float32 model keeps float32 arithmetic and greedy self-speculation stays equal to greedy
-    decoding: bfloat16 roundings would differ between a 1-row and a (k+1)-row pass and flip near
-    ties. Prefill and scoring run many rows, where the float32 kernels are ~40x slower than the
-    bfloat16 ones (BENCHMARKS.md), so they compute in bfloat16: an activation rounding far below
-    the weights' own quantization error."""
-    return x.dtype if x.numel() // x.shape[-1] <= MAX_EXACT_ROWS else torch.bfloat16
-
-
-# Inductor's own lowerings of the CPU int8/int4 kernels fail on an input computed inside the graph
-# (torch 2.13), so the kernels go in as opaque ops: compiled graphs call them like eager code does.
-@torch.library.custom_op("layerskip::int8_mm_cpu", mutates_args=())
-def int8_mm_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
-
-
-@int8_mm_cpu.register_fake
-def _(x, weight, scales):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op("layerskip::int4_mm_cpu", mutates_args=())
-def int4_mm_cpu(x: torch.Tensor, weight: torch.Tensor, groupsize: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, groupsize, scales_and_zeros)
-
-
-@int4_mm_cpu.register_fake
-def _(x, weight, groupsize, scales_and_zeros):
-    return x.new_empty(x.shape[0], weight.shape[0])
+_fallback_noted: list = []
 
 
 class Int8Linear(nn.Module):
+    """On CPU, `cpu_kernels.int8_linear` (float32 arithmetic whatever the model's dtype); elsewhere
+    the dequantized product, which inductor fuses into the matmul's weight load on CUDA."""
+
     def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-
-    # PyTorch's CPU int8 kernel (torch 2.13 on AVX-512 BF16 / AMX CPUs) computes wrong results or
-    # crashes for a bfloat16 input whose width is not a multiple of 32, and crashes on weights that
-    # are not 16-byte aligned (tensors read from a safetensors file can start anywhere). So on CPU
-    # the weight is zero-padded to that width and copied to fresh (64-byte aligned) memory when the
-    # model is loaded; the input is padded to match.
-    CPU_K_MULTIPLE = 32
+        self.use_cpu_kernel = False
 
     def pack(self):
-        """Pads and aligns the weight for the CPU kernel (see CPU_K_MULTIPLE); no-op elsewhere."""
-        if self.weight.device.type != "cpu":
-            return
-        k_pad = -self.in_features % self.CPU_K_MULTIPLE
-        if k_pad and self.weight.shape[1] == self.in_features:
-            self.weight = F.pad(self.weight, (0, k_pad))
-        for name in ("weight", "scales"):
-            if getattr(self, name).data_ptr() % 64:
-                setattr(self, name, getattr(self, name).clone())
+        if self.weight.device.type == "cpu":
+            self.use_cpu_kernel = _cpu_kernels_ready()
+            self.register_buffer("scales32", self.scales.float(), persistent=False)
 
     def forward(self, x):
-        if x.device.type == "cpu":
-            dtype = cpu_compute_dtype(x)
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            if self.weight.shape[1] != x2.shape[1]:
-                x2 = F.pad(x2, (0, self.weight.shape[1] - x2.shape[1]))
-            y = int8_mm_cpu(x2, self.weight, self.scales.to(dtype))
-            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        # on CUDA inductor fuses the int8 -> dtype conversion into the matmul's weight load
+        if x.device.type == "cpu" and self.use_cpu_kernel:
+            return cpu_kernels.int8_linear(x, self.weight, self.scales32)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
 
 class Int4Linear(nn.Module):
-    """Holds the portable nibbles until `pack()` turns them into the kernel's layout for their device.
+    """Holds the portable nibbles until `pack()` turns them into the kernel's layout for their device
+    (CUDA: `_weight_int4pack_mm`'s tiles; CPU: `cpu_kernels`' 32-code blocks).
 
     `in_features` is the layer's true width; the stored weight may be zero-padded to a multiple of
-    the group size (and at packing time, N to a multiple of 16 and K to the CUDA tile), and the
+    the group size (and at packing time for CUDA, N to a multiple of 16 and K to its tile), and the
     input is padded to match."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, device=None):
@@ -168,45 +134,47 @@ class Int4Linear(nn.Module):
     def pack(self):
         """Converts the nibbles to the int4 kernel layout of the buffers' device."""
         dev = self.weight.device
-        n_pad = -self.out_features % 16  # both kernels tile N by (at least) 16
         q = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros.float()
-        if dev.type == "cuda":
+        self.k_padded = q.shape[1]
+        if dev.type == "cpu":
+            # w = (q - 8) * scale + zero = q * scale + bias
+            self.weight = cpu_kernels.pack_int4(q)
+            scales = sz[..., 0].t().contiguous()
+            self.register_buffer("scales", scales, persistent=False)
+            self.register_buffer("biases", (sz[..., 1].t() - 8 * scales).contiguous(), persistent=False)
+            del self.scales_and_zeros
+            self.use_cpu_kernel = _cpu_kernels_ready()
+        elif dev.type == "cuda":
+            n_pad = -self.out_features % 16  # the kernel tiles N by 16
             k_pad = -q.shape[1] % 32  # inner k tiles: 2 x 16 at least
             inner = next(t for t in (8, 4, 2) if (q.shape[1] + k_pad) % (t * 16) == 0)
-        else:
-            k_pad, inner = 0, 2
-        q = F.pad(q, (0, k_pad, 0, n_pad), value=8)
-        # padded groups dequantize to 0; padded rows are sliced off the output
-        extra_groups = (q.shape[1] - sz.shape[0] * self.groupsize) // self.groupsize
-        sz = F.pad(sz, (0, 0, 0, n_pad, 0, extra_groups))
-        if dev.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q.to(torch.uint8)).contiguous(), inner)
-        elif dev.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), inner)
+            q = F.pad(q, (0, k_pad, 0, n_pad), value=8)
+            # padded groups dequantize to 0; padded rows are sliced off the output
+            extra_groups = (q.shape[1] - sz.shape[0] * self.groupsize) // self.groupsize
+            self.scales_and_zeros = F.pad(sz, (0, 0, 0, n_pad, 0, extra_groups)).contiguous()
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q.to(torch.uint8)).contiguous(), inner)
+            self.k_padded = q.shape[1]
         else:
             raise RuntimeError(f"int4 weights are supported on cpu and cuda, not {dev.type}")
-        self.weight = packed
-        self.scales_and_zeros = sz.contiguous()
-        self.k_padded = q.shape[1]
         self.packed_for = dev.type
 
     def forward(self, x):
         if self.packed_for != x.device.type:
             raise RuntimeError(f"Int4Linear packed for {self.packed_for}, called on {x.device.type}; "
-                               "call quantize.pack_model(model) after moving the model")
+                               "call quantized.pack_model(model) after moving the model")
+        if self.k_padded != x.shape[-1]:
+            x = F.pad(x, (0, self.k_padded - x.shape[-1]))
+        if self.packed_for == "cpu":
+            if self.use_cpu_kernel:
+                return cpu_kernels.int4_linear(x, self.weight, self.scales, self.biases, self.groupsize)
+            w = cpu_kernels.dequantize_int4(self.weight, self.scales, self.biases, self.groupsize)
+            return F.linear(x, w.to(x.dtype))
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.k_padded != shape[-1]:
-            x2 = F.pad(x2, (0, self.k_padded - shape[-1]))
-        if self.packed_for == "cuda":  # the CUDA kernel takes bfloat16 only
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros.to(torch.bfloat16))
-        else:
-            dtype = cpu_compute_dtype(x2)
-            y = int4_mm_cpu(x2.to(dtype), self.weight, self.groupsize, self.scales_and_zeros.to(dtype))
-        y = y.to(x.dtype)
-        return y[:, :self.out_features].reshape(*shape[:-1], self.out_features)
+        # the CUDA kernel takes bfloat16 only
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
+                                               self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
+        return y[:, :self.out_features].reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
 # --- whole models ---

@@ -1,0 +1,111 @@
+"""The CPU kernels of the quantized linear layers (int8 and int4 weights, float32 activations).
+
+`cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
+this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
+version in torch's extension folder: the first load takes about half a minute, later ones a
+fraction of a second. It registers two operators, `torch.ops.layerskip_cpu.int8_linear` and
+`int4_linear`, which compiled graphs call as opaque kernels (their shapes come from the fake
+implementations below). Where they cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the
+quantized layers fall back to dequantizing the weights in PyTorch: correct, slow, and said once.
+
+int4 layout on the CPU: per row, each group of 32 input channels is 16 bytes, byte i holding code i
+in its low nibble and code i + 16 in its high nibble (so one 16-byte load unpacks into two vectors
+with a mask and a shift), and w = code * scale + bias per group of `groupsize` channels.
+"""
+import hashlib
+import os
+import platform
+import sys
+
+import torch
+from torch.utils import cpp_extension
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+_state: dict = {}
+
+
+def _build_name() -> str:
+    # -march=native code runs only on CPUs with the builder's instruction set: one build per CPU model
+    info = [platform.machine(), torch.__version__]
+    try:
+        with open("/proc/cpuinfo") as f:
+            info += sorted({line.strip() for line in f if line.startswith(("model name", "flags"))})
+    except OSError:
+        info.append(platform.processor())
+    return "layerskip_cpu_" + hashlib.sha1("\n".join(info).encode()).hexdigest()[:12]
+
+
+def load() -> bool:
+    """Builds (the first time on this machine) and loads the kernels. False where they cannot be
+    built; `reason()` says why."""
+    if "ok" in _state:
+        return _state["ok"]
+    _state["ok"], _state["reason"] = False, "disabled by LAYERSKIP_CPU_KERNELS=0"
+    if os.environ.get("LAYERSKIP_CPU_KERNELS", "1") == "0":
+        return False
+    name = _build_name()
+    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(build_dir, name + ".so")):
+        print("building the CPU int8/int4 kernels (once per machine, about half a minute) ...", file=sys.stderr)
+    cflags = ["-O3"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        cflags.append("-march=native")
+    ldflags = []
+    if torch.backends.openmp.is_available():  # at::parallel_for is an OpenMP loop compiled into the kernel
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    try:
+        cpp_extension.load(name, [SOURCE], extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build_dir,
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 -- any build failure means: use the fallback, say why
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        _state["reason"] = f"building {SOURCE} failed: {lines[-1] if lines else type(e).__name__}"
+        return False
+    torch.library.register_fake("layerskip_cpu::int8_linear")(
+        lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("layerskip_cpu::int4_linear")(
+        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+    _state["ok"], _state["reason"] = True, ""
+    return True
+
+
+def reason() -> str:
+    return _state.get("reason", "not loaded yet")
+
+
+def isa() -> str:
+    """The instruction set the kernels were built for: avx512, avx2 or portable."""
+    return torch.ops.layerskip_cpu.isa() if load() else "none"
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (any float dtype) @ (int8 weight [N, K] * float32 scales [N]).T, in float32."""
+    y = torch.ops.layerskip_cpu.int8_linear(x.reshape(-1, x.shape[-1]).float(), weight, scales)
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
+                groupsize: int) -> torch.Tensor:
+    y = torch.ops.layerskip_cpu.int4_linear(x.reshape(-1, x.shape[-1]).float(), weight, scales, biases, groupsize)
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 15], K % 32 == 0 -> the kernel's bytes [N, K // 2] (module docstring)."""
+    n, k = codes.shape
+    c = codes.reshape(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    n, half = packed.shape
+    p = packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([p & 15, p >> 4], dim=2).reshape(n, half * 2)
+
+
+def dequantize_int4(packed, scales, biases, groupsize: int) -> torch.Tensor:
+    """The float32 weight [N, K] the int4 kernel multiplies by (the fallback and the tests' reference)."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    return (q.reshape(n, k // groupsize, groupsize) * scales[..., None] + biases[..., None]).reshape(n, k)
