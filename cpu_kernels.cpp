@@ -6,7 +6,7 @@
 //
 // Every y[m, n] is reduced by the same sequence of instructions whatever the number of rows and
 // whichever tile the row lands in, so a row's result does not depend on the rows beside it: the
-// verify pass over k + 1 rows gives bitwise the logits that k + 1 one-row decode steps would.
+// verify pass over k + 1 <= 16 rows gets bitwise the products that k + 1 one-row steps would.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -181,7 +181,7 @@ void for_tiles(int64_t M, int64_t N, const void* w, int64_t row_bytes, const Til
 // Many rows (a prompt): arithmetic, not reading the weights, is the cost, and the BLAS GEMM does it
 // faster than the tiles, so the weight is dequantized to float32 (in parallel, row by row) and
 // multiplied by at::mm. Not row-invariant: only prefill and long verify passes come here.
-constexpr int64_t kMaxTileRows = 65;
+constexpr int64_t kMaxTileRows = 16;  // cpu_kernels.EXACT_ROWS
 
 // Chunks of channels (about 2 MB of float32) are dequantized into one buffer that stays in cache.
 constexpr int64_t kChunkFloats = 1 << 19;

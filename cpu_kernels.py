@@ -2,8 +2,8 @@
 
 `cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
 this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
-version in torch's extension folder: the first load takes about half a minute, later ones a
-fraction of a second. It registers two operators, `torch.ops.layerskip_cpu.int8_linear` and
+version in torch's extension folder (TORCH_EXTENSIONS_DIR if set): the first load takes about 15
+seconds, later ones a fraction of a second. It registers two operators, `torch.ops.layerskip_cpu.int8_linear` and
 `int4_linear`, which compiled graphs call as opaque kernels (their shapes come from the fake
 implementations below). Where they cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the
 quantized layers fall back to dequantizing the weights in PyTorch: correct, slow, and said once.
@@ -20,13 +20,17 @@ import sys
 import torch
 from torch.utils import cpp_extension
 
+# Up to this many rows the kernels reduce every output in one fixed order (a row's result does not
+# depend on the rows beside it); more rows (prompts) go to a dequantize + GEMM path. Where the row
+# tiles stop paying off: about 16 rows with AVX2 int4, 40-64 with AVX-512 (BENCHMARKS.md).
+EXACT_ROWS = 16
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
 _state: dict = {}
 
 
 def _build_name() -> str:
     # -march=native code runs only on CPUs with the builder's instruction set: one build per CPU model
-    info = [platform.machine(), torch.__version__]
+    info = [platform.machine(), torch.__version__, os.environ.get("LAYERSKIP_CPU_MARCH", "native")]
     try:
         with open("/proc/cpuinfo") as f:
             info += sorted({line.strip() for line in f if line.startswith(("model name", "flags"))})
@@ -44,18 +48,21 @@ def load() -> bool:
     if os.environ.get("LAYERSKIP_CPU_KERNELS", "1") == "0":
         return False
     name = _build_name()
-    build_dir = os.path.join(cpp_extension.get_default_build_root(), name)
-    os.makedirs(build_dir, exist_ok=True)
-    if not os.path.exists(os.path.join(build_dir, name + ".so")):
-        print("building the CPU int8/int4 kernels (once per machine, about half a minute) ...", file=sys.stderr)
+    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), name)
+    # LAYERSKIP_CPU_MARCH picks another instruction set level (haswell: AVX2; x86-64: portable C++),
+    # e.g. to test those paths, or for a build shared by different machines
+    march = os.environ.get("LAYERSKIP_CPU_MARCH", "native")
     cflags = ["-O3"]
     if platform.machine() in ("x86_64", "AMD64"):
-        cflags.append("-march=native")
+        cflags.append(f"-march={march}")
     ldflags = []
     if torch.backends.openmp.is_available():  # at::parallel_for is an OpenMP loop compiled into the kernel
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
     try:
+        os.makedirs(build_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(build_dir, name + ".so")):
+            print("building the CPU int8/int4 kernels (once per machine, about 15 s) ...", file=sys.stderr)
         cpp_extension.load(name, [SOURCE], extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build_dir,
                            is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 -- any build failure means: use the fallback, say why

@@ -219,6 +219,22 @@ def test_self_speculation_on_quantized_smollm2_equals_its_greedy(name, text, smo
 
 
 @pytest.mark.slow
+def test_compiled_self_speculation_on_quantized_smollm2_equals_its_eager_greedy(smol_quantized, smollm2_dir):
+    """The draft and verify graphs call the CPU kernels through inductor's C++ wrapper."""
+    from tokenizer import load_tokenizer
+    model = load_model(smol_quantized["int8"], dtype=torch.float32)
+    model.setup_caches(1, 96)
+    prompt = torch.tensor(load_tokenizer(smollm2_dir).encode("def is_prime(n):\n"))
+    ref, _ = generate(model, prompt, 24, GREEDY)
+    steps = compile_steps(torch.device("cpu"))
+    for i in range(2):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out, stats = speculative_generate(model, prompt, 24, GREEDY, 3, exit_layer=12, steps=steps)
+        assert out.tolist() == ref.tolist()
+    assert sum(stats.accepted_per_round) > 0 and stats.acceptance_rate < 1
+
+
+@pytest.mark.slow
 def test_quantized_model_drafts_for_the_float_model(smol_quantized, smollm2, smollm2_dir):
     """Two-model speculation with the int4 model as the draft keeps the fp32 target's greedy output."""
     from tokenizer import load_tokenizer

@@ -1,0 +1,153 @@
+"""The CPU int8/int4 kernels (cpu_kernels.cpp) against the product with their dequantized weights."""
+import platform
+
+import pytest
+import torch
+
+import cpu_kernels
+import quantized
+from quantized import Int8Linear, quantize_int4, quantize_int8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    assert cpu_kernels.load(), cpu_kernels.reason()
+
+
+def int8_weights(n, k, seed=0):
+    torch.manual_seed(seed)
+    q, s = quantize_int8(torch.randn(n, k))
+    return q, s, q.double() * s.double()[:, None]
+
+
+def int4_weights(n, k, g, seed=0):
+    torch.manual_seed(seed)
+    q, sz = quantize_int4(torch.randn(n, k), g)
+    scales = sz[..., 0].t().contiguous()
+    biases = (sz[..., 1].t() - 8 * scales).contiguous()
+    packed = cpu_kernels.pack_int4(q)
+    return packed, scales, biases, cpu_kernels.dequantize_int4(packed, scales, biases, g).double()
+
+
+def assert_float32_accurate(y, x, w):
+    """Within float32 accumulation of the exact product: K * eps32 * sum_k |x_k w_k|."""
+    ref = x.double() @ w.T
+    bound = x.shape[-1] * torch.finfo(torch.float32).eps * (x.double().abs() @ w.abs().T) + 1e-6
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max()
+
+
+def test_the_kernels_are_built_for_this_machine():
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert cpu_kernels.isa() in ("avx512", "avx2")  # the CI machines have AVX2 at least
+
+
+# rows: one (decode), verify passes (row tiles of 4 and their remainders, up to EXACT_ROWS) and
+# prompts (dequantize + GEMM). Shapes: K not a multiple of the vector
+# width, N not a multiple of the tile, SmolLM2's sizes.
+ROWS = [1, 2, 3, 4, 5, 9, 16, 17, 65, 130]
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 17), (13, 40), (96, 576), (33, 1000)])
+def test_int8_kernel_matches_the_dequantized_product(n, k):
+    q, s, w = int8_weights(n, k)
+    for rows in ROWS:
+        x = torch.randn(rows, k)
+        assert_float32_accurate(torch.ops.layerskip_cpu.int8_linear(x, q, s), x, w)
+
+
+@pytest.mark.parametrize("n,k,g", [(1, 32, 32), (7, 96, 32), (13, 128, 64), (96, 576, 32), (37, 1024, 128)])
+def test_int4_kernel_matches_the_dequantized_product(n, k, g):
+    packed, scales, biases, w = int4_weights(n, k, g)
+    for rows in ROWS:
+        x = torch.randn(rows, k)
+        assert_float32_accurate(torch.ops.layerskip_cpu.int4_linear(x, packed, scales, biases, g), x, w)
+
+
+def test_dequantized_int4_weight_is_the_quantizers_formula():
+    torch.manual_seed(0)
+    w = torch.randn(24, 96)
+    q, sz = quantize_int4(w, 32)
+    packed, scales, biases, w_kernel = int4_weights(24, 96, 32)
+    assert torch.allclose(w_kernel.float(), quantized.dequantize_int4(q, sz, 32), atol=1e-6)
+    assert torch.equal(cpu_kernels.unpack_int4(packed), q)
+    # byte i of a 32-code block: code i in the low nibble, code i + 16 in the high one
+    assert packed[0, 3] == q[0, 3] | (q[0, 19] << 4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
+    """Up to EXACT_ROWS rows every output is reduced in one fixed order: a verify pass over k + 1
+    rows gives bitwise what k + 1 one-row steps give, so greedy self-speculation cannot flip a near tie."""
+    if kind == "int8":
+        q, s, _ = int8_weights(200, 576)
+        f = lambda x: torch.ops.layerskip_cpu.int8_linear(x, q, s)  # noqa: E731
+    else:
+        packed, scales, biases, _ = int4_weights(200, 576, 32)
+        f = lambda x: torch.ops.layerskip_cpu.int4_linear(x, packed, scales, biases, 32)  # noqa: E731
+    n = cpu_kernels.EXACT_ROWS
+    x = torch.randn(n, 576)
+    alone = torch.cat([f(x[i:i + 1]) for i in range(n)])
+    for rows in sorted({2, 3, 4, 5, 8, 9, n}):
+        assert torch.equal(f(x[:rows]), alone[:rows]), rows
+
+
+def test_compiled_graphs_call_the_same_kernels():
+    q, s, _ = int8_weights(40, 72)
+    packed, scales, biases, _ = int4_weights(40, 64, 32)
+
+    def f(x, x4):
+        return cpu_kernels.int8_linear(torch.relu(x), q, s), cpu_kernels.int4_linear(x4 * 2, packed, scales, biases, 32)
+
+    x, x4 = torch.randn(3, 72), torch.randn(3, 64)
+    compiled = torch.compile(f, fullgraph=True)
+    for got, want in zip(compiled(x, x4), f(x, x4)):
+        assert torch.equal(got, want)
+
+
+def test_other_input_dtypes_are_computed_in_float32():
+    q, s, w = int8_weights(16, 64)
+    x = torch.randn(2, 64).bfloat16()
+    y = cpu_kernels.int8_linear(x, q, s)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, cpu_kernels.int8_linear(x.float(), q, s).bfloat16())
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda q, s: (torch.randn(2, 64).double(), q, s), "x must be a 2-D float32 tensor"),
+    (lambda q, s: (torch.randn(2, 63), q, s), "x has 63 columns, the weight 64"),
+    (lambda q, s: (torch.randn(2, 64), q.float(), s), "weight must be a 2-D int8 tensor"),
+    (lambda q, s: (torch.randn(2, 64), q, s[:3]), "scales must be float32"),
+])
+def test_wrong_inputs_are_refused_with_a_reason(args, message):
+    q, s, _ = int8_weights(16, 64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.layerskip_cpu.int8_linear(*args(q, s))
+
+
+def test_without_the_kernels_the_layers_dequantize_and_say_so(monkeypatch, capsys):
+    q, s, w = int8_weights(16, 64)
+    monkeypatch.setattr(cpu_kernels, "_state", {"ok": False, "reason": "no compiler"})
+    monkeypatch.setattr(quantized, "_fallback_noted", [])
+    m = Int8Linear(64, 16)
+    m.weight, m.scales = q, s
+    m.pack()
+    assert "not available (no compiler)" in capsys.readouterr().err
+    x = torch.randn(3, 64)
+    assert_float32_accurate(m(x), x, w)
+    m.pack()
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_a_failed_build_gives_the_compilers_reason(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "SOURCE", str(broken))
+    monkeypatch.setattr(cpu_kernels, "_build_name", lambda: "layerskip_cpu_broken_test")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert cpu_kernels.load() is False
+    assert cpu_kernels.reason().startswith(f"building {broken} failed")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "0")
+    assert cpu_kernels.load() is False and "LAYERSKIP_CPU_KERNELS=0" in cpu_kernels.reason()
