@@ -6,7 +6,7 @@ import torch
 
 import cpu_kernels
 import quantized
-from quantized import Int8Linear, quantize_int4, quantize_int8
+from quantized import Int4Linear, Int8Linear, pack_nibbles, quantize_int4, quantize_int8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,6 +137,13 @@ def test_without_the_kernels_the_layers_dequantize_and_say_so(monkeypatch, capsy
     assert_float32_accurate(m(x), x, w)
     m.pack()
     assert capsys.readouterr().err == ""  # said once
+    torch.manual_seed(1)
+    q4, sz = quantize_int4(torch.randn(16, 64), 32)
+    m4 = Int4Linear(64, 16, 32)
+    m4.weight, m4.scales_and_zeros = pack_nibbles(q4), sz
+    m4.pack()
+    assert not m4.use_cpu_kernel
+    assert_float32_accurate(m4(x), x, quantized.dequantize_int4(q4, sz, 32).double())
 
 
 def test_a_failed_build_gives_the_compilers_reason(monkeypatch, tmp_path):
