@@ -4,7 +4,7 @@
     python generate.py --interactive --compile              # chat, streamed
     python generate.py --checkpoint_path checkpoints/meta-llama/Llama-2-7b-hf --compile --device cuda
     python generate.py --generation_strategy self_speculative --exit_layer 8 --num_speculations 6 --compile
-    python generate.py --quantize int8 --dtype bfloat16                 # weights quantized in memory at load
+    python generate.py --quantize int8 --compile            # weights quantized in memory at load
     torchrun --standalone --nproc_per_node=2 generate.py --compile      # tensor parallel (tp.py)
     torchrun generate.py --model facebook/layerskip-llama2-7B --sample True --max_steps 512 \\
         --generation_strategy self_speculative --exit_layer 8 --num_speculations 6   # LayerSkip's spelling
