@@ -191,6 +191,28 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
+# = cpu_kernels.EXACT_ROWS: up to this many query rows, compiled CPU attention reduces each output in
+# one order whatever the number of rows.
+FIXED_ORDER_ROWS = 16
+
+
+def fixed_order_attention(q, k, v, mask):
+    """Attention over the cache written as multiply + sum, so inductor emits one reduction loop per
+    output whose order does not depend on the number of query rows (SDPA's does: a 5-token pass
+    differed from 5 one-token passes by ~2e-5). With the row-invariant CPU int8/int4 kernels, a
+    compiled verify pass then computes bitwise the logits of one-token decode steps, and greedy
+    self-speculation on a quantized model equals its greedy decoding by construction. As fast as
+    SDPA for SmolLM2 at cache lengths 256 and 2048 (BENCHMARKS.md). q [b, h, L, d], k and v
+    [b, kv_heads, S, d], mask [1, 1, L, S] (True = attend)."""
+    b, h, L, d = q.shape
+    kv_heads = k.shape[1]
+    g = h // kv_heads  # query head i reads kv head i // g, as SDPA's enable_gqa
+    scores = (q.reshape(b, kv_heads, g * L, 1, d) * k.unsqueeze(2)).sum(-1) * d ** -0.5
+    scores = scores.view(b, kv_heads, g, L, -1).masked_fill(~mask.view(1, 1, 1, L, -1), float("-inf"))
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv_heads, g * L, -1, 1)
+    return (p * v.unsqueeze(2)).sum(-2).view(b, h, L, d)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -211,9 +233,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_heads != self.n_kv_heads)
+        if (input_pos is not None and seqlen <= FIXED_ORDER_ROWS and x.device.type == "cpu"
+                and torch.compiler.is_compiling()):
+            y = fixed_order_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
 

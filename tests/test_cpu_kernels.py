@@ -158,3 +158,8 @@ def test_a_failed_build_gives_the_compilers_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("LAYERSKIP_CPU_KERNELS", "0")
     assert cpu_kernels.load() is False and "LAYERSKIP_CPU_KERNELS=0" in cpu_kernels.reason()
+
+
+def test_attention_is_fixed_order_for_as_many_rows_as_the_kernels():
+    import model
+    assert model.FIXED_ORDER_ROWS == cpu_kernels.EXACT_ROWS

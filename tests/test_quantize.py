@@ -272,6 +272,24 @@ def test_compiled_quantized_tiny_model_never_recompiles(mode, tiny_checkpoint):
     assert [compiled_graphs(f) - b for f, b in zip(fns, before)] == [1, 1, 1]  # decode, draft, verify
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_passes_are_row_invariant(mode, tiny_checkpoint):
+    """Compiled on CPU, a pass over 5 tokens gives bitwise the logits of 5 one-token passes (the
+    kernels' row tiles and model.fixed_order_attention): verify == decode, by construction."""
+    model, _ = tiny_checkpoint(num_hidden_layers=2)
+    quantize_model(model, mode, groupsize=32)
+    forward = torch.compile(lambda t, pos: model(t, pos), fullgraph=True)
+    toks = torch.randint(3, 96, (1, 17), generator=torch.Generator().manual_seed(0))
+    passes = []
+    for chunks in ([range(12, 17)], [[i] for i in range(12, 17)]):
+        model.setup_caches(1, 32)
+        with torch.no_grad():
+            model(toks[:, :12], torch.arange(12))
+            passes.append(torch.cat([forward(toks[:, list(c)], torch.tensor(list(c))) for c in chunks], dim=1))
+    assert torch.equal(passes[0], passes[1]), (passes[0] - passes[1]).abs().max()
+
+
 # --- schemes that must be refused ---
 
 def rewrite_scheme(src, dst, **changes):
