@@ -179,11 +179,10 @@ void for_tiles(int64_t M, int64_t N, const void* w, int64_t row_bytes, const Til
 }
 
 // Many rows (a prompt): arithmetic, not reading the weights, is the cost, and the BLAS GEMM does it
-// faster than the tiles, so the weight is dequantized to float32 (in parallel, row by row) and
-// multiplied by at::mm. Not row-invariant: only prefill and long verify passes come here.
+// faster than the tiles, so the weight is dequantized to float32 a chunk of channels at a time
+// (about 2 MB, into one buffer that stays in cache) and multiplied by at::mm_out. Not row-invariant:
+// only passes of more than kMaxTileRows rows come here.
 constexpr int64_t kMaxTileRows = 16;  // cpu_kernels.EXACT_ROWS
-
-// Chunks of channels (about 2 MB of float32) are dequantized into one buffer that stays in cache.
 constexpr int64_t kChunkFloats = 1 << 19;
 template <typename Dequant>
 at::Tensor dequantized_mm(const at::Tensor& x, int64_t N, int64_t K, const Dequant& dequant_row) {
