@@ -407,7 +407,9 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
             on_tokens(kept)
         pos += a + 1
         cur = nxt.view(1, 1).clone()
-        catch_up = tokens[:, -1:] if draft_model is not None and a == k else None
+        # strides (1, 1), as the draft step's usual input: tokens[:, -1:] has (k + 1, 1), a guard
+        # failure, i.e. a recompile, which the loop's no-guard stance refuses
+        catch_up = tokens[0, -1:].view(1, 1) if draft_model is not None and a == k else None
     synchronize(device)
     stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     stats.new_tokens = len(out)

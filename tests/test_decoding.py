@@ -179,6 +179,22 @@ def test_tiny_compiled_strategies_do_not_recompile():
     assert [compiled_graphs(f) - b for f, b in zip(fns, before)] == [2, 1, 1]
 
 
+@pytest.mark.slow
+def test_tiny_compiled_two_model_speculation_catches_the_draft_up_without_recompiling():
+    """After a round that accepts every draft, the draft model is fed the last draft (catch-up) by
+    the same compiled draft graph: that input was a strided view once, which recompiled under the
+    loop's no-guard stance and crashed `generate.py --generation_strategy speculative --compile`."""
+    model = random_model(dim=40, vocab=72)  # a shape no other test compiles
+    twin = copy.deepcopy(model)  # accepts every draft, so every round after the first catches up
+    model.setup_caches(1, 64)
+    twin.setup_caches(1, 64)
+    steps = compile_steps(torch.device("cpu"))
+    prompt = rand_prompt(5, vocab=72)
+    out, stats = speculative_generate(model, prompt, 20, GREEDY, 3, draft_model=twin, steps=steps)
+    assert out.tolist() == generate(model, prompt, 20, GREEDY)[0].tolist()
+    assert stats.acceptance_rate == 1.0 and stats.rounds > 2
+
+
 # ---------------------------------------------------------------- early exit
 
 
