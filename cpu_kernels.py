@@ -41,9 +41,14 @@ def _build_name() -> str:
 
 def load() -> bool:
     """Builds (the first time on this machine) and loads the kernels. False where they cannot be
-    built; `reason()` says why."""
-    if "ok" in _state:
-        return _state["ok"]
+    built, said once on stderr (the quantized layers then dequantize in PyTorch); `reason()` says why."""
+    if "ok" not in _state and not _load():
+        print(f"note: the CPU int8/int4 kernels are not available ({reason()}); quantized layers dequantize "
+              "their weights on every call instead, which is slow", file=sys.stderr)
+    return _state["ok"]
+
+
+def _load() -> bool:
     _state["ok"], _state["reason"] = False, "disabled by LAYERSKIP_CPU_KERNELS=0"
     if os.environ.get("LAYERSKIP_CPU_KERNELS", "1") == "0":
         return False

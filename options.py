@@ -149,7 +149,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_dtype(name: str, device: torch.device, quantized: bool = False, strategy: str = "autoregressive"):
+def pick_dtype(name: str, device: torch.device):
     """The compute dtype, with a one-line note where a choice is slow on this machine (BENCHMARKS.md).
     On CPU auto is float32, quantized or not: the int8/int4 kernels compute in float32 anyway, and
     float32 keeps greedy self-speculation equal to greedy decoding."""
@@ -256,8 +256,7 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
     check_metadata(a, meta, world_size, draft_meta)
     if check is not None:
         check(meta, tokenizer)
-    quantized = meta["scheme"]["mode"] != "none" or a.quantize_mode is not None
-    dtype = pick_dtype(a.dtype, device, quantized, a.strategy.name)
+    dtype = pick_dtype(a.dtype, device)
     t0 = time.perf_counter()
     model = load_model(path, device, dtype, prepare=lambda m: quantize_and_shard(m, a.quantize_mode, rank, world_size))
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""

@@ -18,7 +18,6 @@ CUDA packer takes) and the weights are packed for the device when the model is l
 well under a second. A checkpoint whose metadata names any other packing is refused.
 """
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -78,21 +77,6 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 # --- the modules ---
 
-def _cpu_kernels_ready() -> bool:
-    """Builds the CPU kernels on first use; where they cannot be built, says so once and returns
-    False (the layers then dequantize their weights in PyTorch: correct but slow)."""
-    if cpu_kernels.load():
-        return True
-    if not _fallback_noted:
-        _fallback_noted.append(True)
-        print(f"note: the CPU int8/int4 kernels are not available ({cpu_kernels.reason()}); quantized layers "
-              "dequantize their weights on every call instead, which is slow", file=sys.stderr)
-    return False
-
-
-_fallback_noted: list = []
-
-
 class Int8Linear(nn.Module):
     """On CPU, `cpu_kernels.int8_linear` (float32 arithmetic whatever the model's dtype); elsewhere
     the dequantized product, which inductor fuses into the matmul's weight load on CUDA."""
@@ -106,7 +90,7 @@ class Int8Linear(nn.Module):
 
     def pack(self):
         if self.weight.device.type == "cpu":
-            self.use_cpu_kernel = _cpu_kernels_ready()
+            self.use_cpu_kernel = cpu_kernels.load()
             self.register_buffer("scales32", self.scales.float(), persistent=False)
 
     def forward(self, x):
@@ -136,7 +120,6 @@ class Int4Linear(nn.Module):
         dev = self.weight.device
         q = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros.float()
-        self.k_padded = q.shape[1]
         if dev.type == "cpu":
             # w = (q - 8) * scale + zero = q * scale + bias
             self.weight = cpu_kernels.pack_int4(q)
@@ -144,7 +127,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("scales", scales, persistent=False)
             self.register_buffer("biases", (sz[..., 1].t() - 8 * scales).contiguous(), persistent=False)
             del self.scales_and_zeros
-            self.use_cpu_kernel = _cpu_kernels_ready()
+            self.use_cpu_kernel = cpu_kernels.load()
         elif dev.type == "cuda":
             n_pad = -self.out_features % 16  # the kernel tiles N by 16
             k_pad = -q.shape[1] % 32  # inner k tiles: 2 x 16 at least
@@ -154,9 +137,9 @@ class Int4Linear(nn.Module):
             extra_groups = (q.shape[1] - sz.shape[0] * self.groupsize) // self.groupsize
             self.scales_and_zeros = F.pad(sz, (0, 0, 0, n_pad, 0, extra_groups)).contiguous()
             self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(q.to(torch.uint8)).contiguous(), inner)
-            self.k_padded = q.shape[1]
         else:
             raise RuntimeError(f"int4 weights are supported on cpu and cuda, not {dev.type}")
+        self.k_padded = q.shape[1]  # the input width the packed weight expects
         self.packed_for = dev.type
 
     def forward(self, x):

@@ -536,7 +536,7 @@ def load_row_engine(a, c: dict, rank=0, world_size=1):
         return options.load_engine(ns, rank, world_size)
     _, shape, *layers = spec.split(":")
     device = options.pick_device(ns.device)
-    dtype = options.pick_dtype(ns.dtype, device, ns.quantize_mode is not None, ns.strategy.name)
+    dtype = options.pick_dtype(ns.dtype, device)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
     if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
         options.check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
