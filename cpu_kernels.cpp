@@ -1,4 +1,5 @@
-// Weight-only int8 / int4 linear layers for the CPU, float32 activations (built by cpu_kernels.py).
+// Linear layers for the CPU with float32 activations and float32, int8 or int4 weights (built by
+// cpu_kernels.py).
 //
 // y[m, n] = sum_k x[m, k] * w[n, k]. Decoding is bound by reading the weights, so each weight is
 // converted to float32 in registers as it streams by and never written back; a tile of NB output
@@ -96,20 +97,23 @@ constexpr int NT = 4;  // output channels per tile
 // the head's 28 MB streamed at 13 GB/s with the next tile prefetched into L1, 19.6 with this).
 constexpr int kAhead = 2;
 
-// y[m * ldy + n] for m < MB, n < NB; x and w rows are K long.
-template <int MB, int NB>
-void int8_tile(const float* x, const int8_t* w, const float* scales, float* y, int64_t K, int64_t ldy) {
+inline V vload_w(const float* p) { return vload(p); }
+inline V vload_w(const int8_t* p) { return vload_i8(p); }
+
+// y[m * ldy + n] for m < MB, n < NB; x and w rows are K long; float32 weights have no scales.
+template <typename T, int MB, int NB>
+void dense_tile(const float* x, const T* w, const float* scales, float* y, int64_t K, int64_t ldy) {
   V acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = vzero();
   const int64_t kv = K - K % W;
   for (int64_t k = 0; k < kv; k += W) {
-    if (k % 64 == 0)
+    if (k * sizeof(T) % 64 == 0)  // one prefetch per cache line
       for (int n = 0; n < NB; ++n) prefetch(w + (n + kAhead * NB) * K + k);
     V xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = vload(x + m * K + k);
     for (int n = 0; n < NB; ++n) {
-      const V wv = vload_i8(w + n * K + k);
+      const V wv = vload_w(w + n * K + k);
       for (int m = 0; m < MB; ++m) acc[m][n] = vfma(wv, xv[m], acc[m][n]);
     }
   }
@@ -117,7 +121,7 @@ void int8_tile(const float* x, const int8_t* w, const float* scales, float* y, i
     for (int n = 0; n < NB; ++n) {
       float s = vsum(acc[m][n]);
       for (int64_t k = kv; k < K; ++k) s += x[m * K + k] * static_cast<float>(w[n * K + k]);
-      y[m * ldy + n] = s * scales[n];
+      y[m * ldy + n] = scales ? s * scales[n] : s;
     }
 }
 
@@ -151,12 +155,17 @@ void int4_tile(const float* x, const uint8_t* w, const float* scales, const floa
     for (int n = 0; n < NB; ++n) y[m * ldy + n] = vsum(acc[m][n]);
 }
 
-using Int8Fn = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t);
+template <typename T>
+using DenseFn = void (*)(const float*, const T*, const float*, float*, int64_t, int64_t);
 using Int4Fn = void (*)(const float*, const uint8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t);
 
 #define TILE_ROW(f, mb) {f<mb, 1>, f<mb, 2>, f<mb, 3>, f<mb, 4>}
-const Int8Fn kInt8Tiles[MT][NT] = {TILE_ROW(int8_tile, 1), TILE_ROW(int8_tile, 2), TILE_ROW(int8_tile, 3),
-                                   TILE_ROW(int8_tile, 4)};
+template <int MB, int NB> constexpr DenseFn<int8_t> int8_tile = dense_tile<int8_t, MB, NB>;
+template <int MB, int NB> constexpr DenseFn<float> float_tile = dense_tile<float, MB, NB>;
+const DenseFn<int8_t> kInt8Tiles[MT][NT] = {TILE_ROW(int8_tile, 1), TILE_ROW(int8_tile, 2), TILE_ROW(int8_tile, 3),
+                                            TILE_ROW(int8_tile, 4)};
+const DenseFn<float> kFloatTiles[MT][NT] = {TILE_ROW(float_tile, 1), TILE_ROW(float_tile, 2),
+                                            TILE_ROW(float_tile, 3), TILE_ROW(float_tile, 4)};
 const Int4Fn kInt4Tiles[MT][NT] = {TILE_ROW(int4_tile, 1), TILE_ROW(int4_tile, 2), TILE_ROW(int4_tile, 3),
                                    TILE_ROW(int4_tile, 4)};
 #undef TILE_ROW
@@ -233,6 +242,23 @@ at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   return y;
 }
 
+// float32 weights, up to kMaxTileRows rows (more rows: the BLAS GEMM, F.linear, is the faster tool)
+at::Tensor float_linear(const at::Tensor& x_, const at::Tensor& w_) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat, "weight must be a 2-D float32 tensor");
+  const int64_t N = w_.size(0), K = w_.size(1);
+  check_x(x_, K);
+  const auto x = x_.contiguous(), w = w_.contiguous();
+  const int64_t M = x.size(0);
+  if (M > kMaxTileRows) return at::mm(x, w.t());
+  auto y = at::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_tiles(M, N, wp, K * 4, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+    kFloatTiles[mb - 1][nb - 1](xp + m0 * K, wp + n0 * K, nullptr, yp + m0 * N + n0, K, N);
+  });
+  return y;
+}
+
 at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                        const at::Tensor& biases_, int64_t G) {
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
@@ -271,12 +297,14 @@ std::string isa() { return kIsa; }
 }  // namespace
 
 TORCH_LIBRARY(layerskip_cpu, m) {
+  m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {
+  m.impl("float_linear", &float_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
 }

@@ -1,9 +1,10 @@
-"""The CPU kernels of the quantized linear layers (int8 and int4 weights, float32 activations).
+"""The CPU kernels of the linear layers for a few rows (decode, draft and verify steps): float32
+activations, float32, int8 or int4 weights.
 
 `cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
 this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
 version in torch's extension folder (TORCH_EXTENSIONS_DIR if set): the first load takes about 15
-seconds, later ones a fraction of a second. It registers two operators, `torch.ops.layerskip_cpu.int8_linear` and
+seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`, `int8_linear` and
 `int4_linear`, which compiled graphs call as opaque kernels (their shapes come from the fake
 implementations below). Where they cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the
 quantized layers fall back to dequantizing the weights in PyTorch: correct, slow, and said once.
@@ -39,10 +40,14 @@ def _build_name() -> str:
     return "layerskip_cpu_" + hashlib.sha1("\n".join(info).encode()).hexdigest()[:12]
 
 
-def load() -> bool:
+def load(quiet: bool = False) -> bool:
     """Builds (the first time on this machine) and loads the kernels. False where they cannot be
-    built, said once on stderr (the quantized layers then dequantize in PyTorch); `reason()` says why."""
-    if "ok" not in _state and not _load():
+    built, said once on stderr unless quiet (float32 layers have a fallback as fast as GEMV, the
+    quantized ones dequantize in PyTorch); `reason()` says why."""
+    if "ok" not in _state:
+        _load()
+    if not _state["ok"] and not quiet and not _state.get("said"):
+        _state["said"] = True
         print(f"note: the CPU int8/int4 kernels are not available ({reason()}); quantized layers dequantize "
               "their weights on every call instead, which is slow", file=sys.stderr)
     return _state["ok"]
@@ -67,13 +72,14 @@ def _load() -> bool:
     try:
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
-            print("building the CPU int8/int4 kernels (once per machine, about 15 s) ...", file=sys.stderr)
+            print("building the CPU linear kernels (once per machine, about 15 s) ...", file=sys.stderr)
         cpp_extension.load(name, [SOURCE], extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build_dir,
                            is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 -- any build failure means: use the fallback, say why
         lines = [line for line in str(e).splitlines() if line.strip()]
         _state["reason"] = f"building {SOURCE} failed: {lines[-1] if lines else type(e).__name__}"
         return False
+    torch.library.register_fake("layerskip_cpu::float_linear")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
@@ -89,6 +95,12 @@ def reason() -> str:
 def isa() -> str:
     """The instruction set the kernels were built for: avx512, avx2 or portable."""
     return torch.ops.layerskip_cpu.isa() if load() else "none"
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float32 @ float32 weight [N, K].T for up to EXACT_ROWS rows (more: BLAS)."""
+    y = torch.ops.layerskip_cpu.float_linear(x.reshape(-1, x.shape[-1]), weight)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,14 @@ def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_la
     return sample_from_probs(probs)[None], h, probs
 
 
+def catch_up_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
+    """draft_step over x [1, 2]: the previous round's last draft, which a draft model with its own
+    cache has not seen when every draft was accepted, and the round's first token. One pass for
+    both: the CPU kernels read each weight once for the two rows. Its own function, so that it
+    compiles to its own graph (a second shape of draft_step would be a recompile)."""
+    return draft_step(model, x, input_pos, params, exit_layer)
+
+
 def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit, params: SamplingParams,
                 exit_layer: int | None = None):
     """Scores tokens [1, k+1] = [last accepted, d1..dk] at input_pos [k+1] with the full model and
@@ -77,6 +85,7 @@ class Steps:
     prefill: object = prefill
     decode: object = decode_one_token
     draft: object = draft_step
+    catch_up: object = catch_up_draft_step
     verify: object = verify_step
 
 
@@ -99,13 +108,14 @@ def compile_steps(device: torch.device, compile_prefill: bool = False) -> Steps:
     the prefill, if asked, with dynamic shapes."""
     configure_inductor(device)
     if device.type == "cuda":
-        fixed = lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True)  # noqa: E731
+        fixed = lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)  # noqa: E731
     else:
         # A C++ wrapper calls the graph's kernels (~120 int8/int4 kernels, ~200 fused loops per
         # SmolLM2 step) without a Python call each: 1.6 ms of a 15.4 ms int8 step (BENCHMARKS.md).
-        fixed = lambda fn: torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True})  # noqa: E731
+        fixed = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})  # noqa: E731
     return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
-                 decode=fixed(decode_one_token), draft=fixed(draft_step), verify=fixed(verify_step))
+                 decode=fixed(decode_one_token), draft=fixed(draft_step), catch_up=fixed(catch_up_draft_step),
+                 verify=fixed(verify_step))
 
 
 def synchronize(device: torch.device):
@@ -125,6 +135,7 @@ class GenerationStats:
     drafted: int = 0  # drafts that counted: k per round, fewer in a round cut short by the token budget
     draft_s: float = 0.0
     verify_s: float = 0.0
+    catch_ups: int = 0  # own-cache drafts: rounds whose first draft step also took the last round's last draft
 
     @property
     def total_s(self) -> float:
@@ -189,10 +200,13 @@ def check_num_speculations(k: int):
         raise ValueError(f"num_speculations must be in [1, {MAX_SPECULATIONS}], got {k}")
 
 
-def check_exit_layer(model: Transformer, exit_layer: int | None):
+def check_exit_layer(model: Transformer, exit_layer: int | None, last: bool = False):
+    """last: E may be every layer (a draft model's own layers), else E < n (layers must remain)."""
     n = model.args.n_layers
-    if exit_layer is not None and not 1 <= exit_layer < n:
-        raise ValueError(f"exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {exit_layer}")
+    top = n if last else n - 1
+    if exit_layer is not None and not 1 <= exit_layer <= top:
+        raise ValueError(f"exit_layer must be in [1, {top}] for this {n}-layer {'draft ' if last else ''}model, "
+                         f"got {exit_layer}")
 
 
 STRATEGIES = ("autoregressive", "self_speculative", "speculative")
@@ -201,22 +215,31 @@ STRATEGIES = ("autoregressive", "self_speculative", "speculative")
 @dataclass(frozen=True)
 class Strategy:
     """How tokens are produced: autoregressive (with exit_layer E: early-exit inference),
-    self_speculative (LayerSkip: layers [0, E) draft num_speculations tokens, the rest verify) or
-    speculative (a separate draft model drafts)."""
+    self_speculative (LayerSkip: layers [0, E) draft num_speculations tokens, the rest verify; with
+    draft_quantize, a quantized copy of the model's own layers [0, E) drafts, all layers if E is
+    None, and the full model verifies) or speculative (a separate draft model drafts)."""
     name: str = "autoregressive"
     exit_layer: int | None = None
     num_speculations: int = 3
+    draft_quantize: str | None = None  # int8, int4, int4-g<N>: the scheme of the self-draft's copy
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown generation strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
-        if self.name == "self_speculative" and self.exit_layer is None:
-            raise ValueError("generation strategy self_speculative needs exit_layer")
+        if self.draft_quantize is not None and self.name != "self_speculative":
+            raise ValueError("draft_quantize applies to generation strategy self_speculative only")
+        if self.name == "self_speculative" and self.exit_layer is None and self.draft_quantize is None:
+            raise ValueError("generation strategy self_speculative needs exit_layer (or draft_quantize)")
         if self.name == "speculative" and self.exit_layer is not None:
             raise ValueError("exit_layer does not apply to generation strategy speculative (the draft model drafts)")
         check_num_speculations(self.num_speculations)
+
+    @property
+    def needs_draft_model(self) -> bool:
+        """Drafts come from another model (a separate checkpoint, or the quantized self-copy)."""
+        return self.name == "speculative" or self.draft_quantize is not None
 
     def lookahead(self, max_new_tokens: int) -> int:
         """Cache positions a round may write beyond the tokens it keeps (k, capped at max_new_tokens)."""
@@ -225,7 +248,9 @@ class Strategy:
     def describe(self) -> str:
         if self.name == "autoregressive":
             return "autoregressive" + (f" (exit layer {self.exit_layer})" if self.exit_layer else "")
-        return self.name + (f" E={self.exit_layer}" if self.exit_layer else "") + f" k={self.num_speculations}"
+        draft = f" {self.draft_quantize} draft" if self.draft_quantize else ""
+        exit_layer = f" E={self.exit_layer}" if self.exit_layer else (" E=all" if draft else "")
+        return f"{self.name}{draft}{exit_layer} k={self.num_speculations}"
 
 
 def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
@@ -233,8 +258,9 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
         steps: Steps = Steps()):
     """Runs prompt [T] through the chosen strategy; on_tokens(list of ids) streams the output.
     Returns (tokens [1, T + n], stats)."""
-    if (strategy.name == "speculative") != (draft_model is not None):
-        raise ValueError("a draft model is given exactly for generation strategy speculative")
+    if strategy.needs_draft_model != (draft_model is not None):
+        raise ValueError("a draft model is given exactly for generation strategy speculative and for "
+                         "self_speculative with draft_quantize")
     if strategy.name == "autoregressive":
         on_token = (lambda t: on_tokens(t[0].tolist())) if on_tokens else None
         return generate(model, prompt, max_new_tokens, params, stop_ids=stop_ids, on_token=on_token, steps=steps,
@@ -318,9 +344,11 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
     output has the same distribution.
 
-    Self-speculative (LayerSkip): exit_layer=E drafts with layers [0, E) of `model` and its own
-    final norm and LM head, sharing the one KV cache; the verify pass resumes the drafted positions
-    at layer E. Two-model: draft_model drafts with its own cache.
+    The drafts come from layers [0, exit_layer) (all if None) and the final norm and LM head of:
+    - `model` itself, without draft_model (LayerSkip self-speculation): the draft shares the one KV
+      cache and the verify pass resumes the drafted positions at layer E;
+    - draft_model, with its own KV cache (a separate model, or a quantized copy of `model`'s own
+      weights, quantized.quantized_copy): the verify pass runs every layer of `model`.
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
@@ -328,11 +356,12 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     steps and pads the verify pass to its fixed k+1 positions (k is also capped at max_new_tokens).
     on_tokens(list of ids) is called with each round's kept tokens. Returns (tokens [1, T + n], stats).
     """
-    if (exit_layer is None) == (draft_model is None):
-        raise ValueError("give exactly one draft source: exit_layer (self-speculative) or draft_model")
+    if exit_layer is None and draft_model is None:
+        raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
     check_num_speculations(num_speculations)
     k = min(num_speculations, max_new_tokens)
-    check_exit_layer(model, exit_layer)
+    check_exit_layer(model if draft_model is None else draft_model, exit_layer, last=draft_model is not None)
+    shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
             raise ValueError("speculative decoding runs one sequence at a time (batch size 1)")
@@ -354,28 +383,33 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     cur, finite = steps.prefill(model, prompt[None], positions, params)
     check_finite(finite)
     if draft_model is not None:
-        check_finite(steps.prefill(draft_model, prompt[None], positions, params)[1])
+        check_finite(steps.prefill(draft_model, prompt[None], positions, params, exit_layer)[1])
     out = [int(cur)]
     t1 = time.perf_counter()
     if on_tokens:
         on_tokens(out[:])
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
-    catch_up = None  # two-model: the draft model has not seen the previous round's last draft
+    catch_up = None  # own-cache draft: the draft model has not seen the previous round's last draft
     offsets = torch.arange(k + 1, device=device)
     while len(out) < max_new_tokens and out[-1] not in stop:
         with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.rounds > 0):
             start = clock.now()
             base = torch.tensor(pos, device=device)
-            if catch_up is not None:
-                steps.draft(drafter, catch_up, (base - 1).view(1), params, None)
             # r tokens still to produce: r - 1 drafts and the full model's own token suffice, and
             # checking them takes the verify rows 0..r-1, whose states min(k, r) draft steps give.
             # A round that drafts fewer than k pads the fixed-shape verify pass.
             remaining = max_new_tokens - len(out)
             x, drafts, states, probs = cur, [], [], []
             for j in range(min(k, remaining)):
-                x, h, q = (t.clone() if t is not None else None
-                           for t in steps.draft(drafter, x, (base + j).view(1), params, exit_layer))
+                if j == 0 and catch_up is not None:
+                    stats.catch_ups += 1
+                    # its graph is compiled (guards checked) at the first catch-up, rounds after the first
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.catch_ups > 1):
+                        step = steps.catch_up(drafter, torch.cat([catch_up, x], dim=1), base - 1 + offsets[:2],
+                                              params, exit_layer)
+                else:
+                    step = steps.draft(drafter, x, (base + j).view(1), params, exit_layer)
+                x, h, q = (t.clone() if t is not None else None for t in step)
                 drafts.append(x)
                 states.append(h)
                 probs.append(q)
@@ -387,9 +421,9 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
             limit = torch.tensor(counted, device=device)
             mid = clock.now()
             tokens = torch.cat([cur] + drafts, dim=1)
-            n, nxt = steps.verify(model, tokens, torch.cat(states, dim=1) if exit_layer else None,
+            n, nxt = steps.verify(model, tokens, torch.cat(states, dim=1) if shared else None,
                                   None if params.greedy else torch.stack(probs), base + offsets, limit, params,
-                                  exit_layer)
+                                  exit_layer if shared else None)
             end = clock.now()
             host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
         a = host[-1]

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -135,32 +137,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer with a CPU path for a few rows that inductor compiles well.
+    """A bias-free linear layer with CPU paths for a few rows, where reading the weight is the cost.
 
-    For one token, y = x W^T is bound by reading W. Written as a multiply and a sum over W's
-    rows, inductor turns it into one vectorized loop that streams the weights at close to memory
-    bandwidth; the oneDNN/MKL GEMV it otherwise calls reaches about half of that on our CI's CPU
-    (BENCHMARKS.md). For the handful of rows of a speculative verify pass the same loop reads each
-    row of W once for all rows of x, which pays off only for the large LM head: for the block's
-    small, cache-resident matrices, inductor's fused multi-row loop was measured slower than GEMM.
-    Eagerly the product would materialize [out, rows, in], so the path is taken only under
-    torch.compile.
+    float32 weights (once `pack` found the kernels): up to cpu_kernels.EXACT_ROWS rows, i.e. decode,
+    draft and verify steps, go to `cpu_kernels.float_linear`, which streams each weight once for all
+    rows at close to memory bandwidth (oneDNN/MKL's GEMV reaches about half, BENCHMARKS.md) and
+    reduces every output in one order whatever the number of rows: a verify pass over k + 1 rows
+    gives bitwise the products of k + 1 one-row steps. Without the kernels, under torch.compile one
+    row is written as a multiply and a sum, which inductor turns into one streaming loop.
+    Prompts (more rows) and training (gradients) take F.linear.
     """
-
-    MAX_REDUCTION_ROWS = 8
-    MIN_MULTIROW_WEIGHT = 1 << 22
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.use_cpu_kernel = False
+
+    def pack(self):
+        """Called once the weight is in place (checkpoint.load_model, after any sharding)."""
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            self.use_cpu_kernel = cpu_kernels.load(quiet=True)
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if (rows == 1 or (rows <= self.MAX_REDUCTION_ROWS and self.weight.numel() >= self.MIN_MULTIROW_WEIGHT)) \
-                and x.device.type == "cpu" and torch.compiler.is_compiling():
-            xs = x.reshape(rows, x.shape[-1]).float()
-            # [out, rows]: the loop over W's rows is outermost, so each row is read once
-            y = (self.weight.float().unsqueeze(1) * xs.unsqueeze(0)).sum(-1)
-            return y.T.reshape(*x.shape[:-1], -1).to(x.dtype)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            if self.use_cpu_kernel and rows <= cpu_kernels.EXACT_ROWS and x.dtype == torch.float32:
+                return cpu_kernels.float_linear(x, self.weight)
+            if rows == 1 and torch.compiler.is_compiling():
+                y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1)
+                return y.reshape(*x.shape[:-1], -1).to(x.dtype)
         return F.linear(x, self.weight)
 
 

@@ -20,7 +20,7 @@ import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
 from decoding import STRATEGIES, Steps, Strategy, compile_steps, run
-from quantized import SchemeError, parse_quantize, quantize_model
+from quantized import SchemeError, pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams
 from tokenizer import load_tokenizer
 
@@ -64,6 +64,11 @@ def add_decoding_options(p, strategies=STRATEGIES):
                             "(--draft_checkpoint_path drafts)")
         g.add_argument("--exit_layer", type=int, default=None, help="E: layers [0, E) draft / produce tokens")
         g.add_argument("--num_speculations", type=int, default=3, help="k: draft tokens per speculative round")
+    if strategies and "self_speculative" in strategies:
+        g.add_argument("--draft_quantize", default=None, metavar="SCHEME",
+                       help="self_speculative: draft from a quantized copy (int8, int4 or int4-g<N>) of this model's "
+                            "own layers [0, --exit_layer) (all layers without --exit_layer), made at load with its own "
+                            "KV cache; the full-precision model verifies over all layers")
     if strategies and "speculative" in strategies:
         g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                        help="draft model for --generation_strategy speculative (same tokenizer)")
@@ -107,7 +112,12 @@ def check_options(p, a):
                 raise ValueError("--generation_strategy speculative needs --draft_checkpoint_path")
             if a.generation_strategy != "speculative" and draft is not None:
                 raise ValueError("--draft_checkpoint_path needs --generation_strategy speculative")
-            a.strategy = Strategy(a.generation_strategy, a.exit_layer, a.num_speculations)
+            draft_quantize = getattr(a, "draft_quantize", None)
+            if draft_quantize is not None:
+                if a.generation_strategy != "self_speculative":
+                    raise ValueError("--draft_quantize needs --generation_strategy self_speculative")
+                parse_quantize(draft_quantize)
+            a.strategy = Strategy(a.generation_strategy, a.exit_layer, a.num_speculations, draft_quantize)
         if hasattr(a, "temperature"):
             a.sampling = sampling_params(a)
         if hasattr(a, "quantize"):
@@ -204,9 +214,13 @@ class Engine:
 def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
     """What the checkpoints' metadata can refuse before any weight is read."""
     n = meta["args"].n_layers
-    E = a.strategy.exit_layer
-    if E is not None and E >= n:
-        raise ValueError(f"--exit_layer must be in [1, {n - 1}] for this {n}-layer model, got {E}")
+    E, draft_quantize = a.strategy.exit_layer, a.strategy.draft_quantize
+    top = n if draft_quantize else n - 1  # a quantized self-draft may run every layer
+    if E is not None and E > top:
+        raise ValueError(f"--exit_layer must be in [1, {top}] for this {n}-layer model, got {E}")
+    if draft_quantize and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--draft_quantize {draft_quantize}: the checkpoint is already quantized "
+                         f"({meta['scheme']['mode']}); the draft is quantized from full-precision weights")
     if a.quantize_mode and meta["scheme"]["mode"] != "none":
         raise ValueError(f"--quantize {a.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
     if draft_meta is not None and draft_meta["args"].vocab_size != meta["args"].vocab_size:
@@ -214,6 +228,8 @@ def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
                          f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
     if world_size > 1:
         check_shardable(meta["args"], meta["scheme"], a.quantize_mode, world_size)
+        if draft_quantize:
+            check_shardable(meta["args"], meta["scheme"], parse_quantize(draft_quantize), world_size)
         if draft_meta is not None:
             check_shardable(draft_meta["args"], draft_meta["scheme"], None, world_size)
 
@@ -231,6 +247,16 @@ def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
     if quantize_mode:
         quantize_model(model, *quantize_mode, pack=False)
     return tp.shard_model(model, rank, world_size) if world_size > 1 else model
+
+
+def own_bytes(model, shared_with=None) -> int:
+    """Bytes of the model's parameters and weight buffers (not caches or tables), counting each
+    tensor once and none that shared_with also holds."""
+    def tensors(m):
+        return {t.data_ptr(): t.numel() * t.element_size() for name, t in [*m.named_parameters(), *m.named_buffers()]
+                if "cache" not in name and name not in ("rope_cos", "rope_sin", "causal_mask")}
+    theirs = tensors(shared_with) if shared_with is not None else {}
+    return sum(n for ptr, n in tensors(model).items() if ptr not in theirs)
 
 
 def init_distributed(a) -> tuple[int, int]:
@@ -258,11 +284,23 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
         check(meta, tokenizer)
     dtype = pick_dtype(a.dtype, device)
     t0 = time.perf_counter()
-    model = load_model(path, device, dtype, prepare=lambda m: quantize_and_shard(m, a.quantize_mode, rank, world_size))
+    drafts = []
+
+    def prepare(m):  # the self-draft is quantized from the full-precision weights, before anything else
+        if a.strategy.draft_quantize:
+            copy = quantized_copy(m, *parse_quantize(a.strategy.draft_quantize), n_layers=a.strategy.exit_layer,
+                                  pack=False)
+            drafts.append(pack_model(tp.shard_model(copy, rank, world_size) if world_size > 1 else copy))
+        return quantize_and_shard(m, a.quantize_mode, rank, world_size)
+    model = load_model(path, device, dtype, prepare=prepare)
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
     how = f", quantized to {a.quantize} in memory" if a.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    draft = None
+    draft = drafts[0] if drafts else None
+    if draft is not None:
+        extra, full = own_bytes(draft, shared_with=model), own_bytes(model)
+        print(f"Draft: {a.strategy.draft_quantize} copy of layers [0, {draft.args.n_layers}) and the LM head, "
+              f"+{extra / 1e6:.0f} MB (+{extra / full:.0%} of the model's weights)", file=sys.stderr)
     if draft_path is not None:
         draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))

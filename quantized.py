@@ -17,6 +17,7 @@ wrong on another. The checkpoint therefore stores the plain nibbles (`packing: "
 CUDA packer takes) and the weights are packed for the device when the model is loaded, which takes
 well under a second. A checkpoint whose metadata names any other packing is refused.
 """
+import dataclasses
 import math
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cpu_kernels
-from model import Transformer
+from model import Linear, Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
@@ -207,8 +208,9 @@ def apply_scheme(model: Transformer, scheme: dict):
 
 
 def pack_model(model: Transformer) -> Transformer:
+    """Readies every linear layer for its kernel once its weights are final (loaded, sharded)."""
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, (Int4Linear, Int8Linear, Linear)):
             m.pack()
     return model
 
@@ -263,13 +265,33 @@ def quantize_tensors(get_tensor, keys, tie_word_embeddings: bool, mode: str, gro
 def quantize_model(model: Transformer, mode: str, groupsize: int = 128, pack: bool = True) -> Transformer:
     """In-memory quantization of a loaded model (tests, experiments): same result as save + load.
     pack=False leaves int4 weights as nibbles (to be sharded first; then pack_model)."""
-    sd = model.state_dict()
-    keys = [k for k in sd if not (k == "output.weight" and model.args.tie_word_embeddings)]
-    state, scheme, _ = quantize_tensors(sd.__getitem__, keys, model.args.tie_word_embeddings, mode,
-                                        groupsize, progress=False)
-    apply_scheme(model, scheme)
-    model.load_state_dict(state, strict=True, assign=True)
+    _load_quantized(model, model.state_dict(), mode, groupsize)
     return pack_model(model) if pack else model
+
+
+def quantized_copy(model: Transformer, mode: str, groupsize: int = 128, n_layers: int | None = None,
+                   pack: bool = True) -> Transformer:
+    """A quantized copy of the model's layers [0, n_layers) (all by default), final norm and LM
+    head: the draft of self-speculation from the model's own weights (`--draft_quantize`). Only the
+    quantized linear layers are new memory: the embedding table and the norms are the model's own
+    tensors. It gets its own KV cache from setup_caches. pack=False: as in quantize_model."""
+    n = model.args.n_layers if n_layers is None else n_layers
+    if not 1 <= n <= model.args.n_layers:
+        raise ValueError(f"a quantized copy of {n} layers of a {model.args.n_layers}-layer model")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < n}
+    with torch.device("meta"):
+        copy = Transformer(dataclasses.replace(model.args, n_layers=n))
+    _load_quantized(copy, state, mode, groupsize)
+    return pack_model(copy) if pack else copy
+
+
+def _load_quantized(model: Transformer, state: dict, mode: str, groupsize: int):
+    """Quantizes the float state dict `state` into `model` (its linears become quantized modules)."""
+    tied = model.args.tie_word_embeddings
+    keys = [k for k in state if not (k == "output.weight" and tied)]
+    quantized, scheme, _ = quantize_tensors(state.__getitem__, keys, tied, mode, groupsize, progress=False)
+    apply_scheme(model, scheme)
+    model.load_state_dict(quantized, strict=True, assign=True)
 
 
 def parse_quantize(spec: str) -> tuple[str, int]:

@@ -1,4 +1,5 @@
-"""The CPU int8/int4 kernels (cpu_kernels.cpp) against the product with their dequantized weights."""
+"""The CPU linear kernels (cpu_kernels.cpp): float32 weights against the float64 product, int8/int4
+against the product with their dequantized weights."""
 import platform
 
 import pytest
@@ -56,6 +57,33 @@ def test_int8_kernel_matches_the_dequantized_product(n, k):
         assert_float32_accurate(torch.ops.layerskip_cpu.int8_linear(x, q, s), x, w)
 
 
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 17), (13, 40), (96, 576), (33, 1000)])
+def test_float_kernel_matches_the_exact_product(n, k):
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    for rows in ROWS:
+        x = torch.randn(rows, k)
+        assert_float32_accurate(torch.ops.layerskip_cpu.float_linear(x, w), x, w.double())
+
+
+def test_float_layers_use_the_kernel_for_a_few_rows_without_gradients():
+    from model import Linear
+    torch.manual_seed(0)
+    lin = Linear(64, 24)
+    lin.pack()
+    assert lin.use_cpu_kernel
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        y = lin(x)
+        assert torch.equal(y[0], torch.ops.layerskip_cpu.float_linear(x[0], lin.weight))
+        assert torch.equal(y[0, 2:3], lin(x[:, 2:3])[0])  # row-invariant as a layer too
+    y = lin(x)  # training: autograd's F.linear
+    assert y.requires_grad and torch.allclose(y, x @ lin.weight.T, atol=1e-5)
+    half = Linear(64, 24).to(torch.bfloat16)
+    half.pack()
+    assert not half.use_cpu_kernel  # float32 weights only
+
+
 @pytest.mark.parametrize("n,k,g", [(1, 32, 32), (7, 96, 32), (13, 128, 64), (96, 576, 32), (37, 1024, 128)])
 def test_int4_kernel_matches_the_dequantized_product(n, k, g):
     packed, scales, biases, w = int4_weights(n, k, g)
@@ -75,11 +103,14 @@ def test_dequantized_int4_weight_is_the_quantizers_formula():
     assert packed[0, 3] == q[0, 3] | (q[0, 19] << 4)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     """Up to EXACT_ROWS rows every output is reduced in one fixed order: a verify pass over k + 1
     rows gives bitwise what k + 1 one-row steps give, so greedy self-speculation cannot flip a near tie."""
-    if kind == "int8":
+    if kind == "float32":
+        w = torch.randn(200, 576)
+        f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
+    elif kind == "int8":
         q, s, _ = int8_weights(200, 576)
         f = lambda x: torch.ops.layerskip_cpu.int8_linear(x, q, s)  # noqa: E731
     else:

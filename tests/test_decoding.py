@@ -367,7 +367,7 @@ def test_no_round_drafts_past_the_token_budget(draft_model):
     ({"exit_layer": -2}, r"exit_layer must be in \[1, 3\]"),
     ({"exit_layer": 2, "num_speculations": 0}, r"num_speculations must be in \[1, 64\]"),
     ({"exit_layer": 2, "num_speculations": 65}, r"num_speculations must be in \[1, 64\]"),
-    ({}, "exactly one draft source"),
+    ({}, "give a draft source"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, message):
     model = random_model()

@@ -1,0 +1,175 @@
+"""Self-speculation with drafts from a quantized copy of the model's own layers (--draft_quantize):
+greedy output equals the full-precision model's greedy decoding, sampling keeps its distribution,
+and the draft's KV cache is its own."""
+import re
+
+import pytest
+import torch
+
+from conftest import assert_varied, compiled_graphs
+from decoding import compile_steps, draft_step, generate, speculative_generate, verify_step
+from quantized import Int4Linear, Int8Linear, quantized_copy
+from sampling import SamplingParams
+from test_decoding import GREEDY, rand_prompt, random_model, run_cli
+
+
+@pytest.mark.parametrize("scheme", [("int8", 128), ("int4", 32)])
+@pytest.mark.parametrize("exit_layer", [1, 2, 3, 4])
+def test_tiny_quantized_draft_greedy_equals_autoregressive(scheme, exit_layer):
+    """Every E, the whole model (E = L = 4) included, and k from 1 to past the token budget's rounds."""
+    model = random_model()
+    draft = quantized_copy(model, *scheme, n_layers=exit_layer if exit_layer % 2 else None)  # E < layers too
+    model.setup_caches(1, 128)
+    draft.setup_caches(1, 128)
+    histogram_ends = [0, 0]
+    for k in (1, 2, 3, 4, 6, 12):
+        for seed in range(2):
+            prompt = rand_prompt(5 + seed, seed=seed)
+            ref, _ = generate(model, prompt, 30, GREEDY)
+            assert_varied(ref[0, len(prompt):])
+            out, stats = speculative_generate(model, prompt, 30, GREEDY, k, exit_layer=exit_layer, draft_model=draft)
+            assert out.tolist() == ref.tolist(), (k, seed)
+            histogram_ends[0] += stats.accepted_histogram[0]
+            histogram_ends[1] += sum(stats.accepted_histogram[1:])
+    assert histogram_ends[1] > 0  # drafts were kept
+    if exit_layer < 4:
+        assert histogram_ends[0] > 0  # and rejected at once
+
+
+def test_quantized_copy_shares_only_what_it_does_not_quantize():
+    model = random_model()
+    draft = quantized_copy(model, "int8", n_layers=2)
+    assert len(draft.layers) == 2 and isinstance(draft.output, Int8Linear)
+    assert isinstance(draft.layers[1].feed_forward.w13, Int8Linear)
+    assert draft.tok_embeddings.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    assert draft.norm.weight.data_ptr() == model.norm.weight.data_ptr()
+    assert isinstance(quantized_copy(model, "int4", 32).layers[3].attention.wo, Int4Linear)
+    assert isinstance(model.layers[0].attention.wqkv.weight, torch.nn.Parameter)  # the model is untouched
+    with pytest.raises(ValueError, match="5 layers of a 4-layer model"):
+        quantized_copy(model, "int8", n_layers=5)
+
+
+def test_the_draft_never_touches_the_models_kv_cache():
+    model = random_model()
+    draft = quantized_copy(model, "int8")
+    model.setup_caches(1, 64)
+    draft.setup_caches(1, 64)
+    caches = lambda m: [t for layer in m.layers for t in (layer.attention.kv_cache.k_cache,  # noqa: E731
+                                                           layer.attention.kv_cache.v_cache)]
+    model_ptrs = {t.data_ptr() for t in caches(model)}
+    assert not model_ptrs & {t.data_ptr() for t in caches(draft)}
+    prompt = rand_prompt(6)
+    generate(model, prompt, 1, GREEDY)  # the model's prefill: its cache holds the prompt
+    before = [t.clone() for t in caches(model)]
+    # everything the loop asks of the draft: its prefill, draft steps, a catch-up step
+    generate(draft, prompt, 12, GREEDY, exit_layer=3)
+    x = torch.tensor([[7]])
+    for pos in range(18, 22):
+        x = draft_step(draft, x, torch.tensor([pos]), GREEDY, 3)[0]
+    assert all(torch.equal(a, b) for a, b in zip(before, caches(model)))
+    assert caches(draft)[0][0, :, :22].abs().sum() > 0  # the draft did write its own
+    # and a whole generation leaves the model's cache as greedy decoding does on the positions kept
+    ref, _ = generate(model, prompt, 20, GREEDY)
+    kept = [t[:, :, :len(prompt) + 19].clone() for t in caches(model)]
+    for t in caches(model):
+        t.zero_()
+    out, _ = speculative_generate(model, prompt, 20, GREEDY, 3, draft_model=draft)
+    assert out.tolist() == ref.tolist()
+    assert all(torch.allclose(a, b[:, :, :a.shape[2]], atol=1e-5) for a, b in zip(kept, caches(model)))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
+def test_quantized_draft_sampling_matches_autoregressive_distribution(params):
+    """As test_decoding's sampling test, with an int4 draft of one layer (it disagrees often)."""
+    from test_decoding import _chi2_critical, chi2
+    from sampling import logits_to_probs
+    V, E, k, n = 8, 1, 2, 1200
+    model = random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35)
+    draft = quantized_copy(model, "int4", 32, n_layers=E)
+    prompt = torch.tensor([1, 5, 2])
+    model.setup_caches(1, 16)
+    draft.setup_caches(1, 16)
+    seqs = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
+    full = torch.cat([prompt.expand(len(seqs), 3), seqs], 1)
+    with torch.no_grad():
+        p = logits_to_probs(model(full)[:, 2:5], params)
+        q = logits_to_probs(draft(full)[:, 2:5], params)
+    joint = p[:, 0].gather(1, seqs[:, :1])[:, 0] * p[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
+        p[:, 2].gather(1, seqs[:, 2:])[:, 0]
+    wrong = p[:, 0].gather(1, seqs[:, :1])[:, 0] * q[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
+        q[:, 2].gather(1, seqs[:, 2:])[:, 0]
+    counts = torch.zeros(2, V)
+    torch.manual_seed(1234)
+    for _ in range(n):
+        out, _ = speculative_generate(model, prompt, 3, params, k, exit_layer=E, draft_model=draft)
+        counts[0, out[0, 4]] += 1
+        counts[1, out[0, 5]] += 1
+    for pos in (0, 1):
+        marginal = torch.zeros(V).index_add_(0, seqs[:, pos + 1], joint)
+        stat, df = chi2(counts[pos], marginal)
+        assert stat < _chi2_critical(df), (pos, stat)
+    stat, df = chi2(counts[0], torch.zeros(V).index_add_(0, seqs[:, 1], wrong))
+    assert stat > 3 * _chi2_critical(df)  # the draft's own distribution is told apart
+
+
+@pytest.mark.slow
+def test_tiny_compiled_quantized_draft_equals_autoregressive_without_recompiling():
+    model = random_model(dim=56, vocab=88)  # a shape no other test compiles
+    draft = quantized_copy(model, "int8")
+    model.setup_caches(1, 96)
+    draft.setup_caches(1, 96)
+    steps = compile_steps(torch.device("cpu"))
+    before = [compiled_graphs(draft_step), compiled_graphs(verify_step)]
+    for i in range(3):
+        prompt = rand_prompt(4 + 3 * i, vocab=88, seed=i)
+        ref, _ = generate(model, prompt, 30, GREEDY)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out, stats = speculative_generate(model, prompt, 30, GREEDY, 3, exit_layer=3, draft_model=draft,
+                                              steps=steps)
+        assert out.tolist() == ref.tolist()
+        assert stats.acceptance_rate > 0
+    assert [compiled_graphs(draft_step) - before[0], compiled_graphs(verify_step) - before[1]] == [1, 1]
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_drafts_equal_autoregressive(smollm2, smollm2_dir):
+    """Eager: int8 and int4 drafts of the whole model, and an int8 draft of 24 layers, on real prompts."""
+    from test_decoding import SMOL_PROMPTS
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_dir)
+    smollm2.setup_caches(1, 160)
+    for scheme, E, k in [(("int8", 128), None, 4), (("int4", 32), None, 3), (("int8", 128), 24, 2)]:
+        draft = quantized_copy(smollm2, *scheme, n_layers=E)
+        draft.setup_caches(1, 160)
+        for text in SMOL_PROMPTS[1:3]:
+            prompt = torch.tensor(tok.encode(text))
+            ref, _ = generate(smollm2, prompt, 24, GREEDY)
+            out, stats = speculative_generate(smollm2, prompt, 24, GREEDY, k, exit_layer=E, draft_model=draft)
+            assert out.tolist() == ref.tolist(), (scheme, E, k)
+            if E is None:  # the model's own weights, all of them, draft well
+                assert stats.acceptance_rate > 0.6, stats.acceptance_rate
+
+
+@pytest.mark.slow
+def test_cli_quantized_draft_matches_autoregressive(tiny_smol_dir):
+    common = ["--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "24",
+              "--num_samples", "1", "--temperature", "0"]
+    ar = run_cli(*common)
+    spec = run_cli(*common, "--generation_strategy", "self_speculative", "--draft_quantize", "int8",
+                   "--num_speculations", "4")
+    assert ar.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == ar.stdout
+    assert "Draft: int8 copy of layers [0, 3) and the LM head" in spec.stderr
+    assert "acceptance rate" in spec.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--draft_quantize", "int8"], "--draft_quantize needs --generation_strategy self_speculative"),
+    (["--generation_strategy", "self_speculative", "--draft_quantize", "int9"], "unknown quantization 'int9'"),
+    (["--generation_strategy", "self_speculative", "--draft_quantize", "int8", "--exit_layer", "4"],
+     r"--exit_layer must be in \[1, 3\]"),
+    (["--generation_strategy", "self_speculative", "--exit_layer", "3"], r"--exit_layer must be in \[1, 2\]"),
+])
+def test_cli_refuses_impossible_draft_options(tiny_smol_dir, flags, message):
+    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--max_new_tokens", "4", *flags)
+    assert r.returncode != 0 and re.search(message, r.stderr), r.stderr
