@@ -11,7 +11,7 @@ import atexit
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -124,7 +124,7 @@ def check_options(p, a):
             a.quantize_mode = parse_quantize(a.quantize) if a.quantize else None
     except (ValueError, SchemeError) as e:
         # the engine's messages name its parameters; here they are flags
-        p.error(re.sub(r"(?<![-\w])(exit_layer|num_speculations|temperature|top_p|top_k|generation strategy)\b",
+        p.error(re.sub(r"(?<![-\w])(exit_layer|num_speculations|draft_quantize|temperature|top_p|top_k|generation strategy)\b",
                        lambda m: "--" + m.group(1).replace(" ", "_"), str(e)))
 
 
@@ -196,17 +196,22 @@ class Engine:
     strategy: Strategy
     sampling: SamplingParams
     path: Path
+    drafts: dict = field(default_factory=dict)  # quantized self-drafts by scheme (--draft_quantize)
 
     def setup_caches(self, size: int):
-        for m in (self.model, self.draft_model):
+        for m in (self.model, self.draft_model, *self.drafts.values()):
             if m is not None:
                 m.setup_caches(1, size)
+
+    def draft_for(self, strategy: Strategy):
+        """The draft model a strategy drafts with: its quantized self-copy, the separate draft model, or None."""
+        return self.drafts[strategy.draft_quantize] if strategy.draft_quantize else self.draft_model
 
     def run(self, prompt: torch.Tensor, max_new_tokens: int, on_tokens=None, sampling: SamplingParams | None = None,
             stop_ids=None):
         """Generates from prompt [T] with the engine's strategy; stops at the tokenizer's stop tokens
         unless stop_ids is given (() never stops early). Returns (tokens [1, T + n], stats)."""
-        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy, self.draft_model,
+        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy, self.draft_for(self.strategy),
                    self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or (), on_tokens,
                    self.steps)
 
@@ -214,12 +219,12 @@ class Engine:
 def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
     """What the checkpoints' metadata can refuse before any weight is read."""
     n = meta["args"].n_layers
-    E, draft_quantize = a.strategy.exit_layer, a.strategy.draft_quantize
-    top = n if draft_quantize else n - 1  # a quantized self-draft may run every layer
+    E, schemes = a.strategy.exit_layer, draft_schemes(a)
+    top = n if a.strategy.draft_quantize else n - 1  # a quantized self-draft may run every layer
     if E is not None and E > top:
         raise ValueError(f"--exit_layer must be in [1, {top}] for this {n}-layer model, got {E}")
-    if draft_quantize and meta["scheme"]["mode"] != "none":
-        raise ValueError(f"--draft_quantize {draft_quantize}: the checkpoint is already quantized "
+    if schemes and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--draft_quantize {','.join(schemes)}: the checkpoint is already quantized "
                          f"({meta['scheme']['mode']}); the draft is quantized from full-precision weights")
     if a.quantize_mode and meta["scheme"]["mode"] != "none":
         raise ValueError(f"--quantize {a.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
@@ -228,8 +233,8 @@ def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
                          f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
     if world_size > 1:
         check_shardable(meta["args"], meta["scheme"], a.quantize_mode, world_size)
-        if draft_quantize:
-            check_shardable(meta["args"], meta["scheme"], parse_quantize(draft_quantize), world_size)
+        for scheme in schemes:
+            check_shardable(meta["args"], meta["scheme"], parse_quantize(scheme), world_size)
         if draft_meta is not None:
             check_shardable(draft_meta["args"], draft_meta["scheme"], None, world_size)
 
@@ -239,6 +244,19 @@ def check_shardable(model_args, scheme: dict, quantize_mode, world_size: int):
     (mode, groupsize) or not: int4's group size constrains the split."""
     mode, groupsize = quantize_mode or (scheme["mode"], scheme.get("groupsize"))
     tp.check_shardable(model_args, world_size, groupsize if mode == "int4" else None)
+
+
+def draft_schemes(a) -> list[str]:
+    """The quantized self-drafts to make at load: --draft_quantize's, or the list a sweep sets."""
+    return getattr(a, "draft_schemes", None) or ([a.strategy.draft_quantize] if a.strategy.draft_quantize else [])
+
+
+def make_draft(model, scheme: str, n_layers: int | None, rank: int = 0, world_size: int = 1):
+    """The quantized self-draft (--draft_quantize): a `scheme` copy of the model's layers [0, n_layers),
+    made from the loaded full-precision model before it is quantized or sharded, then sharded
+    like it and packed."""
+    copy = quantized_copy(model, *parse_quantize(scheme), n_layers=n_layers, pack=False)
+    return pack_model(tp.shard_model(copy, rank, world_size) if world_size > 1 else copy)
 
 
 def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
@@ -284,26 +302,26 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
         check(meta, tokenizer)
     dtype = pick_dtype(a.dtype, device)
     t0 = time.perf_counter()
-    drafts = []
+    schemes = draft_schemes(a)
+    layers = getattr(a, "draft_layers", a.strategy.exit_layer)
+    drafts = {}
 
-    def prepare(m):  # the self-draft is quantized from the full-precision weights, before anything else
-        if a.strategy.draft_quantize:
-            copy = quantized_copy(m, *parse_quantize(a.strategy.draft_quantize), n_layers=a.strategy.exit_layer,
-                                  pack=False)
-            drafts.append(pack_model(tp.shard_model(copy, rank, world_size) if world_size > 1 else copy))
+    def prepare(m):  # the drafts are quantized from the full-precision weights, before anything else
+        for scheme in schemes:
+            drafts[scheme] = make_draft(m, scheme, layers, rank, world_size)
         return quantize_and_shard(m, a.quantize_mode, rank, world_size)
     model = load_model(path, device, dtype, prepare=prepare)
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
     how = f", quantized to {a.quantize} in memory" if a.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    draft = drafts[0] if drafts else None
-    if draft is not None:
-        extra, full = own_bytes(draft, shared_with=model), own_bytes(model)
-        print(f"Draft: {a.strategy.draft_quantize} copy of layers [0, {draft.args.n_layers}) and the LM head, "
-              f"+{extra / 1e6:.0f} MB (+{extra / full:.0%} of the model's weights)", file=sys.stderr)
+    for scheme, d in drafts.items():
+        extra, full = own_bytes(d, shared_with=model), own_bytes(model)
+        print(f"Draft: {scheme} copy of layers [0, {d.args.n_layers}) and the LM head, +{extra / 1e6:.0f} MB "
+              f"(+{extra / full:.0%} of the model's weights)", file=sys.stderr)
+    draft = None
     if draft_path is not None:
         draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
     steps = compile_steps(device, a.compile_prefill) if a.compile else Steps()
     return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
-                  path)
+                  path, drafts)

@@ -254,7 +254,7 @@ def evaluate(engine, samples, a, progress=True):
     """Per-sample records and the aggregate for the engine's strategy: ROUGE, exact match and speed."""
     from tqdm import tqdm
     records = []
-    total_tokens, total_s, rounds, accepted, drafted = 0, 0.0, 0, 0, 0
+    total_tokens, total_s, rounds, accepted, drafted, catch_ups, decode_tokens, decode_s = 0, 0.0, 0, 0, 0, 0, 0, 0.0
     for i, s in enumerate(tqdm(samples, desc=engine.strategy.describe(), disable=not progress, file=sys.stderr)):
         torch.manual_seed(a.seed + i)
         text, stats, _ = generate_text(engine, s.prompt, a.max_new_tokens)
@@ -271,11 +271,15 @@ def evaluate(engine, samples, a, progress=True):
         rounds += stats.rounds
         accepted += sum(stats.accepted_per_round)
         drafted += stats.drafted
+        catch_ups += stats.catch_ups
+        decode_tokens, decode_s = decode_tokens + stats.new_tokens - 1, decode_s + stats.decode_s
     agg = {m: statistics.mean(r[m] for r in records) for m in ("rouge1", "rouge2", "rougeL", "exact_match")}
     agg.update(num_samples=len(records), new_tokens=total_tokens, seconds=total_s,
                tokens_per_s=total_tokens / total_s, time_per_token_s=total_s / max(total_tokens, 1),
+               decode_tokens_per_s=decode_tokens / decode_s if decode_s else None,
                acceptance_rate=accepted / drafted if drafted else None,
-               tokens_per_round=(accepted + rounds) / rounds if rounds else None)
+               tokens_per_round=(accepted + rounds) / rounds if rounds else None,
+               catch_up_rate=catch_ups / rounds if rounds else None)
     return records, agg
 
 
@@ -376,6 +380,7 @@ def measure(generate_fn, prompts, repeats: int, device) -> dict:
     if rounds:
         accepted = sum(sum(s.accepted_per_round) for s in all_stats)
         row.update(acceptance_rate=accepted / sum(s.drafted for s in all_stats), tokens_per_round=accepted / rounds + 1,
+                   catch_up_rate=sum(s.catch_ups for s in all_stats) / rounds,
                    draft_share=sum(s.draft_s for s in all_stats) / sum(s.draft_s + s.verify_s for s in all_stats))
     return row
 
@@ -394,10 +399,11 @@ def time_call(fn, device, repeats=20) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, steps, exit_layer: int, k: int, device, pos=16) -> dict:
-    """Seconds of a full decode step, a draft step (layers [0, E) + head) and a verify pass over
-    k+1 positions, each called directly (the caches as set up for the generation runs: another
-    cache shape would compile every graph again)."""
+def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=16, draft_model=None) -> dict:
+    """Seconds of a full decode step, a draft step (layers [0, E) + head of the model, or of
+    draft_model), a verify pass over k+1 positions and, for a draft model with its own cache, a
+    catch-up draft step over 2 positions; each called directly (the caches as set up for the
+    generation runs: another cache shape would compile every graph again)."""
     from sampling import SamplingParams
     greedy = SamplingParams()
     pos = min(pos, model.max_seq_length - k - 1)
@@ -407,11 +413,26 @@ def step_costs(model, steps, exit_layer: int, k: int, device, pos=16) -> dict:
     states = torch.zeros(1, k, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     positions = torch.arange(pos, pos + k + 1, device=device)
     limit = torch.tensor(k, device=device)
+    shared = draft_model is None
+    drafter = model if shared else draft_model
     with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
-        return {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device),
-                "draft": time_call(lambda: steps.draft(model, x, at, greedy, exit_layer), device),
-                "verify": time_call(lambda: steps.verify(model, tokens, states, None, positions, limit, greedy,
-                                                         exit_layer), device)}
+        costs = {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device),
+                 "draft": time_call(lambda: steps.draft(drafter, x, at, greedy, exit_layer), device),
+                 "verify": time_call(lambda: steps.verify(model, tokens, states if shared else None, None, positions,
+                                                          limit, greedy, exit_layer if shared else None), device)}
+        if not shared:
+            two = torch.full((1, 2), 5, device=device)
+            costs["catch_up"] = time_call(lambda: steps.catch_up(drafter, two, positions[:2] + 0, greedy, exit_layer),
+                                          device)
+    return costs
+
+
+def ideal_speedup(tokens_per_round: float, k: int, costs: dict, catch_up_rate: float = 0.0) -> float:
+    """The cost model: tokens a round yields over what the round costs, in full decode steps: k
+    draft steps, the verify pass, and in the rounds after a fully accepted one (catch_up_rate of
+    them) a first draft step over 2 positions instead of 1."""
+    extra = catch_up_rate * (costs["catch_up"] - costs["draft"]) if "catch_up" in costs else 0.0
+    return tokens_per_round / ((k * costs["draft"] + costs["verify"] + extra) / costs["full"])
 
 
 # (key, header, format); a column shows only when some row has a value for it
@@ -422,7 +443,8 @@ COLUMNS = [("engine", "engine", "{}"), ("config", "configuration", "{}"),
            ("gbs", "GB/s", "{:.1f}"), ("copy_share", "% of copy bw", "{:.0%}"),
            ("peak_memory_gb", "peak GB", "{:.2f}"), ("acceptance_rate", "acceptance", "{:.1%}"),
            ("tokens_per_round", "tokens/round", "{:.2f}"), ("draft_cost", "draft/step", "{:.2f}"),
-           ("verify_cost", "verify/step", "{:.2f}"), ("ideal_speedup", "ideal x", "{:.2f}"),
+           ("verify_cost", "verify/step", "{:.2f}"), ("catch_up_cost", "catch-up/step", "{:.2f}"),
+           ("ideal_speedup", "ideal x", "{:.2f}"),
            ("predicted_speedup", "x at --acceptance", "{:.2f}"), ("allreduce_kb", "all-reduce KB/token", "{:.1f}"),
            ("vs_baseline", "vs baseline", "{:.2f}x")]
 
@@ -457,7 +479,8 @@ def table(rows) -> str:
 
 # Each preset is a list of grids; a grid's rows are the cross product of its values, and a flag
 # given on the command line replaces that value in every grid.
-GRID_KEYS = ("dtype", "quantize", "compile", "generation_strategy", "exit_layer", "num_speculations", "world_size")
+GRID_KEYS = ("dtype", "quantize", "compile", "generation_strategy", "draft_quantize", "exit_layer", "num_speculations",
+             "world_size")
 PRESETS = {
     "decode": {"grids": [dict(dtype="float32,bfloat16", compile="false,true")],
                "peers": "transformers,transformers_compile"},
@@ -467,6 +490,10 @@ PRESETS = {
                               dict(dtype="float32", compile="true", generation_strategy="self_speculative",
                                    exit_layer="10,20,26,29", num_speculations="2,4")],
                     "peers": "transformers,transformers_early_exit", "max_new_tokens": 64},
+    "quantized_draft": {"grids": [dict(dtype="float32", compile="true", generation_strategy="autoregressive"),
+                                  dict(dtype="float32", compile="true", generation_strategy="self_speculative",
+                                       draft_quantize="int8,int4-g32", exit_layer="", num_speculations="3,4,6")],
+                        "peers": "", "max_new_tokens": 128},
     "tp": {"grids": [dict(dtype="float32", compile="false", world_size="1,3")], "peers": ""},
     "gpu": {"grids": [dict(dtype="bfloat16", compile="true", generation_strategy="autoregressive,self_speculative",
                            exit_layer="8", num_speculations="6"),
@@ -475,7 +502,7 @@ PRESETS = {
             "max_new_tokens": 128},
 }
 GRID_DEFAULTS = dict(dtype="auto", quantize="none", compile="false", generation_strategy="autoregressive",
-                     exit_layer="", num_speculations="3", world_size="1")
+                     exit_layer="", num_speculations="3", draft_quantize="none", world_size="1")
 
 
 def expand(grids: list[dict], overrides: dict) -> list[dict]:
@@ -490,7 +517,7 @@ def expand(grids: list[dict], overrides: dict) -> list[dict]:
             combos = [{**c, k: v} for c in combos for v in values[k]]
         for c in combos:
             if c["generation_strategy"] == "autoregressive":
-                c.update(exit_layer="", num_speculations=GRID_DEFAULTS["num_speculations"])
+                c.update(exit_layer="", num_speculations=GRID_DEFAULTS["num_speculations"], draft_quantize="none")
             if c not in rows:
                 rows.append(c)
     return rows
@@ -500,7 +527,8 @@ def describe_row(c: dict) -> str:
     parts = [c["dtype"], *([c["quantize"]] if c["quantize"] != "none" else []),
              "compiled" if options.parse_bool(c["compile"]) else "eager"]
     if c["generation_strategy"] != "autoregressive":
-        parts.append(f"{c['generation_strategy']} E={c['exit_layer']} k={c['num_speculations']}")
+        draft = f" {c['draft_quantize']} draft" if c["draft_quantize"] != "none" else ""
+        parts.append(f"{c['generation_strategy']}{draft} E={c['exit_layer'] or 'all'} k={c['num_speculations']}")
     if int(c["world_size"]) > 1:
         parts.append(f"tp={c['world_size']}")
     return " ".join(parts)
@@ -521,16 +549,20 @@ def row_args(a, c: dict):
             "--max_new_tokens", str(a.max_new_tokens), "--temperature", "0"]
     argv += ["--quantize", c["quantize"]] if c["quantize"] != "none" else []
     argv += ["--exit_layer", c["exit_layer"]] if c["exit_layer"] else []
+    argv += ["--draft_quantize", c["draft_quantize"]] if c["draft_quantize"] != "none" else []
     argv += ["--compile"] if options.parse_bool(c["compile"]) else []
     ns = p.parse_args(argv)
     options.check_options(p, ns)
     return ns
 
 
-def load_row_engine(a, c: dict, rank=0, world_size=1):
+def load_row_engine(a, c: dict, rank=0, world_size=1, draft_schemes=None):
     """An engine for one row: from the checkpoint (options.load_engine), or random weights of a
-    real shape for `random:<shape>[:<layers>]`."""
+    real shape for `random:<shape>[:<layers>]`. draft_schemes: quantized self-drafts of every
+    layer to make (rows of several exit layers share them), instead of the row's own."""
     ns = row_args(a, c)
+    if draft_schemes is not None:
+        ns.draft_schemes, ns.draft_layers = draft_schemes, None
     spec = str(a.checkpoint_path)
     if not spec.startswith("random:"):
         return options.load_engine(ns, rank, world_size)
@@ -538,11 +570,13 @@ def load_row_engine(a, c: dict, rank=0, world_size=1):
     device = options.pick_device(ns.device)
     dtype = options.pick_dtype(ns.dtype, device)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
+    drafts = {s: options.make_draft(model, s, getattr(ns, "draft_layers", ns.strategy.exit_layer), rank, world_size)
+              for s in options.draft_schemes(ns)}
     if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
         options.check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
     model = pack_model(options.quantize_and_shard(model, ns.quantize_mode, rank, world_size))
     steps = compile_steps(device) if ns.compile else Steps()
-    return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec))
+    return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
 
 
 def prompts_for(a, engine) -> list:
@@ -568,12 +602,15 @@ def bench_row(engine, c: dict, prompts, a) -> dict:
         r["bytes_per_token"] = weight_bytes_per_token(engine.model)
     else:
         k = engine.strategy.num_speculations
-        costs = step_costs(engine.model, engine.steps, engine.strategy.exit_layer, k, engine.device)
+        costs = step_costs(engine.model, engine.steps, engine.strategy.exit_layer, k, engine.device,
+                           draft_model=engine.draft_for(engine.strategy))
         r.update(draft_cost=costs["draft"] / costs["full"], verify_cost=costs["verify"] / costs["full"])
-        r["ideal_speedup"] = r["tokens_per_round"] / (k * r["draft_cost"] + r["verify_cost"])
+        if "catch_up" in costs:
+            r["catch_up_cost"] = costs["catch_up"] / costs["full"]
+        r["ideal_speedup"] = ideal_speedup(r["tokens_per_round"], k, costs, r["catch_up_rate"])
         if getattr(a, "acceptance", None) is not None:  # expected tokens per round at that per-token acceptance
-            al = a.acceptance
-            r["predicted_speedup"] = (1 - al ** (k + 1)) / (1 - al) / (k * r["draft_cost"] + r["verify_cost"])
+            al = a.acceptance  # (a fully accepted round, al^k of them, is followed by a catch-up)
+            r["predicted_speedup"] = ideal_speedup((1 - al ** (k + 1)) / (1 - al), k, costs, al ** k)
     if tp.world()[1] > 1:
         args = engine.model.args  # every block all-reduces its attention and MLP outputs: 2 per layer and token
         r["allreduce_kb"] = 2 * args.n_layers * args.dim * torch.finfo(engine.dtype).bits / 8 / 1024

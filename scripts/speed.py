@@ -3,21 +3,23 @@
     python scripts/speed.py                                # preset decode: SmolLM2, fp32/bf16, eager/compiled + transformers
     python scripts/speed.py --preset quantize --llama_cpp_python /path/to/python   # fp32/bf16 x int8/int4 + llama.cpp
     python scripts/speed.py --preset speculative           # (E, k) grid + transformers assistant_early_exit
+    python scripts/speed.py --preset quantized_draft       # int8/int4 self-drafts over (E, k), float32 verify
     python scripts/speed.py --preset tp                    # world sizes 1 and 3 through torchrun
     python scripts/speed.py --preset gpu                   # Llama-2-7B shape, random weights, bf16, CUDA
     python scripts/speed.py --dtype bfloat16 --quantize none,int8 --compile \\
         --generation_strategy autoregressive,self_speculative --exit_layer 10,20 --num_speculations 2,4
 
 Configurations are data: each preset is a list of grids over dtype x quantize x compile x
-generation_strategy x exit_layer x num_speculations x world_size (comma-separated values; a flag
+generation_strategy x exit_layer x num_speculations x draft_quantize x world_size (comma-separated values; a flag
 given here replaces the preset's value), and the rows are their cross product. One timing method
 for every row (common.measure): a warm-up generation, which also compiles, then --repeats passes over
 the prompts (greedy, no early stop, --max_new_tokens each); tokens/s is the median pass's decode
 rate, per-token latency p50/p90 comes from the streamed tokens. Each row: tokens/s, ms/token,
 prefill, compile time, weight bytes per token, GB/s and its share of the device's copy bandwidth
 (measured first), peak memory, and for speculative rows the acceptance, tokens per round, draft and
-verify step costs relative to a decode step and the speed-up these predict (ideal x =
-tokens_per_round / (k * draft + verify)); the last column is the ratio to the first row. Peers are
+verify step costs relative to a decode step and the speed-up these predict (the cost model,
+common.ideal_speedup: ideal x = tokens_per_round / (k * draft + verify [+ the catch-up of a draft
+with its own cache])); the last column is the ratio to the first row. Peers are
 rows of the same table: transformers eager and static cache + torch.compile, transformers
 `assistant_early_exit` at each exit layer, llama.cpp (llama-cpp-python in --llama_cpp_python, on
 the GGUF of the default model or --gguf), measured the same way.
@@ -264,7 +266,9 @@ def main(argv=None):
             if loaded[0] != key:  # one model per (dtype, quantization, compile); strategies share it
                 loaded = (None, None)
                 torch._dynamo.reset()
-                loaded = (key, common.load_row_engine(a, c))
+                schemes = list(dict.fromkeys(r["draft_quantize"] for r in a.rows if r["draft_quantize"] != "none"
+                                             and (r["dtype"], r["quantize"], r["compile"]) == key))
+                loaded = (key, common.load_row_engine(a, c, draft_schemes=schemes))
             engine = loaded[1]
             ns = common.row_args(a, c)
             engine.strategy = ns.strategy

@@ -6,11 +6,17 @@
     torchrun scripts/sweep.py --model facebook/layerskip-llama2-7B --dataset human_eval \\
         --generation_strategy self_speculative --num_samples 150 --max_steps 256 --output_dir ./logs/ --sample False
 
-First the autoregressive baseline, then every (E, k) on the same samples in the same process. Each
-row goes to OUTPUT_DIR/sweep.csv as soon as it is measured (an interrupted sweep keeps every
-finished row): exit_layer, num_speculations, acceptance_rate, tokens_per_second, time_per_token,
-speedup (tokens_per_second / the baseline's, measured in this run), rouge1/2/L. At the end, or on
-Ctrl-C, it draws OUTPUT_DIR/sweep_heatmap.png (speed-up per cell) and prints the best pair.
+First the autoregressive baseline, then every (precision, E, k) on the same samples in the same
+process. --draft_quantize lists the draft precisions: none (LayerSkip: the model's own layers
+[0, E), one shared KV cache; E < layers) and quantized copies (int8, int4, int4-g<N>: E up to every
+layer), made once at load. Each row goes to OUTPUT_DIR/sweep.csv as soon as it is measured (an
+interrupted sweep keeps every finished row): draft_quantize, exit_layer, num_speculations,
+acceptance_rate, tokens_per_round, tokens_per_second, time_per_token, speedup (tokens_per_second /
+the baseline's, measured in this run), decode_speedup (the same for decoding alone, prefill left
+out), the step costs (draft, verify, catch-up, in full decode steps) and predicted_speedup (the cost
+model, common.ideal_speedup, on the measured tokens per round), rouge1/2/L. At the end, or on
+Ctrl-C, it draws OUTPUT_DIR/sweep_heatmap.png (speed-up per cell, one panel per precision) and
+prints the best cell.
 """
 import csv
 import json
@@ -22,8 +28,9 @@ import cli
 import options
 from decoding import Strategy
 
-COLUMNS = ["exit_layer", "num_speculations", "acceptance_rate", "tokens_per_second", "time_per_token", "speedup",
-           "rouge1", "rouge2", "rougeL"]
+COLUMNS = ["draft_quantize", "exit_layer", "num_speculations", "acceptance_rate", "tokens_per_round",
+           "tokens_per_second", "time_per_token", "speedup", "decode_speedup", "draft_cost", "verify_cost",
+           "catch_up_cost", "predicted_speedup", "rouge1", "rouge2", "rougeL"]
 
 
 def grid(first, last, step, what):
@@ -39,26 +46,31 @@ def draw_heatmap(rows, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    precisions = list(dict.fromkeys(r["draft_quantize"] for r in rows))
     es = sorted({r["exit_layer"] for r in rows})
     ks = sorted({r["num_speculations"] for r in rows})
-    values = [[float("nan")] * len(ks) for _ in es]
-    for r in rows:
-        values[es.index(r["exit_layer"])][ks.index(r["num_speculations"])] = r["speedup"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ks), 1.2 + 0.5 * len(es)))
-    im = ax.imshow(values, cmap="RdYlGn", vmin=min(0.5, *[r["speedup"] for r in rows]),
-                   vmax=max(1.5, *[r["speedup"] for r in rows]), aspect="auto")
-    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_yticks(range(len(es)), [str(e) for e in es])
-    ax.set_xlabel("num_speculations (k)")
-    ax.set_ylabel("exit_layer (E)")
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="speed-up over autoregressive")
-    ax.set_title("self-speculative speed-up")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    speedups = [r["speedup"] for r in rows]
+    fig, axes = plt.subplots(1, len(precisions), squeeze=False,
+                             figsize=(1.2 + (0.9 * len(ks) + 0.6) * len(precisions), 1.4 + 0.5 * len(es)))
+    for ax, precision in zip(axes[0], precisions):
+        values = [[float("nan")] * len(ks) for _ in es]
+        for r in rows:
+            if r["draft_quantize"] == precision:
+                values[es.index(r["exit_layer"])][ks.index(r["num_speculations"])] = r["speedup"]
+        im = ax.imshow(values, cmap="RdYlGn", vmin=min(0.5, *speedups), vmax=max(1.5, *speedups), aspect="auto")
+        ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+        ax.set_yticks(range(len(es)), [str(e) for e in es])
+        ax.set_xlabel("num_speculations (k)")
+        ax.set_ylabel("exit_layer (E)")
+        ax.set_title("draft: layers [0, E)" if precision == "none" else f"draft: {precision} copy of [0, E)",
+                     fontsize=9)
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), label="speed-up over autoregressive")
+    fig.suptitle("self-speculative speed-up", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -76,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--num_speculations_first", type=int, default=1)
     p.add_argument("--num_speculations_last", type=int, default=6)
     p.add_argument("--num_speculations_step", type=int, default=1)
+    p.add_argument("--draft_quantize", default="none",
+                   help="comma-separated draft precisions: none (the model's own early layers, E < layers) and/or "
+                        "int8, int4, int4-g<N> (a quantized copy of layers [0, E), E up to every layer)")
     common.add_output_option(p, "sweep_out", file_option=False)
     a = p.parse_args(argv)
     options.check_options(p, a)
@@ -86,6 +101,15 @@ def parse_args(argv=None):
         p.error(str(e))
     if min(exit_layers) < 1 or min(ks) < 1:
         p.error("exit layers and num_speculations must be >= 1")
+    a.precisions = list(dict.fromkeys(x.strip() for x in a.draft_quantize.split(",")))
+    try:
+        for scheme in a.precisions:
+            if scheme != "none":
+                options.parse_quantize(scheme)
+    except ValueError as e:
+        p.error(f"--draft_quantize: {e}")
+    a.draft_schemes = [x for x in a.precisions if x != "none"]  # options.load_engine makes these drafts
+    a.draft_layers = None  # of every layer: each E drafts from the first E
     common.check_dataset_options(p, a)
     a.exit_layers, a.ks = exit_layers, ks
     return a
@@ -99,9 +123,10 @@ def main(argv=None):
 
     def check(meta, tokenizer):
         n = meta["args"].n_layers
-        bad = [e for e in exit_layers if not 1 <= e < n]
+        top = n if a.draft_schemes else n - 1  # only a quantized draft may run every layer
+        bad = [e for e in exit_layers if not 1 <= e <= top]
         if bad:
-            raise ValueError(f"exit layer(s) {bad} out of range [1, {n - 1}] for this {n}-layer model")
+            raise ValueError(f"exit layer(s) {bad} out of range [1, {top}] for this {n}-layer model")
     engine = options.load_engine(a, *options.init_distributed(a), check=check)
     common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
 
@@ -116,26 +141,40 @@ def main(argv=None):
         writer.writeheader()
         f.flush()
         try:
-            for E in exit_layers:
-                for k in ks:
-                    engine.strategy = Strategy("self_speculative", E, k)
-                    common.warm_up(engine, samples, a)
-                    _, agg = common.evaluate(engine, samples, a)
-                    row = {"exit_layer": E, "num_speculations": k, "acceptance_rate": agg["acceptance_rate"],
-                           "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
-                           "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
-                           "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
-                    writer.writerow(row)
-                    f.flush()
-                    rows.append(row)
+            for precision in a.precisions:
+                draft = None if precision == "none" else precision
+                for E in exit_layers:
+                    if draft is None and E >= engine.model.args.n_layers:
+                        continue  # LayerSkip self-speculation needs layers left to verify
+                    for k in ks:
+                        engine.strategy = Strategy("self_speculative", E, k, draft)
+                        common.warm_up(engine, samples, a)
+                        _, agg = common.evaluate(engine, samples, a)
+                        costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
+                                                  draft_model=engine.draft_for(engine.strategy))
+                        row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
+                               "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
+                               "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
+                               "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
+                               "decode_speedup": agg["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                               "draft_cost": costs["draft"] / costs["full"],
+                               "verify_cost": costs["verify"] / costs["full"],
+                               "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
+                               "predicted_speedup": common.ideal_speedup(agg["tokens_per_round"], k, costs,
+                                                                          agg["catch_up_rate"]),
+                               "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
+                        writer.writerow(row)
+                        f.flush()
+                        rows.append(row)
         except KeyboardInterrupt:
             print(f"interrupted: {len(rows)} finished rows kept in {csv_path}", file=sys.stderr)
     if not rows:
         sys.exit("no grid point finished")
     draw_heatmap(rows, png_path)
     best = max(rows, key=lambda r: r["speedup"])
-    print(f"autoregressive: {base['tokens_per_s']:.2f} tokens/s; best: exit_layer={best['exit_layer']} "
-          f"num_speculations={best['num_speculations']}: {best['tokens_per_second']:.2f} tokens/s, "
+    print(f"autoregressive: {base['tokens_per_s']:.2f} tokens/s; best: draft_quantize={best['draft_quantize']} "
+          f"exit_layer={best['exit_layer']} num_speculations={best['num_speculations']}: "
+          f"{best['tokens_per_second']:.2f} tokens/s, "
           f"speed-up {best['speedup']:.2f}x, acceptance {best['acceptance_rate']:.1%}  ({csv_path}, {png_path})")
 
 

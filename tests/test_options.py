@@ -80,13 +80,16 @@ def test_speed_presets_are_grids_of_shared_options():
     rows = speed.parse_args(["--preset", "speculative"]).rows
     assert rows[0] == {"dtype": "float32", "quantize": "none", "compile": "true",
                        "generation_strategy": "autoregressive", "exit_layer": "", "num_speculations": "3",
-                       "world_size": "1"}
+                       "draft_quantize": "none", "world_size": "1"}
     assert [(r["exit_layer"], r["num_speculations"]) for r in rows[1:]] == [
         (E, k) for E in ("10", "20", "26", "29") for k in ("2", "4")]
     # a flag replaces the preset's value in every grid; lists are cross products
     rows = speed.parse_args(["--preset", "quantize", "--dtype", "bfloat16", "--quantize", "int8,int4-g32"]).rows
     assert [(r["dtype"], r["quantize"]) for r in rows] == [("bfloat16", "int8"), ("bfloat16", "int4-g32")]
     assert speed.parse_args(["--preset", "gpu"]).checkpoint_path == "random:llama2-7b"
+    rows = speed.parse_args(["--preset", "quantized_draft"]).rows
+    assert [(r["draft_quantize"], r["num_speculations"]) for r in rows[1:]] == [
+        (d, k) for d in ("int8", "int4-g32") for k in ("3", "4", "6")]
 
 
 @pytest.mark.parametrize("argv, message", [

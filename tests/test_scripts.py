@@ -70,19 +70,26 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
 def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "sweep"
     sweep.main(dataset_args(smollm2_dir, jsonl, n=1, tokens=6) + [
-        "--exit_layer_first", "10", "--exit_layer_last", "29", "--exit_layer_step", "19",
-        "--num_speculations_first", "1", "--num_speculations_last", "2", "--output_dir", str(out)])
+        "--exit_layer_first", "10", "--exit_layer_last", "30", "--exit_layer_step", "20",
+        "--num_speculations_first", "1", "--num_speculations_last", "2", "--draft_quantize", "none,int8",
+        "--output_dir", str(out)])
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert [(int(r["exit_layer"]), int(r["num_speculations"])) for r in rows] == [(10, 1), (10, 2), (29, 1), (29, 2)]
+    # E = 30, every layer, only for the quantized draft: LayerSkip's needs layers left to verify
+    assert [(r["draft_quantize"], int(r["exit_layer"]), int(r["num_speculations"])) for r in rows] == [
+        ("none", 10, 1), ("none", 10, 2), ("int8", 10, 1), ("int8", 10, 2), ("int8", 30, 1), ("int8", 30, 2)]
     captured = capsys.readouterr()
     line = next(x for x in captured.err.splitlines() if x.startswith('{"autoregressive"'))
     base = json.loads(line)["autoregressive"]["tokens_per_s"]
     for r in rows:
         assert float(r["speedup"]) == pytest.approx(float(r["tokens_per_second"]) / base)
         assert float(r["time_per_token"]) > 0 and 0 <= float(r["acceptance_rate"]) <= 1
+        assert float(r["draft_cost"]) > 0 and float(r["verify_cost"]) > 0 and float(r["predicted_speedup"]) > 0
+        assert (r["catch_up_cost"] == "") == (r["draft_quantize"] == "none")  # own-cache drafts only
+    assert float(rows[-1]["acceptance_rate"]) > float(rows[1]["acceptance_rate"])  # int8 of all layers drafts best
     assert (out / "sweep_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = max(rows, key=lambda r: float(r["speedup"]))
-    assert f"best: exit_layer={best['exit_layer']} num_speculations={best['num_speculations']}" in captured.out
+    assert (f"best: draft_quantize={best['draft_quantize']} exit_layer={best['exit_layer']} "
+            f"num_speculations={best['num_speculations']}") in captured.out
 
 
 @pytest.mark.slow
@@ -106,6 +113,7 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     (sweep, ["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
     (sweep, ["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
     (sweep, ["--dataset", "cnn"], "unknown dataset"),
+    (sweep, ["--draft_quantize", "none,int9"], "--draft_quantize: unknown quantization 'int9'"),
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_bad_arguments_fail_before_loading(script, argv, message, monkeypatch, capsys):
     monkeypatch.setattr(options, "load_engine", lambda *a, **k: pytest.fail("model loaded before the arguments were "

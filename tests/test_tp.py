@@ -160,6 +160,20 @@ def test_generate_cli_tensor_parallel_prints_once(tiny_smol_dir):
 
 
 @pytest.mark.slow
+def test_quantized_self_draft_under_tensor_parallelism_equals_single_process_greedy(tiny_smol_dir):
+    """The int8 copy is made from the whole model on every rank, then sharded like it."""
+    common = ["--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--max_new_tokens", "12", "--temperature", "0",
+              "--num_samples", "1"]
+    r = torchrun(2, "generate.py", *common, "--generation_strategy", "self_speculative", "--draft_quantize", "int8",
+                 "--num_speculations", "3", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Draft: int8 copy of layers [0, 3)" in r.stderr and "acceptance rate" in r.stderr
+    single = subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, common)], capture_output=True,
+                            text=True, timeout=180)
+    assert single.returncode == 0 and r.stdout == single.stdout
+
+
+@pytest.mark.slow
 def test_rank_failure_ends_every_rank(tiny_tp_checkpoint, tmp_path):
     jobs = jobs_for([5, 6, 7], 6, 32, 2, 2, [(None, False)])
     r, ranks = run_worker(2, tiny_tp_checkpoint, jobs, tmp_path / "out", env={"TP_WORKER_FAIL_RANK": "1"})
