@@ -399,11 +399,14 @@ def time_call(fn, device, repeats=20) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=16, draft_model=None) -> dict:
-    """Seconds of a full decode step, a draft step (layers [0, E) + head of the model, or of
-    draft_model), a verify pass over k+1 positions and, for a draft model with its own cache, a
-    catch-up draft step over 2 positions; each called directly (the caches as set up for the
-    generation runs: another cache shape would compile every graph again)."""
+def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=16, draft_model=None, repeats=10) -> dict:
+    """Seconds of a full decode step (called repeatedly, as autoregressive decoding does) and of a
+    draft step (layers [0, E) + head of the model, or of draft_model), a verify pass over k+1
+    positions and, for a draft model with its own cache, a catch-up draft step over 2 positions,
+    timed inside rounds as the loop runs them (k draft steps, then the verify pass): called
+    alone and repeatedly, a draft model's weights would stay in the CPU's cache, which in a round
+    the verify pass evicts. The caches are as set up for the generation runs (another cache shape
+    would compile every graph again)."""
     from sampling import SamplingParams
     greedy = SamplingParams()
     pos = min(pos, model.max_seq_length - k - 1)
@@ -413,17 +416,36 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=16, dra
     states = torch.zeros(1, k, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     positions = torch.arange(pos, pos + k + 1, device=device)
     limit = torch.tensor(k, device=device)
+    two = torch.full((1, 2), 5, device=device)
     shared = draft_model is None
     drafter = model if shared else draft_model
+
+    def round_times(catch_up: bool):
+        """(draft phase, verify) seconds of one round."""
+        t0 = time.perf_counter()
+        for j in range(k):
+            if j == 0 and catch_up:
+                steps.catch_up(drafter, two, positions[:2] + 0, greedy, exit_layer)
+            else:
+                steps.draft(drafter, x, at, greedy, exit_layer)
+        synchronize(device)
+        t1 = time.perf_counter()
+        steps.verify(model, tokens, states if shared else None, None, positions, limit, greedy,
+                     exit_layer if shared else None)
+        synchronize(device)
+        return t1 - t0, time.perf_counter() - t1
+
     with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
-        costs = {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device),
-                 "draft": time_call(lambda: steps.draft(drafter, x, at, greedy, exit_layer), device),
-                 "verify": time_call(lambda: steps.verify(model, tokens, states if shared else None, None, positions,
-                                                          limit, greedy, exit_layer if shared else None), device)}
+        costs = {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device)}
+        for _ in range(2):
+            round_times(False)
+        plain = [round_times(False) for _ in range(repeats)]
+        costs["draft"] = statistics.median(d for d, _ in plain) / k
+        costs["verify"] = statistics.median(v for _, v in plain)
         if not shared:
-            two = torch.full((1, 2), 5, device=device)
-            costs["catch_up"] = time_call(lambda: steps.catch_up(drafter, two, positions[:2] + 0, greedy, exit_layer),
-                                          device)
+            round_times(True)
+            first = statistics.median(d for d, _ in (round_times(True) for _ in range(repeats))) - (k - 1) * costs["draft"]
+            costs["catch_up"] = first
     return costs
 
 
