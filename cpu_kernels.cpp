@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -292,6 +293,60 @@ at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   return y;
 }
 
+// Attention of L query rows over a KV cache, each row attending the positions up to its own
+// (causal: row l sees cache positions 0..input_pos[l]). Reads only those positions, not the whole
+// static cache, and reduces every output in one order whatever L: like the linear kernels,
+// row-invariant. q [B, H, L, D], k and v [B, KV, S, D] (query head h reads KV head h / (H / KV)).
+at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& pos_) {
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k and v must be 4-D");
+  for (const auto* t : {&q_, &k_, &v_}) TORCH_CHECK(t->scalar_type() == at::kFloat, "q, k and v must be float32");
+  const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), D = q_.size(3), KV = k_.size(1), S = k_.size(2);
+  TORCH_CHECK(k_.sizes() == v_.sizes() && k_.size(0) == B && k_.size(3) == D && KV > 0 && H % KV == 0,
+              "k and v must be [B, KV, S, D] with KV dividing the query heads");
+  TORCH_CHECK(pos_.dim() == 1 && pos_.size(0) == L && pos_.scalar_type() == at::kLong, "input_pos must be int64 [L]");
+  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), pos = pos_.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) TORCH_CHECK(pp[l] >= 0 && pp[l] < S, "input_pos out of the cache's range");
+  auto y = at::empty(q.sizes(), q.options());  // contiguous, as the fake says
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t group = H / KV, dv = D - D % W;
+  at::parallel_for(0, B * H * L, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> p(S);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / (H * L), h = r / L % H, n = pp[r % L] + 1;
+      const float* qr = qp + r * D;
+      const float* kh = kp + (b * KV + h / group) * S * D;
+      const float* vh = vp + (b * KV + h / group) * S * D;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        V acc = vzero();
+        for (int64_t d = 0; d < dv; d += W) acc = vfma(vload(qr + d), vload(kh + j * D + d), acc);
+        float s = vsum(acc);
+        for (int64_t d = dv; d < D; ++d) s += qr[d] * kh[j * D + d];
+        p[j] = s * scale;
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      float* out = yp + r * D;
+      for (int64_t d = 0; d < dv; d += W) {
+        V acc = vzero();
+        for (int64_t j = 0; j < n; ++j) acc = vfma(vset1(p[j]), vload(vh + j * D + d), acc);
+        vstore(out + d, acc);
+      }
+      for (int64_t d = dv; d < D; ++d) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; ++j) acc += p[j] * vh[j * D + d];
+        out[d] = acc;
+      }
+      for (int64_t d = 0; d < D; ++d) out[d] /= total;
+    }
+  });
+  return y;
+}
+
 std::string isa() { return kIsa; }
 
 }  // namespace
@@ -300,11 +355,13 @@ TORCH_LIBRARY(layerskip_cpu, m) {
   m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {
   m.impl("float_linear", &float_linear);
+  m.impl("attention", &attention);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
 }

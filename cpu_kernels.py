@@ -4,8 +4,8 @@ activations, float32, int8 or int4 weights.
 `cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
 this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
 version in torch's extension folder (TORCH_EXTENSIONS_DIR if set): the first load takes about 15
-seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`, `int8_linear` and
-`int4_linear`, which compiled graphs call as opaque kernels (their shapes come from the fake
+seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`, `int8_linear`,
+`int4_linear` and `attention` (few query rows over the KV cache), which compiled graphs call as opaque kernels (their shapes come from the fake
 implementations below). Where they cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the
 quantized layers fall back to dequantizing the weights in PyTorch: correct, slow, and said once.
 
@@ -79,6 +79,7 @@ def _load() -> bool:
         lines = [line for line in str(e).splitlines() if line.strip()]
         _state["reason"] = f"building {SOURCE} failed: {lines[-1] if lines else type(e).__name__}"
         return False
+    torch.library.register_fake("layerskip_cpu::attention")(lambda q, k, v, input_pos: q.new_empty(q.shape))
     torch.library.register_fake("layerskip_cpu::float_linear")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
@@ -113,6 +114,12 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
                 groupsize: int) -> torch.Tensor:
     y = torch.ops.layerskip_cpu.int4_linear(x.reshape(-1, x.shape[-1]).float(), weight, scales, biases, groupsize)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, H, L, D] over the cache k, v [B, KV, S, D] (float32): row l attends
+    cache positions 0..input_pos[l] only, each output reduced in one order whatever L."""
+    return torch.ops.layerskip_cpu.attention(q, k, v, input_pos)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

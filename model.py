@@ -195,8 +195,8 @@ class KVCache(nn.Module):
         return self.k_cache, self.v_cache
 
 
-# = cpu_kernels.EXACT_ROWS: up to this many query rows, compiled CPU attention reduces each output in
-# one order whatever the number of rows.
+# = cpu_kernels.EXACT_ROWS: up to this many query rows, CPU attention reduces each output in one order
+# whatever the number of rows (cpu_kernels.attention; without the kernels, compiled: the function below).
 FIXED_ORDER_ROWS = 16
 
 
@@ -226,6 +226,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q_size + 2 * kv_size)
         self.wo = Linear(q_size, args.dim)
         self.kv_cache: KVCache | None = None
+        self.use_cpu_kernel = False  # set by quantized.pack_model where the CPU kernels load
 
     def forward(self, x, cos, sin, mask, input_pos):
         bsz, seqlen, _ = x.shape
@@ -237,8 +238,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if (input_pos is not None and seqlen <= FIXED_ORDER_ROWS and x.device.type == "cpu"
-                and torch.compiler.is_compiling()):
+        few_rows = input_pos is not None and seqlen <= FIXED_ORDER_ROWS and x.device.type == "cpu"
+        if few_rows and self.use_cpu_kernel and q.dtype == torch.float32:
+            # reads only the cached positions up to each row's own, in a fixed order
+            y = cpu_kernels.attention(q, k, v, input_pos)
+        elif few_rows and torch.compiler.is_compiling():
             y = fixed_order_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cpu_kernels
-from model import Linear, Transformer
+from model import Attention, Linear, Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
@@ -208,10 +208,14 @@ def apply_scheme(model: Transformer, scheme: dict):
 
 
 def pack_model(model: Transformer) -> Transformer:
-    """Readies every linear layer for its kernel once its weights are final (loaded, sharded)."""
+    """Readies every linear layer for its kernel once its weights are final (loaded, sharded), and
+    on CPU the attention for the attention kernel."""
+    cpu = model.norm.weight.device.type == "cpu"
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear, Linear)):
             m.pack()
+        elif isinstance(m, Attention):
+            m.use_cpu_kernel = cpu and cpu_kernels.load(quiet=True)
     return model
 
 

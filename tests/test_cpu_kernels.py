@@ -191,6 +191,30 @@ def test_a_failed_build_gives_the_compilers_reason(monkeypatch, tmp_path):
     assert cpu_kernels.load() is False and "LAYERSKIP_CPU_KERNELS=0" in cpu_kernels.reason()
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (9, 3, 64), (2, 2, 20)])
+def test_attention_kernel_reads_only_each_rows_positions(heads, kv_heads, d):
+    import model
+    torch.manual_seed(0)
+    S = 40
+    k, v = torch.randn(1, kv_heads, S, d), torch.randn(1, kv_heads, S, d)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    for L, start in [(1, 0), (1, 30), (5, 12), (16, 24)]:
+        q = torch.randn(1, heads, L, d)
+        pos = torch.arange(start, start + L)
+        y = cpu_kernels.attention(q, k, v, pos)
+        ref = model.fixed_order_attention(q.double(), k.double(), v.double(), causal[pos][None, None])
+        assert (y.double() - ref).abs().max() < 1e-5
+        alone = torch.cat([cpu_kernels.attention(q[:, :, i:i + 1], k, v, pos[i:i + 1]) for i in range(L)], dim=2)
+        assert torch.equal(alone, y)  # row-invariant
+    # positions past a row's own are never read: garbage there changes nothing
+    q, pos = torch.randn(1, heads, 3, d), torch.tensor([10, 11, 12])
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 13:], v2[:, :, 13:] = float("nan"), 1e30
+    assert torch.equal(cpu_kernels.attention(q, k2, v2, pos), cpu_kernels.attention(q, k, v, pos))
+    with pytest.raises(RuntimeError, match="input_pos out of the cache's range"):
+        cpu_kernels.attention(q, k, v, torch.tensor([10, 11, S]))
+
+
 def test_attention_is_fixed_order_for_as_many_rows_as_the_kernels():
     import model
     assert model.FIXED_ORDER_ROWS == cpu_kernels.EXACT_ROWS
