@@ -384,6 +384,10 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     check_finite(finite)
     if draft_model is not None:
         check_finite(steps.prefill(draft_model, prompt[None], positions, params, exit_layer)[1])
+        if T >= 2 and steps.catch_up is not catch_up_draft_step:
+            # compiles the catch-up graph now rather than at the first fully accepted round, inside
+            # the timed loop; it rewrites the prompt's last two draft-cache positions with themselves
+            steps.catch_up(draft_model, prompt[-2:].view(1, 2), positions[-2:], params, exit_layer)
     out = [int(cur)]
     t1 = time.perf_counter()
     if on_tokens:
