@@ -4,10 +4,12 @@ activations, float32, int8 or int4 weights.
 `cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
 this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
 version in torch's extension folder (TORCH_EXTENSIONS_DIR if set): the first load takes about 15
-seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`, `int8_linear`,
-`int4_linear` and `attention` (few query rows over the KV cache), which compiled graphs call as opaque kernels (their shapes come from the fake
-implementations below). Where they cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the
-quantized layers fall back to dequantizing the weights in PyTorch: correct, slow, and said once.
+seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`,
+`int8_linear`, `int4_linear` and `attention` (few query rows over the KV cache), which compiled
+graphs call as opaque kernels (their shapes come from the fake implementations below). Where they
+cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the quantized layers fall back to
+dequantizing the weights in PyTorch: correct, slow, and said once; float32 layers and attention
+fall back to PyTorch's own ops, silently.
 
 int4 layout on the CPU: per row, each group of 32 input channels is 16 bytes, byte i holding code i
 in its low nibble and code i + 16 in its high nibble (so one 16-byte load unpacks into two vectors
@@ -80,7 +82,8 @@ def _load() -> bool:
         _state["reason"] = f"building {SOURCE} failed: {lines[-1] if lines else type(e).__name__}"
         return False
     torch.library.register_fake("layerskip_cpu::attention")(lambda q, k, v, input_pos: q.new_empty(q.shape))
-    torch.library.register_fake("layerskip_cpu::float_linear")(lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("layerskip_cpu::float_linear")(
+        lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(

@@ -124,7 +124,8 @@ def check_options(p, a):
             a.quantize_mode = parse_quantize(a.quantize) if a.quantize else None
     except (ValueError, SchemeError) as e:
         # the engine's messages name its parameters; here they are flags
-        p.error(re.sub(r"(?<![-\w])(exit_layer|num_speculations|draft_quantize|temperature|top_p|top_k|generation strategy)\b",
+        names = "exit_layer|num_speculations|draft_quantize|temperature|top_p|top_k|generation strategy"
+        p.error(re.sub(rf"(?<![-\w])({names})\b",
                        lambda m: "--" + m.group(1).replace(" ", "_"), str(e)))
 
 
@@ -211,8 +212,8 @@ class Engine:
             stop_ids=None):
         """Generates from prompt [T] with the engine's strategy; stops at the tokenizer's stop tokens
         unless stop_ids is given (() never stops early). Returns (tokens [1, T + n], stats)."""
-        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy, self.draft_for(self.strategy),
-                   self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or (), on_tokens,
+        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy,
+                   self.draft_for(self.strategy), self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or (), on_tokens,
                    self.steps)
 
 

@@ -399,17 +399,18 @@ def time_call(fn, device, repeats=20) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=16, draft_model=None, repeats=10) -> dict:
+def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, draft_model=None, repeats=10) -> dict:
     """Seconds of a full decode step (called repeatedly, as autoregressive decoding does) and of a
     draft step (layers [0, E) + head of the model, or of draft_model), a verify pass over k+1
     positions and, for a draft model with its own cache, a catch-up draft step over 2 positions,
     timed inside rounds as the loop runs them (k draft steps, then the verify pass): called
     alone and repeatedly, a draft model's weights would stay in the CPU's cache, which in a round
     the verify pass evicts. The caches are as set up for the generation runs (another cache shape
-    would compile every graph again)."""
+    would compile every graph again). At position pos (default: two thirds into the cache, where a
+    generation sized to it spends its middle: attention reads the positions up to the row's own)."""
     from sampling import SamplingParams
     greedy = SamplingParams()
-    pos = min(pos, model.max_seq_length - k - 1)
+    pos = min(model.max_seq_length * 2 // 3 if pos is None else pos, model.max_seq_length - k - 1)
     x = torch.tensor([[5]], device=device)
     at = torch.tensor([pos], device=device)
     tokens = torch.full((1, k + 1), 5, device=device)
@@ -514,7 +515,7 @@ PRESETS = {
                     "peers": "transformers,transformers_early_exit", "max_new_tokens": 64},
     "quantized_draft": {"grids": [dict(dtype="float32", compile="true", generation_strategy="autoregressive"),
                                   dict(dtype="float32", compile="true", generation_strategy="self_speculative",
-                                       draft_quantize="int8,int4-g32", exit_layer="", num_speculations="3,4,6")],
+                                       draft_quantize="int8,int4-g32", exit_layer="", num_speculations="4,6,8")],
                         "peers": "", "max_new_tokens": 128},
     "tp": {"grids": [dict(dtype="float32", compile="false", world_size="1,3")], "peers": ""},
     "gpu": {"grids": [dict(dtype="bfloat16", compile="true", generation_strategy="autoregressive,self_speculative",

@@ -61,7 +61,8 @@ def draw_heatmap(rows, path: Path):
         ax.set_xticks(range(len(ks)), [str(k) for k in ks])
         ax.set_yticks(range(len(es)), [str(e) for e in es])
         ax.set_xlabel("num_speculations (k)")
-        ax.set_ylabel("exit_layer (E)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("exit_layer (E)")
         ax.set_title("draft: layers [0, E)" if precision == "none" else f"draft: {precision} copy of [0, E)",
                      fontsize=9)
         for i, row in enumerate(values):
@@ -69,7 +70,7 @@ def draw_heatmap(rows, path: Path):
                 if v == v:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=list(axes[0]), label="speed-up over autoregressive")
-    fig.suptitle("self-speculative speed-up", fontsize=10)
+    fig.suptitle("self-speculative speed-up", fontsize=10, y=1.04)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
