@@ -153,6 +153,24 @@ def test_smollm2_quantized_drafts_equal_autoregressive(smollm2, smollm2_dir):
 
 
 @pytest.mark.slow
+def test_smollm2_compiled_quantized_draft_equals_autoregressive(smollm2, smollm2_dir, smollm2_steps):
+    """Compiled: an int8 copy of 6 layers drafts (small graphs, quick to compile), the float32
+    model verifies through its 30 layers; the second prompt reuses every graph."""
+    from test_decoding import SMOL_PROMPTS
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_dir)
+    smollm2.setup_caches(1, 160)
+    draft = quantized_copy(smollm2, "int8", n_layers=6)
+    draft.setup_caches(1, 160)
+    for i, text in enumerate(SMOL_PROMPTS[3:5]):
+        prompt = torch.tensor(tok.encode(text))
+        ref, _ = generate(smollm2, prompt, 24, GREEDY)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out, _ = speculative_generate(smollm2, prompt, 24, GREEDY, 3, draft_model=draft, steps=smollm2_steps)
+        assert out.tolist() == ref.tolist()
+
+
+@pytest.mark.slow
 def test_cli_quantized_draft_matches_autoregressive(tiny_smol_dir):
     common = ["--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "24",
               "--num_samples", "1", "--temperature", "0"]
