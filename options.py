@@ -212,9 +212,9 @@ class Engine:
             stop_ids=None):
         """Generates from prompt [T] with the engine's strategy; stops at the tokenizer's stop tokens
         unless stop_ids is given (() never stops early). Returns (tokens [1, T + n], stats)."""
+        stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
         return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy,
-                   self.draft_for(self.strategy), self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or (), on_tokens,
-                   self.steps)
+                   self.draft_for(self.strategy), stops, on_tokens, self.steps)
 
 
 def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
