@@ -283,20 +283,19 @@ def test_speculative_accept_outputs_follow_the_target(params, closeness):
     assert stat > 3 * _chi2_critical(df)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3), SamplingParams(1.2, top_p=0.75)])
-def test_self_speculative_sampling_matches_autoregressive_distribution(params):
-    """End to end on a tiny model with an 8-token vocabulary: the 2nd and 3rd generated tokens
-    (the 1st comes from the prefill) are distributed as under autoregressive sampling."""
-    V, E, k, n = 8, 1, 2, 1200
-    model = random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35)
+def check_speculative_sampling(model, draft_logits, params, **draft):
+    """End to end on a tiny model with an 8-token vocabulary (prompt [1, 5, 2], k = 2): the 2nd and
+    3rd generated tokens (the 1st comes from the prefill) of speculative_generate(..., **draft) are
+    distributed as under autoregressive sampling, and told apart from the draft's own distribution
+    (draft_logits(tokens) -> the draft's logits for every position)."""
+    V, k, n = model.args.vocab_size, 2, 1200
     prompt = torch.tensor([1, 5, 2])
-    model.setup_caches(1, 16)
     # Exact autoregressive distribution of (x1, x2, x3), and the "always accept the draft" one.
     seqs = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
     full = torch.cat([prompt.expand(len(seqs), 3), seqs], 1)
     with torch.no_grad():
         p = logits_to_probs(model(full)[:, 2:5], params)
-        q = logits_to_probs(model.head(model.run_layers(model.embed(full), None, 0, E))[:, 2:5], params)
+        q = logits_to_probs(draft_logits(full)[:, 2:5], params)
     joint = p[:, 0].gather(1, seqs[:, :1])[:, 0] * p[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
         p[:, 2].gather(1, seqs[:, 2:])[:, 0]
     wrong = p[:, 0].gather(1, seqs[:, :1])[:, 0] * q[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
@@ -304,7 +303,7 @@ def test_self_speculative_sampling_matches_autoregressive_distribution(params):
     counts = torch.zeros(2, V)
     torch.manual_seed(1234)
     for _ in range(n):
-        out, _ = speculative_generate(model, prompt, 3, params, k, exit_layer=E)
+        out, _ = speculative_generate(model, prompt, 3, params, k, **draft)
         counts[0, out[0, 4]] += 1
         counts[1, out[0, 5]] += 1
     for pos in (0, 1):
@@ -314,6 +313,15 @@ def test_self_speculative_sampling_matches_autoregressive_distribution(params):
     wrong_marginal = torch.zeros(V).index_add_(0, seqs[:, 1], wrong)
     stat, df = chi2(counts[0], wrong_marginal)
     assert stat > 3 * _chi2_critical(df)  # a rule that ignored the full model would fail here
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3), SamplingParams(1.2, top_p=0.75)])
+def test_self_speculative_sampling_matches_autoregressive_distribution(params):
+    E = 1
+    model = random_model(n_layers=3, vocab=8, dim=32, seed=3, scale=0.35)
+    model.setup_caches(1, 16)
+    check_speculative_sampling(model, lambda t: model.head(model.run_layers(model.embed(t), None, 0, E)), params,
+                               exit_layer=E)
 
 
 # ---------------------------------------------------------------- edge cases

@@ -80,36 +80,14 @@ def test_the_draft_never_touches_the_models_kv_cache():
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
 def test_quantized_draft_sampling_matches_autoregressive_distribution(params):
-    """As test_decoding's sampling test, with an int4 draft of one layer (it disagrees often)."""
-    from test_decoding import _chi2_critical, chi2
-    from sampling import logits_to_probs
-    V, E, k, n = 8, 1, 2, 1200
-    model = random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35)
+    """test_decoding's sampling test with an int4 draft of one layer (it disagrees often)."""
+    from test_decoding import check_speculative_sampling
+    E = 1
+    model = random_model(n_layers=3, vocab=8, dim=32, seed=3, scale=0.35)
     draft = quantized_copy(model, "int4", 32, n_layers=E)
-    prompt = torch.tensor([1, 5, 2])
     model.setup_caches(1, 16)
     draft.setup_caches(1, 16)
-    seqs = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
-    full = torch.cat([prompt.expand(len(seqs), 3), seqs], 1)
-    with torch.no_grad():
-        p = logits_to_probs(model(full)[:, 2:5], params)
-        q = logits_to_probs(draft(full)[:, 2:5], params)
-    joint = p[:, 0].gather(1, seqs[:, :1])[:, 0] * p[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
-        p[:, 2].gather(1, seqs[:, 2:])[:, 0]
-    wrong = p[:, 0].gather(1, seqs[:, :1])[:, 0] * q[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
-        q[:, 2].gather(1, seqs[:, 2:])[:, 0]
-    counts = torch.zeros(2, V)
-    torch.manual_seed(1234)
-    for _ in range(n):
-        out, _ = speculative_generate(model, prompt, 3, params, k, exit_layer=E, draft_model=draft)
-        counts[0, out[0, 4]] += 1
-        counts[1, out[0, 5]] += 1
-    for pos in (0, 1):
-        marginal = torch.zeros(V).index_add_(0, seqs[:, pos + 1], joint)
-        stat, df = chi2(counts[pos], marginal)
-        assert stat < _chi2_critical(df), (pos, stat)
-    stat, df = chi2(counts[0], torch.zeros(V).index_add_(0, seqs[:, 1], wrong))
-    assert stat > 3 * _chi2_critical(df)  # the draft's own distribution is told apart
+    check_speculative_sampling(model, draft, params, exit_layer=E, draft_model=draft)
 
 
 @pytest.mark.slow
