@@ -2,6 +2,7 @@
 (LayerSkip) and two-model speculative. Each loop is a short function over a few step functions,
 which `compile_steps` turns into fixed-shape graphs."""
 import resource
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 
@@ -40,15 +41,30 @@ def decode_one_token(model: Transformer, x, input_pos, params: SamplingParams, e
     return sample(model.head(h)[:, -1], params)
 
 
-def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
+def run_tapped(model: Transformer, h, input_pos, start: int, end: int, taps=()):
+    """run_layers over [start, end), also returning the hidden state entering each layer c of taps
+    (start <= c < end), i.e. what an exit at c would feed the head: [len(taps), B, T, dim], or None."""
+    states = []
+    for c in taps:
+        h = model.run_layers(h, input_pos, start, c)
+        states.append(h)
+        start = c
+    return model.run_layers(h, input_pos, start, end), (torch.stack(states) if states else None)
+
+
+def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None, taps=()):
     """One draft token: like decode_one_token, but also returns the layer-`exit_layer` hidden state
-    [1, 1, dim] (for the verify pass to resume from) and, when sampling, the draft distribution [V]."""
-    h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
+    [1, T, dim] (for the verify pass to resume from), when sampling the draft distribution [V]
+    (else None), the draft's probability of its token (its confidence, 0-dim) and the states
+    entering the layers in taps (run_tapped)."""
+    h, tapped = run_tapped(model, model.embed(x), input_pos, 0, exit_layer or model.args.n_layers, taps)
     logits = model.head(h)[0, -1]
     if params.greedy:
-        return logits.argmax(-1, keepdim=True)[None], h, None
+        token = logits.argmax(-1, keepdim=True)
+        return token[None], h, None, (logits.max() - logits.logsumexp(-1)).exp(), tapped
     probs = logits_to_probs(logits, params)
-    return sample_from_probs(probs)[None], h, probs
+    token = sample_from_probs(probs)
+    return token[None], h, probs, probs[token[0]], tapped
 
 
 def catch_up_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
@@ -60,23 +76,38 @@ def catch_up_draft_step(model: Transformer, x, input_pos, params: SamplingParams
 
 
 def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit, params: SamplingParams,
-                exit_layer: int | None = None):
+                exit_layer: int | None = None, taps=(), last=None):
     """Scores tokens [1, k+1] = [last accepted, d1..dk] at input_pos [k+1] with the full model and
-    decides how many drafts to keep, at most `limit` (a 0-dim tensor: a round near the end of the
-    token budget drafts fewer than k and pads the rest). Returns (n_accepted, next token), both on
-    the device.
+    decides how many drafts to keep, at most `limit` (a 0-dim tensor: a round that drafted fewer
+    than k, near the end of the token budget or stopped early, pads the rest). Returns
+    (n_accepted, next token, taps), all on the device.
 
-    Self-speculative (exit_layer E): positions 0..k-1 already went through layers [0, E) while
-    drafting, so they resume from their layer-E states exit_states [1, k, dim]; only dk, which no
-    layer has seen, runs layers [0, E) here. Two-model (exit_layer None): all k+1 run every layer.
+    Self-speculative (exit_layer E): the drafted positions already went through layers [0, E), so
+    they resume from their layer-E states exit_states [1, k+1, dim]; only the newest token, at row
+    `last` (a 0-dim tensor, default k), which no layer has seen, runs layers [0, E) here and takes
+    that row. Rows after it are padding: computed, written to cache positions no kept token reads
+    before they are written again, never kept. k may be 0 (a plain decode step that also taps).
+    Two-model (exit_layer None): all k+1 run every layer. taps (self-speculative only): the layers
+    whose entering states to return (run_tapped), those < E for the newest token [n, 1, 1, dim]
+    and those >= E for every row [n, 1, k+1, dim], for the adaptive policy's acceptance probes.
     """
     if exit_layer is None:
-        logits = model(tokens, input_pos)
-    else:
-        newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[-1:], 0, exit_layer)
-        h = model.run_layers(torch.cat([exit_states, newest], dim=1), input_pos, exit_layer)
-        logits = model.head(h)
-    return speculative_accept(tokens[0, 1:], draft_probs, logits[0], params, limit)
+        return *speculative_accept(tokens[0, 1:], draft_probs, model(tokens, input_pos)[0], params, limit), None
+    k = tokens.shape[1] - 1
+    last = torch.tensor([k], device=tokens.device) if last is None else last.view(1)
+    below, above = tuple(c for c in taps if c < exit_layer), tuple(c for c in taps if c >= exit_layer)
+    newest, low = run_tapped(model, model.embed(tokens.index_select(1, last)), input_pos.index_select(0, last), 0,
+                             exit_layer, below)
+    h, high = run_tapped(model, exit_states.index_copy(1, last, newest), input_pos, exit_layer, model.args.n_layers,
+                         above)
+    n, nxt = speculative_accept(tokens[0, 1:], draft_probs, model.head(h)[0], params, limit)
+    return n, nxt, ((low, high) if taps else None)
+
+
+def probe_step(model: Transformer, states):
+    """The head's greedy token for each of states [1, n, dim] (hidden states entering n candidate
+    exit layers at one position): [n]."""
+    return model.head(states)[0].argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,7 @@ class Steps:
     draft: object = draft_step
     catch_up: object = catch_up_draft_step
     verify: object = verify_step
+    probe: object = probe_step
 
 
 def configure_inductor(device: torch.device):
@@ -115,7 +147,7 @@ def compile_steps(device: torch.device, compile_prefill: bool = False) -> Steps:
         fixed = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})  # noqa: E731
     return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
                  decode=fixed(decode_one_token), draft=fixed(draft_step), catch_up=fixed(catch_up_draft_step),
-                 verify=fixed(verify_step))
+                 verify=fixed(verify_step), probe=fixed(probe_step))
 
 
 def synchronize(device: torch.device):
@@ -136,6 +168,9 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     catch_ups: int = 0  # own-cache drafts: rounds whose first draft step also took the last round's last draft
+    early_stops: int = 0  # rounds whose drafting stopped at a draft the policy was not confident in
+    trace: list = field(default_factory=list)  # per round: (exit layer, k chosen, drafts made)
+    adaptive: bool = False  # a policy chose (E, k) per round
 
     @property
     def total_s(self) -> float:
@@ -168,6 +203,13 @@ class GenerationStats:
     def accepted_histogram(self) -> list[int]:
         """Rounds that accepted 0, 1, ..., k drafts."""
         return [self.accepted_per_round.count(i) for i in range(self.num_speculations + 1)]
+
+    @property
+    def chosen(self) -> str:
+        """Adaptive runs: each (E, k) the rounds ran with, by share of rounds ("plain": no drafts)."""
+        counts = Counter((E, k) for E, k, _ in self.trace)
+        names = {(E, k): "plain" if k == 0 else f"E={E or 'all'} k={k}" for E, k in counts}
+        return ", ".join(f"{names[c]} {n / self.rounds:.0%}" for c, n in counts.most_common())
 
     @property
     def draft_share(self) -> float:
@@ -222,6 +264,8 @@ class Strategy:
     exit_layer: int | None = None
     num_speculations: int = 3
     draft_quantize: str | None = None  # int8, int4, int4-g<N>: the scheme of the self-draft's copy
+    auto_exit: bool = False  # --exit_layer auto: the adaptive policy chooses E per round (adaptive.py)
+    auto_k: bool = False  # --num_speculations auto: it chooses k <= num_speculations and stops drafting early
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
@@ -230,7 +274,15 @@ class Strategy:
             raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
         if self.draft_quantize is not None and self.name != "self_speculative":
             raise ValueError("draft_quantize applies to generation strategy self_speculative only")
-        if self.name == "self_speculative" and self.exit_layer is None and self.draft_quantize is None:
+        if (self.auto_exit or self.auto_k) and self.name == "autoregressive":
+            raise ValueError("exit_layer auto and num_speculations auto apply to the speculative strategies")
+        if self.auto_exit and self.name != "self_speculative":
+            raise ValueError("exit_layer auto applies to generation strategy self_speculative (a separate draft "
+                             "model drafts with all its layers)")
+        if self.auto_exit and self.exit_layer is not None:
+            raise ValueError("exit_layer is either a number or auto")
+        if self.name == "self_speculative" and self.exit_layer is None and self.draft_quantize is None \
+                and not self.auto_exit:
             raise ValueError("generation strategy self_speculative needs exit_layer (or draft_quantize)")
         if self.name == "speculative" and self.exit_layer is not None:
             raise ValueError("exit_layer does not apply to generation strategy speculative (the draft model drafts)")
@@ -241,23 +293,35 @@ class Strategy:
         """Drafts come from another model (a separate checkpoint, or the quantized self-copy)."""
         return self.name == "speculative" or self.draft_quantize is not None
 
+    @property
+    def adaptive(self) -> bool:
+        return self.auto_exit or self.auto_k
+
     def lookahead(self, max_new_tokens: int) -> int:
-        """Cache positions a round may write beyond the tokens it keeps (k, capped at max_new_tokens)."""
-        return 0 if self.name == "autoregressive" else min(self.num_speculations, max_new_tokens)
+        """Cache positions a round may write beyond the tokens it keeps (k; capped at max_new_tokens
+        for a fixed k, whose verify pass then shrinks; an adaptive one keeps its compiled shapes)."""
+        if self.name == "autoregressive":
+            return 0
+        return self.num_speculations if self.auto_k else min(self.num_speculations, max_new_tokens)
 
     def describe(self) -> str:
         if self.name == "autoregressive":
             return "autoregressive" + (f" (exit layer {self.exit_layer})" if self.exit_layer else "")
         draft = f" {self.draft_quantize} draft" if self.draft_quantize else ""
-        exit_layer = f" E={self.exit_layer}" if self.exit_layer else (" E=all" if draft else "")
-        return f"{self.name}{draft}{exit_layer} k={self.num_speculations}"
+        exit_layer = f" E={self.exit_layer}" if self.exit_layer else (" E=auto" if self.auto_exit else
+                                                                     " E=all" if draft else "")
+        k = f"auto (<= {self.num_speculations})" if self.auto_k else self.num_speculations
+        return f"{self.name}{draft}{exit_layer} k={k}"
 
 
 def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
         strategy: Strategy = Strategy(), draft_model: Transformer | None = None, stop_ids=(), on_tokens=None,
-        steps: Steps = Steps()):
+        steps: Steps = Steps(), policy=None):
     """Runs prompt [T] through the chosen strategy; on_tokens(list of ids) streams the output.
-    Returns (tokens [1, T + n], stats)."""
+    policy: an adaptive strategy's adaptive.AdaptivePolicy. Returns (tokens [1, T + n], stats)."""
+    if strategy.adaptive and policy is None:
+        raise ValueError("an adaptive strategy (exit_layer or num_speculations auto) needs its policy "
+                         "(options.Engine makes it)")
     if strategy.needs_draft_model != (draft_model is not None):
         raise ValueError("a draft model is given exactly for generation strategy speculative and for "
                          "self_speculative with draft_quantize")
@@ -267,7 +331,7 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
                         exit_layer=strategy.exit_layer)
     return speculative_generate(model, prompt, max_new_tokens, params, strategy.num_speculations,
                                 exit_layer=strategy.exit_layer, draft_model=draft_model, stop_ids=stop_ids,
-                                on_tokens=on_tokens, steps=steps)
+                                on_tokens=on_tokens, steps=steps, policy=policy)
 
 
 @torch.no_grad()
@@ -335,10 +399,37 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
+class FixedPolicy:
+    """k drafts from exit layer E every round (the flags as given); adaptive.AdaptivePolicy chooses
+    them per round instead. The loop asks a policy: choose() -> (E, k) for the round (k = 0: the
+    full model's token only), taps(E), bucket(n) -> the verify pass's fixed number of drafts for n
+    made, keep_drafting(E, confidence) when early_stop, observe(...) after each round and
+    probe_row(a) -> a verified row to probe (observe_probe), or None."""
+    early_stop = False
+
+    def __init__(self, exit_layer: int | None, k: int):
+        self.exit_layer, self.max_k = exit_layer, k
+
+    def choose(self):
+        return self.exit_layer, self.max_k
+
+    def taps(self, exit_layer):
+        return ()
+
+    def bucket(self, n: int) -> int:
+        return self.max_k
+
+    def observe(self, exit_layer, k, made, accepted, confidences):
+        pass
+
+    def probe_row(self, accepted):
+        return None
+
+
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
-                         stop_ids=(), on_tokens=None, steps: Steps = Steps()):
+                         stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy=None):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
@@ -349,18 +440,21 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
       cache and the verify pass resumes the drafted positions at layer E;
     - draft_model, with its own KV cache (a separate model, or a quantized copy of `model`'s own
       weights, quantized.quantized_copy): the verify pass runs every layer of `model`.
+    With `policy` (adaptive.AdaptivePolicy), E and k are chosen per round instead and drafting
+    may stop early (FixedPolicy explains the protocol).
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
-    No round drafts past the token budget: with r tokens still to produce, it runs min(k, r) draft
-    steps and pads the verify pass to its fixed k+1 positions (k is also capped at max_new_tokens).
+    No round drafts past the token budget: with r tokens still to produce, r - 1 drafts and the
+    full model's token suffice; a round that drafts fewer than k pads the fixed-shape verify pass.
     on_tokens(list of ids) is called with each round's kept tokens. Returns (tokens [1, T + n], stats).
     """
-    if exit_layer is None and draft_model is None:
+    check_num_speculations(num_speculations if policy is None else policy.max_k)
+    policy = policy or FixedPolicy(exit_layer, min(num_speculations, max_new_tokens))
+    if policy.exit_layer is None and draft_model is None:
         raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
-    check_num_speculations(num_speculations)
-    k = min(num_speculations, max_new_tokens)
-    check_exit_layer(model if draft_model is None else draft_model, exit_layer, last=draft_model is not None)
+    k = policy.max_k  # the most drafts a round makes
+    check_exit_layer(model if draft_model is None else draft_model, policy.exit_layer, last=draft_model is not None)
     shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
@@ -376,18 +470,18 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
                              f"model's ({model.args.vocab_size})")
     device, clock = prompt.device, _Clock(prompt.device)
     stop = set(stop_ids)
-    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=k)
+    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=k, adaptive=not isinstance(policy, FixedPolicy))
 
     t0 = time.perf_counter()
     positions = torch.arange(T, device=device)
     cur, finite = steps.prefill(model, prompt[None], positions, params)
     check_finite(finite)
     if draft_model is not None:
-        check_finite(steps.prefill(draft_model, prompt[None], positions, params, exit_layer)[1])
+        check_finite(steps.prefill(draft_model, prompt[None], positions, params, policy.exit_layer)[1])
         if T >= 2 and steps.catch_up is not catch_up_draft_step:
             # compiles the catch-up graph now rather than at the first fully accepted round, inside
             # the timed loop; it rewrites the prompt's last two draft-cache positions with themselves
-            steps.catch_up(draft_model, prompt[-2:].view(1, 2), positions[-2:], params, exit_layer)
+            steps.catch_up(draft_model, prompt[-2:].view(1, 2), positions[-2:], params, policy.exit_layer)
     out = [int(cur)]
     t1 = time.perf_counter()
     if on_tokens:
@@ -395,47 +489,66 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
     catch_up = None  # own-cache draft: the draft model has not seen the previous round's last draft
     offsets = torch.arange(k + 1, device=device)
+    rows = torch.arange(k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
+    zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
+    lag = 1 if device.type == "cuda" else 0  # early stop reads a confidence one step late, not waiting for the GPU
     while len(out) < max_new_tokens and out[-1] not in stop:
+        E, k_round = policy.choose()
+        taps = policy.taps(E) if shared else ()
+        below = tuple(c for c in taps if c < E)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.rounds > 0):
             start = clock.now()
             base = torch.tensor(pos, device=device)
-            # r tokens still to produce: r - 1 drafts and the full model's own token suffice, and
-            # checking them takes the verify rows 0..r-1, whose states min(k, r) draft steps give.
-            # A round that drafts fewer than k pads the fixed-shape verify pass.
-            remaining = max_new_tokens - len(out)
-            x, drafts, states, probs = cur, [], [], []
-            for j in range(min(k, remaining)):
+            x, drafts, states, probs, confidences, tapped = cur, [], [], [], [], []
+            want = min(k_round, max_new_tokens - len(out) - 1)  # r tokens to go: r - 1 drafts suffice
+            for j in range(want):
                 if j == 0 and catch_up is not None:
                     stats.catch_ups += 1
                     # its graph is compiled (guards checked) at the first catch-up, rounds after the first
                     with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.catch_ups > 1):
                         step = steps.catch_up(drafter, torch.cat([catch_up, x], dim=1), base - 1 + offsets[:2],
-                                              params, exit_layer)
+                                              params, E)
                 else:
-                    step = steps.draft(drafter, x, (base + j).view(1), params, exit_layer)
-                x, h, q = (t.clone() if t is not None else None for t in step)
+                    step = steps.draft(drafter, x, (base + j).view(1), params, E, below)
+                x, h, q, c, t = (t.clone() if t is not None else None for t in step)
                 drafts.append(x)
-                states.append(h)
+                states.append(h[:, -1:])
                 probs.append(q)
-            pad = k - len(drafts)  # the padded rows are never kept (limit), only computed
-            drafts += [x] * pad
-            states += [torch.zeros_like(states[-1])] * pad
-            probs += [probs[-1]] * pad
-            counted = remaining - 1 if pad else k
-            limit = torch.tensor(counted, device=device)
+                confidences.append(c)
+                tapped.append(t)
+                i = j - lag
+                if policy.early_stop and i >= 0 and j + 1 < want and not policy.keep_drafting(E, float(confidences[i])):
+                    stats.early_stops += 1
+                    break
+            made = len(drafts)
+            b = policy.bucket(made) if k_round else 0  # the verify pass's fixed shape: b drafts
+            pad = b - made  # the padded rows are never kept (limit), only computed
+            tokens = torch.cat([cur] + drafts + [x] * pad, dim=1)
+            exit_states = torch.cat(states + [zero_state] * (pad + 1), dim=1) if shared else None
+            if params.greedy:
+                draft_probs = None
+            elif made:
+                draft_probs = torch.stack(probs + [probs[-1]] * pad)
+            else:  # no draft counts (limit 0); the rows only hold the shape
+                draft_probs = torch.zeros(b, model.args.vocab_size, device=device)
             mid = clock.now()
-            tokens = torch.cat([cur] + drafts, dim=1)
-            n, nxt = steps.verify(model, tokens, torch.cat(states, dim=1) if shared else None,
-                                  None if params.greedy else torch.stack(probs), base + offsets, limit, params,
-                                  exit_layer if shared else None)
+            last = rows[made]  # one tensor for both: the compiled graph guards on whether they alias
+            n, nxt, verified_taps = steps.verify(model, tokens, exit_states, draft_probs, base + offsets[:b + 1],
+                                                 last, params, E if shared else None, taps, last)
             end = clock.now()
             host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
         a = host[-1]
         stats.accepted_per_round.append(a)
-        stats.drafted += counted
+        stats.drafted += made
         stats.draft_s += clock.seconds(start, mid)
         stats.verify_s += clock.seconds(mid, end)
-        kept = host[:a] + [host[k]]
+        stats.trace.append((E, k_round, made))
+        policy.observe(E, k_round, made, a, torch.stack(confidences).tolist() if policy.early_stop and made else [])
+        row = policy.probe_row(a) if taps else None
+        if row is not None:
+            policy.observe_probe(E, taps, probe(steps, model, taps, E, row, tapped, verified_taps),
+                                 host[row] if row < a else host[b])
+        kept = host[:a] + [host[b]]
         for i, t in enumerate(kept):  # truncate at a stop token or the token budget
             if t in stop or len(out) + i + 1 == max_new_tokens:
                 kept = kept[:i + 1]
@@ -445,13 +558,26 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
             on_tokens(kept)
         pos += a + 1
         cur = nxt.view(1, 1).clone()
-        # strides (1, 1), as the draft step's usual input: tokens[:, -1:] has (k + 1, 1), a guard
-        # failure, i.e. a recompile, which the loop's no-guard stance refuses
-        catch_up = tokens[0, -1:].view(1, 1) if draft_model is not None and a == k else None
+        # the last draft, whose input the draft model has not seen; strides (1, 1) as the draft
+        # step's usual input (tokens[:, -1:] has (k + 1, 1): a guard failure, i.e. a recompile)
+        catch_up = drafts[-1] if draft_model is not None and made and a == made else None
     synchronize(device)
     stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     stats.new_tokens = len(out)
     return torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype, device=device)])[None], stats
+
+
+def probe(steps: Steps, model: Transformer, taps, exit_layer: int, row: int, draft_taps, verified_taps) -> list:
+    """The head's greedy token from each tapped layer at verified row `row` (its context is the
+    full model's own tokens: row <= accepted): layers below E from the draft step of that row (or,
+    for the newest token, the verify pass), the rest from the verify pass."""
+    low, high = verified_taps
+    states = []
+    if low is not None:
+        states.append(draft_taps[row][:, 0, -1] if row < len(draft_taps) else low[:, 0, -1])
+    if high is not None:
+        states.append(high[:, 0, row])
+    return steps.probe(model, torch.cat(states)[None]).tolist()
 
 
 def weight_bytes_per_token(model) -> int:

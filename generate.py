@@ -109,7 +109,9 @@ def speculation_summary(stats) -> str:
         return ""
     return (f"; acceptance rate {stats.acceptance_rate:.1%}, {stats.tokens_per_round:.2f} tokens/round over "
             f"{stats.rounds} rounds, accepted-length histogram {stats.accepted_histogram}, "
-            f"draft {stats.draft_share:.0%} / verify {1 - stats.draft_share:.0%} of round time")
+            f"draft {stats.draft_share:.0%} / verify {1 - stats.draft_share:.0%} of round time"
+            + (f"; chosen per round: {stats.chosen}, drafting stopped early in {stats.early_stops} rounds"
+               if stats.adaptive else ""))
 
 
 def cache_size(args, model_args, prompt_len: int) -> int:

@@ -19,12 +19,14 @@ import torch
 import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
+import adaptive
 from decoding import STRATEGIES, Steps, Strategy, compile_steps, run
 from quantized import SchemeError, pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_MAX_SPECULATIONS = adaptive.BUCKETS[-1]
 GENERATION_TEMPERATURE = 0.8  # generate.py samples; measuring commands decode greedily (as the paper's results)
 
 
@@ -37,6 +39,13 @@ def parse_bool(text: str) -> bool:
 
 
 parse_bool.__name__ = "True|False"  # argparse names the type in its error message
+
+
+def int_or_auto(text: str):
+    return "auto" if text == "auto" else int(text)
+
+
+int_or_auto.__name__ = "integer or auto"
 
 
 def add_model_options(p):
@@ -62,8 +71,14 @@ def add_decoding_options(p, strategies=STRATEGIES):
                        help="autoregressive (with --exit_layer: early-exit inference), self_speculative (LayerSkip: "
                             "the first --exit_layer layers draft, the rest verify) or speculative "
                             "(--draft_checkpoint_path drafts)")
-        g.add_argument("--exit_layer", type=int, default=None, help="E: layers [0, E) draft / produce tokens")
-        g.add_argument("--num_speculations", type=int, default=3, help="k: draft tokens per speculative round")
+        g.add_argument("--exit_layer", type=int_or_auto, default=None,
+                       help="E: layers [0, E) draft / produce tokens; auto (self_speculative): chosen per round from "
+                            "measured step costs and acceptance read off the verify pass")
+        g.add_argument("--num_speculations", type=int_or_auto, default=3,
+                       help=f"k: draft tokens per speculative round; auto: up to {AUTO_MAX_SPECULATIONS}, chosen per "
+                            "round, drafting stops early at an unsure draft")
+        g.add_argument("--recalibrate", action="store_true",
+                       help="with auto: measure the step costs again instead of reading them from the cache")
     if strategies and "self_speculative" in strategies:
         g.add_argument("--draft_quantize", default=None, metavar="SCHEME",
                        help="self_speculative: draft from a quantized copy (int8, int4 or int4-g<N>) of this model's "
@@ -117,7 +132,13 @@ def check_options(p, a):
                 if a.generation_strategy != "self_speculative":
                     raise ValueError("--draft_quantize needs --generation_strategy self_speculative")
                 parse_quantize(draft_quantize)
-            a.strategy = Strategy(a.generation_strategy, a.exit_layer, a.num_speculations, draft_quantize)
+            auto_exit, auto_k = a.exit_layer == "auto", a.num_speculations == "auto"
+            a.strategy = Strategy(a.generation_strategy, None if auto_exit else a.exit_layer,
+                                  AUTO_MAX_SPECULATIONS if auto_k else a.num_speculations, draft_quantize,
+                                  auto_exit=auto_exit and draft_quantize is None, auto_k=auto_k)
+            if auto_exit and draft_quantize is not None:
+                note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
+                     "would lack the layers a smaller E skipped, so E cannot move during a generation)")
         if hasattr(a, "temperature"):
             a.sampling = sampling_params(a)
         if hasattr(a, "quantize"):
@@ -198,6 +219,8 @@ class Engine:
     sampling: SamplingParams
     path: Path
     drafts: dict = field(default_factory=dict)  # quantized self-drafts by scheme (--draft_quantize)
+    recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
+    policies: dict = field(default_factory=dict)  # adaptive policy per strategy, made at its first run
 
     def setup_caches(self, size: int):
         for m in (self.model, self.draft_model, *self.drafts.values()):
@@ -214,7 +237,62 @@ class Engine:
         unless stop_ids is given (() never stops early). Returns (tokens [1, T + n], stats)."""
         stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
         return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy,
-                   self.draft_for(self.strategy), stops, on_tokens, self.steps)
+                   self.draft_for(self.strategy), stops, on_tokens, self.steps, self.policy_for(self.strategy))
+
+    def policy_for(self, strategy: Strategy):
+        """An adaptive strategy's policy, kept across generations (its acceptance estimates carry
+        over, decaying); at its first use the step costs are read from the cache or measured
+        (which also compiles every graph the policy can use). None for a fixed strategy."""
+        if not strategy.adaptive:
+            return None
+        if strategy not in self.policies:
+            draft = self.draft_for(strategy)
+            shared = draft is None
+            n = self.model.args.n_layers
+            exits = adaptive.exit_candidates(n) if strategy.auto_exit else (strategy.exit_layer,)
+            ks = adaptive.buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
+            taps = exits if shared else ()
+            key = {"checkpoint": checkpoint_identity(self.path), "device": device_name(self.device),
+                   "threads": torch.get_num_threads(), "dtype": str(self.dtype), "torch": torch.__version__,
+                   "weights": weight_scheme(self.model), "draft": strategy.draft_quantize or
+                   (weight_scheme(draft) if draft is not None else "self"), "compile": self.steps.verify is not
+                   Steps.verify, "cache": self.model.max_seq_length, "exits": exits, "ks": ks,
+                   "world_size": tp.world()[1]}
+            t0 = time.perf_counter()
+            costs, measured = adaptive.load_or_measure(
+                key, lambda: adaptive.measure_costs(self.model, self.steps, exits, ks, draft, taps), self.recalibrate)
+            how = f"measured in {time.perf_counter() - t0:.1f} s" if measured else f"read from {adaptive.cache_dir()}"
+            print(f"Adaptive speculation: exit layers {exits if shared else (strategy.exit_layer or 'all',)}, "
+                  f"k in {ks}; step costs {how}", file=sys.stderr)
+            self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, shared)
+        return self.policies[strategy]
+
+
+def checkpoint_identity(path: Path) -> str:
+    """The checkpoint file's path, size and modification time: a rewritten file is another model."""
+    try:
+        st = Path(path).stat()
+        return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return str(path)  # random weights (the speed harness's random:<shape>)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu"
+
+
+def weight_scheme(model) -> str:
+    """How the model's linear weights are stored: the first layer's query/key/value projection's
+    class, storage dtype (int8, packed int4 or floats) and shape; enough to tell quantizations apart."""
+    wqkv = model.layers[0].attention.wqkv
+    w = next(t for name, t in [*wqkv.named_buffers(), *wqkv.named_parameters()] if "weight" in name)
+    return f"{type(wqkv).__name__}:{w.dtype}:{tuple(w.shape)}"
 
 
 def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None):
@@ -325,4 +403,4 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
     steps = compile_steps(device, a.compile_prefill) if a.compile else Steps()
     return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
-                  path, drafts)
+                  path, drafts, getattr(a, "recalibrate", False))

@@ -76,6 +76,8 @@ def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, t
         n = torch.minimum(torch.cumprod(drafts == target[:k], 0).sum(), limit)
         return n, target.index_select(0, n.view(1))  # index_select keeps n on the device (no .item())
     p = logits_to_probs(target_logits, params)
+    if k == 0:  # a round without drafts: the full model's own token
+        return torch.zeros((), dtype=torch.long, device=drafts.device), sample_from_probs(p[0])
     rows = torch.arange(k, device=drafts.device)
     p_x, q_x = p[rows, drafts], draft_probs[rows, drafts]
     keep = torch.rand(k, device=drafts.device) * q_x < p_x  # u < p/q without dividing by q

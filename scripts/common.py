@@ -414,7 +414,7 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
     x = torch.tensor([[5]], device=device)
     at = torch.tensor([pos], device=device)
     tokens = torch.full((1, k + 1), 5, device=device)
-    states = torch.zeros(1, k, model.args.dim, device=device, dtype=model.norm.weight.dtype)
+    states = torch.zeros(1, k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     positions = torch.arange(pos, pos + k + 1, device=device)
     limit = torch.tensor(k, device=device)
     two = torch.full((1, 2), 5, device=device)
@@ -428,11 +428,11 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
             if j == 0 and catch_up:
                 steps.catch_up(drafter, two, positions[:2] + 0, greedy, exit_layer)
             else:
-                steps.draft(drafter, x, at, greedy, exit_layer)
+                steps.draft(drafter, x, at, greedy, exit_layer, ())
         synchronize(device)
         t1 = time.perf_counter()
         steps.verify(model, tokens, states if shared else None, None, positions, limit, greedy,
-                     exit_layer if shared else None)
+                     exit_layer if shared else None, (), limit)  # as the loop calls it: the same graph
         synchronize(device)
         return t1 - t0, time.perf_counter() - t1
 

@@ -344,8 +344,8 @@ def test_stop_token_inside_a_draft_and_budget_mid_round():
 
 @pytest.mark.parametrize("draft_model", [False, True])
 def test_no_round_drafts_past_the_token_budget(draft_model):
-    """With r tokens still to produce a round drafts at most r (k = 12 here, budgets 1..15); the
-    verify pass keeps its fixed shape and the output is unchanged."""
+    """With r tokens still to produce a round drafts at most r - 1 (the full model's token is the
+    r-th; k = 12 here, budgets 1..15); the verify pass keeps its fixed shape and the output is unchanged."""
     model = random_model()
     drafter = random_model(n_layers=2, seed=1) if draft_model else None
     for m in (model, drafter):
@@ -355,17 +355,18 @@ def test_no_round_drafts_past_the_token_budget(draft_model):
     ref, _ = generate(model, prompt, 15, GREEDY)
     drafted_at = []
 
-    def counting_draft(m, x, input_pos, params, exit_layer=None):
+    def counting_draft(m, x, input_pos, params, exit_layer=None, taps=()):
         drafted_at.append(int(input_pos))
-        return draft_step(m, x, input_pos, params, exit_layer)
+        return draft_step(m, x, input_pos, params, exit_layer, taps)
     steps = Steps(draft=counting_draft)
     kw = {"draft_model": drafter} if draft_model else {"exit_layer": 2}
     for budget in range(1, 16):
         drafted_at.clear()
         out, stats = speculative_generate(model, prompt, budget, GREEDY, 12, steps=steps, **kw)
         assert out[0].tolist() == ref[0, :6 + budget].tolist()
-        # a draft step at position p proposes the token at p + 1; the last token of the budget is at 6 + budget - 1
-        assert all(p <= 6 + budget - 2 for p in drafted_at), (budget, drafted_at)
+        # a draft step at position p proposes the token at p + 1; the last token of the budget, at
+        # 6 + budget - 1, is the verify pass's own
+        assert all(p <= 6 + budget - 3 for p in drafted_at), (budget, drafted_at)
         assert stats.drafted == 0 or 0 <= stats.acceptance_rate <= 1
 
 

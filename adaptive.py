@@ -1,0 +1,297 @@
+"""Adaptive speculation (--exit_layer auto, --num_speculations auto): the engine chooses the exit
+layer E and the number of drafts k per round from its own step costs and from acceptance
+estimates read off the generation, and stops drafting at a draft it is not confident in.
+
+- Step costs: a decode step, a draft step at each candidate E and a verify pass for each number
+  of drafts in BUCKETS, timed once per (checkpoint, device, dtype, quantization, draft, compile,
+  cache length) and kept in a JSON file (`cache_dir()`), measured again when older than
+  STALE_DAYS or on request. Timing them also compiles every graph the policy can use, so the
+  generation itself never compiles.
+- Acceptance: for the early exits of the model's own layers, the verify pass already computes the
+  states entering every candidate exit layer for the verified positions; a probe applies the
+  shared final norm and LM head to one verified position every few rounds and counts, per
+  candidate, how often its token is the full model's. Estimates decay, so they follow the text.
+  A draft with its own cache (a quantized copy, a separate model) keeps its E: its cache lacks the
+  layers it skipped; its acceptance is the rounds' own.
+- Choice: (E, k) maximising the predicted speed-up expected_tokens(a, k) / (k draft + verify),
+  including k = 0 (plain decoding, which still probes) for the model's own layers; a new choice
+  must beat the current one by HYSTERESIS and the current one must have run MIN_DWELL rounds.
+- Early stop: after each draft the policy estimates, from the draft's confidence (its probability
+  of its own token), the chance it is accepted (per confidence bin, from the drafts verified so
+  far); it drafts on only while chance x acceptance of the next draft pays for a draft step at
+  the round's predicted speed-up. k becomes a maximum; the verify pass pads to the next bucket.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from decoding import synchronize
+from sampling import SamplingParams
+
+BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that drafts n pads to the next
+STALE_DAYS = 30
+HYSTERESIS = 0.05
+MIN_DWELL = 4  # rounds
+BINS = 10  # confidence bins of the early-stop estimate
+DECAY = 0.98  # weight of the past per observation: an estimate spans the last ~50 of them
+
+
+def exit_candidates(n_layers: int, count: int = 4) -> tuple:
+    """count exit layers spread evenly over [1, n_layers): the draft steps' and verify passes'
+    graphs are compiled per exit layer, so the set stays small."""
+    return tuple(sorted({min(n_layers - 1, max(1, round(n_layers * i / (count + 1)))) for i in range(1, count + 1)}))
+
+
+def buckets_up_to(k: int) -> tuple:
+    return tuple(b for b in BUCKETS if b < k) + (k,)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a round yields when each draft is accepted with probability alpha (independently,
+    until the first rejection): 1 + alpha + ... + alpha^k."""
+    return sum(alpha ** i for i in range(k + 1))
+
+
+def predicted_speedup(alpha: float, k: int, draft: float, verify: float) -> float:
+    """Tokens per round over the round's cost, costs in decode steps (the cost model of docs/self_speculation.md)."""
+    return expected_tokens(alpha, k) / (k * draft + verify)
+
+
+@dataclass
+class StepCosts:
+    """Seconds: decode step; draft step per exit layer; verify pass per (exit layer, drafts); probe."""
+    decode: float
+    draft: dict
+    verify: dict
+    probe: float = 0.0
+
+    def relative(self):
+        """Costs in decode steps: draft {E: c}, verify {(E, b): c}, probe."""
+        return ({E: s / self.decode for E, s in self.draft.items()},
+                {key: s / self.decode for key, s in self.verify.items()}, self.probe / self.decode)
+
+    def to_json(self) -> dict:
+        return {"decode": self.decode, "draft": [[E, s] for E, s in self.draft.items()],
+                "verify": [[E, b, s] for (E, b), s in self.verify.items()], "probe": self.probe}
+
+    @staticmethod
+    def from_json(d: dict) -> "StepCosts":
+        return StepCosts(d["decode"], {E: s for E, s in d["draft"]}, {(E, b): s for E, b, s in d["verify"]},
+                         d["probe"])
+
+
+def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repeats: int = 5,
+                  progress=None) -> StepCosts:
+    """Times the steps a policy over exits x buckets uses, as the loop calls them (with the same
+    taps, so the same graphs): a decode step, and per E rounds of b draft steps followed by the
+    verify pass over b drafts (a draft's weights would stay in cache if timed alone; the verify
+    pass evicts them), at two thirds into the cache (attention reads up to the row's position).
+    With the model's own layers also the plain round (0 drafts) at exits[0] and the probe."""
+    device = model.norm.weight.device
+    greedy = SamplingParams()
+    top = max(buckets)
+    pos = min(model.max_seq_length * 2 // 3, model.max_seq_length - top - 1)
+    x = torch.tensor([[5]], device=device)
+    at = torch.tensor([pos], device=device)
+    shared = draft_model is None
+    drafter = model if shared else draft_model
+    dtype = model.norm.weight.dtype
+
+    def timed(fn, n=repeats) -> float:
+        return statistics.median(sum(fn(), 0.0) for _ in range(n))
+
+    def round_fn(E, b):
+        """A function timing one round: (draft phase, verify) seconds."""
+        tokens = torch.full((1, b + 1), 5, device=device)
+        states = torch.zeros(1, b + 1, model.args.dim, device=device, dtype=dtype) if shared else None
+        positions = torch.arange(pos, pos + b + 1, device=device)
+        last = torch.tensor(b, device=device)
+        below = tuple(c for c in taps if c < E)
+
+        def run():
+            t0 = time.perf_counter()
+            for _ in range(b):
+                steps.draft(drafter, x, at, greedy, E, below)
+            synchronize(device)
+            t1 = time.perf_counter()
+            steps.verify(model, tokens, states, None, positions, last, greedy, E if shared else None, taps, last)
+            synchronize(device)
+            return t1 - t0, time.perf_counter() - t1
+        return run
+
+    def phases(fn):
+        for _ in range(2):  # compiles, warms
+            fn()
+        times = [fn() for _ in range(repeats)]
+        return statistics.median(d for d, _ in times), statistics.median(v for _, v in times)
+
+    def call(fn):
+        def run():
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            return (time.perf_counter() - t,)
+        return run
+
+    with torch.no_grad():
+        decode = phases(lambda: (0.0,) + call(lambda: steps.decode(model, x, at, greedy, None))())[1]
+        draft, verify = {}, {}
+        for E in exits:
+            for b in buckets:
+                if progress:
+                    progress(f"E={E} k={b}")
+                drafts, verify[(E, b)] = phases(round_fn(E, b))
+                draft.setdefault(E, []).append(drafts / b)
+        draft = {E: statistics.median(v) for E, v in draft.items()}
+        probe = 0.0
+        if shared:
+            verify[(exits[0], 0)] = phases(round_fn(exits[0], 0))[1]
+            if taps:
+                states = torch.zeros(1, len(taps), model.args.dim, device=device, dtype=dtype)
+                probe = phases(lambda: (0.0,) + call(lambda: steps.probe(model, states))())[1]
+    costs = StepCosts(decode, draft, verify, probe)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank must choose the same (E, k): rank 0's timings decide
+        box = [costs]
+        torch.distributed.broadcast_object_list(box, src=0)
+        costs = box[0]
+    return costs
+
+
+def cache_dir() -> Path:
+    """$LAYERSKIP_CACHE, else ~/.cache/layerskip-fast."""
+    return Path(os.environ.get("LAYERSKIP_CACHE") or Path.home() / ".cache" / "layerskip-fast")
+
+
+def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[StepCosts, bool]:
+    """The costs stored under key (a dict of what they depend on) unless missing, older than
+    STALE_DAYS or recalibrate; else measure() and store them. Returns (costs, measured now).
+    An unwritable cache only costs measuring again next time."""
+    path = cache_dir() / "step_costs.json"
+    name = json.dumps(key, sort_keys=True)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(name)
+    if entry and not recalibrate and time.time() - entry["time"] < STALE_DAYS * 86400:
+        return StepCosts.from_json(entry["costs"]), False
+    costs = measure()
+    table[name] = {"time": time.time(), "costs": costs.to_json()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)  # never a half-written file
+    except OSError as e:
+        print(f"note: could not store the step costs in {path}: {e}", file=sys.stderr)
+    return costs, True
+
+
+class Rate:
+    """A decaying success rate with a prior worth `weight` observations."""
+
+    def __init__(self, prior: float, weight: float = 2.0):
+        self.hits, self.total, self.prior, self.weight = 0.0, 0.0, prior, weight
+
+    def add(self, hits: float, total: float = 1.0):
+        self.hits = self.hits * DECAY ** total + hits
+        self.total = self.total * DECAY ** total + total
+
+    @property
+    def value(self) -> float:
+        return (self.hits + self.prior * self.weight) / (self.total + self.weight)
+
+
+class AdaptivePolicy:
+    """Chooses (E, k) per round and when to stop drafting (decoding.FixedPolicy: the protocol).
+
+    exits: candidate exit layers (one, or None, when E is fixed); ks: candidate numbers of drafts
+    (one when k is fixed, which also turns early stop off); shared: drafts from the model's own
+    layers (probes and plain rounds possible)."""
+
+    def __init__(self, costs: StepCosts, exits, ks, shared: bool, probe_every: int = 4, warm_rounds: int = 16):
+        self.draft_cost, self.verify_cost, self.probe_cost = costs.relative()
+        self.exits, self.ks, self.shared = tuple(exits), tuple(ks), shared
+        self.max_k = max(ks)
+        self.early_stop = len(ks) > 1
+        self.probing = shared  # the verify pass can tap the model's own layers
+        self.probe_every, self.warm_rounds = probe_every, warm_rounds
+        self.agree = {E: Rate(0.5) for E in self.exits}  # probes: the exit's token is the full model's
+        self.accepted = Rate(0.5)  # drafts of the current E accepted (rounds)
+        self.by_confidence = [Rate((i + 0.5) / BINS) for i in range(BINS)]
+        self.rounds, self.dwell = 0, MIN_DWELL  # the first round may take the best pair at the priors
+        self.exit_layer, self.k = self.exits[-1], self.ks[-1]
+        self.speedup = 1.0
+
+    # -- estimates
+    def acceptance(self, E) -> float:
+        """Estimated chance a draft from exit E is accepted: the probes' agreement, scaled by how
+        the current exit's observed acceptance compares with its agreement (sampling accepts by
+        probability ratios, not argmax equality); the observed rate alone when nothing is probed."""
+        if not self.probing:
+            return self.accepted.value
+        scale = 1.0
+        if self.accepted.total >= 4 and E is not None:
+            scale = self.accepted.value / max(self.agree[self.exit_layer].value, 1e-3)
+        return min(self.agree[E].value * scale, 0.999)
+
+    def predicted(self, E, k) -> float:
+        if k == 0:
+            return 1.0 / (self.verify_cost[(self.exits[0], 0)] + self.probe_cost / self.period(0))
+        return predicted_speedup(self.acceptance(E), k, self.draft_cost[E], self.verify_cost[(E, k)])
+
+    def candidates(self):
+        pairs = [(E, k) for E in self.exits for k in self.ks]
+        return pairs + ([(self.exits[0], 0)] if self.shared and len(self.ks) > 1 else [])
+
+    # -- the loop's protocol
+    def choose(self):
+        self.rounds += 1
+        self.dwell += 1
+        current = self.predicted(self.exit_layer, self.k)
+        best = max(self.candidates(), key=lambda p: self.predicted(*p))
+        if best != (self.exit_layer, self.k) and self.dwell >= MIN_DWELL and \
+                self.predicted(*best) > current * (1 + HYSTERESIS):
+            if best[0] != self.exit_layer:
+                self.accepted = Rate(self.agree[best[0]].value) if self.probing else self.accepted
+            (self.exit_layer, self.k), self.dwell = best, 0
+        self.speedup = self.predicted(self.exit_layer, self.k)
+        return self.exit_layer, self.k
+
+    def taps(self, E):
+        return self.exits if self.probing else ()
+
+    def bucket(self, n: int) -> int:
+        return min(b for b in self.ks if b >= n) if n else self.ks[0]
+
+    def keep_drafting(self, E, confidence: float) -> bool:
+        """Draft another token only if the chance that this draft and the next are both accepted
+        pays for a draft step at the round's predicted speed-up (tokens per decode step)."""
+        chance = self.by_confidence[min(int(confidence * BINS), BINS - 1)].value
+        return chance * self.acceptance(E) >= self.speedup * self.draft_cost[E]
+
+    def observe(self, E, k, made, accepted, confidences):
+        if made:
+            self.accepted.add(accepted, accepted + (accepted < made))
+        for j, c in enumerate(confidences[:accepted + 1]):  # the drafts the verify pass judged
+            self.by_confidence[min(int(c * BINS), BINS - 1)].add(float(j < accepted))
+
+    def period(self, k) -> int:
+        """Rounds per probe: plain rounds yield one token each, so they probe a quarter as often."""
+        return self.probe_every * (4 if k == 0 else 1)
+
+    def probe_row(self, accepted):
+        if not self.probing or (self.rounds > self.warm_rounds and self.rounds % self.period(self.k)):
+            return None
+        return self.rounds % (accepted + 1)  # a verified row, in turn (the same on every rank)
+
+    def observe_probe(self, E, taps, tokens, target):
+        for c, t in zip(taps, tokens):
+            self.agree[c].add(float(t == target))
