@@ -209,7 +209,7 @@ class GenerationStats:
         """Adaptive runs: each (E, k) the rounds ran with, by share of rounds ("plain": no drafts)."""
         counts = Counter((E, k) for E, k, _ in self.trace)
         names = {(E, k): "plain" if k == 0 else f"E={E or 'all'} k={k}" for E, k in counts}
-        return ", ".join(f"{names[c]} {n / self.rounds:.0%}" for c, n in counts.most_common())
+        return ", ".join(f"{names[c]} {n / len(self.trace):.0%}" for c, n in counts.most_common())
 
     @property
     def draft_share(self) -> float:

@@ -265,6 +265,7 @@ class Engine:
             print(f"Adaptive speculation: exit layers {exits if shared else (strategy.exit_layer or 'all',)}, "
                   f"k in {ks}; step costs {how}", file=sys.stderr)
             self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, shared)
+            self.policies[strategy].calibration_s = time.perf_counter() - t0 if measured else 0.0
         return self.policies[strategy]
 
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import options  # noqa: E402
 import tp  # noqa: E402
-from decoding import Steps, compile_steps, peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
+from decoding import GenerationStats, Steps, compile_steps, peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import pack_model  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402
@@ -382,6 +382,9 @@ def measure(generate_fn, prompts, repeats: int, device) -> dict:
         row.update(acceptance_rate=accepted / sum(s.drafted for s in all_stats), tokens_per_round=accepted / rounds + 1,
                    catch_up_rate=sum(s.catch_ups for s in all_stats) / rounds,
                    draft_share=sum(s.draft_s for s in all_stats) / sum(s.draft_s + s.verify_s for s in all_stats))
+    if any(s.adaptive for s in all_stats):
+        merged = GenerationStats(0, 0, 0.0, 0.0, trace=[t for s in all_stats for t in s.trace])
+        row["chosen"] = merged.chosen
     return row
 
 
@@ -467,7 +470,8 @@ COLUMNS = [("engine", "engine", "{}"), ("config", "configuration", "{}"),
            ("peak_memory_gb", "peak GB", "{:.2f}"), ("acceptance_rate", "acceptance", "{:.1%}"),
            ("tokens_per_round", "tokens/round", "{:.2f}"), ("draft_cost", "draft/step", "{:.2f}"),
            ("verify_cost", "verify/step", "{:.2f}"), ("catch_up_cost", "catch-up/step", "{:.2f}"),
-           ("ideal_speedup", "ideal x", "{:.2f}"),
+           ("ideal_speedup", "ideal x", "{:.2f}"), ("chosen", "chosen (share of rounds)", "{}"),
+           ("calibration_s", "calibration s", "{:.0f}"),
            ("predicted_speedup", "x at --acceptance", "{:.2f}"), ("allreduce_kb", "all-reduce KB/token", "{:.1f}"),
            ("vs_baseline", "vs baseline", "{:.2f}x")]
 
@@ -602,15 +606,35 @@ def load_row_engine(a, c: dict, rank=0, world_size=1, draft_schemes=None):
     return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
 
 
+# Requests for prose, to mix with HumanEval's code (speed.py --prompts): one fixed (E, k) cannot fit both.
+PROSE_REQUESTS = [
+    "Write a short letter to a friend describing your first week in a new city.",
+    "Explain to a ten-year-old why the sky is blue and sunsets are red.",
+    "Describe a busy fish market early in the morning, in one paragraph.",
+    "Tell a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the pros and cons of working from home? Answer in a few sentences.",
+    "Summarise the causes of the French Revolution for a history class.",
+    "Write a product description for a handmade wooden chess set.",
+    "Give advice to someone preparing for their first marathon.",
+]
+PROMPT_SETS = ("human_eval", "prose", "mixed")
+
+
 def prompts_for(a, engine) -> list:
-    """--num_samples HumanEval prompts (or --prompt_length random tokens each; always for random weights)."""
+    """--num_samples prompts of --prompts (HumanEval problems, prose requests in the chat format,
+    or the two alternating), or --prompt_length random tokens each (always for random weights)."""
     n, vocab_size = a.num_samples or 2, engine.model.args.vocab_size
     if a.prompt_length or engine.tokenizer is None:
         length = a.prompt_length or 16
         return [torch.randint(100, min(1000, vocab_size), (length,), generator=torch.Generator().manual_seed(i)
                               ).to(engine.device) for i in range(n)]
-    samples = load_samples("human_eval", num_samples=n)
-    return [torch.tensor(engine.tokenizer.encode(s.prompt), device=engine.device) for s in samples]
+    tok, kind = engine.tokenizer, getattr(a, "prompts", None) or "human_eval"
+    code = [tok.encode(s.prompt) for s in load_samples("human_eval", num_samples=n)]
+    prose = [tok.encode_chat([{"role": "user", "content": t}]) if tok.chat_format else tok.encode(t)
+             for t in (PROSE_REQUESTS * n)[:n]]
+    ids = {"human_eval": code, "prose": prose,
+           "mixed": [(code[i // 2] if i % 2 == 0 else prose[i // 2]) for i in range(n)]}[kind]
+    return [torch.tensor(p, device=engine.device) for p in ids]
 
 
 def bench_row(engine, c: dict, prompts, a) -> dict:
@@ -623,6 +647,8 @@ def bench_row(engine, c: dict, prompts, a) -> dict:
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
     if engine.strategy.name == "autoregressive":
         r["bytes_per_token"] = weight_bytes_per_token(engine.model)
+    elif engine.strategy.adaptive:  # no one (E, k) to cost; the trace says what it chose
+        r["calibration_s"] = engine.policy_for(engine.strategy).calibration_s
     else:
         k = engine.strategy.num_speculations
         costs = step_costs(engine.model, engine.steps, engine.strategy.exit_layer, k, engine.device,

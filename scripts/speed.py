@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", "--max_steps", dest="max_new_tokens", type=int, default=None,
                    help="tokens per generation (default: the preset's, else 200)")
     p.add_argument("--num_samples", type=int, default=None, help="prompts: the first N HumanEval problems (default 2)")
+    p.add_argument("--prompts", default="human_eval", choices=common.PROMPT_SETS,
+                   help="HumanEval problems, prose requests (chat format) or the two alternating")
     p.add_argument("--prompt_length", type=int, default=None, help="random prompts of this many tokens instead")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts")
     p.add_argument("--acceptance", type=float, default=None,
@@ -214,7 +216,7 @@ def tp_row(a, c: dict) -> dict:
            "--max_new_tokens", str(a.max_new_tokens), "--repeats", str(a.repeats), "--peers", "",
            *(["--acceptance", str(a.acceptance)] if a.acceptance is not None else []),
            *(["--freezing"] if a.freezing else []),
-           *(["--num_samples", str(a.num_samples)] if a.num_samples else []),
+           *(["--num_samples", str(a.num_samples)] if a.num_samples else []), "--prompts", a.prompts,
            *(["--prompt_length", str(a.prompt_length)] if a.prompt_length else [])]
     threads = str(max(1, (os.cpu_count() or 1) // n)) if "cuda" not in str(a.device) else "1"
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
@@ -279,7 +281,7 @@ def main(argv=None):
         loaded = (None, None)
         torch._dynamo.reset()
         dtypes = list(dict.fromkeys(c["dtype"] for c in a.rows))
-        exit_layers = list(dict.fromkeys(int(c["exit_layer"]) for c in a.rows if c["exit_layer"]))
+        exit_layers = list(dict.fromkeys(int(c["exit_layer"]) for c in a.rows if c["exit_layer"].isdigit()))
         rows += peer_rows(a, dtypes, exit_layers, prompts, device)
     common.finish_rows(rows, copy_bw, a.baseline)
     print(f"\n{header}\n\n{common.table(rows)}")
