@@ -16,10 +16,13 @@ estimates read off the generation, and stops drafting at a draft it is not confi
 - Choice: (E, k) maximising the predicted speed-up expected_tokens(a, k) / (k draft + verify),
   including k = 0 (plain decoding, which still probes) for the model's own layers; a new choice
   must beat the current one by HYSTERESIS and the current one must have run MIN_DWELL rounds.
+- In generation, each round's timed draft and verify phases replace the calibrated costs of the
+  steps that ran (moving averages), and their median ratio to the calibration scales the rest.
 - Early stop: after each draft the policy estimates, from the draft's confidence (its probability
   of its own token), the chance it is accepted (per confidence bin, from the drafts verified so
-  far); it drafts on only while chance x acceptance of the next draft pays for a draft step at
-  the round's predicted speed-up. k becomes a maximum; the verify pass pads to the next bucket.
+  far); it drafts the rest of the round only if the tokens they are expected to add pay for their
+  draft steps and the larger verify pass at the round's predicted speed-up. k becomes a maximum;
+  the verify pass pads to the next bucket.
 """
 import json
 import os
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from decoding import synchronize
 from sampling import SamplingParams
@@ -40,6 +44,7 @@ HYSTERESIS = 0.05
 MIN_DWELL = 4  # rounds
 BINS = 10  # confidence bins of the early-stop estimate
 DECAY = 0.98  # weight of the past per observation: an estimate spans the last ~50 of them
+TIME_WEIGHT = 0.2  # weight of a round's timing in the moving average of a step's seconds
 
 
 def exit_candidates(n_layers: int, count: int = 4) -> tuple:
@@ -86,8 +91,8 @@ class StepCosts:
                          d["probe"])
 
 
-def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repeats: int = 5,
-                  progress=None) -> StepCosts:
+def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repeats: int = 7,
+                  progress: bool = False) -> StepCosts:
     """Times the steps a policy over exits x buckets uses, as the loop calls them (with the same
     taps, so the same graphs): a decode step, and per E rounds of b draft steps followed by the
     verify pass over b drafts (a draft's weights would stay in cache if timed alone; the verify
@@ -102,9 +107,6 @@ def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repea
     shared = draft_model is None
     drafter = model if shared else draft_model
     dtype = model.norm.weight.dtype
-
-    def timed(fn, n=repeats) -> float:
-        return statistics.median(sum(fn(), 0.0) for _ in range(n))
 
     def round_fn(E, b):
         """A function timing one round: (draft phase, verify) seconds."""
@@ -125,36 +127,35 @@ def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repea
             return t1 - t0, time.perf_counter() - t1
         return run
 
-    def phases(fn):
-        for _ in range(2):  # compiles, warms
-            fn()
-        times = [fn() for _ in range(repeats)]
-        return statistics.median(d for d, _ in times), statistics.median(v for _, v in times)
-
     def call(fn):
         def run():
             t = time.perf_counter()
             fn()
             synchronize(device)
-            return (time.perf_counter() - t,)
+            return 0.0, time.perf_counter() - t
         return run
 
+    timers = {"decode": call(lambda: steps.decode(model, x, at, greedy, None))}
+    timers.update({(E, b): round_fn(E, b) for E in exits for b in buckets})
+    if shared:
+        timers[(exits[0], 0)] = round_fn(exits[0], 0)
+        if taps:
+            tapped = torch.zeros(1, len(taps), model.args.dim, device=device, dtype=dtype)
+            timers["probe"] = call(lambda: steps.probe(model, tapped))
     with torch.no_grad():
-        decode = phases(lambda: (0.0,) + call(lambda: steps.decode(model, x, at, greedy, None))())[1]
-        draft, verify = {}, {}
-        for E in exits:
-            for b in buckets:
-                if progress:
-                    progress(f"E={E} k={b}")
-                drafts, verify[(E, b)] = phases(round_fn(E, b))
-                draft.setdefault(E, []).append(drafts / b)
-        draft = {E: statistics.median(v) for E, v in draft.items()}
-        probe = 0.0
-        if shared:
-            verify[(exits[0], 0)] = phases(round_fn(exits[0], 0))[1]
-            if taps:
-                states = torch.zeros(1, len(taps), model.args.dim, device=device, dtype=dtype)
-                probe = phases(lambda: (0.0,) + call(lambda: steps.probe(model, states))())[1]
+        for fn in tqdm(timers.values(), desc="Step costs (compiling the graphs, if compiled)", disable=not progress,
+                       file=sys.stderr):
+            for _ in range(2):  # compiles, warms
+                fn()
+        # round-robin passes: a machine whose speed drifts (a shared host) slows every entry alike
+        times = {name: [] for name in timers}
+        for _ in range(repeats):
+            for name, fn in timers.items():
+                times[name].append(fn())
+    median = {name: (statistics.median(d for d, _ in t), statistics.median(v for _, v in t)) for name, t in times.items()}
+    decode, probe = median["decode"][1], median.get("probe", (0.0, 0.0))[1]
+    verify = {name: v for name, (_, v) in median.items() if isinstance(name, tuple)}
+    draft = {E: statistics.median(median[(E, b)][0] / b for b in buckets) for E in exits}
     costs = StepCosts(decode, draft, verify, probe)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # every rank must choose the same (E, k): rank 0's timings decide
@@ -180,9 +181,19 @@ def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[Step
     except (OSError, ValueError):
         table = {}
     entry = table.get(name)
-    if entry and not recalibrate and time.time() - entry["time"] < STALE_DAYS * 86400:
+    if recalibrate or not entry or time.time() - entry["time"] >= STALE_DAYS * 86400:
+        entry = None
+    rank = 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank must agree on measuring (it runs collectives): rank 0's cache decides
+        box, rank = [entry], torch.distributed.get_rank()
+        torch.distributed.broadcast_object_list(box, src=0)
+        entry = box[0]
+    if entry:
         return StepCosts.from_json(entry["costs"]), False
     costs = measure()
+    if rank != 0:
+        return costs, True
     table[name] = {"time": time.time(), "costs": costs.to_json()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +228,9 @@ class AdaptivePolicy:
     layers (probes and plain rounds possible)."""
 
     def __init__(self, costs: StepCosts, exits, ks, shared: bool, probe_every: int = 4, warm_rounds: int = 16):
-        self.draft_cost, self.verify_cost, self.probe_cost = costs.relative()
+        self.costs = costs
+        self.seconds = {}  # ("draft", E) / ("verify", E, b) -> seconds observed in generation (moving average)
+        self.drift = 1.0  # observed / calibrated seconds: the machine now against the machine then
         self.exits, self.ks, self.shared = tuple(exits), tuple(ks), shared
         self.max_k = max(ks)
         self.early_stop = len(ks) > 1
@@ -229,6 +242,7 @@ class AdaptivePolicy:
         self.rounds, self.dwell = 0, MIN_DWELL  # the first round may take the best pair at the priors
         self.exit_layer, self.k = self.exits[-1], self.ks[-1]
         self.speedup = 1.0
+        self.timed = set()
 
     # -- estimates
     def acceptance(self, E) -> float:
@@ -242,10 +256,23 @@ class AdaptivePolicy:
             scale = self.accepted.value / max(self.agree[self.exit_layer].value, 1e-3)
         return min(self.agree[E].value * scale, 0.999)
 
+    def calibrated(self, key) -> float:
+        return self.costs.draft[key[1]] if key[0] == "draft" else self.costs.verify[key[1:]]
+
+    def cost(self, *key) -> float:
+        """A step's cost in decode steps: as timed in this generation where it ran (rounds time
+        their draft and verify phases anyway), else as calibrated, scaled by the drift the timed
+        steps show (a busier machine, a longer context)."""
+        seconds = self.seconds.get(key)
+        if seconds is None:
+            seconds = self.calibrated(key) * self.drift
+        return seconds / (self.costs.decode * self.drift)
+
     def predicted(self, E, k) -> float:
         if k == 0:
-            return 1.0 / (self.verify_cost[(self.exits[0], 0)] + self.probe_cost / self.period(0))
-        return predicted_speedup(self.acceptance(E), k, self.draft_cost[E], self.verify_cost[(E, k)])
+            probe = self.costs.probe / self.costs.decode / self.period(0)
+            return 1.0 / (self.cost("verify", self.exits[0], 0) + probe)
+        return predicted_speedup(self.acceptance(E), k, self.cost("draft", E), self.cost("verify", E, k))
 
     def candidates(self):
         pairs = [(E, k) for E in self.exits for k in self.ks]
@@ -271,11 +298,34 @@ class AdaptivePolicy:
     def bucket(self, n: int) -> int:
         return min(b for b in self.ks if b >= n) if n else self.ks[0]
 
-    def keep_drafting(self, E, confidence: float) -> bool:
-        """Draft another token only if the chance that this draft and the next are both accepted
-        pays for a draft step at the round's predicted speed-up (tokens per decode step)."""
+    def keep_drafting(self, E, confidence: float, made: int) -> bool:
+        """After `made` drafts, the last with this confidence: draft the rest of the round's k only
+        if the tokens they are expected to add (none unless this draft is accepted: its chance
+        from its confidence bin; then each with the exit's acceptance) are worth their cost (the
+        draft steps and the larger verify pass) at the round's predicted tokens per decode step."""
+        rest = self.k - made
+        if rest <= 0:
+            return False
         chance = self.by_confidence[min(int(confidence * BINS), BINS - 1)].value
-        return chance * self.acceptance(E) >= self.speedup * self.draft_cost[E]
+        a = self.acceptance(E)
+        gain = chance * sum(a ** i for i in range(1, rest + 1))
+        cost = rest * self.cost("draft", E) + self.cost("verify", E, self.k) - \
+            self.cost("verify", E, self.bucket(made))
+        return gain >= self.speedup * cost
+
+    def observe_times(self, E, made, bucket, draft_s, verify_s):
+        """Seconds the round's phases took. A step's first timing is skipped: it may include
+        compiling its graph (costs read from the cache) or evaluating its guards."""
+        samples = [(("verify", E, bucket), verify_s)] + ([(("draft", E), draft_s / made)] if made else [])
+        for key, seconds in samples:
+            if key not in self.timed:
+                self.timed.add(key)
+                continue
+            old = self.seconds.get(key, seconds)
+            self.seconds[key] = old + TIME_WEIGHT * (seconds - old)
+        if self.seconds:  # the median step, so that one miscalibrated step does not move the others
+            self.drift = statistics.median(min(max(t / self.calibrated(key), 0.2), 5.0)
+                                           for key, t in self.seconds.items())
 
     def observe(self, E, k, made, accepted, confidences):
         if made:

@@ -403,8 +403,8 @@ class FixedPolicy:
     """k drafts from exit layer E every round (the flags as given); adaptive.AdaptivePolicy chooses
     them per round instead. The loop asks a policy: choose() -> (E, k) for the round (k = 0: the
     full model's token only), taps(E), bucket(n) -> the verify pass's fixed number of drafts for n
-    made, keep_drafting(E, confidence) when early_stop, observe(...) after each round and
-    probe_row(a) -> a verified row to probe (observe_probe), or None."""
+    made, keep_drafting(E, confidence, made) when early_stop, observe(...) and observe_times(...)
+    after each round, and probe_row(a) -> a verified row to probe (observe_probe), or None."""
     early_stop = False
 
     def __init__(self, exit_layer: int | None, k: int):
@@ -420,6 +420,9 @@ class FixedPolicy:
         return self.max_k
 
     def observe(self, exit_layer, k, made, accepted, confidences):
+        pass
+
+    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s):
         pass
 
     def probe_row(self, accepted):
@@ -492,57 +495,69 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     rows = torch.arange(k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
     zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     lag = 1 if device.type == "cuda" else 0  # early stop reads a confidence one step late, not waiting for the GPU
+    seen = set()
+
+    def stance(*graph):
+        """Every call of a compiled step after its first in this generation has the same model,
+        shapes and settings, so its guards (about 1 ms for ~300 weight tensors) need not be
+        evaluated again; the first call evaluates them (and compiles, if the graph is new)."""
+        skip = graph in seen
+        seen.add(graph)
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=skip)
+
     while len(out) < max_new_tokens and out[-1] not in stop:
         E, k_round = policy.choose()
         taps = policy.taps(E) if shared else ()
         below = tuple(c for c in taps if c < E)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.rounds > 0):
-            start = clock.now()
-            base = torch.tensor(pos, device=device)
-            x, drafts, states, probs, confidences, tapped = cur, [], [], [], [], []
-            want = min(k_round, max_new_tokens - len(out) - 1)  # r tokens to go: r - 1 drafts suffice
-            for j in range(want):
-                if j == 0 and catch_up is not None:
-                    stats.catch_ups += 1
-                    # its graph is compiled (guards checked) at the first catch-up, rounds after the first
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=stats.catch_ups > 1):
-                        step = steps.catch_up(drafter, torch.cat([catch_up, x], dim=1), base - 1 + offsets[:2],
-                                              params, E)
-                else:
+        start = clock.now()
+        base = torch.tensor(pos, device=device)
+        x, drafts, states, probs, confidences, tapped = cur, [], [], [], [], []
+        want = min(k_round, max_new_tokens - len(out) - 1)  # r tokens to go: r - 1 drafts suffice
+        for j in range(want):
+            if j == 0 and catch_up is not None:
+                stats.catch_ups += 1
+                with stance("catch_up", E):
+                    step = steps.catch_up(drafter, torch.cat([catch_up, x], dim=1), base - 1 + offsets[:2],
+                                          params, E)
+            else:
+                with stance("draft", E):
                     step = steps.draft(drafter, x, (base + j).view(1), params, E, below)
-                x, h, q, c, t = (t.clone() if t is not None else None for t in step)
-                drafts.append(x)
-                states.append(h[:, -1:])
-                probs.append(q)
-                confidences.append(c)
-                tapped.append(t)
-                i = j - lag
-                if policy.early_stop and i >= 0 and j + 1 < want and not policy.keep_drafting(E, float(confidences[i])):
-                    stats.early_stops += 1
-                    break
-            made = len(drafts)
-            b = policy.bucket(made) if k_round else 0  # the verify pass's fixed shape: b drafts
-            pad = b - made  # the padded rows are never kept (limit), only computed
-            tokens = torch.cat([cur] + drafts + [x] * pad, dim=1)
-            exit_states = torch.cat(states + [zero_state] * (pad + 1), dim=1) if shared else None
-            if params.greedy:
-                draft_probs = None
-            elif made:
-                draft_probs = torch.stack(probs + [probs[-1]] * pad)
-            else:  # no draft counts (limit 0); the rows only hold the shape
-                draft_probs = torch.zeros(b, model.args.vocab_size, device=device)
-            mid = clock.now()
-            last = rows[made]  # one tensor for both: the compiled graph guards on whether they alias
+            x, h, q, c, t = (v.clone() if v is not None else None for v in step)
+            drafts.append(x)
+            states.append(h[:, -1:])
+            probs.append(q)
+            confidences.append(c)
+            tapped.append(t)
+            i = j - lag
+            if policy.early_stop and i >= 0 and j + 1 < want and not policy.keep_drafting(E, float(confidences[i]), j + 1):
+                stats.early_stops += 1
+                break
+        made = len(drafts)
+        b = policy.bucket(made) if k_round else 0  # the verify pass's fixed shape: b drafts
+        pad = b - made  # the padded rows are never kept (limit), only computed
+        tokens = torch.cat([cur] + drafts + [x] * pad, dim=1)
+        exit_states = torch.cat(states + [zero_state] * (pad + 1), dim=1) if shared else None
+        if params.greedy:
+            draft_probs = None
+        elif made:
+            draft_probs = torch.stack(probs + [probs[-1]] * pad)
+        else:  # no draft counts (limit 0); the rows only hold the shape
+            draft_probs = torch.zeros(b, model.args.vocab_size, device=device)
+        mid = clock.now()
+        last = rows[made]  # one tensor for both: the compiled graph guards on whether they alias
+        with stance("verify", E, b):
             n, nxt, verified_taps = steps.verify(model, tokens, exit_states, draft_probs, base + offsets[:b + 1],
                                                  last, params, E if shared else None, taps, last)
-            end = clock.now()
-            host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
+        end = clock.now()
+        host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
         a = host[-1]
         stats.accepted_per_round.append(a)
         stats.drafted += made
-        stats.draft_s += clock.seconds(start, mid)
-        stats.verify_s += clock.seconds(mid, end)
+        draft_s, verify_s = clock.seconds(start, mid), clock.seconds(mid, end)
+        stats.draft_s += draft_s
+        stats.verify_s += verify_s
         stats.trace.append((E, k_round, made))
+        policy.observe_times(E, made, b, draft_s, verify_s)
         policy.observe(E, k_round, made, a, torch.stack(confidences).tolist() if policy.early_stop and made else [])
         row = policy.probe_row(a) if taps else None
         if row is not None:

@@ -260,7 +260,8 @@ class Engine:
                    "world_size": tp.world()[1]}
             t0 = time.perf_counter()
             costs, measured = adaptive.load_or_measure(
-                key, lambda: adaptive.measure_costs(self.model, self.steps, exits, ks, draft, taps), self.recalibrate)
+                key, lambda: adaptive.measure_costs(self.model, self.steps, exits, ks, draft, taps,
+                                                    progress=tp.world()[0] == 0), self.recalibrate)
             how = f"measured in {time.perf_counter() - t0:.1f} s" if measured else f"read from {adaptive.cache_dir()}"
             print(f"Adaptive speculation: exit layers {exits if shared else (strategy.exit_layer or 'all',)}, "
                   f"k in {ks}; step costs {how}", file=sys.stderr)

@@ -50,9 +50,12 @@ class RandomPolicy:
     def bucket(self, n):
         return min(b for b in self.ks if b >= n) if n else self.ks[0]
 
-    def keep_drafting(self, E, confidence):
-        assert 0.0 <= confidence <= 1.0
+    def keep_drafting(self, E, confidence, made):
+        assert 0.0 <= confidence <= 1.0 and made >= 1
         return self.rng.random() < 0.75
+
+    def observe_times(self, E, made, bucket, draft_s, verify_s):
+        assert made <= bucket and draft_s >= 0 and verify_s > 0
 
     def observe(self, E, k, made, accepted, confidences):
         assert 0 <= accepted <= made <= k and len(confidences) == made
@@ -184,9 +187,31 @@ def test_early_stop_follows_observed_acceptance_per_confidence():
     policy = AdaptivePolicy(costs, (3,), ks, shared=False)
     for _ in range(200):  # confident drafts are accepted, unsure ones are not
         policy.observe(3, 8, 4, 3, [0.95, 0.96, 0.93, 0.15])
-    policy.choose()
-    assert policy.keep_drafting(3, 0.97) and not policy.keep_drafting(3, 0.12)
+    assert policy.choose() == (3, 2)
+    assert policy.keep_drafting(3, 0.97, 1) and not policy.keep_drafting(3, 0.12, 1)
+    assert not policy.keep_drafting(3, 0.97, 2)  # the round's k is reached
     assert policy.bucket(3) == 4 and policy.bucket(5) == 8 and policy.bucket(1) == 1
+
+
+def test_the_rounds_own_timings_replace_the_calibration():
+    """A verify pass over 8 drafts calibrated at twice its real cost: the rounds' timings correct
+    it (the first of each step skipped: it may include compiling) and k = 8 is taken; that the
+    machine runs everything twice as slow (drift) changes no cost in decode steps."""
+    costs, exits, ks = synthetic_costs()
+    costs.verify[(3, 8)] = 3.0
+    policy = AdaptivePolicy(costs, (3,), ks, shared=False)
+    policy.accepted.hits, policy.accepted.total = 980, 1000
+    assert policy.choose() == (3, 4)
+    policy.observe_times(3, 8, 8, 100.0, 100.0)  # the first timing: ignored
+    assert policy.cost("verify", 3, 8) == pytest.approx(3.0)
+    for _ in range(30):  # everything takes twice its calibrated time, verify(8) 2 x 1.4
+        for b in (1, 2, 4):
+            policy.observe_times(3, b, b, b * 2 * 4 / 13, 2 * (1 + 0.05 * b))
+        policy.observe_times(3, 8, 8, 8 * 2 * 4 / 13, 2 * 1.4)
+    assert policy.drift == pytest.approx(2.0, rel=0.02)
+    assert policy.cost("verify", 3, 8) == pytest.approx(1.4, rel=0.02)
+    assert policy.cost("draft", 3) == pytest.approx(4 / 13, rel=0.02)
+    assert [policy.choose() for _ in range(adaptive.MIN_DWELL)][-1] == (3, 8)
 
 
 def test_step_costs_are_cached_and_measured_again_when_stale(tmp_path, monkeypatch):

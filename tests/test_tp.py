@@ -174,6 +174,21 @@ def test_quantized_self_draft_under_tensor_parallelism_equals_single_process_gre
 
 
 @pytest.mark.slow
+def test_adaptive_speculation_under_tensor_parallelism_equals_single_process_greedy(tiny_smol_dir, tmp_path):
+    """Every rank must choose the same (E, k) and stop drafting at the same draft: rank 0's step
+    costs decide, and probes and confidences come from the gathered logits."""
+    common = ["--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--max_new_tokens", "24", "--temperature", "0",
+              "--num_samples", "1"]
+    r = torchrun(2, "generate.py", *common, "--generation_strategy", "self_speculative", "--exit_layer", "auto",
+                 "--num_speculations", "auto", env={"LAYERSKIP_CACHE": str(tmp_path)}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chosen per round" in r.stderr
+    single = subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, common)], capture_output=True,
+                            text=True, timeout=180)
+    assert single.returncode == 0 and r.stdout == single.stdout
+
+
+@pytest.mark.slow
 def test_rank_failure_ends_every_rank(tiny_tp_checkpoint, tmp_path):
     jobs = jobs_for([5, 6, 7], 6, 32, 2, 2, [(None, False)])
     r, ranks = run_worker(2, tiny_tp_checkpoint, jobs, tmp_path / "out", env={"TP_WORKER_FAIL_RANK": "1"})
