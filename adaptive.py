@@ -243,6 +243,7 @@ class AdaptivePolicy:
         self.exit_layer, self.k = self.exits[-1], self.ks[-1]
         self.speedup = 1.0
         self.timed = set()
+        self.overhead = 0.0  # seconds per round outside its draft and verify phases
 
     # -- estimates
     def acceptance(self, E) -> float:
@@ -269,10 +270,11 @@ class AdaptivePolicy:
         return seconds / (self.costs.decode * self.drift)
 
     def predicted(self, E, k) -> float:
+        rest = self.overhead / (self.costs.decode * self.drift)
         if k == 0:
             probe = self.costs.probe / self.costs.decode / self.period(0)
-            return 1.0 / (self.cost("verify", self.exits[0], 0) + probe)
-        return predicted_speedup(self.acceptance(E), k, self.cost("draft", E), self.cost("verify", E, k))
+            return 1.0 / (self.cost("verify", self.exits[0], 0) + probe + rest)
+        return predicted_speedup(self.acceptance(E), k, self.cost("draft", E), self.cost("verify", E, k) + rest)
 
     def candidates(self):
         pairs = [(E, k) for E in self.exits for k in self.ks]
@@ -313,9 +315,14 @@ class AdaptivePolicy:
             self.cost("verify", E, self.bucket(made))
         return gain >= self.speedup * cost
 
-    def observe_times(self, E, made, bucket, draft_s, verify_s):
-        """Seconds the round's phases took. A step's first timing is skipped: it may include
-        compiling its graph (costs read from the cache) or evaluating its guards."""
+    def observe_times(self, E, made, bucket, draft_s, verify_s, round_s):
+        """Seconds the round's phases took, and the whole round (the rest is the loop's own work:
+        the host synchronisation, bookkeeping, this policy; paid once per round, so it favours
+        longer rounds). A step's first timing is skipped: it may include compiling its graph
+        (costs read from the cache) or evaluating its guards."""
+        if self.rounds > 1:
+            rest = max(round_s - draft_s - verify_s, 0.0)
+            self.overhead += TIME_WEIGHT * (rest - self.overhead)
         samples = [(("verify", E, bucket), verify_s)] + ([(("draft", E), draft_s / made)] if made else [])
         for key, seconds in samples:
             if key not in self.timed:

@@ -422,7 +422,7 @@ class FixedPolicy:
     def observe(self, exit_layer, k, made, accepted, confidences):
         pass
 
-    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s):
+    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s, round_s):
         pass
 
     def probe_row(self, accepted):
@@ -506,6 +506,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         return torch.compiler.set_stance(skip_guard_eval_unsafe=skip)
 
     while len(out) < max_new_tokens and out[-1] not in stop:
+        round_start = time.perf_counter()
         E, k_round = policy.choose()
         taps = policy.taps(E) if shared else ()
         below = tuple(c for c in taps if c < E)
@@ -557,7 +558,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         stats.draft_s += draft_s
         stats.verify_s += verify_s
         stats.trace.append((E, k_round, made))
-        policy.observe_times(E, made, b, draft_s, verify_s)
+        policy.observe_times(E, made, b, draft_s, verify_s, time.perf_counter() - round_start)
         policy.observe(E, k_round, made, a, torch.stack(confidences).tolist() if policy.early_stop and made else [])
         row = policy.probe_row(a) if taps else None
         if row is not None:

@@ -342,34 +342,49 @@ def measure(generate_fn, prompts, repeats: int, device) -> dict:
     passes over the prompts. generate_fn(prompt, on_tokens) -> our GenerationStats, or a peer's
     (new tokens, seconds) (peers do not stream: their per-token latency is the pass's mean). Returns tokens/s (median over passes,
     decode only), per-token latency p50/p90, prefill, warm-up seconds and the speculative totals."""
-    t = time.perf_counter()
-    generate_fn(prompts[0], None)
-    synchronize(device)
-    warmup_s = time.perf_counter() - t
+    return measure_interleaved([generate_fn], prompts, repeats, device)[0]
+
+
+def measure_interleaved(generate_fns, prompts, repeats: int, device) -> list[dict]:
+    """measure() for several configurations at once: each one's warm-up, then `repeats` rounds in
+    which every configuration makes its pass over the prompts in turn, so that a machine whose
+    speed drifts during the run (a shared host) slows each of them alike."""
+    warmups = []
+    for generate_fn in generate_fns:
+        t = time.perf_counter()
+        generate_fn(prompts[0], None)
+        synchronize(device)
+        warmups.append(time.perf_counter() - t)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    passes, latencies, prefills, all_stats = [], [], [], []
+    runs = [{"passes": [], "latencies": [], "prefills": [], "stats": []} for _ in generate_fns]
     for _ in range(repeats):
-        tokens, secs = 0, 0.0
-        for prompt in prompts:
-            stamps = []
+        for generate_fn, run in zip(generate_fns, runs):
+            tokens, secs = 0, 0.0
+            for prompt in prompts:
+                stamps = []
 
-            def on_tokens(ids):
+                def on_tokens(ids):
+                    synchronize(device)
+                    stamps.append((time.perf_counter(), len(ids)))
                 synchronize(device)
-                stamps.append((time.perf_counter(), len(ids)))
-            synchronize(device)
-            stats = generate_fn(prompt, on_tokens)
-            synchronize(device)
-            if isinstance(stats, tuple):  # a peer: (new tokens, seconds)
-                tokens, secs = tokens + stats[0], secs + stats[1]
-                continue
-            # ours: decode time after the first token, whose time is the prefill's
-            all_stats.append(stats)
-            prefills.append(stats.prefill_s)
-            tokens, secs = tokens + stats.new_tokens - 1, secs + stats.decode_s
-            for (t0, _), (t1, n) in zip(stamps, stamps[1:]):
-                latencies += [(t1 - t0) / n] * n
-        passes.append(tokens / secs)
+                stats = generate_fn(prompt, on_tokens)
+                synchronize(device)
+                if isinstance(stats, tuple):  # a peer: (new tokens, seconds)
+                    tokens, secs = tokens + stats[0], secs + stats[1]
+                    continue
+                # ours: decode time after the first token, whose time is the prefill's
+                run["stats"].append(stats)
+                run["prefills"].append(stats.prefill_s)
+                tokens, secs = tokens + stats.new_tokens - 1, secs + stats.decode_s
+                for (t0, _), (t1, n) in zip(stamps, stamps[1:]):
+                    run["latencies"] += [(t1 - t0) / n] * n
+            run["passes"].append(tokens / secs)
+    return [summarize(run, warmup_s, device) for run, warmup_s in zip(runs, warmups)]
+
+
+def summarize(run: dict, warmup_s: float, device) -> dict:
+    passes, latencies, prefills, all_stats = run["passes"], run["latencies"], run["prefills"], run["stats"]
     if not latencies:  # peers: the mean over the pass
         latencies = [1 / x for x in passes]
     row = {"tokens_per_s": statistics.median(passes), "ms_per_token_p50": 1000 * percentile(latencies, 0.5),
@@ -639,9 +654,28 @@ def prompts_for(a, engine) -> list:
 
 def bench_row(engine, c: dict, prompts, a) -> dict:
     """One row of ours: measure() over the prompts, plus step costs for speculative rows."""
+    return bench_rows(engine, [(c, engine.strategy)], prompts, a)[0]
+
+
+def bench_rows(engine, rows, prompts, a) -> list[dict]:
+    """Rows [(grid values, Strategy)] of one loaded engine, measured interleaved
+    (measure_interleaved), each with its step costs and cost model where it has them."""
     n = a.max_new_tokens
-    engine.setup_caches(max(len(p) for p in prompts) + n + engine.strategy.lookahead(n) + 1)
-    r = measure(lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=())[1], prompts, a.repeats, engine.device)
+    engine.setup_caches(max(len(p) for p in prompts) + n + max(s.lookahead(n) for _, s in rows) + 1)
+
+    def generate_fn(strategy):
+        def run(p, on_tokens):
+            engine.strategy = strategy
+            return engine.run(p, n, on_tokens, stop_ids=())[1]
+        return run
+    results = measure_interleaved([generate_fn(s) for _, s in rows], prompts, a.repeats, engine.device)
+    for (c, strategy), r in zip(rows, results):
+        engine.strategy = strategy
+        finish_row(engine, c, r, a)
+    return results
+
+
+def finish_row(engine, c: dict, r: dict, a):
     compiled = options.parse_bool(c["compile"])
     freezing = " +freezing" if compiled and inductor_config.freezing else ""
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
@@ -663,4 +697,3 @@ def bench_row(engine, c: dict, prompts, a) -> dict:
     if tp.world()[1] > 1:
         args = engine.model.args  # every block all-reduces its attention and MLP outputs: 2 per layer and token
         r["allreduce_kb"] = 2 * args.n_layers * args.dim * torch.finfo(engine.dtype).bits / 8 / 1024
-    return r

@@ -74,6 +74,9 @@ def parse_args(argv=None):
                    help="HumanEval problems, prose requests (chat format) or the two alternating")
     p.add_argument("--prompt_length", type=int, default=None, help="random prompts of this many tokens instead")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts")
+    p.add_argument("--interleave", action="store_true",
+                   help="rows that share a loaded model take their timed passes in turn (after each one's warm-up), "
+                        "so that a machine whose speed drifts slows them alike")
     p.add_argument("--acceptance", type=float, default=None,
                    help="speculative rows also predict the speed-up at this per-token acceptance rate, from "
                         "expected tokens per round (1 - a^(k+1)) / (1 - a) (LayerSkip's Llama2-7B: 0.795)")
@@ -259,7 +262,7 @@ def main(argv=None):
     header = (f"{a.checkpoint_path} on {device} ({name}), {torch.get_num_threads()} threads, copy bandwidth "
               f"{copy_bw:.1f} GB/s, torch {torch.__version__}; {len(a.rows)} rows + peers {a.peers or 'none'}")
     print(header, file=sys.stderr, flush=True)
-    rows, prompts, loaded = [], None, (None, None)
+    rows, prompts, loaded, done = [], None, (None, None), []
     for c in a.rows:
         if int(c["world_size"]) > 1:
             rows.append(tp_row(a, c))
@@ -272,10 +275,17 @@ def main(argv=None):
                                              and (r["dtype"], r["quantize"], r["compile"]) == key))
                 loaded = (key, common.load_row_engine(a, c, draft_schemes=schemes))
             engine = loaded[1]
-            ns = common.row_args(a, c)
-            engine.strategy = ns.strategy
             prompts = prompts or common.prompts_for(a, engine)
-            rows.append(common.bench_row(engine, c, prompts, a))
+            if a.interleave:  # every row this engine runs, measured together
+                if c in done:
+                    continue
+                group = [r for r in a.rows if (r["dtype"], r["quantize"], r["compile"]) == key
+                         and int(r["world_size"]) == 1]
+                done.extend(group)
+                rows += common.bench_rows(engine, [(r, common.row_args(a, r).strategy) for r in group], prompts, a)
+            else:
+                engine.strategy = common.row_args(a, c).strategy
+                rows.append(common.bench_row(engine, c, prompts, a))
         print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
     if a.peers:
         loaded = (None, None)

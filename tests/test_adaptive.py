@@ -54,8 +54,8 @@ class RandomPolicy:
         assert 0.0 <= confidence <= 1.0 and made >= 1
         return self.rng.random() < 0.75
 
-    def observe_times(self, E, made, bucket, draft_s, verify_s):
-        assert made <= bucket and draft_s >= 0 and verify_s > 0
+    def observe_times(self, E, made, bucket, draft_s, verify_s, round_s):
+        assert made <= bucket and draft_s >= 0 and verify_s > 0 and round_s >= draft_s + verify_s
 
     def observe(self, E, k, made, accepted, confidences):
         assert 0 <= accepted <= made <= k and len(confidences) == made
@@ -202,12 +202,12 @@ def test_the_rounds_own_timings_replace_the_calibration():
     policy = AdaptivePolicy(costs, (3,), ks, shared=False)
     policy.accepted.hits, policy.accepted.total = 980, 1000
     assert policy.choose() == (3, 4)
-    policy.observe_times(3, 8, 8, 100.0, 100.0)  # the first timing: ignored
+    policy.observe_times(3, 8, 8, 100.0, 100.0, 200.0)  # the first timing: ignored
     assert policy.cost("verify", 3, 8) == pytest.approx(3.0)
     for _ in range(30):  # everything takes twice its calibrated time, verify(8) 2 x 1.4
         for b in (1, 2, 4):
-            policy.observe_times(3, b, b, b * 2 * 4 / 13, 2 * (1 + 0.05 * b))
-        policy.observe_times(3, 8, 8, 8 * 2 * 4 / 13, 2 * 1.4)
+            policy.observe_times(3, b, b, b * 2 * 4 / 13, 2 * (1 + 0.05 * b), 4.0)
+        policy.observe_times(3, 8, 8, 8 * 2 * 4 / 13, 2 * 1.4, 8 * 2 * 4 / 13 + 2 * 1.4)
     assert policy.drift == pytest.approx(2.0, rel=0.02)
     assert policy.cost("verify", 3, 8) == pytest.approx(1.4, rel=0.02)
     assert policy.cost("draft", 3) == pytest.approx(4 / 13, rel=0.02)
