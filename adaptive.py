@@ -13,9 +13,13 @@ estimates read off the generation, and stops drafting at a draft it is not confi
   candidate, how often its token is the full model's. Estimates decay, so they follow the text.
   A draft with its own cache (a quantized copy, a separate model) keeps its E: its cache lacks the
   layers it skipped; its acceptance is the rounds' own.
-- Choice: (E, k) maximising the predicted speed-up expected_tokens(a, k) / (k draft + verify),
+- Choice: (E, k) maximising the predicted speed-up: tokens per round / (k draft + verify + the
+  loop's own time per round), tokens per round from the current exit's own rounds (how far their
+  drafts ran: acceptance comes in runs) or, for the others, from the probed per-draft rate a,
   including k = 0 (plain decoding, which still probes) for the model's own layers; a new choice
-  must beat the current one by HYSTERESIS and the current one must have run MIN_DWELL rounds.
+  must beat the current one by HYSTERESIS and the current one must have run MIN_DWELL rounds. A
+  rival predicted within EXPLORE_WITHIN of the current pair and not run for EXPLORE_EVERY rounds
+  is run for MIN_DWELL rounds, so that predictions resting on calibration get measured.
 - In generation, each round's timed draft and verify phases replace the calibrated costs of the
   steps that ran (moving averages), and their median ratio to the calibration scales the rest.
 - Early stop: after each draft the policy estimates, from the draft's confidence (its probability
@@ -42,6 +46,7 @@ BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that dra
 STALE_DAYS = 30
 HYSTERESIS = 0.05
 MIN_DWELL = 4  # rounds
+EXPLORE_EVERY, EXPLORE_WITHIN = 64, 0.1  # rounds; a rival predicted within 10% of the current pair is tried
 BINS = 10  # confidence bins of the early-stop estimate
 DECAY = 0.98  # weight of the past per observation: an estimate spans the last ~50 of them
 TIME_WEIGHT = 0.2  # weight of a round's timing in the moving average of a step's seconds
@@ -61,11 +66,6 @@ def expected_tokens(alpha: float, k: int) -> float:
     """Tokens a round yields when each draft is accepted with probability alpha (independently,
     until the first rejection): 1 + alpha + ... + alpha^k."""
     return sum(alpha ** i for i in range(k + 1))
-
-
-def predicted_speedup(alpha: float, k: int, draft: float, verify: float) -> float:
-    """Tokens per round over the round's cost, costs in decode steps (the cost model of docs/self_speculation.md)."""
-    return expected_tokens(alpha, k) / (k * draft + verify)
 
 
 @dataclass
@@ -220,6 +220,37 @@ class Rate:
         return (self.hits + self.prior * self.weight) / (self.total + self.weight)
 
 
+class Survival:
+    """How far a round's drafts run before the first rejection, estimated from rounds that drafted
+    different numbers (Kaplan-Meier: a round of n drafts with a accepted is at risk at positions
+    1..n and, if a < n, rejected at a + 1), decaying like Rate; a position seldom reached leans on
+    the per-draft acceptance."""
+
+    def __init__(self, max_k: int, weight: float = 2.0):
+        self.at_risk = [0.0] * (max_k + 1)
+        self.rejected = [0.0] * (max_k + 1)
+        self.weight, self.rounds = weight, 0
+
+    def add(self, made: int, accepted: int):
+        self.rounds += 1
+        for j in range(1, len(self.at_risk)):
+            self.at_risk[j] *= DECAY
+            self.rejected[j] *= DECAY
+        for j in range(1, min(made, len(self.at_risk) - 1) + 1):
+            self.at_risk[j] += 1
+        if accepted < made:
+            self.rejected[accepted + 1] += 1
+
+    def expected_tokens(self, k: int, alpha: float) -> float:
+        """1 (the full model's token) + the expected number of the k drafts kept."""
+        alive, total = 1.0, 1.0
+        for j in range(1, k + 1):
+            hazard = (self.rejected[j] + (1 - alpha) * self.weight) / (self.at_risk[j] + self.weight)
+            alive *= 1 - hazard
+            total += alive
+        return total
+
+
 class AdaptivePolicy:
     """Chooses (E, k) per round and when to stop drafting (decoding.FixedPolicy: the protocol).
 
@@ -238,11 +269,13 @@ class AdaptivePolicy:
         self.probe_every, self.warm_rounds = probe_every, warm_rounds
         self.agree = {E: Rate(0.5) for E in self.exits}  # probes: the exit's token is the full model's
         self.accepted = Rate(0.5)  # drafts of the current E accepted (rounds)
+        self.survival = Survival(self.max_k)  # the current E's rounds: how far their drafts run
         self.by_confidence = [Rate((i + 0.5) / BINS) for i in range(BINS)]
         self.rounds, self.dwell = 0, MIN_DWELL  # the first round may take the best pair at the priors
         self.exit_layer, self.k = self.exits[-1], self.ks[-1]
         self.speedup = 1.0
         self.timed = set()
+        self.tried = {}  # (E, k) -> the last round it ran
         self.overhead = 0.0  # seconds per round outside its draft and verify phases
 
     # -- estimates
@@ -274,7 +307,12 @@ class AdaptivePolicy:
         if k == 0:
             probe = self.costs.probe / self.costs.decode / self.period(0)
             return 1.0 / (self.cost("verify", self.exits[0], 0) + probe + rest)
-        return predicted_speedup(self.acceptance(E), k, self.cost("draft", E), self.cost("verify", E, k) + rest)
+        cost = k * self.cost("draft", E) + self.cost("verify", E, k) + rest
+        if E == self.exit_layer and self.survival.rounds >= 8:
+            # the current exit's own rounds: acceptance comes in runs (easy spans accept every
+            # draft), which a per-draft rate under-counts at large k
+            return self.survival.expected_tokens(k, self.acceptance(E)) / cost
+        return expected_tokens(self.acceptance(E), k) / cost
 
     def candidates(self):
         pairs = [(E, k) for E in self.exits for k in self.ks]
@@ -286,13 +324,26 @@ class AdaptivePolicy:
         self.dwell += 1
         current = self.predicted(self.exit_layer, self.k)
         best = max(self.candidates(), key=lambda p: self.predicted(*p))
-        if best != (self.exit_layer, self.k) and self.dwell >= MIN_DWELL and \
-                self.predicted(*best) > current * (1 + HYSTERESIS):
-            if best[0] != self.exit_layer:
-                self.accepted = Rate(self.agree[best[0]].value) if self.probing else self.accepted
-            (self.exit_layer, self.k), self.dwell = best, 0
+        if self.dwell >= MIN_DWELL:
+            if best != (self.exit_layer, self.k) and self.predicted(*best) > current * (1 + HYSTERESIS):
+                self.switch(best)
+            else:
+                # a close rival not run lately: its prediction rests on calibration and on runs of
+                # drafts never observed, so run it for a while (its timings and rounds then count)
+                rivals = [p for p in self.candidates() if p != (self.exit_layer, self.k) and p[1] and
+                          self.rounds - self.tried.get(p, 0) >= EXPLORE_EVERY and
+                          self.predicted(*p) > current * (1 - EXPLORE_WITHIN)]
+                if rivals:
+                    self.switch(min(rivals, key=lambda p: self.tried.get(p, 0)))
+        self.tried[(self.exit_layer, self.k)] = self.rounds
         self.speedup = self.predicted(self.exit_layer, self.k)
         return self.exit_layer, self.k
+
+    def switch(self, pair):
+        if pair[0] != self.exit_layer:
+            self.accepted = Rate(self.agree[pair[0]].value) if self.probing else self.accepted
+            self.survival = Survival(self.max_k)
+        (self.exit_layer, self.k), self.dwell = pair, 0
 
     def taps(self, E):
         return self.exits if self.probing else ()
@@ -337,6 +388,7 @@ class AdaptivePolicy:
     def observe(self, E, k, made, accepted, confidences):
         if made:
             self.accepted.add(accepted, accepted + (accepted < made))
+            self.survival.add(made, accepted)
         for j, c in enumerate(confidences[:accepted + 1]):  # the drafts the verify pass judged
             self.by_confidence[min(int(c * BINS), BINS - 1)].add(float(j < accepted))
 

@@ -155,14 +155,29 @@ def test_the_chooser_picks_the_known_best_pair(acceptance, best):
     policy = AdaptivePolicy(costs, exits, ks, shared=True)
     for E, a in acceptance.items():  # as if probed many times
         policy.agree[E].hits, policy.agree[E].total = 1000 * a, 1000
-    choices = [policy.choose() for _ in range(2 * adaptive.MIN_DWELL)]
-    assert choices[-1] == best
-    assert len(set(choices)) <= 2  # one switch, after the first dwell
+    assert policy.choose() == best  # the first round may take the best pair at once
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(adaptive, "EXPLORE_EVERY", 10 ** 9)  # no rival tried
+        assert all(policy.choose() == best for _ in range(3 * adaptive.MIN_DWELL))
 
 
-def test_the_chooser_switches_only_for_a_clear_gain():
+def test_a_close_rival_is_tried_now_and_then():
+    costs, exits, ks = synthetic_costs()
+    policy = AdaptivePolicy(costs, exits, ks, shared=True)
+    for E, a in {3: 0.9, 6: 0.95, 9: 0.99}.items():
+        policy.agree[E].hits, policy.agree[E].total = 1000 * a, 1000
+    choices = [policy.choose() for _ in range(3 * adaptive.EXPLORE_EVERY)]
+    best = choices[0]
+    assert best == (3, 4) and choices.count(best) > 0.6 * len(choices)
+    rivals = {p for p in choices if p != best}  # within 10% (k = 2, 8 of E = 3), each for a dwell
+    assert rivals and all(policy.predicted(*p) > 0.9 * policy.predicted(*best) for p in rivals)
+    assert all(choices.count(p) <= 3 * adaptive.MIN_DWELL for p in rivals)
+
+
+def test_the_chooser_switches_only_for_a_clear_gain(monkeypatch):
     """Hysteresis: a pair predicting 3% more than the current one is not taken, one predicting 8%
     more is, once the current pair has run MIN_DWELL rounds."""
+    monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 10 ** 9)  # no rival tried
     costs, exits, ks = synthetic_costs()
     policy = AdaptivePolicy(costs, exits, ks, shared=True)
     for E, a in {3: 0.4, 6: 0.93, 9: 0.5}.items():
@@ -193,10 +208,11 @@ def test_early_stop_follows_observed_acceptance_per_confidence():
     assert policy.bucket(3) == 4 and policy.bucket(5) == 8 and policy.bucket(1) == 1
 
 
-def test_the_rounds_own_timings_replace_the_calibration():
+def test_the_rounds_own_timings_replace_the_calibration(monkeypatch):
     """A verify pass over 8 drafts calibrated at twice its real cost: the rounds' timings correct
     it (the first of each step skipped: it may include compiling) and k = 8 is taken; that the
     machine runs everything twice as slow (drift) changes no cost in decode steps."""
+    monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 10 ** 9)  # no rival tried
     costs, exits, ks = synthetic_costs()
     costs.verify[(3, 8)] = 3.0
     policy = AdaptivePolicy(costs, (3,), ks, shared=False)

@@ -74,6 +74,29 @@ def test_the_timing_method():
     assert common.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9
 
 
+def test_interleaved_passes_take_turns():
+    """measure_interleaved: each configuration warms up first, then the passes alternate."""
+    import torch
+    calls = []
+
+    def fn(name):
+        return lambda prompt, on_tokens: calls.append((name, prompt)) or (10, 0.5 if name == "a" else 0.25)
+    rows = common.measure_interleaved([fn("a"), fn("b")], [1, 2], repeats=2, device=torch.device("cpu"))
+    assert [r["tokens_per_s"] for r in rows] == pytest.approx([20, 40])
+    assert [c[0] for c in calls] == ["a", "b"] + ["a", "a", "b", "b"] * 2
+
+
+def test_adaptive_rows_interleaved_report_their_choices(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERSKIP_CACHE", str(tmp_path / "cache"))
+    rows = run(tmp_path, "--checkpoint_path", "random:small", "--peers", "", "--num_samples", "2", "--prompt_length",
+               "5", "--generation_strategy", "autoregressive,self_speculative", "--exit_layer", "auto",
+               "--num_speculations", "auto,2", "--dtype", "float32", "--compile", "false", "--interleave")["rows"]
+    assert [r["config"] for r in rows] == ["float32 eager", "float32 eager self_speculative E=auto k=auto",
+                                           "float32 eager self_speculative E=auto k=2"]
+    for r in rows[1:]:
+        assert r["chosen"] and r["calibration_s"] >= 0 and "ideal_speedup" not in r
+
+
 @pytest.mark.slow
 def test_real_model_against_transformers(tmp_path):
     rows = run(tmp_path, "--dtype", "float32", "--compile", "false", "--num_samples", "1", "--peers",
