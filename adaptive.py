@@ -24,8 +24,8 @@ estimates read off the generation, and stops drafting at a draft it is not confi
   steps that ran (moving averages), and their median ratio to the calibration scales the rest.
 - Early stop: after each draft the policy estimates, from the draft's confidence (its probability
   of its own token), the chance it is accepted (per confidence bin, from the drafts verified so
-  far); it drafts the rest of the round only if the tokens they are expected to add pay for their
-  draft steps and the larger verify pass at the round's predicted speed-up. k becomes a maximum;
+  far); it drafts one more only if the chance that this draft and the next are accepted pays for
+  a draft step at the tokens per decode step the recent rounds achieved. k becomes a maximum;
   the verify pass pads to the next bucket.
 """
 import json
@@ -241,14 +241,16 @@ class Survival:
         if accepted < made:
             self.rejected[accepted + 1] += 1
 
+    def alive(self, j: int, alpha: float) -> float:
+        """The chance the first j drafts are all accepted."""
+        p = 1.0
+        for i in range(1, j + 1):
+            p *= 1 - (self.rejected[i] + (1 - alpha) * self.weight) / (self.at_risk[i] + self.weight)
+        return p
+
     def expected_tokens(self, k: int, alpha: float) -> float:
         """1 (the full model's token) + the expected number of the k drafts kept."""
-        alive, total = 1.0, 1.0
-        for j in range(1, k + 1):
-            hazard = (self.rejected[j] + (1 - alpha) * self.weight) / (self.at_risk[j] + self.weight)
-            alive *= 1 - hazard
-            total += alive
-        return total
+        return 1.0 + sum(self.alive(j, alpha) for j in range(1, k + 1))
 
 
 class AdaptivePolicy:
@@ -277,6 +279,7 @@ class AdaptivePolicy:
         self.timed = set()
         self.tried = {}  # (E, k) -> the last round it ran
         self.overhead = 0.0  # seconds per round outside its draft and verify phases
+        self.round_seconds, self.round_tokens = 0.0, 1.0  # moving averages over the rounds
 
     # -- estimates
     def acceptance(self, E) -> float:
@@ -352,19 +355,31 @@ class AdaptivePolicy:
         return min(b for b in self.ks if b >= n) if n else self.ks[0]
 
     def keep_drafting(self, E, confidence: float, made: int) -> bool:
-        """After `made` drafts, the last with this confidence: draft the rest of the round's k only
-        if the tokens they are expected to add (none unless this draft is accepted: its chance
-        from its confidence bin; then each with the exit's acceptance) are worth their cost (the
-        draft steps and the larger verify pass) at the round's predicted tokens per decode step."""
-        rest = self.k - made
-        if rest <= 0:
+        """After `made` drafts, the last with this confidence: draft one more only if it is
+        expected to add what its draft step would yield at the tokens per decode step recent
+        rounds achieved: the chance that the last draft is accepted (its confidence bin's record)
+        times the chance the next is, given the ones before (the current exit's runs). A draft
+        the verify pass rejects costs its step for nothing; the drafts after an accepted one
+        would be drafted in the next round anyway."""
+        if made >= self.k:
             return False
         chance = self.by_confidence[min(int(confidence * BINS), BINS - 1)].value
+        return chance * self.next_accepted(E, made) >= self.achieved() * self.cost("draft", E)
+
+    def next_accepted(self, E, made: int) -> float:
+        """The chance draft made + 1 is accepted once the first `made` are: from the current
+        exit's runs (after a few accepted drafts the next is likelier than the average one)."""
         a = self.acceptance(E)
-        gain = chance * sum(a ** i for i in range(1, rest + 1))
-        cost = rest * self.cost("draft", E) + self.cost("verify", E, self.k) - \
-            self.cost("verify", E, self.bucket(made))
-        return gain >= self.speedup * cost
+        if E != self.exit_layer or self.survival.rounds < 8:
+            return a
+        return self.survival.alive(made + 1, a) / max(self.survival.alive(made, a), 1e-6)
+
+    def achieved(self) -> float:
+        """Tokens per decode step the recent rounds achieved (timed: not a prediction, which a
+        wrong cost would inflate), the predicted speed-up until rounds have been timed."""
+        if not self.round_seconds:
+            return self.speedup
+        return self.round_tokens / (self.round_seconds / (self.costs.decode * self.drift))
 
     def observe_times(self, E, made, bucket, draft_s, verify_s, round_s):
         """Seconds the round's phases took, and the whole round (the rest is the loop's own work:
@@ -374,6 +389,7 @@ class AdaptivePolicy:
         if self.rounds > 1:
             rest = max(round_s - draft_s - verify_s, 0.0)
             self.overhead += TIME_WEIGHT * (rest - self.overhead)
+            self.round_seconds += TIME_WEIGHT * (round_s - self.round_seconds) if self.round_seconds else round_s
         samples = [(("verify", E, bucket), verify_s)] + ([(("draft", E), draft_s / made)] if made else [])
         for key, seconds in samples:
             if key not in self.timed:
@@ -386,6 +402,7 @@ class AdaptivePolicy:
                                            for key, t in self.seconds.items())
 
     def observe(self, E, k, made, accepted, confidences):
+        self.round_tokens += TIME_WEIGHT * (accepted + 1 - self.round_tokens)
         if made:
             self.accepted.add(accepted, accepted + (accepted < made))
             self.survival.add(made, accepted)
