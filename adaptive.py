@@ -277,6 +277,10 @@ class AdaptivePolicy:
         self.exit_layer, self.k = self.exits[-1], self.ks[-1]
         self.speedup = 1.0
         self.timed = set()
+        # Under tensor parallelism every rank must make the same choices: only what every rank
+        # sees alike (tokens, confidences, probes, rank 0's calibration) may decide, not its clock.
+        self.timing = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                           and torch.distributed.get_world_size() > 1)
         self.tried = {}  # (E, k) -> the last round it ran
         self.overhead = 0.0  # seconds per round outside its draft and verify phases
         self.round_seconds, self.round_tokens = 0.0, 1.0  # moving averages over the rounds
@@ -386,6 +390,8 @@ class AdaptivePolicy:
         the host synchronisation, bookkeeping, this policy; paid once per round, so it favours
         longer rounds). A step's first timing is skipped: it may include compiling its graph
         (costs read from the cache) or evaluating its guards."""
+        if not self.timing:
+            return
         if self.rounds > 1:
             rest = max(round_s - draft_s - verify_s, 0.0)
             self.overhead += TIME_WEIGHT * (rest - self.overhead)
