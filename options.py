@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+import adaptive
 import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
-import adaptive
 from decoding import STRATEGIES, Steps, Strategy, compile_steps, run
 from quantized import SchemeError, pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams
