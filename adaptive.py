@@ -76,11 +76,6 @@ class StepCosts:
     verify: dict
     probe: float = 0.0
 
-    def relative(self):
-        """Costs in decode steps: draft {E: c}, verify {(E, b): c}, probe."""
-        return ({E: s / self.decode for E, s in self.draft.items()},
-                {key: s / self.decode for key, s in self.verify.items()}, self.probe / self.decode)
-
     def to_json(self) -> dict:
         return {"decode": self.decode, "draft": [[E, s] for E, s in self.draft.items()],
                 "verify": [[E, b, s] for (E, b), s in self.verify.items()], "probe": self.probe}
