@@ -189,6 +189,10 @@ def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[Step
     costs = measure()
     if rank != 0:
         return costs, True
+    try:  # read again: another process may have stored its own entry while this one measured
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
     table[name] = {"time": time.time(), "costs": costs.to_json()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,18 @@ def test_step_costs_are_cached_and_measured_again_when_stale(tmp_path, monkeypat
     assert len(calls) == 4 and not list(path.parent.glob("*.tmp"))
 
 
+def test_processes_measuring_at_once_keep_each_others_entries(tmp_path, monkeypatch):
+    """Another process stores its entry while this one measures: both stay in the cache."""
+    monkeypatch.setenv("LAYERSKIP_CACHE", str(tmp_path))
+
+    def measure_while_another_stores():
+        adaptive.load_or_measure({"model": "other"}, lambda: StepCosts(2.0, {}, {}))
+        return StepCosts(1.0, {}, {})
+    adaptive.load_or_measure({"model": "this"}, measure_while_another_stores)
+    assert not adaptive.load_or_measure({"model": "other"}, lambda: pytest.fail("measured again"))[1]
+    assert not adaptive.load_or_measure({"model": "this"}, lambda: pytest.fail("measured again"))[1]
+
+
 def test_an_unwritable_cache_only_costs_measuring_again(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("LAYERSKIP_CACHE", str(tmp_path / "file" / "sub"))
