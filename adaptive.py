@@ -86,41 +86,52 @@ class StepCosts:
                          d["probe"])
 
 
+def round_timer(model, steps, E, b: int, pos: int, draft_model=None, taps=(), catch_up: bool = False):
+    """A function timing one round as the loop runs it: b draft steps (the first a catch-up step
+    over 2 positions if catch_up, as a draft with its own cache takes after a fully accepted
+    round), then the verify pass over b drafts at pos; it returns (draft phase, verify) seconds.
+    Timed in rounds, not alone: a draft's weights would stay in the CPU's cache, which in a round
+    the verify pass evicts. Called with the loop's arguments and taps, so with its graphs."""
+    device = model.norm.weight.device
+    greedy = SamplingParams()
+    x, at, two = torch.tensor([[5]], device=device), torch.tensor([pos], device=device), torch.full((1, 2), 5, device=device)
+    tokens = torch.full((1, b + 1), 5, device=device)
+    shared = draft_model is None
+    drafter = model if shared else draft_model
+    states = torch.zeros(1, b + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype) if shared else None
+    positions = torch.arange(pos, pos + b + 1, device=device)
+    last = torch.tensor(b, device=device)
+    below = tuple(c for c in taps if c < E)
+
+    def run():
+        t0 = time.perf_counter()
+        for j in range(b):
+            if j == 0 and catch_up:
+                steps.catch_up(drafter, two, positions[:2] + 0, greedy, E)
+            else:
+                steps.draft(drafter, x, at, greedy, E, below)
+        synchronize(device)
+        t1 = time.perf_counter()
+        steps.verify(model, tokens, states, None, positions, last, greedy, E if shared else None, taps, last)
+        synchronize(device)
+        return t1 - t0, time.perf_counter() - t1
+    return run
+
+
 def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repeats: int = 7,
                   progress: bool = False) -> StepCosts:
     """Times the steps a policy over exits x buckets uses, as the loop calls them (with the same
     taps, so the same graphs): a decode step, and per E rounds of b draft steps followed by the
-    verify pass over b drafts (a draft's weights would stay in cache if timed alone; the verify
-    pass evicts them), at two thirds into the cache (attention reads up to the row's position).
-    With the model's own layers also the plain round (0 drafts) at exits[0] and the probe."""
+    verify pass over b drafts (round_timer), at two thirds into the cache (attention reads up to
+    the row's position). With the model's own layers also the plain round (0 drafts) at exits[0]
+    and the probe."""
     device = model.norm.weight.device
     greedy = SamplingParams()
-    top = max(buckets)
-    pos = min(model.max_seq_length * 2 // 3, model.max_seq_length - top - 1)
+    pos = min(model.max_seq_length * 2 // 3, model.max_seq_length - max(buckets) - 1)
     x = torch.tensor([[5]], device=device)
     at = torch.tensor([pos], device=device)
     shared = draft_model is None
-    drafter = model if shared else draft_model
     dtype = model.norm.weight.dtype
-
-    def round_fn(E, b):
-        """A function timing one round: (draft phase, verify) seconds."""
-        tokens = torch.full((1, b + 1), 5, device=device)
-        states = torch.zeros(1, b + 1, model.args.dim, device=device, dtype=dtype) if shared else None
-        positions = torch.arange(pos, pos + b + 1, device=device)
-        last = torch.tensor(b, device=device)
-        below = tuple(c for c in taps if c < E)
-
-        def run():
-            t0 = time.perf_counter()
-            for _ in range(b):
-                steps.draft(drafter, x, at, greedy, E, below)
-            synchronize(device)
-            t1 = time.perf_counter()
-            steps.verify(model, tokens, states, None, positions, last, greedy, E if shared else None, taps, last)
-            synchronize(device)
-            return t1 - t0, time.perf_counter() - t1
-        return run
 
     def call(fn):
         def run():
@@ -131,9 +142,9 @@ def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repea
         return run
 
     timers = {"decode": call(lambda: steps.decode(model, x, at, greedy, None))}
-    timers.update({(E, b): round_fn(E, b) for E in exits for b in buckets})
+    timers.update({(E, b): round_timer(model, steps, E, b, pos, draft_model, taps) for E in exits for b in buckets})
     if shared:
-        timers[(exits[0], 0)] = round_fn(exits[0], 0)
+        timers[(exits[0], 0)] = round_timer(model, steps, exits[0], 0, pos, None, taps)
         if taps:
             tapped = torch.zeros(1, len(taps), model.args.dim, device=device, dtype=dtype)
             timers["probe"] = call(lambda: steps.probe(model, tapped))

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import options  # noqa: E402
 import tp  # noqa: E402
+from adaptive import round_timer  # noqa: E402
 from decoding import GenerationStats, Steps, compile_steps, peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import pack_model  # noqa: E402
@@ -421,49 +422,29 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
     """Seconds of a full decode step (called repeatedly, as autoregressive decoding does) and of a
     draft step (layers [0, E) + head of the model, or of draft_model), a verify pass over k+1
     positions and, for a draft model with its own cache, a catch-up draft step over 2 positions,
-    timed inside rounds as the loop runs them (k draft steps, then the verify pass): called
-    alone and repeatedly, a draft model's weights would stay in the CPU's cache, which in a round
-    the verify pass evicts. The caches are as set up for the generation runs (another cache shape
-    would compile every graph again). At position pos (default: two thirds into the cache, where a
-    generation sized to it spends its middle: attention reads the positions up to the row's own)."""
+    timed inside rounds as the loop runs them (adaptive.round_timer). The caches are as set up for
+    the generation runs (another cache shape would compile every graph again). At position pos
+    (default: two thirds into the cache, where a generation sized to it spends its middle:
+    attention reads the positions up to the row's own)."""
     from sampling import SamplingParams
     greedy = SamplingParams()
     pos = min(model.max_seq_length * 2 // 3 if pos is None else pos, model.max_seq_length - k - 1)
     x = torch.tensor([[5]], device=device)
     at = torch.tensor([pos], device=device)
-    tokens = torch.full((1, k + 1), 5, device=device)
-    states = torch.zeros(1, k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
-    positions = torch.arange(pos, pos + k + 1, device=device)
-    limit = torch.tensor(k, device=device)
-    two = torch.full((1, 2), 5, device=device)
     shared = draft_model is None
-    drafter = model if shared else draft_model
-
-    def round_times(catch_up: bool):
-        """(draft phase, verify) seconds of one round."""
-        t0 = time.perf_counter()
-        for j in range(k):
-            if j == 0 and catch_up:
-                steps.catch_up(drafter, two, positions[:2] + 0, greedy, exit_layer)
-            else:
-                steps.draft(drafter, x, at, greedy, exit_layer, ())
-        synchronize(device)
-        t1 = time.perf_counter()
-        steps.verify(model, tokens, states if shared else None, None, positions, limit, greedy,
-                     exit_layer if shared else None, (), limit)  # as the loop calls it: the same graph
-        synchronize(device)
-        return t1 - t0, time.perf_counter() - t1
+    plain_round = round_timer(model, steps, exit_layer, k, pos, draft_model)
 
     with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
         costs = {"full": time_call(lambda: steps.decode(model, x, at, greedy, None), device)}
         for _ in range(2):
-            round_times(False)
-        plain = [round_times(False) for _ in range(repeats)]
+            plain_round()
+        plain = [plain_round() for _ in range(repeats)]
         costs["draft"] = statistics.median(d for d, _ in plain) / k
         costs["verify"] = statistics.median(v for _, v in plain)
         if not shared:
-            round_times(True)
-            first = statistics.median(d for d, _ in (round_times(True) for _ in range(repeats))) - (k - 1) * costs["draft"]
+            catch_up_round = round_timer(model, steps, exit_layer, k, pos, draft_model, catch_up=True)
+            catch_up_round()
+            first = statistics.median(d for d, _ in (catch_up_round() for _ in range(repeats))) - (k - 1) * costs["draft"]
             costs["catch_up"] = first
     return costs
 
