@@ -176,17 +176,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERSKIP_CACHE") or Path.home() / ".cache" / "layerskip-fast")
 
 
+def read_table(path: Path) -> dict:
+    """The step-cost cache's entries; none if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[StepCosts, bool]:
     """The costs stored under key (a dict of what they depend on) unless missing, older than
     STALE_DAYS or recalibrate; else measure() and store them. Returns (costs, measured now).
     An unwritable cache only costs measuring again next time."""
     path = cache_dir() / "step_costs.json"
     name = json.dumps(key, sort_keys=True)
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    entry = table.get(name)
+    entry = read_table(path).get(name)
     if recalibrate or not entry or time.time() - entry["time"] >= STALE_DAYS * 86400:
         entry = None
     rank = 0
@@ -200,10 +204,7 @@ def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[Step
     costs = measure()
     if rank != 0:
         return costs, True
-    try:  # read again: another process may have stored its own entry while this one measured
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        pass
+    table = read_table(path)  # now: another process may have stored its own entry while this one measured
     table[name] = {"time": time.time(), "costs": costs.to_json()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
