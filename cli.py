@@ -3,11 +3,28 @@
 A refusal is one line on stderr that says what is wrong and how to fix it, with exit status 1
 (2 for a malformed command line, 130 for Ctrl-C). `--debug` or LAYERSKIP_DEBUG=1 shows the full
 traceback instead, for bug reports.
+
+Ctrl-C: every command calls `cli.start(__name__)` as its first statement, before its heavy imports
+(torch takes seconds), and runs its main through `run`. From then on a Ctrl-C at any moment ends it
+with the one line `interrupted` on stderr (a rank label under torchrun) and exit status 130, never a
+traceback:
+- while nothing can be half-done (the imports; and once main has returned: at-exit handlers,
+  compile-worker and process-group shutdown), it writes the line and exits at once (os._exit);
+- while main works, it raises KeyboardInterrupt, so that `finally` blocks remove temporary files
+  (writes are atomic: checkpoint.save_checkpoint); an error that follows it (a library that wraps
+  or swallows the interrupt, a collective whose peer has gone) still ends as `interrupted`, and a
+  second Ctrl-C exits at once, even while the main thread is stuck in native code (a watchdog thread
+  is woken by the signal itself, through signal.set_wakeup_fd);
+- once interrupted, what fails as a consequence stays quiet: log records, exceptions in threads
+  and in at-exit handlers. (Inductor's compile workers ignore Ctrl-C and write to /dev/null; they
+  are shut down at exit.)
 """
 import argparse
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 DEBUG_ENV = "LAYERSKIP_DEBUG"
@@ -39,23 +56,154 @@ def describe(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+# --- Ctrl-C (see the module's docstring) ---------------------------------------------------------
+_started = False      # start() installed the handler: this process is a command
+_ran = False          # run was entered: start-up is over
+_working = False      # run's main is running: a first Ctrl-C raises KeyboardInterrupt
+_interrupted = False  # a Ctrl-C arrived
+_said = False         # `interrupted` is written: one line per process
+_saying = threading.RLock()  # the thread that writes it holds this; another waits, not to exit first
+_label = lambda: ""  # noqa: E731 -- run's label, for the line written by the handler
+
+
+def _rank_label() -> str:
+    """" (rank R)" under torchrun, read from its environment (before the process group is joined)."""
+    return f" (rank {os.environ.get('RANK', '?')})" if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else ""
+
+
+def _say_interrupted() -> None:
+    global _said
+    if threading.current_thread() is threading.main_thread():
+        try:  # what is buffered comes first (the watchdog does not wait for a lock the main thread may hold)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 -- a reentrant flush (Ctrl-C inside a write) fails, harmlessly
+            pass
+    held = _saying.acquire(timeout=2)  # reentrant: the handler may run inside this, in the main thread
+    try:
+        if not _said:
+            try:
+                text = f"interrupted{_label() or _rank_label()}\n"
+            except Exception:  # noqa: BLE001 -- the line must come out whatever the label does
+                text = "interrupted\n"
+            try:
+                _said = os.write(2, text.encode()) > 0  # set when written: a handler run inside writes it
+            except OSError:
+                _said = True
+    finally:
+        if held:
+            _saying.release()
+
+
+def _quiet() -> None:
+    """After a Ctrl-C, failures it causes (a thread, an at-exit handler, a log record) print nothing."""
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
+    if "logging" in sys.modules:
+        sys.modules["logging"].disable()
+
+
+def _exit_interrupted() -> None:
+    """The line, then exit 130 at once: no at-exit handler runs, so none can print a traceback."""
+    _say_interrupted()
+    os._exit(130)
+
+
+def _on_sigint(signum, frame):
+    """The SIGINT handler: KeyboardInterrupt for a first Ctrl-C while main works, else exit at once."""
+    global _interrupted
+    first = not _interrupted
+    _interrupted = True
+    _quiet()
+    if _working and first:
+        raise KeyboardInterrupt
+    _exit_interrupted()
+
+
+def _watch(fd: int) -> None:
+    """The watchdog: signal.set_wakeup_fd writes a byte per signal, from the C-level handler, so this
+    thread sees a Ctrl-C even while the main thread is stuck in native code (a long kernel, a
+    collective waiting on a rank that is gone), where the Python-level handler cannot run yet. It
+    acts on a first Ctrl-C during start-up only: later the handler takes the first (a race with it
+    could cut short the clean-up of a KeyboardInterrupt) and this thread the second."""
+    count = 0
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        count += data.count(signal.SIGINT)
+        if count and (not _ran or count >= 2):
+            _exit_interrupted()
+
+
+def _forget_watchdog_in_child():
+    """A forked child has no watchdog; its signals must not reach its parent's through the shared pipe."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+
+
+def start(name: str) -> None:
+    """`cli.start(__name__)`, a command's first statement, before its heavy imports: a Ctrl-C from
+    here on is `interrupted` and exit status 130 (the module's docstring says how). Nothing happens
+    unless name is "__main__" (the module imported by a test or another program is no command), nor
+    with --debug / LAYERSKIP_DEBUG=1, where Python's KeyboardInterrupt and its traceback are wanted."""
+    global _started
+    if name != "__main__" or _started or debugging(sys.argv[1:]) \
+            or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        os.register_at_fork(after_in_child=_forget_watchdog_in_child)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except (AttributeError, OSError, ValueError):  # not on this platform: the handler alone
+        pass
+    else:
+        threading.Thread(target=_watch, args=(read_fd,), name="ctrl-c watchdog", daemon=True).start()
+    _started = True
+
+
 def run(main, argv=None, label=lambda: ""):
     """Runs main(argv) as a command: any error becomes one line on stderr and exit status 1, Ctrl-C
     exits 130. label() is added after "error" (e.g. " (rank 1)" under tensor parallelism)."""
+    global _ran, _working, _label
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = debugging(argv)
+    _label, _ran = label, True
     try:
-        return main(argv)
+        _working = True
+        try:
+            result = main(argv)
+        finally:
+            _working = False
+        if _interrupted:  # swallowed by a library: what main did may be incomplete
+            raise KeyboardInterrupt
+        return result
     except KeyboardInterrupt:
         if debug:
             raise
-        sys.__stderr__.write(f"interrupted{label()}\n")
-        sys.exit(130)
+        message = None
     except Exception as e:  # noqa: BLE001 -- the point: no traceback for a user, the reason in one line
         if debug:
             raise
-        sys.__stderr__.write(f"error{label()}: {describe(e)}\n")
-        sys.exit(1)
+        message = None if _interrupted else describe(e)  # after a Ctrl-C: its consequence
+    # Out of the except clause, the exception and main's frames are gone: a progress bar has closed
+    # and said its last before the one line below.
+    if message is None:
+        if _started:
+            _quiet()
+            _say_interrupted()  # once: a Ctrl-C from now on exits at once, silently
+        else:
+            sys.__stderr__.write(f"interrupted{label()}\n")
+        sys.exit(130)
+    sys.__stderr__.write(f"error{label()}: {message}\n")
+    sys.exit(1)
 
 
 def _probe_writable(folder: Path, what: str, path: Path):
