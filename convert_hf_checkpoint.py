@@ -7,17 +7,21 @@ and writes `checkpoint.safetensors` next to them (or into --output_dir, with the
 files copied along). The output appears only once it is complete.
 """
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
-
 import cli
-from checkpoint import DEFAULT_NAME, expected_shapes, save_checkpoint
-from model import ModelArgs
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import torch  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoint import DEFAULT_NAME, expected_shapes, save_checkpoint  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")

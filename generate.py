@@ -18,12 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import cli
-import options
-from decoding import peak_memory_gb, synchronize, weight_bytes_per_token
-import tp
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import torch  # noqa: E402
+
+import options  # noqa: E402
+from decoding import peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
+import tp  # noqa: E402
 
 
 class StreamPrinter:

@@ -12,11 +12,14 @@ described in quantized.py.
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
 import cli
-from checkpoint import read_metadata, resolve_checkpoint_path, save_checkpoint
-from quantized import GROUPSIZES, MODES, SchemeError, parse_quantize, quantize_tensors, scheme_name
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+from safetensors import safe_open  # noqa: E402
+
+from checkpoint import read_metadata, resolve_checkpoint_path, save_checkpoint  # noqa: E402
+from quantized import GROUPSIZES, MODES, SchemeError, parse_quantize, quantize_tensors, scheme_name  # noqa: E402
 
 
 def default_output_path(checkpoint_path: Path, spec: str) -> Path:

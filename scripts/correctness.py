@@ -12,10 +12,15 @@ is expected in float32; in low precision on a GPU, the verify pass (k+1 tokens a
 near tie differently from the one-token step: such a difference is reported, never hidden.
 """
 import sys
+from pathlib import Path
 
-import common
-import cli
-from decoding import Strategy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+import cli  # noqa: E402
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import common  # noqa: E402
+from decoding import Strategy  # noqa: E402
 
 
 def first_difference(a: list, b: list) -> int | None:

@@ -15,12 +15,18 @@ without it, the class still works with any object that has `.args` (a tuple, lik
 `Instance`), which is how the tests run it.
 """
 import argparse
+import sys
+from pathlib import Path
 
-import common
-import cli
-import options
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+import cli  # noqa: E402
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import common  # noqa: E402
+import options  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 try:
     from lm_eval.api.model import LM as _Base

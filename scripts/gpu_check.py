@@ -38,14 +38,18 @@ import sys
 import time
 from pathlib import Path
 
-import common
-import cli
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+import cli  # noqa: E402
 
-from decoding import Steps, compile_steps, generate, speculative_generate, synchronize
-from model import ModelArgs, Transformer
-from quantized import quantize_model
-from sampling import SamplingParams
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+from decoding import Steps, compile_steps, generate, speculative_generate, synchronize  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from quantized import quantize_model  # noqa: E402
+from sampling import SamplingParams  # noqa: E402
 
 REPO = common.REPO
 GREEDY = SamplingParams()

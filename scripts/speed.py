@@ -31,8 +31,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import common
-import cli
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+import cli  # noqa: E402
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import common  # noqa: E402
 import options
 import torch
 import tp

@@ -23,10 +23,14 @@ import json
 import sys
 from pathlib import Path
 
-import common
-import cli
-import options
-from decoding import Strategy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+import cli  # noqa: E402
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
+import common  # noqa: E402
+import options  # noqa: E402
+from decoding import Strategy  # noqa: E402
 
 COLUMNS = ["draft_quantize", "exit_layer", "num_speculations", "acceptance_rate", "tokens_per_round",
            "tokens_per_second", "time_per_token", "speedup", "decode_speedup", "draft_cost", "verify_cost",

@@ -43,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
+
+cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
