@@ -176,12 +176,22 @@ def convert(checkpoint_dir, output_dir=None, dtype: str | None = None) -> Path:
         if output_dir.resolve() != checkpoint_dir.resolve():
             for name in ("config.json",) + TOKENIZER_FILES:
                 if (checkpoint_dir / name).is_file():
-                    shutil.copyfile(checkpoint_dir / name, output_dir / name)
+                    _copy_atomically(checkpoint_dir / name, output_dir / name)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
     return out
+
+
+def _copy_atomically(src: Path, dst: Path):
+    """A copy that is whole or absent (into an existing folder, an interrupted copy is not removed with it)."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def normalize_config(cfg: dict) -> dict:

@@ -201,9 +201,12 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 def save_state(path: Path, model, opt, step: int, batches: Batches, rng: random.Random):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "data_position": batches.position,
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
-    os.replace(tmp, path)
+    try:  # whole or absent, Ctrl-C included
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "data_position": batches.position, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train(model, train_tokens, a, progress=True, state_path: Path | None = None, resume: bool = False,
