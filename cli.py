@@ -9,7 +9,10 @@ Ctrl-C: every command calls `cli.start(__name__)` as its first statement, before
 with the one line `interrupted` on stderr (a rank label under torchrun) and exit status 130, never a
 traceback:
 - while nothing can be half-done (the imports; and once main has returned: at-exit handlers,
-  compile-worker and process-group shutdown), it writes the line and exits at once (os._exit);
+  compile-worker and process-group shutdown), it writes the line and exits at once (os._exit).
+  Even without a Ctrl-C, a command's process ends after its at-exit handlers, with run's exit
+  status, and not in the interpreter's teardown (seconds, after torch), where Python has put Ctrl-C
+  back to its default; so run is a command's last statement;
 - while main works, it raises KeyboardInterrupt, so that `finally` blocks remove temporary files
   (writes are atomic: checkpoint.save_checkpoint); an error that follows it (a library that wraps
   or swallows the interrupt, a collective whose peer has gone) still ends as `interrupted`, and a
@@ -20,6 +23,7 @@ traceback:
   are shut down at exit.)
 """
 import argparse
+import atexit
 import os
 import signal
 import sys
@@ -64,6 +68,7 @@ _interrupted = False  # a Ctrl-C arrived
 _said = False         # `interrupted` is written: one line per process
 _saying = threading.RLock()  # the thread that writes it holds this; another waits, not to exit first
 _label = lambda: ""  # noqa: E731 -- run's label, for the line written by the handler
+_status = None        # the exit status run ends the command with
 
 
 def _rank_label() -> str:
@@ -139,6 +144,25 @@ def _watch(fd: int) -> None:
             _exit_interrupted()
 
 
+def _end() -> None:
+    """The last at-exit handler (start registers it first): the process ends here, with run's exit
+    status. The interpreter's own teardown (seconds of garbage collection after torch) runs with
+    Ctrl-C back at its default: one there would kill the process without the line (status -2)."""
+    if _status is None:  # main did not end through run
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 -- a closed pipe: nothing more can be said
+        pass
+    try:  # and what native code left in C's stdio buffers
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except Exception:  # noqa: BLE001
+        pass
+    os._exit(_status)
+
+
 def _forget_watchdog_in_child():
     """A forked child has no watchdog; its signals must not reach its parent's through the shared pipe."""
     try:
@@ -166,13 +190,14 @@ def start(name: str) -> None:
         pass
     else:
         threading.Thread(target=_watch, args=(read_fd,), name="ctrl-c watchdog", daemon=True).start()
+    atexit.register(_end)
     _started = True
 
 
 def run(main, argv=None, label=lambda: ""):
     """Runs main(argv) as a command: any error becomes one line on stderr and exit status 1, Ctrl-C
     exits 130. label() is added after "error" (e.g. " (rank 1)" under tensor parallelism)."""
-    global _ran, _working, _label
+    global _ran, _working, _label, _status
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = debugging(argv)
     _label, _ran = label, True
@@ -184,7 +209,11 @@ def run(main, argv=None, label=lambda: ""):
             _working = False
         if _interrupted:  # swallowed by a library: what main did may be incomplete
             raise KeyboardInterrupt
+        _status = 0
         return result
+    except SystemExit as e:  # argparse's usage error (2) or --help, or main's own exit
+        _status = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        raise
     except KeyboardInterrupt:
         if debug:
             raise
@@ -201,8 +230,10 @@ def run(main, argv=None, label=lambda: ""):
             _say_interrupted()  # once: a Ctrl-C from now on exits at once, silently
         else:
             sys.__stderr__.write(f"interrupted{label()}\n")
+        _status = 130
         sys.exit(130)
     sys.__stderr__.write(f"error{label()}: {message}\n")
+    _status = 1
     sys.exit(1)
 
 
