@@ -1,6 +1,6 @@
 """Ctrl-C as a user presses it: a real SIGINT to a real command process, while it starts (imports),
-while it works (quantizing, writing its file), while it compiles, and while it is stuck in native
-code. Every time: exit status 130, `interrupted` as the last line of stderr and no traceback, no
+while it works (quantizing, writing its file), while it compiles, while it is stuck in native code
+and while it exits. Every time: exit status 130, `interrupted` as the last line of stderr and no traceback, no
 file or temporary file left behind, no process left running (cli.py's docstring says how)."""
 import ast
 import os
@@ -225,6 +225,30 @@ def test_a_second_ctrl_c_exits_at_once_even_in_native_code():
     cmd.ctrl_c()
     rc, err = cmd.finish()
     assert time.monotonic() - t < 10  # not the 100 s of the wait
+    assert_interrupted(rc, err)
+
+
+# A command whose at-exit handlers take their time (as compile-worker and process-group shutdown may).
+SLOW_TO_EXIT = r"""
+import atexit, sys, time
+sys.path.insert(0, {repo!r})
+import cli
+
+cli.start(__name__)
+
+def main(argv):
+    atexit.register(lambda: print("exiting", flush=True) or time.sleep(120))
+    print("done", flush=True)
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_while_a_command_exits():
+    cmd = Command(["-c", SLOW_TO_EXIT.format(repo=str(REPO))])
+    cmd.wait_until("its exit", lambda: cmd.out == ["done\n", "exiting\n"])
+    cmd.ctrl_c()
+    rc, err = cmd.finish()
     assert_interrupted(rc, err)
 
 
