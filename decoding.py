@@ -1,14 +1,16 @@
 """Decoding loops over the model's API: autoregressive (optionally early-exit), self-speculative
 (LayerSkip) and two-model speculative. Each loop is a short function over a few step functions,
 which `compile_steps` turns into fixed-shape graphs."""
+import functools
 import resource
-from collections import Counter
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from model import Transformer
+from model import Transformer, layer_graph, run_blocks
 from sampling import SamplingParams, logits_to_probs, sample, sample_from_probs, speculative_accept
 
 
@@ -134,20 +136,86 @@ def configure_inductor(device: torch.device):
     cfg.fx_graph_cache = True
 
 
-def compile_steps(device: torch.device, compile_prefill: bool = False) -> Steps:
-    """The decode step, the draft step and the verify pass as separate fixed-shape graphs (CUDA
-    graphs on CUDA), each compiled once per (exit layer, number of speculations) on first use;
-    the prefill, if asked, with dynamic shapes."""
+# Regional compilation (compile_steps' layers_per_graph): on CPU, runs of this many layers share
+# one compiled graph; 0 compiles every step whole. Measured in BENCHMARKS.md ("Compile time").
+DEFAULT_LAYERS_PER_GRAPH = {"cpu": 6, "cuda": 0}
+
+
+def compile_steps(device: torch.device, compile_prefill: bool = False, layers_per_graph: int | None = None) -> Steps:
+    """The decode step, the draft step and the verify pass, fixed-shape (CUDA graphs on CUDA).
+
+    layers_per_graph N > 0 (regional compilation, the CPU default): the layers run N at a time
+    through one compiled graph whose inputs are the weights, so every run of N layers with the same
+    shapes reuses it, whatever the model's depth, exit layer or step; the little around the layers
+    (embedding, head, sampling, acceptance) runs eagerly. 0: each step is one whole graph, compiled
+    once per (exit layer, number of speculations) on first use (the CUDA default: one CUDA graph
+    per step). The prefill, if asked, is one whole graph with dynamic shapes."""
     configure_inductor(device)
+    size = DEFAULT_LAYERS_PER_GRAPH.get(device.type, 0) if layers_per_graph is None else layers_per_graph
+    if size < 0:
+        raise ValueError(f"layers_per_graph must be >= 0, got {size}")
+    pre = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
+    if size:
+        blocks = CompiledBlocks(torch.compile(run_blocks, fullgraph=True, dynamic=False))
+        graph = layer_graph(blocks, size)
+        return Steps(prefill=pre, decode=regional(decode_one_token, graph), draft=regional(draft_step, graph),
+                     catch_up=regional(catch_up_draft_step, graph), verify=regional(verify_step, graph),
+                     probe=regional(probe_step, graph))
     if device.type == "cuda":
         fixed = lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)  # noqa: E731
     else:
         # A C++ wrapper calls the graph's kernels (~120 int8/int4 kernels, ~200 fused loops per
         # SmolLM2 step) without a Python call each: 1.6 ms of a 15.4 ms int8 step (BENCHMARKS.md).
         fixed = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})  # noqa: E731
-    return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill,
-                 decode=fixed(decode_one_token), draft=fixed(draft_step), catch_up=fixed(catch_up_draft_step),
-                 verify=fixed(verify_step), probe=fixed(probe_step))
+    return Steps(prefill=pre, decode=fixed(decode_one_token), draft=fixed(draft_step),
+                 catch_up=fixed(catch_up_draft_step), verify=fixed(verify_step), probe=fixed(probe_step))
+
+
+def regional(fn, graph: layer_graph):
+    """fn with its model's layers running through the regionally compiled graph."""
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        with graph:
+            return fn(*args, **kwargs)
+    return step
+
+
+class CompiledBlocks:
+    """Compiled model.run_blocks that says on stderr when it meets a new kind of call (a number of
+    layers, rows and model shape it has not compiled in this process) and how long that took:
+    compiling, or loading from inductor's caches."""
+
+    def __init__(self, fn):
+        self.fn, self.seen = fn, set()
+
+    def __call__(self, layers, h, *rest):
+        wqkv = layers[0].attention.wqkv
+        key = (len(layers), h.shape, h.dtype, type(wqkv), wqkv.weight.shape)
+        if key in self.seen:
+            return self.fn(layers, h, *rest)
+        self.seen.add(key)
+        with compile_progress(f"{len(layers)} layers x {h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
+                              f"({type(wqkv).__name__}, width {h.shape[-1]})"):
+            return self.fn(layers, h, *rest)
+
+
+class compile_progress:
+    """Says on stderr which graph is being prepared, then how long it took and whether inductor
+    compiled it or found it in its caches."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        self.hits, self.t0 = counters["inductor"]["fxgraph_cache_hit"], time.perf_counter()
+        print(f"compiling the graph of {self.what} ...", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        from torch._dynamo.utils import counters
+        if exc[0] is None:
+            how = "from the cache" if counters["inductor"]["fxgraph_cache_hit"] > self.hits else "compiled"
+            print(f"  ... {how} in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def synchronize(device: torch.device):

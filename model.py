@@ -275,6 +275,38 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def run_blocks(layers: tuple, h, cos, sin, mask, input_pos):
+    """The blocks of `layers` in turn: what regional compilation compiles. The weights are the
+    graph's inputs, not constants, so one graph serves every run of that many layers with these
+    shapes (the layers of one model are alike): compile time no longer grows with depth."""
+    for layer in layers:
+        h = layer(h, cos, sin, mask, input_pos)
+    return h
+
+
+def layer_runs(n: int, size: int) -> list[int]:
+    """How regional compilation splits n consecutive layers: runs of `size`, then the rest. Each
+    distinct (run length, rows) is one compiled graph."""
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+# (compiled run_blocks, layers per call) while a regionally compiled step runs (layer_graph), else None
+_layer_graph = [None]
+
+
+class layer_graph:
+    """Within this context, run_layers goes through fn (compiled run_blocks) `size` layers a call."""
+
+    def __init__(self, fn, size: int):
+        self.group = (fn, size)
+
+    def __enter__(self):
+        self.saved, _layer_graph[0] = _layer_graph[0], self.group
+
+    def __exit__(self, *exc):
+        _layer_graph[0] = self.saved
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -327,8 +359,15 @@ class Transformer(nn.Module):
                 raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
             mask = self.causal_mask[None, None, input_pos]
-        for layer in self.layers[start:end]:
-            h = layer(h, cos, sin, mask, input_pos)
+        layers = self.layers[start:end]
+        group = _layer_graph[0]
+        if group is None or input_pos is None or torch.compiler.is_compiling():
+            return run_blocks(layers, h, cos, sin, mask, input_pos)
+        fn, size = group
+        i = 0
+        for n in layer_runs(len(layers), size):
+            h = fn(tuple(layers[i:i + n]), h, cos, sin, mask, input_pos)
+            i += n
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

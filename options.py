@@ -92,6 +92,10 @@ def add_decoding_options(p, strategies=STRATEGIES):
     g.add_argument("--compile", action="store_true", help="compile the decode, draft and verify steps (CUDA graphs "
                    "on CUDA)")
     g.add_argument("--compile_prefill", action="store_true", help="also compile the prefill, with dynamic shapes")
+    g.add_argument("--layers_per_graph", type=int, default=None, metavar="N",
+                   help="with --compile: N consecutive layers per compiled graph, one graph reused by every run of N "
+                        "layers (regional compilation: compile time independent of depth); 0: each step one whole "
+                        "graph. Default: 6 on CPU, 0 on CUDA")
 
 
 def add_sampling_options(p, temperature: float = 0.0):
@@ -120,6 +124,11 @@ def check_options(p, a):
             raise ValueError("--max_new_tokens must be >= 1")
         if a.compile_prefill and not a.compile:
             raise ValueError("--compile_prefill needs --compile")
+        if getattr(a, "layers_per_graph", None) is not None:
+            if not a.compile:
+                raise ValueError("--layers_per_graph needs --compile")
+            if a.layers_per_graph < 0:
+                raise ValueError(f"--layers_per_graph must be >= 0 (0: whole-step graphs), got {a.layers_per_graph}")
         a.strategy = Strategy()
         if hasattr(a, "exit_layer"):
             draft = getattr(a, "draft_checkpoint_path", None)
@@ -403,6 +412,6 @@ def load_engine(a, rank: int = 0, world_size: int = 1, check=None) -> Engine:
     if draft_path is not None:
         draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
-    steps = compile_steps(device, a.compile_prefill) if a.compile else Steps()
+    steps = compile_steps(device, a.compile_prefill, getattr(a, "layers_per_graph", None)) if a.compile else Steps()
     return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
                   path, drafts, getattr(a, "recalibrate", False))

@@ -502,8 +502,8 @@ def table(rows) -> str:
 
 # Each preset is a list of grids; a grid's rows are the cross product of its values, and a flag
 # given on the command line replaces that value in every grid.
-GRID_KEYS = ("dtype", "quantize", "compile", "generation_strategy", "draft_quantize", "exit_layer", "num_speculations",
-             "world_size")
+GRID_KEYS = ("dtype", "quantize", "compile", "layers_per_graph", "generation_strategy", "draft_quantize", "exit_layer",
+             "num_speculations", "world_size")
 PRESETS = {
     "decode": {"grids": [dict(dtype="float32,bfloat16", compile="false,true")],
                "peers": "transformers,transformers_compile"},
@@ -517,6 +517,9 @@ PRESETS = {
                                   dict(dtype="float32", compile="true", generation_strategy="self_speculative",
                                        draft_quantize="int8,int4-g32", exit_layer="", num_speculations="4,6,8")],
                         "peers": "", "max_new_tokens": 128},
+    # regional compilation (6 layers a graph) against whole-step graphs: compile time and step cost
+    "compile": {"grids": [dict(dtype="float32", quantize="none,int8", compile="true", layers_per_graph="0,6")],
+                "peers": "", "max_new_tokens": 128},
     "tp": {"grids": [dict(dtype="float32", compile="false", world_size="1,3")], "peers": ""},
     "gpu": {"grids": [dict(dtype="bfloat16", compile="true", generation_strategy="autoregressive,self_speculative",
                            exit_layer="8", num_speculations="6"),
@@ -524,7 +527,7 @@ PRESETS = {
             "peers": "", "checkpoint_path": "random:llama2-7b", "device": "cuda", "prompt_length": 16,
             "max_new_tokens": 128},
 }
-GRID_DEFAULTS = dict(dtype="auto", quantize="none", compile="false", generation_strategy="autoregressive",
+GRID_DEFAULTS = dict(dtype="auto", quantize="none", compile="false", layers_per_graph="", generation_strategy="autoregressive",
                      exit_layer="", num_speculations="3", draft_quantize="none", world_size="1")
 
 
@@ -549,6 +552,8 @@ def expand(grids: list[dict], overrides: dict) -> list[dict]:
 def describe_row(c: dict) -> str:
     parts = [c["dtype"], *([c["quantize"]] if c["quantize"] != "none" else []),
              "compiled" if options.parse_bool(c["compile"]) else "eager"]
+    if c["layers_per_graph"] and options.parse_bool(c["compile"]):
+        parts.append("whole-step graphs" if c["layers_per_graph"] == "0" else f"{c['layers_per_graph']} layers/graph")
     if c["generation_strategy"] != "autoregressive":
         draft = f" {c['draft_quantize']} draft" if c["draft_quantize"] != "none" else ""
         parts.append(f"{c['generation_strategy']}{draft} E={c['exit_layer'] or 'all'} k={c['num_speculations']}")
@@ -574,6 +579,7 @@ def row_args(a, c: dict):
     argv += ["--exit_layer", c["exit_layer"]] if c["exit_layer"] else []
     argv += ["--draft_quantize", c["draft_quantize"]] if c["draft_quantize"] != "none" else []
     argv += ["--compile"] if options.parse_bool(c["compile"]) else []
+    argv += ["--layers_per_graph", c["layers_per_graph"]] if c["layers_per_graph"] and options.parse_bool(c["compile"]) else []
     ns = p.parse_args(argv)
     options.check_options(p, ns)
     return ns
@@ -598,7 +604,7 @@ def load_row_engine(a, c: dict, rank=0, world_size=1, draft_schemes=None):
     if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
         options.check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
     model = pack_model(options.quantize_and_shard(model, ns.quantize_mode, rank, world_size))
-    steps = compile_steps(device) if ns.compile else Steps()
+    steps = compile_steps(device, layers_per_graph=getattr(ns, 'layers_per_graph', None)) if ns.compile else Steps()
     return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
 
 

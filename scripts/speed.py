@@ -271,19 +271,19 @@ def main(argv=None):
         if int(c["world_size"]) > 1:
             rows.append(tp_row(a, c))
         else:
-            key = (c["dtype"], c["quantize"], c["compile"])
-            if loaded[0] != key:  # one model per (dtype, quantization, compile); strategies share it
+            key = (c["dtype"], c["quantize"], c["compile"], c["layers_per_graph"])
+            if loaded[0] != key:  # one model per (dtype, quantization, compile, graphs); strategies share it
                 loaded = (None, None)
                 torch._dynamo.reset()
                 schemes = list(dict.fromkeys(r["draft_quantize"] for r in a.rows if r["draft_quantize"] != "none"
-                                             and (r["dtype"], r["quantize"], r["compile"]) == key))
+                                             and (r["dtype"], r["quantize"], r["compile"], r["layers_per_graph"]) == key))
                 loaded = (key, common.load_row_engine(a, c, draft_schemes=schemes))
             engine = loaded[1]
             prompts = prompts or common.prompts_for(a, engine)
             if a.interleave:  # every row this engine runs, measured together
                 if c in done:
                     continue
-                group = [r for r in a.rows if (r["dtype"], r["quantize"], r["compile"]) == key
+                group = [r for r in a.rows if (r["dtype"], r["quantize"], r["compile"], r["layers_per_graph"]) == key
                          and int(r["world_size"]) == 1]
                 done.extend(group)
                 rows += common.bench_rows(engine, [(r, common.row_args(a, r).strategy) for r in group], prompts, a)

@@ -61,6 +61,22 @@ def compiled_graphs(fn) -> int:
     return len(_debug_get_cache_entry_list(fn.__code__))
 
 
+def block_graphs() -> int:
+    """Graphs of model.run_blocks: with regional compilation (the CPU default) the layers' graphs,
+    shared by every step, model and test of the process."""
+    from model import run_blocks
+    return compiled_graphs(run_blocks)
+
+
+def regional_graphs(*calls) -> int:
+    """How many graphs regional compilation makes for these layer ranges of one model, each
+    (start, end, rows): one per distinct (run length, rows) at the CPU's layers per graph."""
+    from decoding import DEFAULT_LAYERS_PER_GRAPH
+    from model import layer_runs
+    size = DEFAULT_LAYERS_PER_GRAPH["cpu"]
+    return len({(n, rows) for start, end, rows in calls for n in layer_runs(end - start, size)})
+
+
 def tiny_hf_config(**overrides) -> dict:
     """A small random Llama config in the newer `rope_parameters` shape; initializer_range 0.2 (10x
     transformers' default) so that greedy output varies instead of repeating a token."""

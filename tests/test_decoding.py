@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_varied, compiled_graphs
+from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
 from decoding import (Steps, compile_steps, decode_one_token, draft_step, generate, speculative_generate,
                       verify_step)
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, run_blocks
 from sampling import SamplingParams, logits_to_probs, speculative_accept
 
 GREEDY = SamplingParams()
@@ -148,23 +148,28 @@ def test_smollm2_compiled_self_speculation_equals_autoregressive_without_recompi
                                                                                     smollm2_steps):
     smollm2.setup_caches(1, 160)
     E, k = SMOL_COMPILED_CONFIG
-    before = [compiled_graphs(draft_step), compiled_graphs(verify_step)]
+    before = block_graphs()
     for i, (prompt, ref) in enumerate(list(zip(*smol_reference))[5:]):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             out, stats = speculative_generate(smollm2, prompt, SMOL_TOKENS, GREEDY, k, exit_layer=E,
                                               steps=smollm2_steps)
         assert out.tolist() == ref.tolist(), (E, k)
         assert sum(stats.accepted_per_round) > 0
-    # one draft graph and one verify graph, reused across rounds, positions and prompts
-    assert [compiled_graphs(draft_step) - before[0], compiled_graphs(verify_step) - before[1]] == [1, 1]
+    # the layers' graphs of the draft steps and the verify pass, reused across rounds, positions and
+    # prompts: made here, or by an earlier SmolLM2 test of the session (they are shared); but made
+    expected = regional_graphs((0, E, 1), (E, 30, k + 1))
+    assert 0 <= block_graphs() - before <= expected and block_graphs() >= expected
 
 
 @pytest.mark.slow
-def test_tiny_compiled_strategies_do_not_recompile():
-    model = random_model(dim=48, vocab=80)  # a shape no other test compiles: the graphs counted are this test's
+@pytest.mark.parametrize("layers_per_graph", [None, 0], ids=["regional", "whole"])
+def test_tiny_compiled_strategies_do_not_recompile(layers_per_graph):
+    """Regional compilation (the CPU default) and whole-step graphs (CUDA's)."""
+    # a shape no other test compiles (nothing else compiles whole steps on CPU): the graphs counted are this test's
+    model = random_model(dim=48 if layers_per_graph is None else 64, vocab=80)
     model.setup_caches(1, 128)
-    steps = compile_steps(torch.device("cpu"))
-    fns = (decode_one_token, draft_step, verify_step)
+    steps = compile_steps(torch.device("cpu"), layers_per_graph=layers_per_graph)
+    fns = (decode_one_token, draft_step, verify_step, run_blocks)
     before = [compiled_graphs(f) for f in fns]
     for i in range(3):
         prompt = rand_prompt(4 + 3 * i, vocab=80, seed=i)
@@ -175,8 +180,13 @@ def test_tiny_compiled_strategies_do_not_recompile():
         assert_varied(ref[0, len(prompt):])
         assert out.tolist() == ref.tolist()
         assert ee.tolist() == generate(model, prompt, 30, GREEDY, exit_layer=2)[0].tolist()
-    # exactly: decode (full and early exit), draft, verify; reused across prompts and positions
-    assert [compiled_graphs(f) - b for f, b in zip(fns, before)] == [2, 1, 1]
+    # exactly, reused across prompts and positions: whole, one graph each for decode (full and early
+    # exit), draft and verify; regional, one per run of layers and rows (depth 4, E = 2, k = 3)
+    graphs = [compiled_graphs(f) - b for f, b in zip(fns, before)]
+    if layers_per_graph == 0:
+        assert graphs == [2, 1, 1, 0]
+    else:
+        assert graphs == [0, 0, 0, regional_graphs((0, 4, 1), (0, 2, 1), (2, 4, 4))] and graphs[3] == 3
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_varied, compiled_graphs
-from decoding import compile_steps, decode_one_token, generate, prefill
+from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
+from decoding import compile_steps, generate, prefill
 from sampling import SamplingParams, logits_to_probs
 
 GREEDY = SamplingParams()
@@ -85,15 +85,16 @@ def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf_greedy):
 def test_smollm2_compiled_greedy_matches_transformers_without_recompiling(smollm2, smollm2_hf_greedy,
                                                                         smollm2_steps):
     smollm2.setup_caches(1, 160)
-    before = compiled_graphs(decode_one_token)
+    before = block_graphs()
     for i, (prompt, ref) in enumerate(smollm2_hf_greedy):
         # After the first generation compiled the step, any recompilation is an error.
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             ours, _ = generate(smollm2, prompt, 64, GREEDY, steps=smollm2_steps)
         assert ours[0].tolist() == ref
-    # One graph for the decode step, for every prompt length and position: made here, or by an
-    # earlier test of the same session (the graphs are shared); but made.
-    assert compiled_graphs(decode_one_token) >= 1 and compiled_graphs(decode_one_token) - before <= 1
+    # The layers' graph of the decode step (regional: one for every run of 6 of the 30 layers), for
+    # every prompt length and position: made here, or by an earlier test of the same session (the
+    # graphs are shared); but made.
+    assert block_graphs() >= 1 and block_graphs() - before <= regional_graphs((0, 30, 1)) == 1
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_checkpoint):

@@ -78,7 +78,7 @@ def test_quantize_option():
 
 def test_speed_presets_are_grids_of_shared_options():
     rows = speed.parse_args(["--preset", "speculative"]).rows
-    assert rows[0] == {"dtype": "float32", "quantize": "none", "compile": "true",
+    assert rows[0] == {"dtype": "float32", "quantize": "none", "compile": "true", "layers_per_graph": "",
                        "generation_strategy": "autoregressive", "exit_layer": "", "num_speculations": "3",
                        "draft_quantize": "none", "world_size": "1"}
     assert [(r["exit_layer"], r["num_speculations"]) for r in rows[1:]] == [
@@ -90,6 +90,8 @@ def test_speed_presets_are_grids_of_shared_options():
     rows = speed.parse_args(["--preset", "quantized_draft"]).rows
     assert [(r["draft_quantize"], r["num_speculations"]) for r in rows[1:]] == [
         (d, k) for d in ("int8", "int4-g32") for k in ("4", "6", "8")]
+    rows = speed.parse_args(["--preset", "compile"]).rows
+    assert [(r["quantize"], r["layers_per_graph"]) for r in rows] == [(q, n) for q in ("none", "int8") for n in "06"]
 
 
 @pytest.mark.parametrize("argv, message", [
