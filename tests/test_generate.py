@@ -1,4 +1,5 @@
 """Generation: greedy parity with transformers, compiled without recompiles, the tiny-temperature limit, the CLI."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,14 +213,22 @@ def greedy_text(tiny_smol, ids, n, with_prompt=False) -> str:
 
 
 @pytest.mark.slow
-def test_cli_compiled_prints_compile_time_separately(tiny_smol_dir, tiny_smol):
-    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "8",
-                "--num_samples", "2", "--compile", "--temperature", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("Compilation time:") == 1
-    assert r.stderr.count("Sample ") == 2
+def test_cli_compiled_prints_compile_time_separately_and_a_second_run_compiles_nothing(tiny_smol_dir, tiny_smol,
+                                                                                        tmp_path, monkeypatch):
+    """With inductor's caches in a fresh folder: the first process compiles the one layers' graph
+    (and says so), the second finds it in the cache and compiles nothing."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     text = greedy_text(tiny_smol, tiny_smol[1].encode("Hello"), 8, with_prompt=True)
-    assert r.stdout == f"{text}\n{text}\n"  # compiled greedy == eager greedy, both samples
+    for run, how in enumerate(("compiled", "from the cache")):
+        r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "8",
+                    "--num_samples", "2", "--compile", "--temperature", "0")
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("Compilation time:") == 1
+        assert r.stderr.count("Sample ") == 2
+        assert r.stdout == f"{text}\n{text}\n"  # compiled greedy == eager greedy, both samples
+        # the tiny model's 3 layers: one graph for the decode step's one row, announced once
+        assert r.stderr.count("compiling the graph of 3 layers x 1 row") == 1, r.stderr
+        assert re.search(rf"\.\.\. {how} in [0-9.]+ s", r.stderr), (run, r.stderr)
 
 
 def test_cli_random_prompt_and_profile(tiny_smol_dir, tiny_smol, tmp_path):
