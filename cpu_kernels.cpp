@@ -1,5 +1,5 @@
-// Linear layers for the CPU with float32 activations and float32, int8 or int4 weights (built by
-// cpu_kernels.py).
+// Linear layers for the CPU with float32 activations and float32, int8 or int4 weights, and for
+// int8 / int4 weights with int8 activations (the `_q8` ops, further down) (built by cpu_kernels.py).
 //
 // y[m, n] = sum_k x[m, k] * w[n, k]. Decoding is bound by reading the weights, so each weight is
 // converted to float32 in registers as it streams by and never written back; a tile of NB output
@@ -13,7 +13,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -174,16 +177,16 @@ const Int4Fn kInt4Tiles[MT][NT] = {TILE_ROW(int4_tile, 1), TILE_ROW(int4_tile, 2
 // Runs tile(m0, mb, n0, nb) over all tiles, channel tiles split between threads (each thread reads
 // its own slice of the weights once; the rows of x are shared and stay in cache).
 // `w` and `row_bytes` locate the weights, for prefetching the tiles the loop starts with.
-template <typename Tile>
+template <int RowTile = MT, int ChannelTile = NT, typename Tile>
 void for_tiles(int64_t M, int64_t N, const void* w, int64_t row_bytes, const Tile& tile) {
-  const int64_t tiles = (N + NT - 1) / NT;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (NT * row_bytes));  // >= ~32 KB of weights per thread
+  const int64_t tiles = (N + ChannelTile - 1) / ChannelTile;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (ChannelTile * row_bytes));  // >= ~32 KB of weights per thread
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    const char* start = static_cast<const char*>(w) + t0 * NT * row_bytes;
-    for (int64_t b = 0; b < std::min<int64_t>(t1 - t0, kAhead) * NT * row_bytes; b += 64) prefetch(start + b);
+    const char* start = static_cast<const char*>(w) + t0 * ChannelTile * row_bytes;
+    for (int64_t b = 0; b < std::min<int64_t>(t1 - t0, kAhead) * ChannelTile * row_bytes; b += 64) prefetch(start + b);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NT, nb = std::min<int64_t>(NT, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) tile(m0, std::min<int64_t>(MT, M - m0), n0, nb);
+      const int64_t n0 = t * ChannelTile, nb = std::min<int64_t>(ChannelTile, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += RowTile) tile(m0, std::min<int64_t>(RowTile, M - m0), n0, nb);
     }
   });
 }
@@ -293,6 +296,373 @@ at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// int8 activations: integer dot products (the `*_q8` ops)
+//
+// With float32 activations every weight is converted to float32 in registers (int8: a widening, a
+// conversion and an FMA per 8 weights), and on AVX2 that arithmetic, not memory, is the limit
+// (BENCHMARKS.md). Here the rows of x are quantized once per call, before the threads start, to
+// int8 in blocks of 32 values with a float32 scale each (d = absmax / 127, codes rounded to the
+// nearest, ties to even, in [-127, 127]: blocks of 32 follow the activations' outliers, which one
+// scale per row would spread over the whole row), and the tiles multiply 32 integer pairs at a time:
+//
+// - int8 weights: y[m, n] = sw[n] * sum_b d[m, b] * idot_b, idot_b the int32 dot of block b.
+// - int4 weights (codes q in [0, 15], w = q * scale + bias per group of G channels):
+//   y[m, n] = sum_b (d[m, b] * scale[n, g(b)]) * idot(q_b, xq_b) + sum_g bias[n, g] * xs[m, g],
+//   xs[m, g] the sum of the group's *dequantized* activations (sum_b d[m, b] * sum of the codes of
+//   b), made with the codes: so y is the product of the dequantized weights and the dequantized
+//   activations up to float32 rounding (also the smaller error: the original sums would leave
+//   (w - bias) * error, all of one sign, where these leave w * error).
+//
+// The integer dots are exact (no saturation, see dot_u8s8); float32 rounding happens only in the
+// per-block scaling and accumulation, in one order for every (m, n) whatever the tile: these tiles
+// are row-invariant like the ones above.
+constexpr int QB = 32;  // activations per quantization block
+
+#if defined(__AVX2__) && defined(__FMA__)
+// 256-bit code in the AVX2 and AVX-512 builds alike: one block of 32 codes is one vector, and
+// reading the weights, not the arithmetic, is the cost once the products are integer.
+using VI = __m256i;
+using XB = __m256i;   // 32 activation codes
+using Dot = __m256i;  // 8 int32 partial sums of one block's 32 products
+using W4 = __m256i;   // 32 int4 codes, one per byte
+using Acc = __m256;   // 8 float32 partial sums
+inline VI vi_load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// Unsigned a times signed b, 32 pairs into 8 int32 sums of 4. maddubs first adds pairs of products
+// into int16 with saturation, so it is exact only while a pair stays within 32767: a <= 128 and
+// |b| <= 127 give at most 2 * 128 * 127 = 32512. VNNI's dpbusd adds into int32 directly.
+inline Dot dot_u8s8(VI a, VI b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(Acc a) { return hsum8(a); }
+// acc += c * dot: the block's integer sums scaled in float32
+inline Acc acc_add(Acc acc, float c, Dot dot) {
+  return _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_cvtepi32_ps(dot), acc);
+}
+inline XB x_block(const int8_t* p) { return vi_load(p); }
+// int8 weights: one operand of maddubs must be unsigned, so |w| times x carrying w's sign (the sign
+// trick). |w| of -128 is 128 as a byte, so any int8 weight is exact against codes in [-127, 127].
+struct W8 {
+  VI abs, w;
+};
+inline W8 w8_block(const int8_t* p) {
+  const VI w = vi_load(p);
+  return {_mm256_sign_epi8(w, w), w};
+}
+inline Dot dot8(const W8& w, XB x) { return dot_u8s8(w.abs, _mm256_sign_epi8(x, w.w)); }
+// int4: 16 bytes -> 32 codes in order (low nibbles are codes 0-15, high nibbles 16-31), unsigned
+// already, so maddubs takes them as they are: 2 * 15 * 127 fits int16.
+inline W4 w4_block(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+}
+inline Dot dot4(W4 q, XB x) { return dot_u8s8(q, x); }
+// sum_g bias[g] * xs[g]: xs rows are zero-padded to 8, the bias row is read with a mask at its end
+// (the last channel's row ends the tensor)
+inline float bias_dot(const float* bias, const float* xs, int64_t groups) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(bias + g), _mm256_loadu_ps(xs + g), acc);
+  if (g < groups) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(groups - g)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(bias + g, mask), _mm256_loadu_ps(xs + g), acc);
+  }
+  return hsum8(acc);
+}
+// 32 floats -> 32 codes round(x / d) and d = absmax / 127; *sum = the sum of the codes
+inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], a = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[j]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float scale = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.f;
+  *d = scale;
+  if (scale == 0.f) {  // all zeros (or too small to scale): contributes 0
+    std::memset(q, 0, QB);
+    *sum = 0;
+    return;
+  }
+  // a division, not a multiplication by 1 / d, so that the codes are those of round(x / d)
+  const __m256 vd = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256i c[4];
+  for (int j = 0; j < 4; ++j)  // cvtps rounds to the nearest, ties to even (the default MXCSR mode)
+    c[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v[j], vd), lo), hi));
+  __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+  // int32 -> int8: the packs interleave 128-bit lanes, the permutation puts the 4-code groups back
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+#else  // portable: plain loops (the compiler vectorizes the integer dots where it can)
+using XB = const int8_t*;
+using Dot = int32_t;
+using Acc = float;
+struct W8 {
+  const int8_t* p;
+};
+struct W4 {
+  uint8_t c[QB];
+};
+inline Acc acc_zero() { return 0.f; }
+inline float acc_sum(Acc a) { return a; }
+inline Acc acc_add(Acc acc, float c, Dot dot) { return acc + c * static_cast<float>(dot); }
+inline XB x_block(const int8_t* p) { return p; }
+inline W8 w8_block(const int8_t* p) { return {p}; }
+inline Dot dot8(const W8& w, XB x) {
+  int32_t s = 0;
+  for (int i = 0; i < QB; ++i) s += w.p[i] * x[i];
+  return s;
+}
+inline W4 w4_block(const uint8_t* p) {
+  W4 q;
+  for (int i = 0; i < 16; ++i) {
+    q.c[i] = p[i] & 15;
+    q.c[i + 16] = p[i] >> 4;
+  }
+  return q;
+}
+inline Dot dot4(const W4& q, XB x) {
+  int32_t s = 0;
+  for (int i = 0; i < QB; ++i) s += q.c[i] * x[i];
+  return s;
+}
+inline float bias_dot(const float* bias, const float* xs, int64_t groups) {
+  float s = 0.f;
+  for (int64_t g = 0; g < groups; ++g) s += bias[g] * xs[g];
+  return s;
+}
+inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
+  float amax = 0.f;
+  for (int i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f;
+  *d = scale;
+  *sum = 0;
+  for (int i = 0; i < QB; ++i) {  // nearbyint: to the nearest, ties to even (the default mode)
+    q[i] = scale == 0.f ? 0 : static_cast<int8_t>(std::nearbyint(std::min(std::max(x[i] / scale, -127.f), 127.f)));
+    *sum += q[i];
+  }
+}
+#endif
+
+// The rows of one call quantized: codes [M, Kp] (Kp = K rounded up to 32, zero-padded), block
+// scales d [M, Kp / 32] and, for int4 weights, the group sums xs [M, lds] (zero-padded to a
+// multiple of 8 for bias_dot). One per calling thread, reused: no allocation per call once grown.
+struct QRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, xs;
+  int64_t Kp = 0, blocks = 0, lds = 0;
+};
+
+// G: the int4 group size (a multiple of 32 dividing K), 0 for int8 weights (no group sums)
+QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
+  thread_local QRows r;
+  r.blocks = (K + QB - 1) / QB;
+  r.Kp = r.blocks * QB;
+  const int64_t groups = G ? K / G : 0;
+  r.lds = (groups + 7) / 8 * 8;
+  r.q.resize(M * r.Kp);
+  r.d.resize(M * r.blocks);
+  r.xs.assign(M * r.lds, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    float gsum = 0.f;
+    for (int64_t b = 0; b < r.blocks; ++b) {
+      const float* src = x + m * K + b * QB;
+      float tail[QB] = {};
+      if ((b + 1) * QB > K) {  // the last K % 32 values, zero-padded
+        std::copy(src, x + (m + 1) * K, tail);
+        src = tail;
+      }
+      int32_t sum;
+      float& d = r.d[m * r.blocks + b];
+      quantize_block(src, r.q.data() + m * r.Kp + b * QB, &d, &sum);
+      if (G) {
+        gsum += d * static_cast<float>(sum);
+        if ((b + 1) * QB % G == 0) {
+          r.xs[m * r.lds + (b + 1) * QB / G - 1] = gsum;
+          gsum = 0.f;
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// What every tile of one call shares
+struct QCall {
+  const QRows* x;
+  const void* w;        // int8 [N, K] or int4 [N, K / 2]
+  const float* scales;  // int8: [N]; int4: [N, groups]
+  const float* biases;  // int4: [N, groups]
+  int64_t K, G, groups;
+  float* y;
+  int64_t ldy;
+};
+
+template <int MB, int NB>
+void int8_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, blocks = c.x->blocks, Kp = c.x->Kp, full = K / QB;
+  const int8_t* w = static_cast<const int8_t*>(c.w) + n0 * K;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* xd = c.x->d.data() + m0 * blocks;
+  Acc acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) acc[m][n] = acc_zero();
+  // block b of every channel, from wb[n] (the weights, or a zero-padded copy of the last K % 32)
+  auto block = [&](const int8_t* const* wb, int64_t b) {
+    W8 wv[NB];
+    for (int n = 0; n < NB; ++n) wv[n] = w8_block(wb[n]);
+    for (int m = 0; m < MB; ++m) {
+      const XB xv = x_block(xq + m * Kp + b * QB);
+      const float d = xd[m * blocks + b];
+      for (int n = 0; n < NB; ++n) acc[m][n] = acc_add(acc[m][n], d, dot8(wv[n], xv));
+    }
+  };
+  for (int64_t b = 0; b < full; ++b) {
+    if (b % 2 == 0)  // one prefetch per cache line
+      for (int n = 0; n < NB; ++n) prefetch(w + (n + kAhead * NB) * K + b * QB);
+    const int8_t* wb[NB];
+    for (int n = 0; n < NB; ++n) wb[n] = w + n * K + b * QB;
+    block(wb, b);
+  }
+  if (full < blocks) {  // K % 32 != 0: the bytes past the last row's end may not be ours to read
+    int8_t tail[NB][QB] = {};
+    const int8_t* wb[NB];
+    for (int n = 0; n < NB; ++n) {
+      std::copy(w + n * K + full * QB, w + (n + 1) * K, tail[n]);
+      wb[n] = tail[n];
+    }
+    block(wb, full);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) c.y[(m0 + m) * c.ldy + n0 + n] = acc_sum(acc[m][n]) * c.scales[n0 + n];
+}
+
+// int4: K % G == 0 and G % 32 == 0, so K % 32 == 0 (no tail)
+template <int MB, int NB>
+void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, blocks = K / QB, groups = c.groups, per_group = c.G / QB, row_bytes = K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(c.w) + n0 * row_bytes;
+  const float *sc = c.scales + n0 * groups, *bi = c.biases + n0 * groups;
+  const int8_t* xq = c.x->q.data() + m0 * K;
+  const float* xd = c.x->d.data() + m0 * blocks;
+  // the scales and biases of the tile after next, with its codes below (g32: a third of the bytes)
+  for (int64_t i = 0; i < NB * groups; i += 16) {
+    prefetch(sc + kAhead * NB * groups + i);
+    prefetch(bi + kAhead * NB * groups + i);
+  }
+  Acc acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) acc[m][n] = acc_zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (b % 4 == 0)
+      for (int n = 0; n < NB; ++n) prefetch(w + (n + kAhead * NB) * row_bytes + b * 16);
+    const int64_t g = b / per_group;
+    W4 qv[NB];
+    float s[NB];
+    for (int n = 0; n < NB; ++n) {
+      qv[n] = w4_block(w + n * row_bytes + b * 16);
+      s[n] = sc[n * groups + g];
+    }
+    for (int m = 0; m < MB; ++m) {
+      const XB xv = x_block(xq + m * K + b * QB);
+      const float d = xd[m * blocks + b];
+      for (int n = 0; n < NB; ++n) acc[m][n] = acc_add(acc[m][n], d * s[n], dot4(qv[n], xv));
+    }
+  }
+  const float* xs = c.x->xs.data() + m0 * c.x->lds;
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n)
+      c.y[(m0 + m) * c.ldy + n0 + n] = acc_sum(acc[m][n]) + bias_dot(bi + n * groups, xs + m * c.x->lds, groups);
+}
+
+// Tile tables: [MB - 1][NB - 1] -> the tile of MB rows x NB channels
+using QTileFn = void (*)(const QCall&, int64_t, int64_t);
+template <template <int, int> class T, int MB, int... N>
+constexpr std::array<QTileFn, sizeof...(N)> q_tile_row(std::integer_sequence<int, N...>) {
+  return {T<MB, N + 1>::run...};
+}
+template <template <int, int> class T, int NT_, int... M>
+constexpr std::array<std::array<QTileFn, NT_>, sizeof...(M)> q_tiles(std::integer_sequence<int, M...>) {
+  return {q_tile_row<T, M + 1>(std::make_integer_sequence<int, NT_>())...};
+}
+template <int MB, int NB> struct Int8Q8 { static constexpr QTileFn run = int8_q8_tile<MB, NB>; };
+template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8_tile<MB, NB>; };
+// Tile shapes, measured on the AVX2 machine (BENCHMARKS.md): int8 weights are read one channel
+// at a time up to 4 rows -- one sequential stream per thread, which streams ~1.6x faster there
+// than 4 interleaved rows -- and 2 channels per tile beyond, where the arithmetic is the cost and
+// each activation block serves two channels. int4 tiles are 4 x 4 channels, like the float ones.
+// (Every output is the same instructions in the same order whatever the tile: row invariance.)
+constexpr int kQ8Rows = 4, kInt8SingleChannelRows = 4;
+const auto kInt8Q8Tiles = q_tiles<Int8Q8, 2>(std::make_integer_sequence<int, kQ8Rows>());
+const auto kInt4Q8Tiles = q_tiles<Int4Q8, 4>(std::make_integer_sequence<int, kQ8Rows>());
+
+template <int NT_, typename Table>
+void run_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int64_t row_bytes) {
+  for_tiles<kQ8Rows, NT_>(M, N, c.w, row_bytes, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+    tiles[mb - 1][nb - 1](c, m0, n0);
+  });
+}
+
+// int8 weights [N, K] (in [-127, 127] as quantize_int8 makes them; -128 works too), float32 x:
+// up to kMaxTileRows rows with int8 activations, more through int8_linear's dequantize + GEMM.
+at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar, "weight must be a 2-D int8 tensor");
+  const int64_t N = w_.size(0), K = w_.size(1);
+  check_x(x_, K);
+  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+  const int64_t M = x_.size(0);
+  if (M > kMaxTileRows) return int8_linear(x_, w_, scales_);
+  const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
+  auto y = at::empty({M, N}, x.options());
+  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0);
+  const QCall c{&xq, w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, K, 0, 0, y.data_ptr<float>(), N};
+  if (M <= kInt8SingleChannelRows)
+    run_q8_tiles<1>(kInt8Q8Tiles, c, M, N, K);
+  else
+    run_q8_tiles<2>(kInt8Q8Tiles, c, M, N, K);
+  return y;
+}
+
+at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
+                          const at::Tensor& biases_, int64_t G) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
+  const int64_t N = w_.size(0), K = w_.size(1) * 2;
+  check_x(x_, K);
+  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
+  for (const auto* t : {&scales_, &biases_})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == N * (K / G), "scales and biases must be float32 [N, K / G]");
+  const int64_t M = x_.size(0);
+  if (M > kMaxTileRows) return int4_linear(x_, w_, scales_, biases_, G);
+  const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
+  auto y = at::empty({M, N}, x.options());
+  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G);
+  const QCall c{&xq, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), biases.data_ptr<float>(), K, G, K / G,
+                y.data_ptr<float>(), N};
+  run_q8_tiles<4>(kInt4Q8Tiles, c, M, N, K / 2);
+  return y;
+}
+
 // Attention of L query rows over a KV cache, each row attending the positions up to its own
 // (causal: row l sees cache positions 0..input_pos[l]). Reads only those positions, not the whole
 // static cache, and reduces every output in one order whatever L: like the linear kernels,
@@ -355,6 +725,8 @@ TORCH_LIBRARY(layerskip_cpu, m) {
   m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
+  m.def("int8_linear_q8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int4_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
   m.def("isa() -> str", &isa);
 }
@@ -364,4 +736,6 @@ TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {
   m.impl("attention", &attention);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear_q8", &int8_linear_q8);
+  m.impl("int4_linear_q8", &int4_linear_q8);
 }

@@ -1,12 +1,13 @@
-"""The CPU kernels of the linear layers for a few rows (decode, draft and verify steps): float32
-activations, float32, int8 or int4 weights.
+"""The CPU kernels of the linear layers for a few rows (decode, draft and verify steps): float32,
+int8 or int4 weights; float32 activations, or for int8/int4 weights int8 activations.
 
 `cpu_kernels.cpp` is compiled on first use with the C++ compiler torch.compile already needs, for
 this machine's instruction set (AVX-512, AVX2 or portable C++), and cached per CPU model and torch
 version in torch's extension folder (TORCH_EXTENSIONS_DIR if set): the first load takes about 15
 seconds, later ones a fraction of a second. It registers `torch.ops.layerskip_cpu.float_linear`,
-`int8_linear`, `int4_linear` and `attention` (few query rows over the KV cache), which compiled
-graphs call as opaque kernels (their shapes come from the fake implementations below). Where they
+`int8_linear`, `int4_linear`, `int8_linear_q8`, `int4_linear_q8` and `attention` (few query rows
+over the KV cache), which compiled graphs call as opaque kernels (their shapes come from the fake
+implementations below). Where they
 cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the quantized layers fall back to
 dequantizing the weights in PyTorch: correct, slow, and said once; float32 layers and attention
 fall back to PyTorch's own ops, silently.
@@ -14,6 +15,16 @@ fall back to PyTorch's own ops, silently.
 int4 layout on the CPU: per row, each group of 32 input channels is 16 bytes, byte i holding code i
 in its low nibble and code i + 16 in its high nibble (so one 16-byte load unpacks into two vectors
 with a mask and a shift), and w = code * scale + bias per group of `groupsize` channels.
+
+Activations of the int8/int4 layers: LAYERSKIP_CPU_ACTIVATIONS=int8 (the default) or float, read
+once, here (ACTIVATIONS). int8: the `_q8` ops quantize each row of x inside the op to int8 in
+blocks of 32 values (scale absmax / 127 per block, like llama.cpp's Q8_0) and multiply with
+integer dot products (AVX2 maddubs, or VNNI dpbusd where built for it; plain loops in the portable
+build): faster than float32 activations on AVX2, for +0.2% perplexity with int8 weights
+(BENCHMARKS.md, "Integer-activation CPU kernels on AVX2"). float: the weights are converted to
+float32 in registers (the `int8_linear` / `int4_linear` ops). Either way the result of a row is
+bitwise independent of the rows beside it, and more than EXACT_ROWS rows (prompts) take the same
+dequantize + GEMM path with float32 activations.
 """
 import hashlib
 import os
@@ -27,6 +38,9 @@ from torch.utils import cpp_extension
 # depend on the rows beside it); more rows (prompts) go to a dequantize + GEMM path. Where the row
 # tiles stop paying off: about 16 rows with AVX2 int4, 40-64 with AVX-512 (BENCHMARKS.md).
 EXACT_ROWS = 16
+ACTIVATIONS = os.environ.get("LAYERSKIP_CPU_ACTIVATIONS", "int8")  # the module docstring
+if ACTIVATIONS not in ("int8", "float"):
+    raise ValueError(f"LAYERSKIP_CPU_ACTIVATIONS must be int8 or float, not {ACTIVATIONS!r}")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
 _state: dict = {}
 
@@ -88,6 +102,10 @@ def _load() -> bool:
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
         lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("layerskip_cpu::int8_linear_q8")(
+        lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("layerskip_cpu::int4_linear_q8")(
+        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
     _state["ok"], _state["reason"] = True, ""
     return True
 
@@ -107,15 +125,22 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], -1)
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., K] (any float dtype) @ (int8 weight [N, K] * float32 scales [N]).T, in float32."""
-    y = torch.ops.layerskip_cpu.int8_linear(x.reshape(-1, x.shape[-1]).float(), weight, scales)
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                activations: str | None = None) -> torch.Tensor:
+    """x [..., K] (any float dtype) @ (int8 weight [N, K] * float32 scales [N]).T, in float32, with
+    int8 or float32 activations (`activations`, default ACTIVATIONS) for up to EXACT_ROWS rows."""
+    ops = torch.ops.layerskip_cpu
+    op = ops.int8_linear_q8 if (activations or ACTIVATIONS) == "int8" else ops.int8_linear
+    y = op(x.reshape(-1, x.shape[-1]).float(), weight, scales)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
-                groupsize: int) -> torch.Tensor:
-    y = torch.ops.layerskip_cpu.int4_linear(x.reshape(-1, x.shape[-1]).float(), weight, scales, biases, groupsize)
+                groupsize: int, activations: str | None = None) -> torch.Tensor:
+    """x [..., K] @ the int4 weight (module docstring) .T, as int8_linear."""
+    ops = torch.ops.layerskip_cpu
+    op = ops.int4_linear_q8 if (activations or ACTIVATIONS) == "int8" else ops.int4_linear
+    y = op(x.reshape(-1, x.shape[-1]).float(), weight, scales, biases, groupsize)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 

@@ -79,8 +79,9 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 # --- the modules ---
 
 class Int8Linear(nn.Module):
-    """On CPU, `cpu_kernels.int8_linear` (float32 arithmetic whatever the model's dtype); elsewhere
-    the dequantized product, which inductor fuses into the matmul's weight load on CUDA."""
+    """On CPU, `cpu_kernels.int8_linear` (float32 results whatever the model's dtype; up to 16 rows
+    with int8 or float32 activations, cpu_kernels.ACTIVATIONS); elsewhere the dequantized product,
+    which inductor fuses into the matmul's weight load on CUDA."""
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -102,7 +103,8 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Holds the portable nibbles until `pack()` turns them into the kernel's layout for their device
-    (CUDA: `_weight_int4pack_mm`'s tiles; CPU: `cpu_kernels`' 32-code blocks).
+    (CUDA: `_weight_int4pack_mm`'s tiles; CPU: `cpu_kernels`' 32-code blocks, multiplied by
+    `cpu_kernels.int4_linear`, with activations as for Int8Linear).
 
     `in_features` is the layer's true width; the stored weight may be zero-padded to a multiple of
     the group size (and at packing time for CUDA, N to a multiple of 16 and K to its tile), and the

@@ -61,6 +61,22 @@ def compiled_graphs(fn) -> int:
     return len(_debug_get_cache_entry_list(fn.__code__))
 
 
+def dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """The int8 activations of the CPU kernels' *_q8 ops, written independently of the C++ and
+    dequantized to float64: blocks of 32 values along each row (the last one zero-padded), scale
+    d = absmax / 127, codes round(x / d) (to the nearest, ties to even) clamped to [-127, 127], a block
+    of zeros all zero. The scale and the quotients are float32 as in the kernel, so that both make
+    the same rounding decisions (float64 quotients would round a few near-ties the other way); the
+    products made with the codes are then compared in float64."""
+    x = x.float()
+    m, k = x.shape
+    kp = -(-k // 32) * 32
+    blocks = torch.nn.functional.pad(x, (0, kp - k)).reshape(m, kp // 32, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d == 0, 0.0, torch.round(blocks / d).clamp(-127, 127))
+    return (q.double() * d.double()).reshape(m, kp)[:, :k]
+
+
 def block_graphs() -> int:
     """Graphs of model.run_blocks: with regional compilation (the CPU default) the layers' graphs,
     shared by every step, model and test of the process."""

@@ -1,12 +1,17 @@
 """The CPU linear kernels (cpu_kernels.cpp): float32 weights against the float64 product, int8/int4
-against the product with their dequantized weights."""
+against the product with their dequantized weights, and with int8 activations (the *_q8 ops)
+against the product of the dequantized activations and weights."""
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import cpu_kernels
 import quantized
+from conftest import REPO, dequantized_activations
 from quantized import Int4Linear, Int8Linear, pack_nibbles, quantize_int4, quantize_int8
 
 
@@ -92,6 +97,179 @@ def test_int4_kernel_matches_the_dequantized_product(n, k, g):
         assert_float32_accurate(torch.ops.layerskip_cpu.int4_linear(x, packed, scales, biases, g), x, w)
 
 
+# --- int8 activations: int8_linear_q8, int4_linear_q8 ---
+
+Q8_ROWS = list(range(1, cpu_kernels.EXACT_ROWS + 1)) + [17, 40]  # 17, 40: dequantize + GEMM, float activations
+
+
+def q8_activations(rows, k, seed=0):
+    """Normal values with a few outliers 30x larger (as LLM activations have), a block of zeros and
+    one of tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * (1 + 29 * (torch.rand(rows, k, generator=g) < 0.01))
+    x[0, :min(k, 32)] = 0
+    if rows > 1:
+        x[1, :min(k, 32)] *= 1e-30
+    return x
+
+
+def assert_q8_accurate(y, x, w, magnitude=None):
+    """Up to EXACT_ROWS rows, within float32 rounding of the float64 product of the dequantized
+    activations and the dequantized weights w (the block dots are exact integers; float32 rounds
+    the scaling and the sums). `magnitude` bounds each weight's terms (int4: |q * scale| + |bias|,
+    computed apart). More rows: the float-activation bound."""
+    if x.shape[0] > cpu_kernels.EXACT_ROWS:
+        return assert_float32_accurate(y, x, w)
+    xr = dequantized_activations(x)
+    ref = xr @ w.T
+    bound = x.shape[1] * torch.finfo(torch.float32).eps * (xr.abs() @ (w.abs() if magnitude is None else magnitude).T) + 1e-6
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert ((y.double() - ref).abs() <= bound).all(), ((y.double() - ref).abs() / bound).max()
+
+
+def int4_magnitude(packed, scales, biases, g):
+    q = cpu_kernels.unpack_int4(packed).double()
+    n, k = q.shape
+    return (q.reshape(n, k // g, g) * scales.double()[..., None]).abs().add(biases.double().abs()[..., None]).reshape(n, k)
+
+
+def test_the_reference_quantizer_rounds_blocks_of_32():
+    x = torch.tensor([[1.0, -2.0, 0.5, 127.0] + [0.0] * 28 + [3.0, 0.0]])  # 34 values: a padded second block
+    xr = dequantized_activations(x)
+    assert xr.shape == (1, 34) and torch.equal(xr[0, :4], torch.tensor([1.0, -2.0, 0.0, 127.0], dtype=torch.float64))
+    assert xr[0, 32] == 127 * (torch.tensor(3.0) / 127).double()  # the second block's own scale: 3 / 127 in float32
+    x = torch.randn(4, 96)
+    d = x.reshape(4, 3, 32).abs().amax(-1, keepdim=True).double() / 127  # each value within half a step
+    assert ((dequantized_activations(x) - x.double()).reshape(4, 3, 32).abs() <= d / 2 + 1e-12).all()
+
+
+@pytest.mark.parametrize("k", [32, 96, 576, 1536, 17, 1000])
+def test_int8_q8_kernel_matches_the_dequantized_product(k):
+    for n in (1, 3, 5, 17, 960):
+        q, s, w = int8_weights(n, k, seed=n)
+        for rows in Q8_ROWS:
+            x = q8_activations(rows, k, seed=rows)
+            assert_q8_accurate(torch.ops.layerskip_cpu.int8_linear_q8(x, q, s), x, w)
+
+
+@pytest.mark.parametrize("k,g", [(32, 32), (96, 32), (576, 32), (1536, 32), (128, 64), (1024, 128), (512, 256)])
+def test_int4_q8_kernel_matches_the_dequantized_product(k, g):
+    for n in (1, 3, 5, 17, 960):
+        packed, scales, biases, w = int4_weights(n, k, g, seed=n)
+        magnitude = int4_magnitude(packed, scales, biases, g)
+        for rows in Q8_ROWS:
+            x = q8_activations(rows, k, seed=rows)
+            assert_q8_accurate(torch.ops.layerskip_cpu.int4_linear_q8(x, packed, scales, biases, g), x, w, magnitude)
+
+
+def test_q8_kernels_take_the_float_path_beyond_the_row_tiles():
+    q, s, _ = int8_weights(40, 100)
+    packed, scales, biases, _ = int4_weights(40, 128, 64)
+    for rows in (17, 33):
+        x = torch.randn(rows, 128)
+        assert torch.equal(torch.ops.layerskip_cpu.int8_linear_q8(x[:, :100], q, s),
+                           torch.ops.layerskip_cpu.int8_linear(x[:, :100], q, s))
+        assert torch.equal(torch.ops.layerskip_cpu.int4_linear_q8(x, packed, scales, biases, 64),
+                           torch.ops.layerskip_cpu.int4_linear(x, packed, scales, biases, 64))
+
+
+def test_q8_kernels_keep_a_rows_result_whatever_rows_are_beside_it():
+    """Row r of an M-row call is bitwise the 1-row call of that row, for every M up to EXACT_ROWS and
+    rows drawn at random (K = 577: the int8 tail block; N = 203: partial channel tiles)."""
+    q, s, _ = int8_weights(203, 577)
+    packed, scales, biases, _ = int4_weights(203, 576, 32)
+    fs = [lambda x: torch.ops.layerskip_cpu.int8_linear_q8(x, q, s),
+          lambda x: torch.ops.layerskip_cpu.int4_linear_q8(x[:, :576].contiguous(), packed, scales, biases, 32)]
+    n = cpu_kernels.EXACT_ROWS
+    x = q8_activations(n, 577) * torch.rand(n, 1) * 4
+    g = torch.Generator().manual_seed(1)
+    for f in fs:
+        alone = torch.cat([f(x[i:i + 1]) for i in range(n)])
+        for rows in range(1, n + 1):
+            pick = torch.randperm(n, generator=g)[:rows]
+            assert torch.equal(f(x[pick]), alone[pick]), rows
+
+
+def test_the_activations_setting_picks_the_op(monkeypatch):
+    q, s, _ = int8_weights(40, 96)
+    packed, scales, biases, _ = int4_weights(40, 96, 32)
+    m8 = Int8Linear(96, 40)
+    m8.weight, m8.scales = q, s
+    m8.pack()
+    x = torch.randn(3, 96)
+    ops = torch.ops.layerskip_cpu
+    for acts, op8, op4 in [("int8", ops.int8_linear_q8, ops.int4_linear_q8), ("float", ops.int8_linear, ops.int4_linear)]:
+        monkeypatch.setattr(cpu_kernels, "ACTIVATIONS", acts)
+        assert torch.equal(cpu_kernels.int8_linear(x, q, s), op8(x, q, s))
+        assert torch.equal(m8(x), op8(x, q, s))
+        assert torch.equal(cpu_kernels.int4_linear(x, packed, scales, biases, 32), op4(x, packed, scales, biases, 32))
+        other = "float" if acts == "int8" else "int8"  # an explicit argument wins
+        assert not torch.equal(cpu_kernels.int8_linear(x, q, s, activations=other), op8(x, q, s))
+
+
+def test_the_activations_come_from_the_environment():
+    def activations(value):
+        env = {**os.environ, "LAYERSKIP_CPU_ACTIVATIONS": value}
+        return subprocess.run([sys.executable, "-c", "import cpu_kernels; print(cpu_kernels.ACTIVATIONS)"], cwd=REPO,
+                              env=env, capture_output=True, text=True)
+    assert activations("float").stdout.strip() == "float"
+    assert activations("int8").stdout.strip() == "int8"
+    bad = activations("int4")
+    assert bad.returncode != 0 and "LAYERSKIP_CPU_ACTIVATIONS must be int8 or float, not 'int4'" in bad.stderr
+
+
+def test_compiled_q8_layers_equal_eager_and_do_not_recompile(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ACTIVATIONS", "int8")
+    torch.manual_seed(0)
+    m8 = Int8Linear(96, 40)
+    m8.weight, m8.scales = quantize_int8(torch.randn(40, 96))
+    m8.pack()
+    q4, sz = quantize_int4(torch.randn(24, 96), 32)
+    m4 = Int4Linear(96, 24, 32)
+    m4.weight, m4.scales_and_zeros = pack_nibbles(q4), sz
+    m4.pack()
+
+    def f(x):
+        return m8(x), m4(torch.relu(x) * 2)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    with torch.no_grad():
+        x = q8_activations(5, 96)
+        for got, want in zip(compiled(x), f(x)):
+            assert torch.equal(got, want)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            x = q8_activations(5, 96, seed=3)
+            for got, want in zip(compiled(x), f(x)):
+                assert torch.equal(got, want)
+
+
+def check_q8_kernels():
+    """The checks of the q8 ops that the portable build repeats in its own process."""
+    for k, g in ((96, 32), (1000, 0), (256, 128)):
+        for n in (1, 5, 17):
+            for rows in (1, 2, 5, 16, 17):
+                x = q8_activations(rows, k, seed=rows)
+                if g:
+                    packed, scales, biases, w = int4_weights(n, k, g, seed=n)
+                    y = torch.ops.layerskip_cpu.int4_linear_q8(x, packed, scales, biases, g)
+                    assert_q8_accurate(y, x, w, int4_magnitude(packed, scales, biases, g))
+                else:
+                    q, s, w = int8_weights(n, k, seed=n)
+                    assert_q8_accurate(torch.ops.layerskip_cpu.int8_linear_q8(x, q, s), x, w)
+    test_q8_kernels_keep_a_rows_result_whatever_rows_are_beside_it()
+
+
+@pytest.mark.slow
+def test_the_portable_build_computes_the_q8_ops_too(tmp_path):
+    """LAYERSKIP_CPU_MARCH=x86-64 builds the portable C++ (no AVX2), as for a CPU without it: the
+    integer ops are plain loops there, correct and row-invariant (the build is cached per machine)."""
+    env = {**os.environ, "LAYERSKIP_CPU_MARCH": "x86-64", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    code = ("import cpu_kernels, test_cpu_kernels as t; assert cpu_kernels.load(), cpu_kernels.reason(); "
+            "assert cpu_kernels.isa() == 'portable', cpu_kernels.isa(); t.check_q8_kernels(); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_dequantized_int4_weight_is_the_quantizers_formula():
     torch.manual_seed(0)
     w = torch.randn(24, 96)
@@ -144,16 +322,17 @@ def test_other_input_dtypes_are_computed_in_float32():
     assert torch.equal(y, cpu_kernels.int8_linear(x.float(), q, s).bfloat16())
 
 
+@pytest.mark.parametrize("op", ["int8_linear", "int8_linear_q8"])
 @pytest.mark.parametrize("args,message", [
     (lambda q, s: (torch.randn(2, 64).double(), q, s), "x must be a 2-D float32 tensor"),
     (lambda q, s: (torch.randn(2, 63), q, s), "x has 63 columns, the weight 64"),
     (lambda q, s: (torch.randn(2, 64), q.float(), s), "weight must be a 2-D int8 tensor"),
     (lambda q, s: (torch.randn(2, 64), q, s[:3]), "scales must be float32"),
 ])
-def test_wrong_inputs_are_refused_with_a_reason(args, message):
+def test_wrong_inputs_are_refused_with_a_reason(args, message, op):
     q, s, _ = int8_weights(16, 64)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.layerskip_cpu.int8_linear(*args(q, s))
+        getattr(torch.ops.layerskip_cpu, op)(*args(q, s))
 
 
 def test_without_the_kernels_the_layers_dequantize_and_say_so(monkeypatch, capsys):
