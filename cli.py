@@ -21,6 +21,7 @@ traceback:
 - once interrupted, what fails as a consequence stays quiet: log records, exceptions in threads
   and in at-exit handlers. (Inductor's compile workers ignore Ctrl-C and write to /dev/null; they
   are shut down at exit.)
+A command started with SIGINT ignored (`nohup`, a background job of a script) keeps ignoring it.
 """
 import argparse
 import atexit
@@ -175,10 +176,12 @@ def start(name: str) -> None:
     """`cli.start(__name__)`, a command's first statement, before its heavy imports: a Ctrl-C from
     here on is `interrupted` and exit status 130 (the module's docstring says how). Nothing happens
     unless name is "__main__" (the module imported by a test or another program is no command), nor
-    with --debug / LAYERSKIP_DEBUG=1, where Python's KeyboardInterrupt and its traceback are wanted."""
+    with --debug / LAYERSKIP_DEBUG=1, where Python's KeyboardInterrupt and its traceback are wanted,
+    nor where SIGINT came ignored (`nohup`, a background job of a script): Ctrl-C is not for us then."""
     global _started
     if name != "__main__" or _started or debugging(sys.argv[1:]) \
-            or threading.current_thread() is not threading.main_thread():
+            or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         return
     signal.signal(signal.SIGINT, _on_sigint)
     try:

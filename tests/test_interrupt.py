@@ -21,13 +21,20 @@ from conftest import REPO, tiny_hf_config
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to know what the process is doing")
 
 
+def _sigint_default():
+    """In the child before exec: Ctrl-C at its default, as a shell gives a foreground job. An ignored
+    SIGINT is inherited through exec (a suite worker had it ignored at times: the --debug test then
+    saw no KeyboardInterrupt), and an ignored SIGINT stays ignored (cli.start, Python itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """A command in its own session (as a terminal starts a job), stdout and stderr read as they come."""
 
     def __init__(self, args, env=None, cwd=REPO):
         self.proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=_sigint_default)
         self.out, self.err, self.seen = [], [], set()
         self.readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
                         for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
@@ -135,6 +142,19 @@ def test_ctrl_c_during_start_up(command, tmp_path):
     rc, err = cmd.finish()
     assert_interrupted(rc, err)
     assert not cmd.out
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path):
+    """`nohup` and a script's background jobs start with SIGINT ignored, so that a Ctrl-C meant for
+    the terminal's foreground job leaves them running: the command must not take it back."""
+    cmd = Command(["-c", "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                   "sys.exit(subprocess.call([sys.executable, *sys.argv[1:]]))",
+                   "quantize.py", "--checkpoint_path", tmp_path, "--quantize", "int8"])
+    cmd.wait_until("torch being imported", lambda: any(
+        "libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in cmd.descendants()))
+    cmd.ctrl_c(group=True)
+    rc, err = cmd.finish()
+    assert rc == 1 and err.startswith("error: checkpoint not found"), (rc, err[-3000:])
 
 
 def test_debug_keeps_the_traceback_of_a_ctrl_c_during_start_up(tmp_path):

@@ -230,14 +230,18 @@ def test_self_speculation_on_quantized_smollm2_equals_its_greedy(name, text, smo
 
 
 @pytest.mark.slow
-def test_compiled_self_speculation_on_quantized_smollm2_equals_its_eager_greedy(smol_quantized, smollm2_dir):
-    """The draft and verify graphs call the CPU kernels through inductor's C++ wrapper."""
+def test_compiled_self_speculation_on_quantized_smollm2_equals_its_compiled_greedy(smol_quantized, smollm2_dir):
+    """The draft and verify graphs call the CPU kernels from compiled code. Compared with compiled
+    greedy decoding, not eager: inductor rounds the norms and residuals in its own order, and with
+    int8 activations a last-bit difference can move a code by one step, enough to flip a near-tie
+    (compiled against eager greedy differed at token 25 here). What self-speculation guarantees is
+    the greedy output of the same graphs."""
     from tokenizer import load_tokenizer
     model = load_model(smol_quantized["int8"], dtype=torch.float32)
     model.setup_caches(1, 96)
     prompt = torch.tensor(load_tokenizer(smollm2_dir).encode("def is_prime(n):\n"))
-    ref, _ = generate(model, prompt, 24, GREEDY)
     steps = compile_steps(torch.device("cpu"))
+    ref, _ = generate(model, prompt, 24, GREEDY, steps=steps)
     for i in range(2):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             out, stats = speculative_generate(model, prompt, 24, GREEDY, 3, exit_layer=12, steps=steps)
