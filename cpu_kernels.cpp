@@ -608,13 +608,13 @@ constexpr std::array<std::array<QTileFn, NT_>, sizeof...(M)> q_tiles(std::intege
 }
 template <int MB, int NB> struct Int8Q8 { static constexpr QTileFn run = int8_q8_tile<MB, NB>; };
 template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8_tile<MB, NB>; };
-// Tile shapes, measured on the AVX2 machine (BENCHMARKS.md): int8 weights are read one channel
-// at a time up to 4 rows -- one sequential stream per thread, which streams ~1.6x faster there
-// than 4 interleaved rows -- and 2 channels per tile beyond, where the arithmetic is the cost and
-// each activation block serves two channels. int4 tiles are 4 x 4 channels, like the float ones.
-// (Every output is the same instructions in the same order whatever the tile: row invariance.)
-constexpr int kQ8Rows = 4, kInt8SingleChannelRows = 4;
-const auto kInt8Q8Tiles = q_tiles<Int8Q8, 2>(std::make_integer_sequence<int, kQ8Rows>());
+// Tile shapes: 4 channels per tile for both weight types, so that each activation block serves 4
+// channels and 4 independent chains of FMAs hide their latency. (One channel per tile, one stream
+// per thread, streamed the int8 weights of a one-row decode step at 76% of the read bandwidth on the
+// AVX-512 Xeon against 91% with 4: BENCHMARKS.md, "Integer-activation CPU kernels".) Every output
+// is the same instructions in the same order whatever the tile: row invariance.
+constexpr int kQ8Rows = 4;
+const auto kInt8Q8Tiles = q_tiles<Int8Q8, 4>(std::make_integer_sequence<int, kQ8Rows>());
 const auto kInt4Q8Tiles = q_tiles<Int4Q8, 4>(std::make_integer_sequence<int, kQ8Rows>());
 
 template <int NT_, typename Table>
@@ -637,10 +637,7 @@ at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   auto y = at::empty({M, N}, x.options());
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0);
   const QCall c{&xq, w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, K, 0, 0, y.data_ptr<float>(), N};
-  if (M <= kInt8SingleChannelRows)
-    run_q8_tiles<1>(kInt8Q8Tiles, c, M, N, K);
-  else
-    run_q8_tiles<2>(kInt8Q8Tiles, c, M, N, K);
+  run_q8_tiles<4>(kInt8Q8Tiles, c, M, N, K);
   return y;
 }
 

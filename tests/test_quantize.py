@@ -235,7 +235,8 @@ def test_compiled_self_speculation_on_quantized_smollm2_equals_its_compiled_gree
     greedy decoding, not eager: inductor rounds the norms and residuals in its own order, and with
     int8 activations a last-bit difference can move a code by one step, enough to flip a near-tie
     (compiled against eager greedy differed at token 25 here). What self-speculation guarantees is
-    the greedy output of the same graphs."""
+    the greedy output of the same graphs. E = 24: SmolLM2 is no LayerSkip model, and its drafts from
+    12 layers are rarely accepted (0 of 24 tokens with int8 activations)."""
     from tokenizer import load_tokenizer
     model = load_model(smol_quantized["int8"], dtype=torch.float32)
     model.setup_caches(1, 96)
@@ -244,7 +245,7 @@ def test_compiled_self_speculation_on_quantized_smollm2_equals_its_compiled_gree
     ref, _ = generate(model, prompt, 24, GREEDY, steps=steps)
     for i in range(2):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            out, stats = speculative_generate(model, prompt, 24, GREEDY, 3, exit_layer=12, steps=steps)
+            out, stats = speculative_generate(model, prompt, 24, GREEDY, 3, exit_layer=24, steps=steps)
         assert out.tolist() == ref.tolist()
     assert sum(stats.accepted_per_round) > 0 and stats.acceptance_rate < 1
 
