@@ -156,7 +156,10 @@ def compile_steps(device: torch.device, compile_prefill: bool = False, layers_pe
         raise ValueError(f"layers_per_graph must be >= 0, got {size}")
     pre = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     if size:
-        blocks = CompiledBlocks(torch.compile(run_blocks, fullgraph=True, dynamic=False))
+        # No size asserts in the graph's Python wrapper: ~100 per call of 6 layers, checks of what
+        # dynamo's guards check already on the loops' guarded first steps (BENCHMARKS.md)
+        blocks = CompiledBlocks(torch.compile(run_blocks, fullgraph=True, dynamic=False,
+                                              options={"size_asserts": False}))
         graph = layer_graph(blocks, size)
         return Steps(prefill=pre, decode=regional(decode_one_token, graph), draft=regional(draft_step, graph),
                      catch_up=regional(catch_up_draft_step, graph), verify=regional(verify_step, graph),
