@@ -220,11 +220,30 @@ void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
 }
 
+// The arguments of the int8 ops (float or int8 activations alike): (N, K) of the weight
+std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "weight must be a 2-D int8 tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  check_x(x, K);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be float32 [N]");
+  return {N, K};
+}
+
+// The arguments of the int4 ops: (N, K) of the unpacked weight
+std::pair<int64_t, int64_t> check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                                       const at::Tensor& biases, int64_t G) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  check_x(x, K);
+  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
+  for (const auto* t : {&scales, &biases})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == N * (K / G), "scales and biases must be float32 [N, K / G]");
+  return {N, K};
+}
+
 at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar, "weight must be a 2-D int8 tensor");
-  const int64_t N = w_.size(0), K = w_.size(1);
-  check_x(x_, K);
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+  const auto shape = check_int8(x_, w_, scales_);
+  const int64_t N = shape.first, K = shape.second;
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
@@ -265,12 +284,8 @@ at::Tensor float_linear(const at::Tensor& x_, const at::Tensor& w_) {
 
 at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                        const at::Tensor& biases_, int64_t G) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
-  const int64_t N = w_.size(0), K = w_.size(1) * 2;
-  check_x(x_, K);
-  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
-  for (const auto* t : {&scales_, &biases_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == N * (K / G), "scales and biases must be float32 [N, K / G]");
+  const auto shape = check_int4(x_, w_, scales_, biases_, G);
+  const int64_t N = shape.first, K = shape.second;
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
   const int64_t M = x.size(0), groups = K / G;
   auto y = at::empty({M, N}, x.options());
@@ -627,10 +642,8 @@ void run_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int6
 // int8 weights [N, K] (in [-127, 127] as quantize_int8 makes them; -128 works too), float32 x:
 // up to kMaxTileRows rows with int8 activations, more through int8_linear's dequantize + GEMM.
 at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kChar, "weight must be a 2-D int8 tensor");
-  const int64_t N = w_.size(0), K = w_.size(1);
-  check_x(x_, K);
-  TORCH_CHECK(scales_.scalar_type() == at::kFloat && scales_.numel() == N, "scales must be float32 [N]");
+  const auto shape = check_int8(x_, w_, scales_);
+  const int64_t N = shape.first, K = shape.second;
   const int64_t M = x_.size(0);
   if (M > kMaxTileRows) return int8_linear(x_, w_, scales_);
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
@@ -643,12 +656,8 @@ at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
 
 at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_,
                           const at::Tensor& biases_, int64_t G) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
-  const int64_t N = w_.size(0), K = w_.size(1) * 2;
-  check_x(x_, K);
-  TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
-  for (const auto* t : {&scales_, &biases_})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == N * (K / G), "scales and biases must be float32 [N, K / G]");
+  const auto shape = check_int4(x_, w_, scales_, biases_, G);
+  const int64_t N = shape.first, K = shape.second;
   const int64_t M = x_.size(0);
   if (M > kMaxTileRows) return int4_linear(x_, w_, scales_, biases_, G);
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
