@@ -156,11 +156,7 @@ def compile_steps(device: torch.device, compile_prefill: bool = False, layers_pe
         raise ValueError(f"layers_per_graph must be >= 0, got {size}")
     pre = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     if size:
-        # No size asserts in the graph's Python wrapper: ~100 per call of 6 layers, checks of what
-        # dynamo's guards check already on the loops' guarded first steps (BENCHMARKS.md)
-        blocks = CompiledBlocks(torch.compile(run_blocks, fullgraph=True, dynamic=False,
-                                              options={"size_asserts": False}))
-        graph = layer_graph(blocks, size)
+        graph = layer_graph(CompiledBlocks(), size)
         return Steps(prefill=pre, decode=regional(decode_one_token, graph), draft=regional(draft_step, graph),
                      catch_up=regional(catch_up_draft_step, graph), verify=regional(verify_step, graph),
                      probe=regional(probe_step, graph))
@@ -180,26 +176,96 @@ def regional(fn, graph: layer_graph):
     def step(*args, **kwargs):
         with graph:
             return fn(*args, **kwargs)
+    step.layer_graph = graph
     return step
 
 
 class CompiledBlocks:
-    """Compiled model.run_blocks that says on stderr when it meets a new kind of call (a number of
-    layers, rows and model shape it has not compiled in this process) and how long that took:
-    compiling, or loading from inductor's caches."""
+    """model.run_blocks compiled (one graph per number of layers, rows and model shape), saying on
+    stderr when it meets a new kind of call and how long that took: compiling, or loading from
+    inductor's caches.
 
-    def __init__(self, fn):
-        self.fn, self.seen = fn, set()
+    Calls the loops make with guard evaluation skipped (every call of a step after its first in a
+    generation) go straight to inductor's compiled graph with the inputs gathered as dynamo gathered
+    them on that run's guarded first call: dynamo's own entry costs ~60 us a call even with guards
+    skipped, 5 calls a SmolLM2 step (BENCHMARKS.md, "Compile time"). A guarded call checks that the
+    gathered inputs and the output are the very tensors dynamo used; if not, dynamo's path stays."""
 
-    def __call__(self, layers, h, *rest):
+    def __init__(self):
+        self.seen, self.direct, self.ran = set(), {}, None
+        self.direct_calls = 0
+        self.fn = torch.compile(run_blocks, backend=self.compile, fullgraph=True, dynamic=False)
+
+    def compile(self, gm, example_inputs):
+        """dynamo's backend: inductor (without size asserts in the graph's Python wrapper, ~100 checks
+        a call of 6 layers of what the guarded first calls check already), recording each run."""
+        from torch._inductor.compile_fx import compile_fx
+        fn = compile_fx(gm, example_inputs, config_patches={"size_asserts": False})
+        gather = input_gatherer(gm)
+
+        def run(*args):
+            out = fn(*args)
+            self.ran = (gather, fn, args, out)
+            return out
+        return run
+
+    def __call__(self, layers, h, cos, sin, mask, input_pos):
+        key = (id(layers[0]), len(layers), h.shape, h.dtype, input_pos.shape, torch.is_grad_enabled())
+        if skipping_guards() and key in self.direct:
+            gather, fn = self.direct[key]
+            self.direct_calls += 1
+            return fn(*gather(layers, h, cos, sin, mask, input_pos))[0]
+        self.direct.pop(key, None)
+        self.ran = None
         wqkv = layers[0].attention.wqkv
-        key = (len(layers), h.shape, h.dtype, type(wqkv), wqkv.weight.shape)
-        if key in self.seen:
-            return self.fn(layers, h, *rest)
-        self.seen.add(key)
-        with compile_progress(f"{len(layers)} layers x {h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
-                              f"({type(wqkv).__name__}, width {h.shape[-1]})"):
-            return self.fn(layers, h, *rest)
+        kind = (len(layers), h.shape, h.dtype, type(wqkv), wqkv.weight.shape)
+        if kind in self.seen:
+            out = self.fn(layers, h, cos, sin, mask, input_pos)
+        else:
+            self.seen.add(kind)
+            with compile_progress(f"{len(layers)} layers x {h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
+                                  f"({type(wqkv).__name__}, width {h.shape[-1]})"):
+                out = self.fn(layers, h, cos, sin, mask, input_pos)
+        ran, self.ran = self.ran, None
+        if ran is not None and ran[0] is not None:
+            gather, fn, args, result = ran
+            try:
+                mine = gather(layers, h, cos, sin, mask, input_pos)
+            except (AttributeError, KeyError, IndexError, TypeError):
+                mine = ()
+            if (len(mine) == len(args) and all(a is b for a, b in zip(mine, args))
+                    and len(result) == 1 and result[0] is out):
+                self.direct[key] = (gather, fn)
+        return out
+
+
+def skipping_guards() -> bool:
+    """Whether torch.compiler.set_stance(skip_guard_eval_unsafe=True) is in force."""
+    from torch._dynamo import eval_frame
+    check = getattr(eval_frame, "_is_skip_guard_eval_unsafe_stance", None)
+    return bool(check and check())
+
+
+def input_gatherer(gm):
+    """A function of run_blocks' arguments that returns the graph's inputs in order, built from the
+    sources dynamo recorded for them (e.g. L['layers'][0]._modules['attention']...), or None."""
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if not isinstance(name, str) or not name.startswith("L["):
+            return None
+        names.append(name)
+    code = ("def gather(layers, h, cos, sin, mask, input_pos):\n"
+            "    L = dict(layers=layers, h=h, cos=cos, sin=sin, mask=mask, input_pos=input_pos)\n"
+            f"    return ({''.join(n + ', ' for n in names)})\n")
+    namespace = {}
+    try:
+        exec(compile(code, "<regional graph inputs>", "exec"), namespace)
+        return namespace["gather"]
+    except SyntaxError:  # a source dynamo spells in a way we do not read
+        return None
 
 
 class compile_progress:

@@ -187,6 +187,8 @@ def test_tiny_compiled_strategies_do_not_recompile(layers_per_graph):
         assert graphs == [2, 1, 1, 0]
     else:
         assert graphs == [0, 0, 0, regional_graphs((0, 4, 1), (0, 2, 1), (2, 4, 4))] and graphs[3] == 3
+        # the steps after each generation's first went straight to inductor's graphs, not through dynamo
+        assert steps.decode.layer_graph.group[0].direct_calls > 3 * 2 * 25
 
 
 @pytest.mark.slow
