@@ -30,7 +30,7 @@ ROWS = {
     "int8 weights": ["--quantize", "int8"],
     "int8 self-draft k=6": ["--generation_strategy", "self_speculative", "--draft_quantize", "int8",
                             "--num_speculations", "6"],
-    "auto (E, k)": ["--generation_strategy", "self_speculative", "--exit_layer", "auto", "--num_speculations", "auto"],
+    "auto E and k": ["--generation_strategy", "self_speculative", "--exit_layer", "auto", "--num_speculations", "auto"],
 }
 
 
