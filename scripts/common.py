@@ -309,8 +309,10 @@ def random_model(name: str, device, dtype, n_layers: int | None = None) -> Trans
     """`random:<shape>[:<layers>]`: random weights (std 0.02, as Llama's init) drawn on the device."""
     shape = RANDOM_SHAPES[name]
     torch.manual_seed(0)
-    with torch.device(device):
+    # Built on meta and materialised in `dtype`: a 7B shape built in float32 first needs 27 GB.
+    with torch.device("meta"):
         model = Transformer(ModelArgs(**dict(shape, n_layers=n_layers or shape["n_layers"]))).to(dtype)
+    model = model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)

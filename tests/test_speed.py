@@ -126,3 +126,23 @@ def test_a_failing_peer_is_a_row_that_says_why(tmp_path, capsys):
     assert rows[0]["tokens_per_s"] > 0 and rows[1]["engine"] == "llama.cpp" and rows[1]["tokens_per_s"] is None
     assert "llama-cpp-python exited with status 1" in rows[1]["failed"]
     assert "FAILED (RuntimeError: llama-cpp-python exited with status 1" in capsys.readouterr().out
+
+
+def test_compile_time_reads_each_run_and_refuses_unknown_rows():
+    """scripts/compile_time.py: what it reads from a generate.py run's stderr, and its one-line refusal
+    (its real runs compile SmolLM2 cold and warm: BENCHMARKS.md, "Compile time")."""
+    import subprocess
+    import sys
+
+    import compile_time
+    said = ("compiling the graph of 6 layers x 1 row ...\\n  ... compiled in 3.1 s\\n"
+            "step costs measured in 12.5 s\\nCompilation time: 20.25 s")
+    got = compile_time.run_once([sys.executable, "-c", f"import sys; print({said!r}, file=sys.stderr)"],
+                                env=None, timeout=60)
+    assert (got["compile"], got["calibration"], got["graphs"]) == (20.25, 12.5, 1) and got["wall"] > 0
+    with pytest.raises(SystemExit) as e:
+        compile_time.main(["--rows", "autoregressive,no such row"])
+    assert e.value.code == 2
+    r = subprocess.run([sys.executable, str(compile_time.ROOT / "scripts" / "compile_time.py"), "--rows", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown rows ['nope']" in r.stderr.strip().splitlines()[-1]
