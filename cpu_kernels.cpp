@@ -670,19 +670,22 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
 }
 
 // Attention of L query rows over a KV cache, each row attending the positions up to its own
-// (causal: row l sees cache positions 0..input_pos[l]). Reads only those positions, not the whole
-// static cache, and reduces every output in one order whatever L: like the linear kernels,
-// row-invariant. q [B, H, L, D], k and v [B, KV, S, D] (query head h reads KV head h / (H / KV)).
+// (causal: row l sees cache positions 0..input_pos[l]; input_pos [L] for every sequence b, or [B, L],
+// each its own). Reads only those positions, not the whole static cache, and reduces every output in
+// one order whatever L and B: like the linear kernels, row-invariant. q [B, H, L, D], k and v
+// [B, KV, S, D] (query head h reads KV head h / (H / KV)).
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& pos_) {
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k and v must be 4-D");
   for (const auto* t : {&q_, &k_, &v_}) TORCH_CHECK(t->scalar_type() == at::kFloat, "q, k and v must be float32");
   const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), D = q_.size(3), KV = k_.size(1), S = k_.size(2);
   TORCH_CHECK(k_.sizes() == v_.sizes() && k_.size(0) == B && k_.size(3) == D && KV > 0 && H % KV == 0,
               "k and v must be [B, KV, S, D] with KV dividing the query heads");
-  TORCH_CHECK(pos_.dim() == 1 && pos_.size(0) == L && pos_.scalar_type() == at::kLong, "input_pos must be int64 [L]");
+  const bool per_row = pos_.dim() == 2;
+  TORCH_CHECK(pos_.scalar_type() == at::kLong && (pos_.dim() == 1 || (per_row && pos_.size(0) == B)) &&
+              pos_.size(-1) == L, "input_pos must be int64 [L] or [B, L]");
   const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), pos = pos_.contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t l = 0; l < L; ++l) TORCH_CHECK(pp[l] >= 0 && pp[l] < S, "input_pos out of the cache's range");
+  for (int64_t i = 0; i < pos.numel(); ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < S, "input_pos out of the cache's range");
   auto y = at::empty(q.sizes(), q.options());  // contiguous, as the fake says
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -691,7 +694,7 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   at::parallel_for(0, B * H * L, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> p(S);
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (H * L), h = r / L % H, n = pp[r % L] + 1;
+      const int64_t b = r / (H * L), h = r / L % H, n = pp[(per_row ? b * L : 0) + r % L] + 1;
       const float* qr = qp + r * D;
       const float* kh = kp + (b * KV + h / group) * S * D;
       const float* vh = vp + (b * KV + h / group) * S * D;

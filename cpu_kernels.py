@@ -147,7 +147,8 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
     """Causal attention of q [B, H, L, D] over the cache k, v [B, KV, S, D] (float32): row l attends
-    cache positions 0..input_pos[l] only, each output reduced in one order whatever L."""
+    cache positions 0..input_pos[l] only (input_pos [L], or [B, L]: each sequence its own), each
+    output reduced in one order whatever L and B."""
     return torch.ops.layerskip_cpu.attention(q, k, v, input_pos)
 
 

@@ -223,7 +223,8 @@ class CompiledBlocks:
             out = self.fn(layers, h, cos, sin, mask, input_pos)
         else:
             self.seen.add(kind)
-            with compile_progress(f"{len(layers)} layers x {h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
+            batch = f"{h.shape[0]} sequences x " if h.shape[0] > 1 else ""
+            with compile_progress(f"{len(layers)} layers x {batch}{h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
                                   f"({type(wqkv).__name__}, width {h.shape[-1]})"):
                 out = self.fn(layers, h, cos, sin, mask, input_pos)
         ran, self.ran = self.ran, None

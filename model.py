@@ -181,18 +181,29 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for every position up to max_seq_length, written in place."""
+    """Preallocated keys/values for every row (sequence) and position up to max_seq_length, written
+    in place. `rows` (Transformer.cache_rows) is the slice of rows a pass reads and writes: all of
+    them for a batched step, one sequence's row for its prefill."""
 
     def __init__(self, batch_size, n_kv_heads, max_seq_length, head_dim, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.rows = None  # None: every row
 
     def update(self, input_pos, k, v):
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+        """input_pos [T] (the same positions for every row) or [B, T] (each row its own)."""
+        k_cache, v_cache = (self.k_cache, self.v_cache) if self.rows is None else \
+            (self.k_cache[self.rows], self.v_cache[self.rows])
+        if input_pos.dim() == 1:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand(k.shape)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+        return k_cache, v_cache
 
 
 # = cpu_kernels.EXACT_ROWS: up to this many query rows, CPU attention reduces each output in one order
@@ -207,12 +218,12 @@ def fixed_order_attention(q, k, v, mask):
     compiled verify pass then computes bitwise the logits of one-token decode steps, and greedy
     self-speculation on a quantized model equals its greedy decoding by construction. As fast as
     SDPA for SmolLM2 at cache lengths 256 and 2048 (BENCHMARKS.md). q [b, h, L, d], k and v
-    [b, kv_heads, S, d], mask [1, 1, L, S] (True = attend)."""
+    [b, kv_heads, S, d], mask [1 or b, 1, L, S] (True = attend)."""
     b, h, L, d = q.shape
     kv_heads = k.shape[1]
     g = h // kv_heads  # query head i reads kv head i // g, as SDPA's enable_gqa
     scores = (q.reshape(b, kv_heads, g * L, 1, d) * k.unsqueeze(2)).sum(-1) * d ** -0.5
-    scores = scores.view(b, kv_heads, g, L, -1).masked_fill(~mask.view(1, 1, 1, L, -1), float("-inf"))
+    scores = scores.view(b, kv_heads, g, L, -1).masked_fill(~mask.view(mask.shape[0], 1, 1, L, -1), float("-inf"))
     p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv_heads, g * L, -1, 1)
     return (p * v.unsqueeze(2)).sum(-2).view(b, h, L, d)
 
@@ -339,16 +350,22 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
+    def cache_rows(self, start: int, stop: int):
+        """Within this context, passes read and write only the cache rows [start, stop): a
+        sequence's prefill into its own row of a batch's cache."""
+        return _CacheRows(self, slice(start, stop))
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(idx)
 
     def run_layers(self, h: torch.Tensor, input_pos: torch.Tensor | None = None,
                    start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Runs layers [start, end) on hidden states h [B, T, dim] at positions input_pos [T].
+        """Runs layers [start, end) on hidden states h [B, T, dim] at positions input_pos: [T], the
+        same for every row, or [B, T], each row (sequence) at its own.
 
         With input_pos, each layer writes its keys/values for those positions into its cache and
-        attends to every cached position up to its own. Without it (training, scoring), the layers
-        attend causally within h and the cache is neither read nor written.
+        each row attends to its own cached positions up to its own. Without it (training, scoring),
+        the layers attend causally within h and the cache is neither read nor written.
         """
         end = self.args.n_layers if end is None else end
         if input_pos is None:
@@ -358,7 +375,11 @@ class Transformer(nn.Module):
             if self.max_seq_length == 0:
                 raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            mask = self.causal_mask[None, None, input_pos]
+            mask = self.causal_mask[input_pos]
+            if input_pos.dim() == 1:  # [T, D] and [1, 1, T, S]: broadcast over the rows
+                mask = mask[None, None]
+            else:  # per row: [B, 1, T, D] and [B, 1, T, S], broadcast over the heads
+                cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
         if torch.compiler.is_compiling():  # a whole-step graph: its layers are traced once
             return run_blocks(tuple(self.layers)[start:end], h, cos, sin, mask, input_pos)
         layers = self.layer_tuple()[start:end]
@@ -389,3 +410,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.run_layers(self.embed(idx), input_pos))
+
+
+class _CacheRows:
+    def __init__(self, model: Transformer, rows: slice):
+        self.caches = [layer.attention.kv_cache for layer in model.layers]
+        if any(c is None for c in self.caches):
+            raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+        if not 0 <= rows.start < rows.stop <= model.max_batch_size:
+            raise ValueError(f"cache rows [{rows.start}, {rows.stop}) outside the cache's {model.max_batch_size}")
+        self.rows = rows
+
+    def __enter__(self):
+        for c in self.caches:
+            c.rows = self.rows
+
+    def __exit__(self, *exc):
+        for c in self.caches:
+            c.rows = None

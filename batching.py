@@ -1,0 +1,180 @@
+"""Many sequences at once: continuous batching over the rows of the static KV cache.
+
+Each sequence owns one row of the cache (`model.max_batch_size` rows) from its prefill to its last
+token, with its own positions, length and stop state. Its prompt is prefilled alone into its row
+(`model.cache_rows`), so prompts of any lengths mix without padding and the prefill computes
+exactly what a batch-1 prefill does. Then one decode step advances every row together, each at its
+own position (input_pos [B, 1]); a free row rides along as padding at position 0 of its own row,
+which the next prefill there overwrites. Between steps a sequence that ended leaves and a queued
+one takes its row: the shapes never change, so compiled steps never recompile.
+
+Each row's greedy output equals that prompt's batch-1 greedy output token for token: every kernel
+a step runs reduces each row in an order independent of the other rows (cpu_kernels: up to
+EXACT_ROWS rows; tests/test_batching.py checks it against `decoding.generate`).
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding import GenerationStats, Steps, check_exit_layer, check_finite, check_fits, synchronize
+from model import Transformer
+from sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    """One prompt's generation: its tokens so far and why it ended."""
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset = frozenset()
+    tokens: list = field(default_factory=list)  # generated so far (a stop token, if any, kept last)
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens), once ended
+    stats: GenerationStats | None = None
+    row: int | None = None  # its cache row while it runs
+    started: float = 0.0  # when its decoding began (after its prefill)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def take(self, ids: list[int]) -> list[int]:
+        """Appends what this sequence keeps of ids (up to its first stop token or its budget) and
+        returns it; sets finish_reason once it ends."""
+        kept = []
+        for t in ids:
+            kept.append(t)
+            if t in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            if len(self.tokens) + len(kept) == self.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        self.tokens += kept
+        return kept
+
+
+class Batch:
+    """Autoregressive (with exit_layer: early-exit) decoding of up to model.max_batch_size sequences
+    at once. `add` prefills a sequence into a free row; `step` advances every running sequence by one
+    token and returns what each produced; sequences that end leave their rows at once."""
+
+    def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
+                 exit_layer: int | None = None):
+        check_exit_layer(model, exit_layer)
+        if model.max_batch_size < 1:
+            raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+        self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
+        B, device = model.max_batch_size, model.norm.weight.device
+        self.rows: list[Sequence | None] = [None] * B
+        self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # and its position
+        self.device = device
+        self.steps_run = 0
+
+    @property
+    def free_rows(self) -> int:
+        return self.rows.count(None)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.rows if s is not None]
+
+    def add(self, seq: Sequence) -> list[int]:
+        """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
+        token ends it here, freeing the row again)."""
+        check_fits(self.model, len(seq.prompt), seq.max_new_tokens)
+        row = self.rows.index(None)  # ValueError if none: the caller checks free_rows
+        t0 = time.perf_counter()
+        prompt = torch.tensor(seq.prompt, dtype=torch.long, device=self.device)
+        with self.model.cache_rows(row, row + 1):
+            first, finite = self.steps.prefill(self.model, prompt[None], torch.arange(len(prompt), device=self.device),
+                                               self.params, self.exit_layer)
+        check_finite(finite)
+        kept = seq.take(first[0].tolist())
+        seq.started = time.perf_counter()
+        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0)
+        if seq.done:
+            self._finish(seq)
+        else:
+            seq.row = row
+            self.rows[row] = seq
+            self.cur[row] = first[0]
+            self.pos[row] = len(prompt)
+        return kept
+
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """One decode step of every running sequence: [(sequence, its new tokens)]."""
+        if not self.running:
+            return []
+        # After the first step the shapes and settings never change (rows join by prefill, between
+        # steps): the compiled step's guards need not be evaluated again.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=self.steps_run > 0):
+            nxt = self.steps.decode(self.model, self.cur, self.pos, self.params, self.exit_layer).clone()
+        self.steps_run += 1
+        self.cur.copy_(nxt)
+        self.pos += 1
+        ids = nxt[:, 0].tolist()  # the step's one host synchronisation
+        out = []
+        for row, seq in enumerate(self.rows):
+            if seq is None:
+                continue
+            out.append((seq, seq.take([ids[row]])))
+            if seq.done:
+                self.remove(seq)
+        return out
+
+    def remove(self, seq: Sequence):
+        """Frees seq's row now (it ended, or its client went away); its row becomes padding."""
+        if seq.row is not None:
+            self.rows[seq.row] = None
+            self.cur[seq.row] = 0
+            self.pos[seq.row] = 0
+            seq.row = None
+        self._finish(seq)
+
+    def _finish(self, seq: Sequence):
+        if seq.stats is not None:
+            seq.stats.new_tokens = len(seq.tokens)
+            seq.stats.decode_s = time.perf_counter() - seq.started
+
+
+@dataclass
+class BatchStats:
+    sequences: int
+    new_tokens: int
+    wall_s: float
+    steps: int
+    max_rows: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                  steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None):
+    """Generates from every prompt, model.max_batch_size at a time: a prompt waits in order for a
+    free row. on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt
+    order, BatchStats)."""
+    seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
+    for s in seqs:  # refuse before any work
+        check_fits(model, len(s.prompt), max_new_tokens)
+    index = {id(s): i for i, s in enumerate(seqs)}
+    batch = Batch(model, params, steps, exit_layer)
+    queue = list(seqs)
+    t0 = time.perf_counter()
+    while queue or batch.running:
+        while queue and batch.free_rows:
+            seq = queue.pop(0)
+            kept = batch.add(seq)
+            if on_tokens:
+                on_tokens(index[id(seq)], kept)
+        for seq, kept in batch.step():
+            if on_tokens and kept:
+                on_tokens(index[id(seq)], kept)
+    synchronize(batch.device)
+    wall = time.perf_counter() - t0
+    return seqs, BatchStats(len(seqs), sum(len(s.tokens) for s in seqs), wall, batch.steps_run,
+                            model.max_batch_size)

@@ -1,0 +1,173 @@
+"""Batched generation (batching.py): each row's output equals its prompt's batch-1 output, rows join
+and leave between steps, and nothing recompiles."""
+import pytest
+import torch
+
+from batching import Batch, Sequence, generate_many
+from conftest import assert_varied
+from decoding import compile_steps, generate
+from quantized import pack_model, quantize_model
+from sampling import SamplingParams, logits_to_probs
+from test_decoding import _chi2_critical, chi2, rand_prompt, random_model
+
+GREEDY = SamplingParams()
+LENGTHS = (5, 17, 3, 9, 12, 1, 30)  # more prompts than rows, of different lengths, one of a single token
+
+
+def packed_model(weights=None, n_layers=4):
+    """A tiny random model on its CPU kernels (as load_model leaves a checkpoint), or quantized."""
+    model = random_model(n_layers=n_layers)
+    if weights:
+        quantize_model(model, *weights, pack=False)
+    return pack_model(model)
+
+
+def batch1_reference(model, prompts, max_new_tokens, stop_ids=(), steps=None, exit_layer=None):
+    model.setup_caches(1, 64)
+    kw = {"steps": steps} if steps else {}
+    return [generate(model, torch.tensor(p), max_new_tokens, GREEDY, stop_ids=stop_ids, exit_layer=exit_layer,
+                     **kw)[0][0, len(p):].tolist() for p in prompts]
+
+
+@pytest.mark.parametrize("weights", [None, ("int8", None), ("int4", 32)], ids=["float32", "int8", "int4"])
+@pytest.mark.parametrize("exit_layer", [None, 2])
+def test_each_row_equals_its_batch1_greedy_output(weights, exit_layer):
+    model = packed_model(weights)
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 20, exit_layer=exit_layer)
+    assert_varied(sum(ref, []), 0.1)
+    assert len({tuple(r) for r in ref}) == len(ref)
+    # a stop token that occurs mid-way in some outputs and not in others
+    stop = ref[0][7]
+    ref_stopped = batch1_reference(model, prompts, 20, stop_ids=(stop,), exit_layer=exit_layer)
+    assert any(len(r) < 20 for r in ref_stopped) and any(len(r) == 20 for r in ref_stopped)
+    for rows in (1, 3, 8):
+        model.setup_caches(rows, 64)
+        seqs, stats = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer)
+        assert [s.tokens for s in seqs] == ref, rows
+        assert all(s.finish_reason == "length" for s in seqs)
+        assert stats.new_tokens == 20 * len(prompts) and stats.max_rows == rows
+        seqs, _ = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer, stop_ids=(stop,))
+        assert [s.tokens for s in seqs] == ref_stopped, rows
+        assert [s.finish_reason for s in seqs] == ["stop" if r[-1] == stop else "length" for r in ref_stopped]
+
+
+def test_padding_rows_and_stale_cache_change_nothing():
+    """Rows freed mid-run keep stepping as padding, and a row's cache holds its previous sequence's
+    keys beyond the new prompt: garbage in every cache slot beforehand changes no output."""
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 12)
+    model.setup_caches(3, 64)
+    for layer in model.layers:
+        layer.attention.kv_cache.k_cache.normal_(0, 1e3)
+        layer.attention.kv_cache.v_cache.normal_(0, 1e3)
+    budgets = [12, 2, 12, 5, 1, 12, 9]  # rows end at different steps; a one-token budget ends at its prefill
+    seqs, _ = generate_many(model, prompts, 12, GREEDY)
+    assert [s.tokens for s in seqs] == ref
+    batch = Batch(model, GREEDY)
+    queue = [Sequence(p, b) for p, b in zip(prompts, budgets)]
+    order = list(queue)
+    while queue or batch.running:
+        while queue and batch.free_rows:
+            batch.add(queue.pop(0))
+        batch.step()
+    assert [s.tokens for s in order] == [r[:b] for r, b in zip(ref, budgets)]
+    assert batch.free_rows == 3
+
+
+def test_a_removed_sequence_frees_its_row_at_once():
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in (6, 8, 4)]
+    ref = batch1_reference(model, prompts, 10)
+    model.setup_caches(2, 64)
+    batch = Batch(model, GREEDY)
+    a, b, c = (Sequence(p, 10) for p in prompts)
+    batch.add(a)
+    batch.add(b)
+    assert batch.free_rows == 0
+    for _ in range(3):
+        batch.step()
+    batch.remove(a)  # its client went away
+    assert batch.free_rows == 1 and a.row is None and a.tokens == ref[0][:4] and a.finish_reason is None
+    batch.add(c)  # takes a's row between steps
+    while batch.running:
+        batch.step()
+    assert b.tokens == ref[1] and c.tokens == ref[2]
+
+
+def test_compiled_rows_join_and_leave_without_recompiling():
+    model = packed_model()
+    steps = compile_steps(torch.device("cpu"))
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 16, steps=steps)
+    model.setup_caches(4, 64)
+    seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps)
+    assert [s.tokens for s in seqs] == ref
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps)
+    assert [s.tokens for s in seqs] == ref[::-1]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
+def test_each_row_samples_from_its_batch1_distribution(params):
+    """Every row of a batch (rows of different prompts beside it) draws its second token, the first
+    decode step's, from the exact distribution batch-1 sampling has (over the first token's draws)."""
+    V = 8
+    model = pack_model(random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35))
+    prompt = [1, 5, 2]
+    with torch.no_grad():
+        full = torch.cat([torch.tensor(prompt).expand(V, 3), torch.arange(V)[:, None]], 1)
+        p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1], params)
+        p2 = logits_to_probs(model(full)[:, -1], params)  # [first token, V]
+    expected = p1 @ p2
+    model.setup_caches(4, 16)
+    counts = torch.zeros(V)
+    torch.manual_seed(0)
+    others = [[3, 3], [7, 1, 4, 6], [2]]
+    for _ in range(300):
+        seqs, _ = generate_many(model, [prompt, *others], 2, params)
+        counts[seqs[0].tokens[1]] += 1
+    stat, df = chi2(counts, expected)
+    assert stat < _chi2_critical(df), stat
+    stat, df = chi2(counts, p1)  # the test can tell a wrong distribution apart
+    assert stat > _chi2_critical(df)
+
+
+def test_bad_batches_are_refused_before_any_work():
+    model = packed_model()
+    model.setup_caches(2, 32)
+    with pytest.raises(ValueError, match="KV cache holds 32"):
+        generate_many(model, [[1, 2, 3], list(range(3, 30))], 10, GREEDY)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_many(model, [[1, 2], []], 4, GREEDY)
+    with pytest.raises(ValueError, match="cache rows"):
+        model.cache_rows(2, 3).__enter__()
+
+
+@pytest.mark.parametrize("path", ["kernels", "sdpa", "compiled without kernels"])
+def test_per_row_positions_match_the_uncached_forward(path):
+    """A decode step of 3 sequences at their own positions (input_pos [B, 1]) gives each row the
+    logits of that sequence's full uncached forward pass: rope, cache writes and masks per row, on
+    the CPU kernels, PyTorch's SDPA, and the compiled fixed-order attention."""
+    model = random_model()
+    if path == "kernels":
+        pack_model(model)
+    steps = compile_steps(torch.device("cpu")) if path.startswith("compiled") else None
+    seqs = [rand_prompt(n, seed=n) for n in (6, 11, 2)]
+    model.setup_caches(3, 32)
+    with torch.no_grad():
+        for row, s in enumerate(seqs):
+            with model.cache_rows(row, row + 1):
+                model(s[None, :-1], torch.arange(len(s) - 1))
+        x = torch.stack([s[-1:] for s in seqs])
+        pos = torch.tensor([[len(s) - 1] for s in seqs])
+
+        def step(model, x, pos, *_):
+            return model(x, pos)
+        if steps is not None:
+            from decoding import regional
+            step = regional(step, steps.decode.layer_graph)
+        logits = step(model, x, pos)
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(logits[row, -1], model(s[None])[0, -1], rtol=1e-4, atol=1e-4)
