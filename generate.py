@@ -5,6 +5,7 @@
     python generate.py --checkpoint_path checkpoints/meta-llama/Llama-2-7b-hf --compile --device cuda
     python generate.py --generation_strategy self_speculative --exit_layer 8 --num_speculations 6 --compile
     python generate.py --quantize int8 --compile            # weights quantized in memory at load
+    python generate.py --prompt "Hi" --prompt "Bye" --prompt_file prompts.txt --batch_size 4   # batched
     torchrun --standalone --nproc_per_node=2 generate.py --compile      # tensor parallel (tp.py)
     torchrun generate.py --model facebook/layerskip-llama2-7B --sample True --max_steps 512 \\
         --generation_strategy self_speculative --exit_layer 8 --num_speculations 6   # LayerSkip's spelling
@@ -13,6 +14,7 @@ The model, decoding and sampling options are shared with every command (options.
 """
 import contextlib
 import itertools
+import json
 import re
 import sys
 import time
@@ -46,21 +48,51 @@ class StreamPrinter:
         self.printed = text
 
 
-def random_prompt_length(args) -> int | None:
+DEFAULT_PROMPT = "Hello, my name is"
+DEFAULT_MAX_BATCH = 8  # --batch_size's default cap: rows beyond it cost cache memory for little more speed
+
+
+def random_prompt_length(args, text: str) -> int | None:
     """--prompt N, in ASCII digits and without --chat, asks for a random prompt of N tokens (for timing)."""
-    return int(args.prompt) if not args.chat and re.fullmatch("[0-9]+", args.prompt) else None
+    return int(text) if not args.chat and re.fullmatch("[0-9]+", text) else None
 
 
-def encode_prompt(args, tokenizer, device):
-    n = random_prompt_length(args)
+def encode_prompt(args, text: str, tokenizer, device, index: int = 0):
+    """The ids of one prompt; a random prompt (--prompt N) draws from seed + its index among the prompts."""
+    n = random_prompt_length(args, text)
     if n is not None:
-        g = torch.Generator().manual_seed(args.seed)
+        g = torch.Generator().manual_seed(args.seed + index)
         return torch.randint(0, tokenizer.vocab_size, (n,), generator=g).to(device)
     if args.chat:
-        ids = tokenizer.encode_chat([*system_message(args), {"role": "user", "content": args.prompt}])
+        ids = tokenizer.encode_chat([*system_message(args), {"role": "user", "content": text}])
     else:
-        ids = tokenizer.encode(args.prompt)
+        ids = tokenizer.encode(text)
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line (blank lines skipped), or JSON lines, each an object with a "prompt" string."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt_file {path}: cannot read it ({e.strerror or e})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--prompt_file {path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record.get("prompt"), str):
+                raise ValueError(f"--prompt_file {path}, line {n}: a JSON line needs a \"prompt\" string")
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"--prompt_file {path} holds no prompt")
+    return prompts
 
 
 def system_message(args):
@@ -69,8 +101,15 @@ def system_message(args):
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--prompt", default="Hello, my name is",
-                   help="prompt text, or an integer N (ASCII digits) for a random prompt of N tokens")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"prompt text, or an integer N (ASCII digits) for a random prompt of N tokens; repeat it for "
+                        f"several prompts, generated as a batch (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompt_file", type=Path, default=None,
+                   help="prompts to generate as a batch (after any --prompt): one per line, or JSON lines with a "
+                        "\"prompt\" field")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"sequences generated at once (default: the number of prompts, at most {DEFAULT_MAX_BATCH}); "
+                        "further prompts wait for a free row")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template and print "
                    "the reply")
     p.add_argument("--system", default=None, help="system message for --chat and --interactive")
@@ -88,8 +127,23 @@ def parse_args(argv=None):
         p.error("--max_seq_length must be >= 2")
     if args.system is not None and not (args.chat or args.interactive):
         p.error("--system needs --chat or --interactive")
-    if random_prompt_length(args) == 0:
+    try:
+        args.prompts = (args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    except ValueError as e:
+        p.error(str(e))
+    args.prompts = args.prompts or [DEFAULT_PROMPT]
+    if any(random_prompt_length(args, t) == 0 for t in args.prompts):
         p.error("--prompt 0 asks for a random prompt of 0 tokens; give text or a length >= 1")
+    if args.interactive and (len(args.prompts) > 1 or args.batch_size is not None):
+        p.error("--interactive is one conversation: it takes no --prompt_file, several --prompt or --batch_size")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    batched = args.strategy.name == "autoregressive"
+    args.batch_size = args.batch_size or (min(len(args.prompts), DEFAULT_MAX_BATCH) if batched else 1)
+    if args.batch_size > 1 and not batched:
+        p.error(f"--batch_size {args.batch_size}: batched generation runs --generation_strategy autoregressive so "
+                f"far; --generation_strategy {args.strategy.name} takes --batch_size 1 (its prompts run one at a "
+                "time)")
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")
@@ -103,8 +157,13 @@ def check_prompt(args, tokenizer, model_args):
     if args.interactive and tokenizer.chat_format is None:
         raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model's tokenizer")
     if not args.interactive:
-        n = random_prompt_length(args)
-        cache_size(args, model_args, n if n is not None else len(encode_prompt(args, tokenizer, "cpu")))
+        for i, text in enumerate(args.prompts):
+            n = random_prompt_length(args, text)
+            try:
+                cache_size(args, model_args, n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")))
+            except ValueError as e:
+                raise ValueError(f"prompt {i + 1} of {len(args.prompts)}: {e}" if len(args.prompts) > 1 else str(e)) \
+                    from None
 
 
 def speculation_summary(stats) -> str:
@@ -147,11 +206,11 @@ def printable(tokenizer, ids: list[int]) -> str:
 
 def run_samples(args, engine):
     tokenizer, device = engine.tokenizer, engine.device
-    prompt = encode_prompt(args, tokenizer, device)
-    engine.setup_caches(cache_size(args, engine.model.args, len(prompt)))
+    prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(args.prompts)]
+    rows = min(args.batch_size, len(prompts))
+    engine.setup_caches(max(cache_size(args, engine.model.args, len(p)) for p in prompts), rows)
     bytes_per_token = weight_bytes_per_token(engine.model)
-    if args.chat:  # the user's message as typed, not the chat template around it
-        print(f"user: {args.prompt}")
+    single = len(prompts) == 1
     # A compiled run starts with one untimed generation: it pays for compilation.
     samples = itertools.chain([None] if args.compile else [], range(args.num_samples))
     for i in samples:
@@ -160,7 +219,12 @@ def run_samples(args, engine):
         prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
         t0 = time.perf_counter()
         with prof:
-            tokens, stats = engine.run(prompt, args.max_new_tokens)
+            if single:
+                tokens, stats = engine.run(prompts[0], args.max_new_tokens)
+                outputs = [tokens[0, len(prompts[0]):].tolist()]
+            else:
+                seqs, batch = engine.run_many([p.tolist() for p in prompts], args.max_new_tokens)
+                outputs = [s.tokens for s in seqs]
         synchronize(device)
         if i is None:
             print(f"Compilation time: {time.perf_counter() - t0:.2f} s", file=sys.stderr)
@@ -168,16 +232,24 @@ def run_samples(args, engine):
         if profiling:
             prof.export_chrome_trace(str(args.profile))
             print(f"Profile written to {args.profile}", file=sys.stderr)
-        ids = tokens[0].tolist()
-        if args.chat:
-            print(f"assistant: {printable(tokenizer, ids[len(prompt):]).strip()}")
+        for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, outputs)):
+            if not single:
+                print(f"--- prompt {n + 1} of {len(prompts)}")
+            if args.chat:  # the user's message as typed, not the chat template around it
+                print(f"user: {text}")
+                print(f"assistant: {printable(tokenizer, ids).strip()}")
+            else:
+                print(printable(tokenizer, prompt.tolist() + ids))
+        if single:
+            print(f"Sample {i + 1}: {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.2f} "
+                  f"tokens/s (decode {stats.decode_tokens_per_s:.2f} tokens/s, {1000 / stats.decode_tokens_per_s:.1f} "
+                  f"ms/token; prefill {stats.prompt_tokens} tokens in {stats.prefill_s * 1000:.0f} ms), "
+                  f"bandwidth {bytes_per_token * stats.decode_tokens_per_s / 1e9:.2f} GB/s, "
+                  f"peak memory {peak_memory_gb(device):.2f} GB{speculation_summary(stats)}", file=sys.stderr)
         else:
-            print(printable(tokenizer, ids))
-        print(f"Sample {i + 1}: {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.2f} tokens/s "
-              f"(decode {stats.decode_tokens_per_s:.2f} tokens/s, {1000 / stats.decode_tokens_per_s:.1f} ms/token; "
-              f"prefill {stats.prompt_tokens} tokens in {stats.prefill_s * 1000:.0f} ms), "
-              f"bandwidth {bytes_per_token * stats.decode_tokens_per_s / 1e9:.2f} GB/s, "
-              f"peak memory {peak_memory_gb(device):.2f} GB{speculation_summary(stats)}", file=sys.stderr)
+            print(f"Sample {i + 1}: {len(prompts)} prompts, {batch.max_rows} at a time: {batch.new_tokens} tokens in "
+                  f"{batch.wall_s:.2f} s: {batch.tokens_per_s:.2f} tokens/s in all"
+                  f"{f' over {batch.steps} decode steps' if batch.max_rows > 1 else ''}, peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 
 def chat_loop(args, engine):

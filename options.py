@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import adaptive
+import batching
 import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
@@ -231,10 +232,11 @@ class Engine:
     recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
     policies: dict = field(default_factory=dict)  # adaptive policy per strategy, made at its first run
 
-    def setup_caches(self, size: int):
+    def setup_caches(self, size: int, rows: int = 1):
+        """KV caches of `size` positions for `rows` sequences at once (run_many's batch)."""
         for m in (self.model, self.draft_model, *self.drafts.values()):
             if m is not None:
-                m.setup_caches(1, size)
+                m.setup_caches(rows, size)
 
     def draft_for(self, strategy: Strategy):
         """The draft model a strategy drafts with: its quantized self-copy, the separate draft model, or None."""
@@ -247,6 +249,28 @@ class Engine:
         stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
         return run(self.model, prompt, max_new_tokens, sampling or self.sampling, self.strategy,
                    self.draft_for(self.strategy), stops, on_tokens, self.steps, self.policy_for(self.strategy))
+
+    def run_many(self, prompts: list, max_new_tokens: int, on_tokens=None, sampling: SamplingParams | None = None,
+                 stop_ids=None):
+        """Generates from every prompt (lists of ids), as many at once as the caches have rows
+        (setup_caches), the rest queued for free rows; on_tokens(index, ids) streams. Returns
+        ([batching.Sequence] in prompt order, batching.BatchStats)."""
+        if self.strategy.name != "autoregressive" and self.model.max_batch_size > 1:
+            raise ValueError(f"batched generation (more than one row) runs the autoregressive strategy so far, not "
+                             f"{self.strategy.describe()}; run it with a batch size of 1")
+        stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
+        if self.strategy.name == "autoregressive":
+            return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
+                                          self.strategy.exit_layer, stops, on_tokens)
+        t0, seqs = time.perf_counter(), []  # one at a time
+        for i, p in enumerate(prompts):
+            seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
+            tokens, seq.stats = self.run(torch.tensor(seq.prompt, device=self.device), max_new_tokens,
+                                         (lambda ids, i=i: on_tokens(i, ids)) if on_tokens else None, sampling, stops)
+            seq.take(tokens[0, len(seq.prompt):].tolist())
+            seqs.append(seq)
+        return seqs, batching.BatchStats(len(seqs), sum(len(s.tokens) for s in seqs), time.perf_counter() - t0,
+                                         sum(s.stats.rounds or s.stats.new_tokens for s in seqs), 1)
 
     def policy_for(self, strategy: Strategy):
         """An adaptive strategy's policy, kept across generations (its acceptance estimates carry

@@ -102,6 +102,18 @@ CASES = [
     Case(G, ["--checkpoint_path", "{tiny}", "--system", "Be brief."], "--system needs --chat or --interactive", 2),
     Case(G, ["--checkpoint_path", "{no_chat}", "--chat"], "no known chat format", before_load=True),
     Case(G, ["--checkpoint_path", "{no_chat}", "--interactive"], "no chat format", before_load=True),
+    # --- generate.py: several prompts
+    Case(G, ["--checkpoint_path", "{tiny}", "--batch_size", "0"], "--batch_size must be >= 1", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--prompt_file", "{tmp}/missing.txt"], "--prompt_file", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--prompt_file", "{bad_jsonl}"], "line 2: not valid JSON", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--prompt_file", "{no_prompt_jsonl}"], 'needs a "prompt" string', 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--prompt_file", "{blank_prompts}"], "holds no prompt", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--prompt", "a", "--prompt", "b", "--interactive"],
+         "--interactive is one conversation", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--generation_strategy", "self_speculative", "--exit_layer", "1",
+             "--batch_size", "2"], "--generation_strategy self_speculative takes --batch_size 1", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--max_seq_length", "8", "--max_new_tokens", "2", "--prompt", "2", "--prompt", "20"],
+         "prompt 2 of 2: the prompt (20 tokens)", before_load=True),
     # --- generate.py: strategies
     Case(G, ["--checkpoint_path", "{tiny}", "--generation_strategy", "lookahead"], "invalid choice: 'lookahead'", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--exit_layer", "0"], "--exit_layer must be >= 1", 2),
@@ -224,6 +236,10 @@ def files(tiny_smol_dir, tmp_path_factory):
     f["hf"] = hf
     f["other_vocab"] = convert(hf, root / "other_vocab")
     f.update(broken_hf_dirs(hf, root))
+    for name, text in (("bad_jsonl", 'one\n{"prompt": "two"\n'), ("no_prompt_jsonl", '{"text": "one"}\n'),
+                       ("blank_prompts", "\n  \n")):
+        f[name] = root / f"{name}.txt"
+        f[name].write_text(text)
     return {k: str(v) for k, v in f.items()}
 
 

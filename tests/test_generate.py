@@ -1,4 +1,5 @@
 """Generation: greedy parity with transformers, compiled without recompiles, the tiny-temperature limit, the CLI."""
+import json
 import re
 import subprocess
 import sys
@@ -267,3 +268,24 @@ def test_compiled_prefill_handles_new_prompt_lengths_without_recompiling(tiny_ch
         assert ours[0].tolist() == hf_greedy(hf, prompt, 10)
         assert_varied(ours[0, length:])
     assert compiled_graphs(prefill) - before == 1  # one graph, dynamic in the prompt length
+
+
+def test_several_prompts_print_what_each_prints_alone(tiny_smol_dir, tmp_path, capsys):
+    """--prompt repeated and --prompt_file (plain and JSON lines), batched two rows at a time, eager
+    and compiled: each prompt's text is what generate.py prints for that prompt alone."""
+    import generate
+    texts = ["Hi there", "The sea is", 'A "quoted" line', "Once upon a time, long ago"]
+    (tmp_path / "p.txt").write_text(f"{texts[1]}\n\n" + json.dumps({"prompt": texts[2], "id": 7}) + f"\n{texts[3]}\n")
+    common = ["--checkpoint_path", str(tiny_smol_dir), "--max_new_tokens", "12", "--temperature", "0"]
+    alone = []
+    for t in texts:
+        generate.main([*common, "--prompt", t])
+        alone.append(capsys.readouterr().out.strip())
+    for extra in ([], ["--compile"]):
+        generate.main([*common, "--prompt", texts[0], "--prompt_file", str(tmp_path / "p.txt"), "--batch_size", "2",
+                       *extra])
+        out, err = capsys.readouterr()
+        parts = [p.strip() for p in out.split("--- prompt ")[1:]]
+        assert [p.split("\n", 1)[1] for p in parts] == alone, extra
+        assert [p.split("\n", 1)[0] for p in parts] == [f"{i} of 4" for i in range(1, 5)]
+        assert "Sample 1: 4 prompts, 2 at a time: 48 tokens" in err
