@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding import GenerationStats, Steps, check_exit_layer, check_finite, check_fits, synchronize
+from decoding import (GenerationStats, Steps, check_exit_layer, check_finite, check_fits, check_num_speculations,
+                      synchronize)
 from model import Transformer
 from sampling import SamplingParams
 
@@ -55,20 +56,30 @@ class Sequence:
 
 
 class Batch:
-    """Autoregressive (with exit_layer: early-exit) decoding of up to model.max_batch_size sequences
-    at once. `add` prefills a sequence into a free row; `step` advances every running sequence by one
-    token and returns what each produced; sequences that end leave their rows at once."""
+    """Decoding of up to model.max_batch_size sequences at once: autoregressive (with exit_layer:
+    early-exit), or with num_speculations k self-speculative (LayerSkip, one shared cache: every row
+    drafts k tokens from layers [0, exit_layer), one verify pass scores all rows x (k + 1) positions,
+    and each row keeps its own accepted prefix and advances by its own count). `add` prefills a
+    sequence into a free row; `step` runs one step (or round) of every running sequence and returns
+    what each produced; sequences that end leave their rows at once."""
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
-                 exit_layer: int | None = None):
+                 exit_layer: int | None = None, num_speculations: int = 0):
         check_exit_layer(model, exit_layer)
         if model.max_batch_size < 1:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+        if num_speculations:
+            check_num_speculations(num_speculations)
+            if exit_layer is None:
+                raise ValueError("batched self-speculation needs exit_layer (the draft's layers)")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
+        self.k = num_speculations
         B, device = model.max_batch_size, model.norm.weight.device
         self.rows: list[Sequence | None] = [None] * B
         self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # and its position
+        self.live = torch.zeros(B, 1, dtype=torch.long, device=device)  # 1 for a running row: a free one stays at 0
+        self.offsets = torch.arange(self.k + 1, device=device)
         self.device = device
         self.steps_run = 0
 
@@ -83,17 +94,17 @@ class Batch:
     def add(self, seq: Sequence) -> list[int]:
         """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
         token ends it here, freeing the row again)."""
-        check_fits(self.model, len(seq.prompt), seq.max_new_tokens)
+        check_fits(self.model, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
         row = self.rows.index(None)  # ValueError if none: the caller checks free_rows
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=self.device)
         with self.model.cache_rows(row, row + 1):
             first, finite = self.steps.prefill(self.model, prompt[None], torch.arange(len(prompt), device=self.device),
-                                               self.params, self.exit_layer)
+                                               self.params, None if self.k else self.exit_layer)
         check_finite(finite)
         kept = seq.take(first[0].tolist())
         seq.started = time.perf_counter()
-        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0)
+        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0, num_speculations=self.k)
         if seq.done:
             self._finish(seq)
         else:
@@ -101,28 +112,62 @@ class Batch:
             self.rows[row] = seq
             self.cur[row] = first[0]
             self.pos[row] = len(prompt)
+            self.live[row] = 1
         return kept
 
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """One decode step of every running sequence: [(sequence, its new tokens)]."""
+        """One step (autoregressive) or round (speculative) of every running sequence:
+        [(sequence, its new tokens)]."""
         if not self.running:
             return []
         # After the first step the shapes and settings never change (rows join by prefill, between
-        # steps): the compiled step's guards need not be evaluated again.
+        # steps): the compiled steps' guards need not be evaluated again.
         with torch.compiler.set_stance(skip_guard_eval_unsafe=self.steps_run > 0):
-            nxt = self.steps.decode(self.model, self.cur, self.pos, self.params, self.exit_layer).clone()
+            produced = self._round() if self.k else self._decode()
         self.steps_run += 1
-        self.cur.copy_(nxt)
-        self.pos += 1
-        ids = nxt[:, 0].tolist()  # the step's one host synchronisation
         out = []
         for row, seq in enumerate(self.rows):
             if seq is None:
                 continue
-            out.append((seq, seq.take([ids[row]])))
+            out.append((seq, seq.take(produced[row])))
             if seq.done:
                 self.remove(seq)
         return out
+
+    def _decode(self) -> list[list[int]]:
+        nxt = self.steps.decode(self.model, self.cur, self.pos, self.params, self.exit_layer).clone()
+        self.cur.copy_(nxt)
+        self.pos.add_(1).mul_(self.live)
+        return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation
+
+    def _round(self) -> list[list[int]]:
+        """Every row drafts k tokens; one verify pass; each row keeps its accepted drafts (at most
+        what its budget still needs, r - 1 for r tokens to go) and the full model's next token."""
+        k, E, model = self.k, self.exit_layer, self.model
+        limit = torch.tensor([min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0
+                              for s in self.rows], device=self.device)
+        x, drafts, states, probs = self.cur, [], [], []
+        for j in range(k):
+            x, h, q = (v.clone() if v is not None else None
+                       for v in self.steps.batch_draft(model, x, self.pos + j, self.params, E))
+            drafts.append(x)
+            states.append(h)
+            probs.append(q)
+        tokens = torch.cat([self.cur, *drafts], 1)
+        draft_probs = None if self.params.greedy else torch.stack(probs, 1)
+        n, nxt = self.steps.batch_verify(model, tokens, torch.cat(states, 1), draft_probs, self.pos + self.offsets,
+                                         limit, self.params, E)
+        host = torch.cat([tokens[:, 1:], nxt, n[:, None]], 1).tolist()  # the round's one host synchronisation
+        self.cur.copy_(nxt)
+        self.pos.add_(n[:, None] + 1).mul_(self.live)
+        produced = []
+        for row, seq in enumerate(self.rows):
+            a = host[row][-1]
+            produced.append(host[row][:a] + [host[row][k]])
+            if seq is not None:
+                seq.stats.accepted_per_round.append(a)
+                seq.stats.drafted += int(limit[row])
+        return produced
 
     def remove(self, seq: Sequence):
         """Frees seq's row now (it ended, or its client went away); its row becomes padding."""
@@ -130,6 +175,7 @@ class Batch:
             self.rows[seq.row] = None
             self.cur[seq.row] = 0
             self.pos[seq.row] = 0
+            self.live[seq.row] = 0
             seq.row = None
         self._finish(seq)
 
@@ -144,25 +190,38 @@ class BatchStats:
     sequences: int
     new_tokens: int
     wall_s: float
-    steps: int
+    steps: int  # decode steps or speculative rounds of the whole batch
     max_rows: int
+    accepted: int = 0  # speculative: drafts kept, over all sequences
+    drafted: int = 0  # and drafts that counted (within each row's budget)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], wall_s: float, steps: int, max_rows: int) -> "BatchStats":
+        done = [s.stats for s in seqs if s.stats is not None]
+        return cls(len(seqs), sum(len(s.tokens) for s in seqs), wall_s, steps, max_rows,
+                   sum(sum(st.accepted_per_round) for st in done), sum(st.drafted for st in done))
+
 
 @torch.no_grad()
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                  steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None):
-    """Generates from every prompt, model.max_batch_size at a time: a prompt waits in order for a
-    free row. on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt
-    order, BatchStats)."""
+                  steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
+                  num_speculations: int = 0):
+    """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
+    num_speculations self-speculative): a prompt waits in order for a free row. on_tokens(index, ids)
+    streams each prompt's new tokens. Returns ([Sequence] in prompt order, BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
+    batch = Batch(model, params, steps, exit_layer, num_speculations)
     for s in seqs:  # refuse before any work
-        check_fits(model, len(s.prompt), max_new_tokens)
+        check_fits(model, len(s.prompt), max_new_tokens, lookahead=num_speculations)
     index = {id(s): i for i, s in enumerate(seqs)}
-    batch = Batch(model, params, steps, exit_layer)
     queue = list(seqs)
     t0 = time.perf_counter()
     while queue or batch.running:
@@ -176,5 +235,4 @@ def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                 on_tokens(index[id(seq)], kept)
     synchronize(batch.device)
     wall = time.perf_counter() - t0
-    return seqs, BatchStats(len(seqs), sum(len(s.tokens) for s in seqs), wall, batch.steps_run,
-                            model.max_batch_size)
+    return seqs, BatchStats.of(seqs, wall, batch.steps_run, model.max_batch_size)

@@ -120,10 +120,28 @@ def isa() -> str:
     return torch.ops.layerskip_cpu.isa() if load() else "none"
 
 
-def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] float32 @ float32 weight [N, K].T for up to EXACT_ROWS rows (more: BLAS)."""
-    y = torch.ops.layerskip_cpu.float_linear(x.reshape(-1, x.shape[-1]), weight)
+def batched_step(x: torch.Tensor) -> bool:
+    """Whether x [B, T, K] is a step of several sequences (decode, draft or verify: each T <=
+    EXACT_ROWS rows, B > 1) rather than a prompt: its rows must stay independent of each other
+    however many there are in all (exact batching), so more than EXACT_ROWS of them run in chunks."""
+    return x.dim() == 3 and x.shape[0] > 1 and x.shape[1] <= EXACT_ROWS
+
+
+def _rows(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """op over the rows of x [..., K]; a batched step's rows in chunks of EXACT_ROWS, each reduced in
+    the kernels' fixed order (a row's result then never depends on the rows beside it)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if len(x2) > EXACT_ROWS and batched_step(x):
+        y = torch.cat([op(c, *args) for c in x2.split(EXACT_ROWS)])
+    else:
+        y = op(x2, *args)
     return y.reshape(*x.shape[:-1], -1)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float32 @ float32 weight [N, K].T for up to EXACT_ROWS rows (more: BLAS, except a
+    batched step's, in chunks)."""
+    return _rows(torch.ops.layerskip_cpu.float_linear, x, weight)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
@@ -132,8 +150,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     int8 or float32 activations (`activations`, default ACTIVATIONS) for up to EXACT_ROWS rows."""
     ops = torch.ops.layerskip_cpu
     op = ops.int8_linear_q8 if (activations or ACTIVATIONS) == "int8" else ops.int8_linear
-    y = op(x.reshape(-1, x.shape[-1]).float(), weight, scales)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return _rows(op, x.float(), weight, scales).to(x.dtype)
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor,
@@ -141,8 +158,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bia
     """x [..., K] @ the int4 weight (module docstring) .T, as int8_linear."""
     ops = torch.ops.layerskip_cpu
     op = ops.int4_linear_q8 if (activations or ACTIVATIONS) == "int8" else ops.int4_linear
-    y = op(x.reshape(-1, x.shape[-1]).float(), weight, scales, biases, groupsize)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return _rows(op, x.float(), weight, scales, biases, groupsize).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

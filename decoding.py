@@ -106,6 +106,37 @@ def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos,
     return n, nxt, ((low, high) if taps else None)
 
 
+def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int):
+    """One draft token for each of B sequences: x [B, 1] at their own positions input_pos [B, 1]
+    through layers [0, exit_layer) and the head. Returns (tokens [B, 1], layer-E states [B, 1, dim],
+    the draft distributions [B, V] when sampling, else None)."""
+    h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
+    logits = model.head(h)[:, -1]
+    if params.greedy:
+        return logits.argmax(-1, keepdim=True), h, None
+    probs = logits_to_probs(logits, params)
+    return sample_from_probs(probs), h, probs
+
+
+def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit,
+                      params: SamplingParams, exit_layer: int):
+    """verify_step (self-speculative) for B sequences at once, each at its own positions: tokens
+    [B, k+1] = [last kept, d1..dk], exit_states [B, k, dim] (the drafted positions' layer-E states),
+    draft_probs [B, k, V] or None (greedy), input_pos [B, k+1], limit [B] (drafts that count per
+    row). Returns (n_accepted [B], next token [B, 1]), on the device."""
+    # contiguous: the same graph as the draft steps' (a strided position view would be another)
+    newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[:, -1:].contiguous(), 0, exit_layer)
+    h = model.run_layers(torch.cat([exit_states, newest], 1), input_pos, exit_layer, model.args.n_layers)
+    logits = model.head(h)
+    drafts = tokens[:, 1:]
+    if params.greedy:
+        target = logits.argmax(-1)
+        n = torch.minimum(torch.cumprod(drafts == target[:, :-1], 1).sum(1), limit)
+        return n, target.gather(1, n[:, None])
+    rows = [speculative_accept(drafts[b], draft_probs[b], logits[b], params, limit[b]) for b in range(len(tokens))]
+    return torch.stack([n for n, _ in rows]), torch.stack([t for _, t in rows])
+
+
 def probe_step(model: Transformer, states):
     """The head's greedy token for each of states [1, n, dim] (hidden states entering n candidate
     exit layers at one position): [n]."""
@@ -121,6 +152,8 @@ class Steps:
     catch_up: object = catch_up_draft_step
     verify: object = verify_step
     probe: object = probe_step
+    batch_draft: object = batch_draft_step  # batched self-speculation (batching.py)
+    batch_verify: object = batch_verify_step
 
 
 def configure_inductor(device: torch.device):
@@ -159,7 +192,8 @@ def compile_steps(device: torch.device, compile_prefill: bool = False, layers_pe
         graph = layer_graph(CompiledBlocks(), size)
         return Steps(prefill=pre, decode=regional(decode_one_token, graph), draft=regional(draft_step, graph),
                      catch_up=regional(catch_up_draft_step, graph), verify=regional(verify_step, graph),
-                     probe=regional(probe_step, graph))
+                     probe=regional(probe_step, graph), batch_draft=regional(batch_draft_step, graph),
+                     batch_verify=regional(batch_verify_step, graph))
     if device.type == "cuda":
         fixed = lambda fn: torch.compile(fn, mode="reduce-overhead", fullgraph=True, dynamic=False)  # noqa: E731
     else:
@@ -167,7 +201,8 @@ def compile_steps(device: torch.device, compile_prefill: bool = False, layers_pe
         # SmolLM2 step) without a Python call each: 1.6 ms of a 15.4 ms int8 step (BENCHMARKS.md).
         fixed = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})  # noqa: E731
     return Steps(prefill=pre, decode=fixed(decode_one_token), draft=fixed(draft_step),
-                 catch_up=fixed(catch_up_draft_step), verify=fixed(verify_step), probe=fixed(probe_step))
+                 catch_up=fixed(catch_up_draft_step), verify=fixed(verify_step), probe=fixed(probe_step),
+                 batch_draft=fixed(batch_draft_step), batch_verify=fixed(batch_verify_step))
 
 
 def regional(fn, graph: layer_graph):
@@ -210,7 +245,9 @@ class CompiledBlocks:
         return run
 
     def __call__(self, layers, h, cos, sin, mask, input_pos):
-        key = (id(layers[0]), len(layers), h.shape, h.dtype, input_pos.shape, torch.is_grad_enabled())
+        # strides too: a graph compiled for a strided view must not take a contiguous tensor (or back)
+        key = (id(layers[0]), len(layers), h.shape, h.stride(), h.dtype, input_pos.shape, input_pos.stride(),
+               torch.is_grad_enabled())
         if skipping_guards() and key in self.direct:
             gather, fn = self.direct[key]
             self.direct_calls += 1
@@ -434,6 +471,14 @@ class Strategy:
     @property
     def adaptive(self) -> bool:
         return self.auto_exit or self.auto_k
+
+    @property
+    def batchable(self) -> bool:
+        """Runs many sequences at once (batching.Batch): autoregressive and early exit, and
+        self-speculation with a fixed exit layer and k from the shared cache; the others (a draft
+        model, a quantized self-draft, auto) run one sequence at a time so far."""
+        return self.name == "autoregressive" or (self.name == "self_speculative" and not self.needs_draft_model
+                                                 and not self.adaptive)
 
     def lookahead(self, max_new_tokens: int) -> int:
         """Cache positions a round may write beyond the tokens it keeps (k; capped at max_new_tokens

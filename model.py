@@ -140,7 +140,7 @@ class Linear(nn.Linear):
     """A bias-free linear layer with CPU paths for a few rows, where reading the weight is the cost.
 
     float32 weights (once `pack` found the kernels): up to cpu_kernels.EXACT_ROWS rows, i.e. decode,
-    draft and verify steps, go to `cpu_kernels.float_linear`, which streams each weight once for all
+    draft and verify steps (and a batched step's rows, in chunks), go to `cpu_kernels.float_linear`, which streams each weight once for all
     rows at close to memory bandwidth (oneDNN/MKL's GEMV reaches about half, BENCHMARKS.md) and
     reduces every output in one order whatever the number of rows: a verify pass over k + 1 rows
     gives bitwise the products of k + 1 one-row steps. Without the kernels, under torch.compile one
@@ -160,7 +160,8 @@ class Linear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and not torch.is_grad_enabled():
-            if self.use_cpu_kernel and rows <= cpu_kernels.EXACT_ROWS and x.dtype == torch.float32:
+            few = rows <= cpu_kernels.EXACT_ROWS or cpu_kernels.batched_step(x)
+            if self.use_cpu_kernel and few and x.dtype == torch.float32:
                 return cpu_kernels.float_linear(x, self.weight)
             if rows == 1 and torch.compiler.is_compiling():
                 y = (self.weight.float() * x.reshape(1, -1).float()).sum(-1)

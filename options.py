@@ -255,13 +255,15 @@ class Engine:
         """Generates from every prompt (lists of ids), as many at once as the caches have rows
         (setup_caches), the rest queued for free rows; on_tokens(index, ids) streams. Returns
         ([batching.Sequence] in prompt order, batching.BatchStats)."""
-        if self.strategy.name != "autoregressive" and self.model.max_batch_size > 1:
-            raise ValueError(f"batched generation (more than one row) runs the autoregressive strategy so far, not "
-                             f"{self.strategy.describe()}; run it with a batch size of 1")
+        strategy = self.strategy
+        if not strategy.batchable and self.model.max_batch_size > 1:
+            raise ValueError(f"{strategy.describe()} runs one sequence at a time so far; set up the caches with "
+                             "one row")
         stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
-        if self.strategy.name == "autoregressive":
+        if strategy.batchable:
+            k = strategy.num_speculations if strategy.name == "self_speculative" else 0
             return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
-                                          self.strategy.exit_layer, stops, on_tokens)
+                                          strategy.exit_layer, stops, on_tokens, k)
         t0, seqs = time.perf_counter(), []  # one at a time
         for i, p in enumerate(prompts):
             seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
@@ -269,8 +271,7 @@ class Engine:
                                          (lambda ids, i=i: on_tokens(i, ids)) if on_tokens else None, sampling, stops)
             seq.take(tokens[0, len(seq.prompt):].tolist())
             seqs.append(seq)
-        return seqs, batching.BatchStats(len(seqs), sum(len(s.tokens) for s in seqs), time.perf_counter() - t0,
-                                         sum(s.stats.rounds or s.stats.new_tokens for s in seqs), 1)
+        return seqs, batching.BatchStats.of(seqs, time.perf_counter() - t0, sum(s.stats.rounds for s in seqs), 1)
 
     def policy_for(self, strategy: Strategy):
         """An adaptive strategy's policy, kept across generations (its acceptance estimates carry

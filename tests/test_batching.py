@@ -29,25 +29,40 @@ def batch1_reference(model, prompts, max_new_tokens, stop_ids=(), steps=None, ex
                      **kw)[0][0, len(p):].tolist() for p in prompts]
 
 
+# (exit layer, k): autoregressive, early exit, self-speculative; k = 5 with 8 rows verifies 48 rows
+# at once, more than the kernels' EXACT_ROWS (in chunks)
+STRATEGIES = [(None, 0), (2, 0), (1, 3), (3, 5)]
+STRATEGY_IDS = ["autoregressive", "early_exit", "self_spec_E1_k3", "self_spec_E3_k5"]
+
+
 @pytest.mark.parametrize("weights", [None, ("int8", None), ("int4", 32)], ids=["float32", "int8", "int4"])
-@pytest.mark.parametrize("exit_layer", [None, 2])
-def test_each_row_equals_its_batch1_greedy_output(weights, exit_layer):
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=STRATEGY_IDS)
+def test_each_row_equals_its_batch1_greedy_output(weights, strategy):
+    """Greedy: each row's tokens are its prompt's batch-1 greedy decoding (early exit: batch-1
+    early-exit decoding), for any number of rows and any neighbours; self-speculation gives plain
+    greedy decoding's tokens."""
+    exit_layer, k = strategy
     model = packed_model(weights)
     prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
-    ref = batch1_reference(model, prompts, 20, exit_layer=exit_layer)
+    ref_exit = None if k else exit_layer  # self-speculation reproduces the full model's decoding
+    ref = batch1_reference(model, prompts, 20, exit_layer=ref_exit)
     assert_varied(sum(ref, []), 0.1)
     assert len({tuple(r) for r in ref}) == len(ref)
     # a stop token that occurs mid-way in some outputs and not in others
     stop = ref[0][7]
-    ref_stopped = batch1_reference(model, prompts, 20, stop_ids=(stop,), exit_layer=exit_layer)
+    ref_stopped = batch1_reference(model, prompts, 20, stop_ids=(stop,), exit_layer=ref_exit)
     assert any(len(r) < 20 for r in ref_stopped) and any(len(r) == 20 for r in ref_stopped)
     for rows in (1, 3, 8):
         model.setup_caches(rows, 64)
-        seqs, stats = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer)
+        seqs, stats = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer, num_speculations=k)
         assert [s.tokens for s in seqs] == ref, rows
         assert all(s.finish_reason == "length" for s in seqs)
         assert stats.new_tokens == 20 * len(prompts) and stats.max_rows == rows
-        seqs, _ = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer, stop_ids=(stop,))
+        if k:
+            assert 0 < stats.accepted < stats.drafted  # rounds that kept drafts and rounds that rejected
+            assert all(len(s.stats.accepted_per_round) == s.stats.rounds > 0 for s in seqs)
+        seqs, _ = generate_many(model, prompts, 20, GREEDY, exit_layer=exit_layer, stop_ids=(stop,),
+                                num_speculations=k)
         assert [s.tokens for s in seqs] == ref_stopped, rows
         assert [s.finish_reason for s in seqs] == ["stop" if r[-1] == stop else "length" for r in ref_stopped]
 
@@ -97,16 +112,22 @@ def test_a_removed_sequence_frees_its_row_at_once():
 
 
 def test_compiled_rows_join_and_leave_without_recompiling():
+    """Compiled (regional graphs): autoregressive and self-speculative batches give the batch-1
+    output, and a second run, whose rows join and leave at other steps, compiles nothing."""
     model = packed_model()
     steps = compile_steps(torch.device("cpu"))
     prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
     ref = batch1_reference(model, prompts, 16, steps=steps)
     model.setup_caches(4, 64)
-    seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps)
-    assert [s.tokens for s in seqs] == ref
+    for k in (0, 3):
+        seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps, exit_layer=1 if k else None,
+                                num_speculations=k)
+        assert [s.tokens for s in seqs] == ref, k
     with torch._dynamo.config.patch(error_on_recompile=True):
-        seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps)
-    assert [s.tokens for s in seqs] == ref[::-1]
+        for k in (0, 3):
+            seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps, exit_layer=1 if k else None,
+                                    num_speculations=k)
+            assert [s.tokens for s in seqs] == ref[::-1], k
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
@@ -134,6 +155,36 @@ def test_each_row_samples_from_its_batch1_distribution(params):
     assert stat > _chi2_critical(df)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(1.2, top_p=0.75)])
+def test_batched_self_speculative_sampling_matches_autoregressive_distribution(params):
+    """Batched self-speculative sampling (4 rows of one prompt, E = 1, k = 2): the 2nd and 3rd tokens
+    are distributed as under autoregressive sampling, and told apart from the draft's own."""
+    V, E = 8, 1
+    model = pack_model(random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35))
+    prompt = torch.tensor([1, 5, 2])
+    seqs = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
+    full = torch.cat([prompt.expand(len(seqs), 3), seqs], 1)
+    with torch.no_grad():
+        p = logits_to_probs(model(full)[:, 2:5], params)
+        q = logits_to_probs(model.head(model.run_layers(model.embed(full), None, 0, E))[:, 2:5], params)
+    pick = lambda probs, i: probs[:, i].gather(1, seqs[:, i:i + 1])[:, 0]  # noqa: E731
+    joint, wrong = pick(p, 0) * pick(p, 1) * pick(p, 2), pick(p, 0) * pick(q, 1) * pick(q, 2)
+    model.setup_caches(4, 16)
+    counts = torch.zeros(2, V)
+    torch.manual_seed(1234)
+    for _ in range(300):
+        out, _ = generate_many(model, [prompt.tolist()] * 4, 3, params, exit_layer=E, num_speculations=2)
+        for s in out:
+            counts[0, s.tokens[1]] += 1
+            counts[1, s.tokens[2]] += 1
+    for pos in (0, 1):
+        marginal = torch.zeros(V).index_add_(0, seqs[:, pos + 1], joint)
+        stat, df = chi2(counts[pos], marginal)
+        assert stat < _chi2_critical(df), (pos, stat)
+    stat, df = chi2(counts[0], torch.zeros(V).index_add_(0, seqs[:, 1], wrong))
+    assert stat > 3 * _chi2_critical(df)
+
+
 def test_bad_batches_are_refused_before_any_work():
     model = packed_model()
     model.setup_caches(2, 32)
@@ -141,6 +192,10 @@ def test_bad_batches_are_refused_before_any_work():
         generate_many(model, [[1, 2, 3], list(range(3, 30))], 10, GREEDY)
     with pytest.raises(ValueError, match="the prompt is empty"):
         generate_many(model, [[1, 2], []], 4, GREEDY)
+    with pytest.raises(ValueError, match="speculation lookahead"):
+        generate_many(model, [list(range(3, 25))], 8, GREEDY, exit_layer=1, num_speculations=4)
+    with pytest.raises(ValueError, match="needs exit_layer"):
+        generate_many(model, [[1, 2]], 4, GREEDY, num_speculations=4)
     with pytest.raises(ValueError, match="cache rows"):
         model.cache_rows(2, 3).__enter__()
 
