@@ -57,27 +57,41 @@ class Sequence:
 
 class Batch:
     """Decoding of up to model.max_batch_size sequences at once: autoregressive (with exit_layer:
-    early-exit), or with num_speculations k self-speculative (LayerSkip, one shared cache: every row
-    drafts k tokens from layers [0, exit_layer), one verify pass scores all rows x (k + 1) positions,
-    and each row keeps its own accepted prefix and advances by its own count). `add` prefills a
-    sequence into a free row; `step` runs one step (or round) of every running sequence and returns
-    what each produced; sequences that end leave their rows at once."""
+    early-exit), or with num_speculations k speculative: every row drafts k tokens, one verify pass
+    scores all rows x (k + 1) positions, and each row keeps its own accepted prefix and advances by
+    its own count. The drafts come from layers [0, exit_layer) of the model itself (LayerSkip, one
+    shared cache: the verify pass resumes the drafts at layer E) or, with draft_model, from that
+    model's layers [0, exit_layer) (all if None) with its own cache (a separate model, or the
+    quantized copy of the model's own layers). `add` prefills a sequence into a free row; `step`
+    runs one step (or round) of every running sequence and returns what each produced; sequences
+    that end leave their rows at once."""
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
-                 exit_layer: int | None = None, num_speculations: int = 0):
-        check_exit_layer(model, exit_layer)
+                 exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None):
         if model.max_batch_size < 1:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+        if draft_model is not None:
+            if not num_speculations:
+                raise ValueError("a draft model drafts for speculative decoding: give num_speculations")
+            check_exit_layer(draft_model, exit_layer, last=True)
+            if draft_model.args.vocab_size != model.args.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
+                                 f"model's ({model.args.vocab_size})")
+            if draft_model.max_batch_size != model.max_batch_size:
+                raise RuntimeError("the draft model's cache needs as many rows as the model's")
+        else:
+            check_exit_layer(model, exit_layer)
         if num_speculations:
             check_num_speculations(num_speculations)
-            if exit_layer is None:
-                raise ValueError("batched self-speculation needs exit_layer (the draft's layers)")
+            if exit_layer is None and draft_model is None:
+                raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
-        self.k = num_speculations
+        self.draft_model, self.k = draft_model, num_speculations
         B, device = model.max_batch_size, model.norm.weight.device
         self.rows: list[Sequence | None] = [None] * B
         self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # and its position
+        self.prev = torch.zeros(B, 1, dtype=torch.long, device=device)  # the token before it (draft model)
         self.live = torch.zeros(B, 1, dtype=torch.long, device=device)  # 1 for a running row: a free one stays at 0
         self.offsets = torch.arange(self.k + 1, device=device)
         self.device = device
@@ -94,14 +108,21 @@ class Batch:
     def add(self, seq: Sequence) -> list[int]:
         """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
         token ends it here, freeing the row again)."""
-        check_fits(self.model, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
+        for m in (self.model, self.draft_model):
+            if m is not None:
+                check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
         row = self.rows.index(None)  # ValueError if none: the caller checks free_rows
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)
         with self.model.cache_rows(row, row + 1):
-            first, finite = self.steps.prefill(self.model, prompt[None], torch.arange(len(prompt), device=self.device),
-                                               self.params, None if self.k else self.exit_layer)
+            first, finite = self.steps.prefill(self.model, prompt[None], positions, self.params,
+                                               None if self.k else self.exit_layer)
         check_finite(finite)
+        if self.draft_model is not None:
+            with self.draft_model.cache_rows(row, row + 1):
+                check_finite(self.steps.prefill(self.draft_model, prompt[None], positions, self.params,
+                                                self.exit_layer)[1])
         kept = seq.take(first[0].tolist())
         seq.started = time.perf_counter()
         seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0, num_speculations=self.k)
@@ -112,6 +133,7 @@ class Batch:
             self.rows[row] = seq
             self.cur[row] = first[0]
             self.pos[row] = len(prompt)
+            self.prev[row] = prompt[-1]
             self.live[row] = 1
         return kept
 
@@ -142,22 +164,35 @@ class Batch:
 
     def _round(self) -> list[list[int]]:
         """Every row drafts k tokens; one verify pass; each row keeps its accepted drafts (at most
-        what its budget still needs, r - 1 for r tokens to go) and the full model's next token."""
-        k, E, model = self.k, self.exit_layer, self.model
+        what its budget still needs, r - 1 for r tokens to go) and the full model's next token.
+
+        A draft model with its own cache has not seen a row's previous token when that row kept
+        every draft of the last round; so its first draft step of a round takes each row's two
+        newest tokens, rewriting the older one's keys and values where it had seen it (the same
+        values: the kernels are row-invariant) and filling them in where not: one pass, no per-row
+        branch."""
+        k, E, model, own = self.k, self.exit_layer, self.model, self.draft_model is not None
+        drafter = self.draft_model if own else model
         limit = torch.tensor([min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0
                               for s in self.rows], device=self.device)
-        x, drafts, states, probs = self.cur, [], [], []
+        drafts, states, probs = [], [], []
+        if own:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
+            x, x_pos = torch.cat([self.prev, self.cur], 1), (self.pos - 1 + self.offsets[:2]).clamp_min(0)
+        else:
+            x, x_pos = self.cur, self.pos
         for j in range(k):
             x, h, q = (v.clone() if v is not None else None
-                       for v in self.steps.batch_draft(model, x, self.pos + j, self.params, E))
+                       for v in self.steps.batch_draft(drafter, x, x_pos, self.params, E))
+            x_pos = self.pos + j + 1
             drafts.append(x)
-            states.append(h)
+            states.append(h[:, -1:])
             probs.append(q)
         tokens = torch.cat([self.cur, *drafts], 1)
         draft_probs = None if self.params.greedy else torch.stack(probs, 1)
-        n, nxt = self.steps.batch_verify(model, tokens, torch.cat(states, 1), draft_probs, self.pos + self.offsets,
-                                         limit, self.params, E)
+        n, nxt = self.steps.batch_verify(model, tokens, None if own else torch.cat(states, 1), draft_probs,
+                                         self.pos + self.offsets, limit, self.params, None if own else E)
         host = torch.cat([tokens[:, 1:], nxt, n[:, None]], 1).tolist()  # the round's one host synchronisation
+        self.prev.copy_(tokens.gather(1, n[:, None]))
         self.cur.copy_(nxt)
         self.pos.add_(n[:, None] + 1).mul_(self.live)
         produced = []
@@ -175,6 +210,7 @@ class Batch:
             self.rows[seq.row] = None
             self.cur[seq.row] = 0
             self.pos[seq.row] = 0
+            self.prev[seq.row] = 0
             self.live[seq.row] = 0
             seq.row = None
         self._finish(seq)
@@ -213,12 +249,12 @@ class BatchStats:
 @torch.no_grad()
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
-                  num_speculations: int = 0):
+                  num_speculations: int = 0, draft_model: Transformer | None = None):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
     num_speculations self-speculative): a prompt waits in order for a free row. on_tokens(index, ids)
     streams each prompt's new tokens. Returns ([Sequence] in prompt order, BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
-    batch = Batch(model, params, steps, exit_layer, num_speculations)
+    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model)
     for s in seqs:  # refuse before any work
         check_fits(model, len(s.prompt), max_new_tokens, lookahead=num_speculations)
     index = {id(s): i for i, s in enumerate(seqs)}

@@ -106,12 +106,13 @@ def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos,
     return n, nxt, ((low, high) if taps else None)
 
 
-def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int):
-    """One draft token for each of B sequences: x [B, 1] at their own positions input_pos [B, 1]
-    through layers [0, exit_layer) and the head. Returns (tokens [B, 1], layer-E states [B, 1, dim],
-    the draft distributions [B, V] when sampling, else None)."""
+def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None):
+    """One draft token for each of B sequences: x [B, T] at their own positions input_pos [B, T]
+    through layers [0, exit_layer) (all if None) and the head; the token follows x's last column
+    (T = 2: a draft model's catch-up, batching.Batch). Returns (tokens [B, 1], layer-E states
+    [B, T, dim], the draft distributions [B, V] when sampling, else None)."""
     h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
-    logits = model.head(h)[:, -1]
+    logits = model.head(h[:, -1:])[:, -1]
     if params.greedy:
         return logits.argmax(-1, keepdim=True), h, None
     probs = logits_to_probs(logits, params)
@@ -119,15 +120,20 @@ def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, e
 
 
 def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit,
-                      params: SamplingParams, exit_layer: int):
-    """verify_step (self-speculative) for B sequences at once, each at its own positions: tokens
-    [B, k+1] = [last kept, d1..dk], exit_states [B, k, dim] (the drafted positions' layer-E states),
-    draft_probs [B, k, V] or None (greedy), input_pos [B, k+1], limit [B] (drafts that count per
-    row). Returns (n_accepted [B], next token [B, 1]), on the device."""
-    # contiguous: the same graph as the draft steps' (a strided position view would be another)
-    newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[:, -1:].contiguous(), 0, exit_layer)
-    h = model.run_layers(torch.cat([exit_states, newest], 1), input_pos, exit_layer, model.args.n_layers)
-    logits = model.head(h)
+                      params: SamplingParams, exit_layer: int | None):
+    """verify_step for B sequences at once, each at its own positions: tokens [B, k+1] = [last
+    kept, d1..dk], draft_probs [B, k, V] or None (greedy), input_pos [B, k+1], limit [B] (drafts
+    that count per row). Self-speculative (exit_layer E): exit_states [B, k, dim] are the drafted
+    positions' layer-E states, and only the newest token runs layers [0, E) here; with a draft
+    model (exit_layer None) all k+1 run every layer. Returns (n_accepted [B], next token [B, 1]),
+    on the device."""
+    if exit_layer is None:
+        logits = model(tokens, input_pos)
+    else:
+        # contiguous: the same graph as the draft steps' (a strided position view would be another)
+        newest = model.run_layers(model.embed(tokens[:, -1:]), input_pos[:, -1:].contiguous(), 0, exit_layer)
+        h = model.run_layers(torch.cat([exit_states, newest], 1), input_pos, exit_layer, model.args.n_layers)
+        logits = model.head(h)
     drafts = tokens[:, 1:]
     if params.greedy:
         target = logits.argmax(-1)
@@ -474,11 +480,9 @@ class Strategy:
 
     @property
     def batchable(self) -> bool:
-        """Runs many sequences at once (batching.Batch): autoregressive and early exit, and
-        self-speculation with a fixed exit layer and k from the shared cache; the others (a draft
-        model, a quantized self-draft, auto) run one sequence at a time so far."""
-        return self.name == "autoregressive" or (self.name == "self_speculative" and not self.needs_draft_model
-                                                 and not self.adaptive)
+        """Runs many sequences at once (batching.Batch): every strategy with a fixed exit layer and
+        k; auto (the adaptive policy) runs one sequence at a time so far."""
+        return not self.adaptive
 
     def lookahead(self, max_new_tokens: int) -> int:
         """Cache positions a round may write beyond the tokens it keeps (k; capped at max_new_tokens

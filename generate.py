@@ -141,9 +141,8 @@ def parse_args(argv=None):
     batched = args.strategy.batchable
     args.batch_size = args.batch_size or (min(len(args.prompts), DEFAULT_MAX_BATCH) if batched else 1)
     if args.batch_size > 1 and not batched:
-        p.error(f"--batch_size {args.batch_size}: {args.strategy.describe()} runs one prompt at a time so far (batched: "
-                "autoregressive, early exit and self_speculative with a numeric --exit_layer and "
-                "--num_speculations); give --batch_size 1")
+        p.error(f"--batch_size {args.batch_size}: {args.strategy.describe()} runs one prompt at a time so far (every "
+                "strategy but auto runs batched); give --batch_size 1")
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")

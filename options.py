@@ -261,9 +261,9 @@ class Engine:
                              "one row")
         stops = self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
         if strategy.batchable:
-            k = strategy.num_speculations if strategy.name == "self_speculative" else 0
+            k = 0 if strategy.name == "autoregressive" else min(strategy.num_speculations, max_new_tokens)
             return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
-                                          strategy.exit_layer, stops, on_tokens, k)
+                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy))
         t0, seqs = time.perf_counter(), []  # one at a time
         for i, p in enumerate(prompts):
             seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))

@@ -1,12 +1,14 @@
 """Batched generation (batching.py): each row's output equals its prompt's batch-1 output, rows join
 and leave between steps, and nothing recompiles."""
+import copy
+
 import pytest
 import torch
 
 from batching import Batch, Sequence, generate_many
 from conftest import assert_varied
 from decoding import compile_steps, generate
-from quantized import pack_model, quantize_model
+from quantized import pack_model, quantize_model, quantized_copy
 from sampling import SamplingParams, logits_to_probs
 from test_decoding import _chi2_critical, chi2, rand_prompt, random_model
 
@@ -67,6 +69,34 @@ def test_each_row_equals_its_batch1_greedy_output(weights, strategy):
         assert [s.finish_reason for s in seqs] == ["stop" if r[-1] == stop else "length" for r in ref_stopped]
 
 
+@pytest.mark.parametrize("draft", ["two-model", "int8 copy of layers [0, 2)", "int4 copy of all layers", "twin"])
+def test_own_cache_drafts_equal_batch1_greedy_output(draft):
+    """A draft model with its own cache (a separate model, a quantized copy of the model's own layers,
+    or an identical twin): each row's output is its batch-1 greedy decoding, and the twin accepts
+    every draft (its cache holds the right keys at every position: the catch-up of rows that kept a
+    whole round's drafts works)."""
+    model = packed_model()
+    if draft == "two-model":
+        drafter, E = pack_model(random_model(n_layers=2, seed=1)), None
+    elif draft == "twin":
+        drafter, E = copy.deepcopy(model), None
+    else:
+        scheme, E = (("int8", None), 2) if "int8" in draft else (("int4", 32), None)
+        drafter = quantized_copy(model, *scheme, n_layers=E)
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 20)
+    for rows, k in ((1, 3), (3, 1), (3, 4)):
+        model.setup_caches(rows, 64)
+        drafter.setup_caches(rows, 64)
+        seqs, stats = generate_many(model, prompts, 20, GREEDY, exit_layer=E, num_speculations=k,
+                                    draft_model=drafter)
+        assert [s.tokens for s in seqs] == ref, (rows, k)
+        if draft == "twin":
+            assert stats.accepted == stats.drafted > 0
+        elif draft != "two-model":
+            assert 0 < stats.accepted < stats.drafted
+
+
 def test_padding_rows_and_stale_cache_change_nothing():
     """Rows freed mid-run keep stepping as padding, and a row's cache holds its previous sequence's
     keys beyond the new prompt: garbage in every cache slot beforehand changes no output."""
@@ -119,15 +149,17 @@ def test_compiled_rows_join_and_leave_without_recompiling():
     prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
     ref = batch1_reference(model, prompts, 16, steps=steps)
     model.setup_caches(4, 64)
-    for k in (0, 3):
-        seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps, exit_layer=1 if k else None,
-                                num_speculations=k)
-        assert [s.tokens for s in seqs] == ref, k
+    twin = copy.deepcopy(model)
+    twin.setup_caches(4, 64)
+    # autoregressive, self-speculative E=1 k=3, and a draft model with its own cache
+    configs = [dict(), dict(exit_layer=1, num_speculations=3), dict(num_speculations=3, draft_model=twin)]
+    for kw in configs:
+        seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps, **kw)
+        assert [s.tokens for s in seqs] == ref, kw
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for k in (0, 3):
-            seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps, exit_layer=1 if k else None,
-                                    num_speculations=k)
-            assert [s.tokens for s in seqs] == ref[::-1], k
+        for kw in configs:
+            seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps, **kw)
+            assert [s.tokens for s in seqs] == ref[::-1], kw
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
@@ -194,7 +226,7 @@ def test_bad_batches_are_refused_before_any_work():
         generate_many(model, [[1, 2], []], 4, GREEDY)
     with pytest.raises(ValueError, match="speculation lookahead"):
         generate_many(model, [list(range(3, 25))], 8, GREEDY, exit_layer=1, num_speculations=4)
-    with pytest.raises(ValueError, match="needs exit_layer"):
+    with pytest.raises(ValueError, match="give a draft source"):
         generate_many(model, [[1, 2]], 4, GREEDY, num_speculations=4)
     with pytest.raises(ValueError, match="cache rows"):
         model.cache_rows(2, 3).__enter__()
@@ -226,3 +258,21 @@ def test_per_row_positions_match_the_uncached_forward(path):
         logits = step(model, x, pos)
         for row, s in enumerate(seqs):
             torch.testing.assert_close(logits[row, -1], model(s[None])[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_a_free_row_never_walks_past_the_cache(k):
+    """A row that stays free while others run many steps rides along at position 0: sequences one
+    after another, each nearly filling the cache, run to the end (no position past the cache)."""
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in (4, 6, 5)]
+    model.setup_caches(1, 40)
+    ref = [generate(model, torch.tensor(p), 30, GREEDY)[0][0, len(p):].tolist() for p in prompts]
+    model.setup_caches(2, 40)
+    batch = Batch(model, GREEDY, exit_layer=1 if k else None, num_speculations=k)
+    for p, r in zip(prompts, ref):
+        seq = Sequence(p, 30)
+        batch.add(seq)
+        while batch.running:
+            batch.step()
+        assert seq.tokens == r and batch.free_rows == 2
