@@ -230,10 +230,17 @@ class BatchStats:
     max_rows: int
     accepted: int = 0  # speculative: drafts kept, over all sequences
     drafted: int = 0  # and drafts that counted (within each row's budget)
+    prefill_s: float = 0.0  # of wall_s, the prompts' prefills (each alone, between steps)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after each prompt's first, per second of decoding (wall time less the prefills)."""
+        busy = self.wall_s - self.prefill_s
+        return (self.new_tokens - self.sequences) / busy if busy > 0 else float("nan")
 
     @property
     def acceptance_rate(self) -> float:
@@ -243,7 +250,8 @@ class BatchStats:
     def of(cls, seqs: list[Sequence], wall_s: float, steps: int, max_rows: int) -> "BatchStats":
         done = [s.stats for s in seqs if s.stats is not None]
         return cls(len(seqs), sum(len(s.tokens) for s in seqs), wall_s, steps, max_rows,
-                   sum(sum(st.accepted_per_round) for st in done), sum(st.drafted for st in done))
+                   sum(sum(st.accepted_per_round) for st in done), sum(st.drafted for st in done),
+                   sum(st.prefill_s for st in done))
 
 
 @torch.no_grad()

@@ -200,10 +200,11 @@ class KVCache(nn.Module):
         if input_pos.dim() == 1:
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
-        else:
-            index = input_pos[:, None, :, None].expand(k.shape)
-            k_cache.scatter_(2, index, k)
-            v_cache.scatter_(2, index, v)
+        else:  # row b, position input_pos[b, t] <- k[b, :, t]; an index_put, which inductor writes in place
+            # (a scatter_ it compiled into a copy of the whole cache: 30 ms a 16-row SmolLM2 step)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return k_cache, v_cache
 
 

@@ -1,0 +1,141 @@
+"""Batched generation speed: the same prompts at several batch sizes, for one strategy per run of
+this script (the shared options choose it), greedy; total output tokens/s, and whether every
+prompt's output equals its batch-1 output. Then, with --exactness, what exact batching costs: a
+batched verify's linears over more than EXACT_ROWS rows in fixed-order kernel chunks against
+one BLAS call (which would not be row-invariant).
+
+    python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
+    python scripts/batch_speed.py --compile --quantize int8 --generation_strategy self_speculative \\
+        --draft_quantize int8 --num_speculations 4 --plot batch_speed.png
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cli  # noqa: E402
+
+cli.start(__name__)
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import cpu_kernels  # noqa: E402
+import options  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_sizes", default="1,2,4,8", help="comma-separated rows at once")
+    p.add_argument("--num_prompts", type=int, default=16)
+    p.add_argument("--prompts", default="mixed", choices=common.PROMPT_SETS)
+    p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: kernel "
+                   "chunks against one BLAS call")
+    p.add_argument("--plot", type=Path, default=None, help="draw tokens/s against batch size to this PNG")
+    options.add_options(p)
+    p.set_defaults(max_new_tokens=64)
+    a = p.parse_args(argv)
+    options.check_options(p, a)
+    try:
+        a.batch_sizes = sorted({int(b) for b in a.batch_sizes.split(",")})
+    except ValueError:
+        p.error(f"--batch_sizes takes comma-separated integers, got {a.batch_sizes!r}")
+    if a.batch_sizes[0] < 1:
+        p.error("--batch_sizes must be >= 1")
+    if not a.strategy.batchable and a.batch_sizes != [1]:
+        p.error(f"{a.strategy.describe()} runs one sequence at a time so far")
+    if a.num_prompts < 1:
+        p.error("--num_prompts must be >= 1")
+    if a.plot is not None:
+        cli.check_output_file(a.plot, "--plot")
+    a.num_samples, a.prompt_length = a.num_prompts, None
+    return a
+
+
+def run_batch(engine, prompts, rows: int, max_new_tokens: int):
+    n = max(len(p) for p in prompts) + max_new_tokens + engine.strategy.lookahead(max_new_tokens)
+    engine.setup_caches(n, rows)
+    return engine.run_many(prompts, max_new_tokens, stop_ids=())
+
+
+def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
+    """ms for one pass of every linear of the model over `rows` rows of a batched step: the kernels'
+    chunks of EXACT_ROWS (what a batched verify runs) against one F.linear call each."""
+    out = []
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    for rows in rows_list:
+        x_by_width = {w: torch.randn(rows // 4, 4, w) for w in {m.in_features for m in linears}}
+
+        def chunked():
+            for m in linears:
+                m(x_by_width[m.in_features])
+
+        def blas():
+            for m in linears:
+                torch.nn.functional.linear(x_by_width[m.in_features], m.weight)
+        with torch.no_grad():
+            t_chunks = common.time_call(chunked, engine.device, repeats=5)
+            t_blas = common.time_call(blas, engine.device, repeats=5)
+        out.append({"rows": rows, "chunks_ms": t_chunks * 1e3, "blas_ms": t_blas * 1e3})
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    engine = options.load_engine(a)
+    prompts = [p.tolist() for p in common.prompts_for(a, engine)]
+    print(f"{a.checkpoint_path} on {engine.device} ({options.device_name(engine.device)}), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; {engine.strategy.describe()}, "
+          f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
+          file=sys.stderr)
+    results, reference = [], None
+    for rows in a.batch_sizes:
+        t0 = time.perf_counter()
+        run_batch(engine, prompts[:rows], rows, min(8, a.max_new_tokens))  # compiles this batch size's graphs
+        warm = time.perf_counter() - t0
+        seqs, stats = run_batch(engine, prompts, rows, a.max_new_tokens)
+        outputs = [s.tokens for s in seqs]
+        reference = reference or outputs
+        results.append({"rows": rows, "tokens_per_s": stats.tokens_per_s, "decode": stats.decode_tokens_per_s,
+                        "prefill_s": stats.prefill_s, "steps": stats.steps,
+                        "ms_per_step": (stats.wall_s - stats.prefill_s) / stats.steps * 1e3,
+                        "acceptance": stats.acceptance_rate, "same": outputs == reference, "warm_s": warm})
+        print(f"  {rows} rows: {stats.tokens_per_s:.1f} tokens/s, decode {stats.decode_tokens_per_s:.1f}",
+              file=sys.stderr)
+    base = results[0]["decode"]
+    print(f"\n{engine.strategy.describe()}, {a.quantize or 'float'} weights, {options.device_name(engine.device)}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| rows at once | decode tokens/s in all | vs 1 row | with prefills tokens/s | prefills s | steps | "
+          "ms per step | acceptance | outputs = 1 row's | first run s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        acc = f"{r['acceptance']:.1%}" if r["acceptance"] == r["acceptance"] else "-"
+        print(f"| {r['rows']} | {r['decode']:.1f} | {r['decode'] / base:.2f}x | {r['tokens_per_s']:.1f} | "
+              f"{r['prefill_s']:.1f} | {r['steps']} | {r['ms_per_step']:.1f} | {acc} | "
+              f"{'yes' if r['same'] else '**no**'} | {r['warm_s']:.1f} |")
+    if a.exactness and engine.device.type == "cpu" and cpu_kernels.load(quiet=True):
+        print("\n| rows of a batched step | kernel chunks of 16 ms | one BLAS call ms | cost of exactness |")
+        print("|---|---|---|---|")
+        for r in exactness_rows(engine):
+            print(f"| {r['rows']} | {r['chunks_ms']:.2f} | {r['blas_ms']:.2f} | {r['chunks_ms'] / r['blas_ms']:.2f}x |")
+    if a.plot is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["rows"] for r in results], [r["decode"] for r in results], marker="o")
+        ax.set_xlabel("rows at once (batch size)")
+        ax.set_ylabel("decode tokens/s in all")
+        ax.set_title(engine.strategy.describe(), fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=120)
+        print(f"Plot written to {a.plot}", file=sys.stderr)
+    if not all(r["same"] for r in results):
+        raise SystemExit("some batched outputs differ from the batch-1 outputs")
+
+
+if __name__ == "__main__":
+    cli.run(main)
