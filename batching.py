@@ -105,6 +105,7 @@ class Batch:
     def running(self) -> list[Sequence]:
         return [s for s in self.rows if s is not None]
 
+    @torch.no_grad()
     def add(self, seq: Sequence) -> list[int]:
         """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
         token ends it here, freeing the row again)."""
@@ -137,6 +138,7 @@ class Batch:
             self.live[row] = 1
         return kept
 
+    @torch.no_grad()
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """One step (autoregressive) or round (speculative) of every running sequence:
         [(sequence, its new tokens)]."""
