@@ -9,6 +9,7 @@ one BLAS call (which would not be row-invariant).
         --draft_quantize int8 --num_speculations 4 --plot batch_speed.png
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default="mixed", choices=common.PROMPT_SETS)
     p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: kernel "
                    "chunks against one BLAS call")
-    p.add_argument("--plot", type=Path, default=None, help="draw tokens/s against batch size to this PNG")
+    p.add_argument("--results", type=Path, default=None, help="append this run's rows to this JSON-lines file")
+    p.add_argument("--plot", type=Path, default=None, help="draw decode tokens/s against rows at once to this PNG: "
+                   "every run in --results (one line each), else this run")
     options.add_options(p)
     p.set_defaults(max_new_tokens=64)
     a = p.parse_args(argv)
@@ -48,8 +51,9 @@ def parse_args(argv=None):
         p.error(f"{a.strategy.describe()} runs one sequence at a time so far")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
-    if a.plot is not None:
-        cli.check_output_file(a.plot, "--plot")
+    for path, what in ((a.plot, "--plot"), (a.results, "--results")):
+        if path is not None:
+            cli.check_output_file(path, what)
     a.num_samples, a.prompt_length = a.num_prompts, None
     return a
 
@@ -79,6 +83,24 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
             t_blas = common.time_call(blas, engine.device, repeats=5)
         out.append({"rows": rows, "chunks_ms": t_chunks * 1e3, "blas_ms": t_blas * 1e3})
     return out
+
+
+def plot(runs: list[dict], path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        ax.plot([r["rows"] for r in run["rows"]], [r["decode"] for r in run["rows"]], marker="o", label=run["config"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows at once (batch size)")
+    ax.set_ylabel("decode tokens/s in all")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"Plot written to {path}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -121,19 +143,14 @@ def main(argv=None):
         print("|---|---|---|---|")
         for r in exactness_rows(engine):
             print(f"| {r['rows']} | {r['chunks_ms']:.2f} | {r['blas_ms']:.2f} | {r['chunks_ms'] / r['blas_ms']:.2f}x |")
+    run = {"config": f"{a.quantize or 'float32'} {engine.strategy.describe()}", "rows": results}
+    runs = [run]
+    if a.results is not None:
+        with open(a.results, "a") as f:
+            f.write(json.dumps(run) + "\n")
+        runs = [json.loads(line) for line in a.results.read_text().splitlines() if line.strip()]
     if a.plot is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["rows"] for r in results], [r["decode"] for r in results], marker="o")
-        ax.set_xlabel("rows at once (batch size)")
-        ax.set_ylabel("decode tokens/s in all")
-        ax.set_title(engine.strategy.describe(), fontsize=9)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=120)
-        print(f"Plot written to {a.plot}", file=sys.stderr)
+        plot(runs, a.plot, f"SmolLM2 decode, {options.device_name(engine.device)}, {torch.get_num_threads()} threads")
     if not all(r["same"] for r in results):
         raise SystemExit("some batched outputs differ from the batch-1 outputs")
 

@@ -162,12 +162,19 @@ def evaluation_parser(description: str, strategies):
     options.add_options(p, strategies=strategies)
     add_dataset_options(p)
     add_output_option(p, None)
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="samples generated at once (greedy: the same texts as one at a time; every strategy but "
+                        "auto)")
     return p
 
 
 def parse_evaluation_args(p, argv, check=None):
     a = p.parse_args(argv)
     options.check_options(p, a)
+    if a.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {a.batch_size}")
+    if a.batch_size > 1 and not a.strategy.batchable:
+        p.error(f"--batch_size {a.batch_size}: {a.strategy.describe()} runs one sample at a time so far")
     if check is not None:
         check(a)
     check_dataset_options(p, a)
@@ -179,7 +186,7 @@ def start_evaluation(a, result_name: str):
     out = check_output(a, result_name)
     samples = dataset_samples(a)
     engine = options.load_engine(a, *options.init_distributed(a))
-    setup_caches_for(engine, samples, a.max_new_tokens)
+    setup_caches_for(engine, samples, a.max_new_tokens, rows=min(a.batch_size, len(samples)))
     return out, samples, engine
 
 
@@ -230,14 +237,14 @@ def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def setup_caches_for(engine, samples, max_new_tokens: int, max_k: int | None = None):
-    """One cache size for the whole run (a compiled graph is specialised to it)."""
+def setup_caches_for(engine, samples, max_new_tokens: int, max_k: int | None = None, rows: int = 1):
+    """One cache size for the whole run (a compiled graph is specialised to it), `rows` sequences at once."""
     longest = max(len(engine.tokenizer.encode(s.prompt)) for s in samples)
     size = longest + max_new_tokens + (engine.strategy.lookahead(max_new_tokens) if max_k is None else max_k)
     if size > engine.model.args.max_position_embeddings:
         raise ValueError(f"the longest prompt ({longest} tokens) + --max_new_tokens + k exceeds the model's "
                          f"{engine.model.args.max_position_embeddings} positions")
-    engine.setup_caches(size)
+    engine.setup_caches(size, rows)
 
 
 def generate_text(engine, prompt_text: str, max_new_tokens: int):
@@ -251,14 +258,34 @@ def generate_text(engine, prompt_text: str, max_new_tokens: int):
     return engine.tokenizer.decode([t for t in gen if t not in engine.tokenizer.stop_ids]), stats, gen
 
 
-def evaluate(engine, samples, a, progress=True):
-    """Per-sample records and the aggregate for the engine's strategy: ROUGE, exact match and speed."""
+def generated(engine, samples, a, progress=True):
+    """(text without stop tokens, stats) per sample: one at a time (each seeded with seed + its
+    index), or --batch_size rows at once (engine.run_many; greedy: the same texts)."""
     from tqdm import tqdm
-    records = []
-    total_tokens, total_s, rounds, accepted, drafted, catch_ups, decode_tokens, decode_s = 0, 0.0, 0, 0, 0, 0, 0, 0.0
-    for i, s in enumerate(tqdm(samples, desc=engine.strategy.describe(), disable=not progress, file=sys.stderr)):
+    rows = getattr(a, "batch_size", 1)
+    bar = tqdm(total=len(samples), desc=engine.strategy.describe(), disable=not progress, file=sys.stderr)
+    if rows > 1:
+        torch.manual_seed(a.seed)
+        tok = engine.tokenizer
+        seqs, _ = engine.run_many([tok.encode(s.prompt) for s in samples], a.max_new_tokens,
+                                  on_tokens=lambda i, ids: bar.update(any(t in tok.stop_ids for t in ids)))
+        bar.close()
+        return [(tok.decode([t for t in seq.tokens if t not in tok.stop_ids]), seq.stats) for seq in seqs]
+    out = []
+    for i, s in enumerate(samples):
         torch.manual_seed(a.seed + i)
         text, stats, _ = generate_text(engine, s.prompt, a.max_new_tokens)
+        out.append((text, stats))
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def evaluate(engine, samples, a, progress=True):
+    """Per-sample records and the aggregate for the engine's strategy: ROUGE, exact match and speed."""
+    records = []
+    total_tokens, total_s, rounds, accepted, drafted, catch_ups, decode_tokens, decode_s = 0, 0.0, 0, 0, 0, 0, 0, 0.0
+    for i, (s, (text, stats)) in enumerate(zip(samples, generated(engine, samples, a, progress))):
         text, stopped = cut_at_stop(text, a.stop)
         r = rouge(text, s.reference)
         records.append({"index": i, "prompt": s.prompt, "reference": s.reference, "generated": text,

@@ -39,17 +39,24 @@ def parse_args(argv=None):
     return common.parse_evaluation_args(p, argv, greedy_only)
 
 
+def outputs(engine, strategy, samples, a) -> list[list[int]]:
+    """Each sample's generated ids under strategy: one at a time, or --batch_size at once."""
+    from tqdm import tqdm
+    engine.strategy = strategy
+    if a.batch_size > 1:
+        seqs, _ = engine.run_many([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens)
+        return [seq.tokens for seq in seqs]
+    return [common.generate_text(engine, s.prompt, a.max_new_tokens)[2]
+            for s in tqdm(samples, desc=strategy.describe(), file=sys.stderr)]
+
+
 def main(argv=None):
     a = parse_args(argv)
     out, samples, engine = common.start_evaluation(a, "correctness.json")
-    from tqdm import tqdm
     speculative, tok = engine.strategy, engine.tokenizer
     differences = []
-    for i, s in enumerate(tqdm(samples, desc="comparing", file=sys.stderr)):
-        engine.strategy = Strategy()
-        _, _, ar = common.generate_text(engine, s.prompt, a.max_new_tokens)
-        engine.strategy = speculative
-        _, _, ss = common.generate_text(engine, s.prompt, a.max_new_tokens)
+    both = zip(outputs(engine, Strategy(), samples, a), outputs(engine, speculative, samples, a))
+    for i, (s, (ar, ss)) in enumerate(zip(samples, both)):
         pos = first_difference(ar, ss)
         if pos is not None:
             differences.append({"index": i, "first_difference": pos, "prompt": s.prompt, "common": tok.decode(ar[:pos]),

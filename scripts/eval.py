@@ -40,15 +40,22 @@ except ImportError:  # the harness is optional
 
 @register_model("layerskip")
 class LayerSkipLM(_Base):
-    def __init__(self, engine: options.Engine | None = None, max_length=2048, **kwargs):
+    def __init__(self, engine: options.Engine | None = None, max_length=2048, batch_size=1, **kwargs):
         """engine: a loaded engine; or, from the harness's --model_args, the shared options as
-        keywords (checkpoint_path=..., generation_strategy=..., exit_layer=..., compile=True, ...)."""
+        keywords (checkpoint_path=..., generation_strategy=..., exit_layer=..., compile=True, ...).
+        batch_size: generate_until's requests run that many at once (every strategy but auto)."""
         if _Base is not object:
             super().__init__()
         self.engine = engine or load_from_keywords(kwargs)
         self.model, self.tokenizer, self.device = self.engine.model, self.engine.tokenizer, self.engine.device
         self.max_length = min(int(max_length), self.model.args.max_position_embeddings)
-        self.engine.setup_caches(self.max_length)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.batch_size > 1 and not self.engine.strategy.batchable:
+            raise ValueError(f"batch_size {batch_size}: {self.engine.strategy.describe()} runs one request at a "
+                             "time so far")
+        self.engine.setup_caches(self.max_length, self.batch_size)
 
     def _start_id(self) -> int:
         """What the first scored token is conditioned on: BOS, or end-of-text for models without one."""
@@ -95,8 +102,10 @@ class LayerSkipLM(_Base):
 
     # --- generation: the chosen strategy ---
     def generate_until(self, requests):
+        """Each request's text, cut at its first `until` string. Requests with the same sampling
+        settings and token budget run batch_size at a time (engine.run_many)."""
         from sampling import SamplingParams
-        out = []
+        jobs = []  # (sampling, budget, prompt ids, stop strings) per request
         for req in requests:
             context, kw = req.args[0], dict(req.args[1] or {})
             until = kw.get("until") or []
@@ -109,10 +118,22 @@ class LayerSkipLM(_Base):
             max_new = int(kw.get("max_gen_toks", 256))
             k = self.engine.strategy.lookahead(max_new)
             ids = ids[-(self.max_length - max_new - k):] if len(ids) + max_new + k > self.max_length else ids
-            n = min(max_new, self.max_length - len(ids) - k)
-            tokens, _ = self.engine.run(torch.tensor(ids, device=self.device), n, sampling=params)
-            gen = [t for t in tokens[0, len(ids):].tolist() if t not in self.tokenizer.stop_ids]
-            text = self.tokenizer.decode(gen)
+            jobs.append((params, min(max_new, self.max_length - len(ids) - k), ids, until))
+        generated = [None] * len(jobs)
+        for params, n in dict.fromkeys((params, n) for params, n, _, _ in jobs):
+            group = [i for i, job in enumerate(jobs) if job[:2] == (params, n)]
+            if self.batch_size > 1:
+                seqs, _ = self.engine.run_many([jobs[i][2] for i in group], n, sampling=params)
+                for i, seq in zip(group, seqs):
+                    generated[i] = seq.tokens
+            else:
+                for i in group:
+                    ids = jobs[i][2]
+                    tokens, _ = self.engine.run(torch.tensor(ids, device=self.device), n, sampling=params)
+                    generated[i] = tokens[0, len(ids):].tolist()
+        out = []
+        for (_, _, _, until), gen in zip(jobs, generated):
+            text = self.tokenizer.decode([t for t in gen if t not in self.tokenizer.stop_ids])
             cut = min((text.find(s) for s in until if s and s in text), default=-1)
             out.append(text[:cut] if cut >= 0 else text)
         return out
@@ -137,10 +158,14 @@ def parse_args(argv=None):
     p.add_argument("--tasks", required=True, help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--limit", type=int, default=None, help="samples per task")
     p.add_argument("--num_fewshot", "--n_shot", dest="num_fewshot", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=1, help="generation requests run at once (greedy: the same "
+                   "texts as one at a time; every strategy but auto)")
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
     common.add_output_option(p, None)
     a = p.parse_args(argv)
     options.check_options(p, a)
+    if a.batch_size < 1 or (a.batch_size > 1 and not a.strategy.batchable):
+        p.error(f"--batch_size {a.batch_size}: must be >= 1, and 1 for {a.strategy.describe()}")
     return a
 
 
@@ -151,7 +176,7 @@ def main(argv=None):
         import lm_eval
     except ImportError:
         raise ValueError("this needs the harness: pip install lm-eval") from None
-    lm = LayerSkipLM(options.load_engine(a, *options.init_distributed(a)))
+    lm = LayerSkipLM(options.load_engine(a, *options.init_distributed(a)), batch_size=a.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
     common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})

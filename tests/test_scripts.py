@@ -66,6 +66,19 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
     assert agg["rouge1"] == pytest.approx(sum(s["rouge1"] for s in doc["samples"]) / 2)
 
 
+def test_benchmark_batched_generates_what_one_at_a_time_does(smollm2_dir, jsonl, tmp_path):
+    """--batch_size 2 over 3 samples (one waits for a free row): the same texts, greedy."""
+    docs = []
+    for rows in ("1", "2"):
+        benchmark.main(dataset_args(smollm2_dir, jsonl, n=3, tokens=10) + [
+            "--generation_strategy", "self_speculative", "--exit_layer", "20", "--num_speculations", "2",
+            "--batch_size", rows, "--output_dir", str(tmp_path / rows)])
+        docs.append(json.loads((tmp_path / rows / "benchmark.json").read_text()))
+    assert [s["generated"] for s in docs[1]["samples"]] == [s["generated"] for s in docs[0]["samples"]]
+    assert docs[1]["aggregate"]["new_tokens"] == docs[0]["aggregate"]["new_tokens"]
+    assert docs[1]["aggregate"]["acceptance_rate"] == docs[0]["aggregate"]["acceptance_rate"]
+
+
 @pytest.mark.slow
 def test_sweep_csv_heatmap_and_best(smollm2_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -99,6 +112,9 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
                                                                         "3", "--output", str(out)])
     doc = json.loads(out.read_text())
     assert doc["num_samples"] == 3 and doc["num_different"] == 0 and doc["share_different"] == 0.0
+    correctness.main(dataset_args(smollm2_dir, jsonl, n=3, tokens=12) + ["--exit_layer", "8", "--num_speculations",
+                                                                        "3", "--batch_size", "3", "--output", str(out)])
+    assert json.loads(out.read_text())["num_different"] == 0
     assert correctness.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert correctness.first_difference([1, 2], [1, 2, 3]) == 2
     assert correctness.first_difference([1, 2], [1, 2]) is None
@@ -110,6 +126,9 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     (benchmark, ["--dataset", "human_eval", "--generation_strategy", "self_speculative"], "needs --exit_layer"),
     (benchmark, ["--dataset", "human_eval", "--exit_layer", "0"], "--exit_layer must be >= 1"),
     (correctness, ["--exit_layer", "4", "--temperature", "0.7"], "correctness compares greedy outputs"),
+    (benchmark, ["--dataset", "human_eval", "--batch_size", "0"], "--batch_size must be >= 1"),
+    (benchmark, ["--dataset", "human_eval", "--generation_strategy", "self_speculative", "--exit_layer", "auto",
+                 "--batch_size", "4"], "runs one sample at a time so far"),
     (sweep, ["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
     (sweep, ["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
     (sweep, ["--dataset", "cnn"], "unknown dataset"),
@@ -158,3 +177,23 @@ def test_eval_model_against_transformers(smollm2_dir, smollm2_hf):
     assert rolling < 0 and math.isfinite(rolling)
     out, = lm.generate_until([Req("def fibonacci(n):\n", {"until": ["\n\n"], "max_gen_toks": 24})])
     assert "\n\n" not in out and len(out) > 0
+    # batched: requests of two budgets, grouped, two rows at a time; the texts of one at a time
+    reqs = [Req(p, {"until": ["\n\n"], "max_gen_toks": n}) for p, n in
+            (("def add(a, b):\n", 12), ("The capital of France is", 8), ("1, 2, 3,", 12), ("Once upon", 12))]
+    batched = LayerSkipLM(checkpoint_path=str(smollm2_dir), generation_strategy="self_speculative", exit_layer=20,
+                          num_speculations=2, max_length=256, batch_size=2)
+    assert batched.generate_until(reqs) == lm.generate_until(reqs)
+
+
+def test_batch_speed_table_plot_and_equal_outputs(tiny_smol_dir, tmp_path, capsys):
+    import batch_speed
+    results, png = tmp_path / "r.jsonl", tmp_path / "b.png"
+    for extra in ([], ["--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "2"]):
+        batch_speed.main(["--checkpoint_path", str(tiny_smol_dir), "--batch_sizes", "1,2", "--num_prompts", "3",
+                          "--max_new_tokens", "6", "--results", str(results), "--plot", str(png), *extra])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 4 and all("| yes |" in r for r in rows)
+    runs = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["config"] for r in runs] == ["float32 autoregressive", "float32 self_speculative E=2 k=2"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

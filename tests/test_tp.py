@@ -177,16 +177,19 @@ def test_generate_cli_tensor_parallel_prints_once(tiny_smol_dir):
 
 @pytest.mark.slow
 def test_quantized_self_draft_under_tensor_parallelism_equals_single_process_greedy(tiny_smol_dir):
-    """The int8 copy is made from the whole model on every rank, then sharded like it."""
-    common = ["--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--max_new_tokens", "12", "--temperature", "0",
-              "--num_samples", "1"]
+    """The int8 copy is made from the whole model on every rank, then sharded like it. Three prompts
+    batched two rows at a time (every rank schedules the same rows: their tokens agree) print what
+    one process prints running them one at a time."""
+    common = ["--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--prompt", "The sea is", "--prompt",
+              "Once upon a time", "--max_new_tokens", "12", "--temperature", "0", "--num_samples", "1"]
     r = torchrun(2, "generate.py", *common, "--generation_strategy", "self_speculative", "--draft_quantize", "int8",
-                 "--num_speculations", "3", timeout=180)
+                 "--num_speculations", "3", "--batch_size", "2", timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Draft: int8 copy of layers [0, 3)" in r.stderr and "acceptance rate" in r.stderr
-    single = subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, common)], capture_output=True,
-                            text=True, timeout=180)
-    assert single.returncode == 0 and r.stdout == single.stdout
+    assert "3 prompts, 2 at a time" in r.stderr
+    single = subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, common), "--batch_size", "1"],
+                            capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0 and r.stdout == single.stdout and r.stdout.count("--- prompt") == 3
 
 
 @pytest.mark.slow
