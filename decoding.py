@@ -508,7 +508,7 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
     policy: an adaptive strategy's adaptive.AdaptivePolicy. Returns (tokens [1, T + n], stats)."""
     if strategy.adaptive and policy is None:
         raise ValueError("an adaptive strategy (exit_layer or num_speculations auto) needs its policy "
-                         "(options.Engine makes it)")
+                         "(engine.Engine makes it)")
     if strategy.needs_draft_model != (draft_model is not None):
         raise ValueError("a draft model is given exactly for generation strategy speculative and for "
                          "self_speculative with draft_quantize")

@@ -26,6 +26,7 @@ cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted`
 
 import torch  # noqa: E402
 
+from engine import init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 from decoding import peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
 import tp  # noqa: E402
@@ -291,8 +292,8 @@ def chat_loop(args, engine):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        rank, world_size = options.init_distributed(args)
-        engine = options.load_engine(args, rank, world_size,
+        rank, world_size = init_distributed(args)
+        engine = load_engine(args, rank, world_size,
                                      check=lambda meta, tokenizer: check_prompt(args, tokenizer, meta["args"]))
         if args.interactive:
             chat_loop(args, engine)

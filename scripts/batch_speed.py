@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import cpu_kernels  # noqa: E402
+from engine import device_name, load_engine  # noqa: E402
 import options  # noqa: E402
 
 
@@ -105,9 +106,9 @@ def plot(runs: list[dict], path: Path, title: str):
 
 def main(argv=None):
     a = parse_args(argv)
-    engine = options.load_engine(a)
+    engine = load_engine(a)
     prompts = [p.tolist() for p in common.prompts_for(a, engine)]
-    print(f"{a.checkpoint_path} on {engine.device} ({options.device_name(engine.device)}), "
+    print(f"{a.checkpoint_path} on {engine.device} ({device_name(engine.device)}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {engine.strategy.describe()}, "
           f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
           file=sys.stderr)
@@ -128,7 +129,7 @@ def main(argv=None):
         print(f"  {rows} rows: {stats.tokens_per_s:.1f} tokens/s, decode {stats.decode_tokens_per_s:.1f}",
               file=sys.stderr)
     base = results[0]["decode"]
-    print(f"\n{engine.strategy.describe()}, {a.quantize or 'float'} weights, {options.device_name(engine.device)}, "
+    print(f"\n{engine.strategy.describe()}, {a.quantize or 'float'} weights, {device_name(engine.device)}, "
           f"{torch.get_num_threads()} threads\n")
     print("| rows at once | decode tokens/s in all | vs 1 row | with prefills tokens/s | prefills s | steps | "
           "ms per step | acceptance | outputs = 1 row's | first run s |")
@@ -150,7 +151,7 @@ def main(argv=None):
             f.write(json.dumps(run) + "\n")
         runs = [json.loads(line) for line in a.results.read_text().splitlines() if line.strip()]
     if a.plot is not None:
-        plot(runs, a.plot, f"SmolLM2 decode, {options.device_name(engine.device)}, {torch.get_num_threads()} threads")
+        plot(runs, a.plot, f"SmolLM2 decode, {device_name(engine.device)}, {torch.get_num_threads()} threads")
     if not all(r["same"] for r in results):
         raise SystemExit("some batched outputs differ from the batch-1 outputs")
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))  # the engine's modules, for every script that imp
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+from engine import Engine, check_shardable, init_distributed, load_engine, make_draft, quantize_and_shard  # noqa: E402
 import options  # noqa: E402
 import tp  # noqa: E402
 from adaptive import round_timer  # noqa: E402
@@ -185,7 +186,7 @@ def start_evaluation(a, result_name: str):
     """(result file or None, samples, engine with its caches set up): a dataset command's start."""
     out = check_output(a, result_name)
     samples = dataset_samples(a)
-    engine = options.load_engine(a, *options.init_distributed(a))
+    engine = load_engine(a, *init_distributed(a))
     setup_caches_for(engine, samples, a.max_new_tokens, rows=min(a.batch_size, len(samples)))
     return out, samples, engine
 
@@ -247,45 +248,48 @@ def setup_caches_for(engine, samples, max_new_tokens: int, max_k: int | None = N
     engine.setup_caches(size, rows)
 
 
-def generate_text(engine, prompt_text: str, max_new_tokens: int):
-    """(generated text without stop tokens, stats, generated ids) for one prompt."""
+def generate_text(engine, prompt_text: str, max_new_tokens: int, strategy=None):
+    """(generated text without stop tokens, stats, generated ids) for one prompt, with strategy
+    (default: the engine's)."""
+    strategy = strategy or engine.strategy
     ids = torch.tensor(engine.tokenizer.encode(prompt_text), device=engine.device)
-    n = min(max_new_tokens, engine.model.max_seq_length - len(ids) - engine.strategy.lookahead(max_new_tokens))
+    n = min(max_new_tokens, engine.model.max_seq_length - len(ids) - strategy.lookahead(max_new_tokens))
     if n < 1:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit the cache of {engine.model.max_seq_length}")
-    out, stats = engine.run(ids, n)
+    out, stats = engine.run(ids, n, strategy=strategy)
     gen = out[0, len(ids):].tolist()
     return engine.tokenizer.decode([t for t in gen if t not in engine.tokenizer.stop_ids]), stats, gen
 
 
-def generated(engine, samples, a, progress=True):
+def generated(engine, samples, a, progress=True, strategy=None):
     """(text without stop tokens, stats) per sample: one at a time (each seeded with seed + its
     index), or --batch_size rows at once (engine.run_many; greedy: the same texts)."""
     from tqdm import tqdm
-    rows = getattr(a, "batch_size", 1)
-    bar = tqdm(total=len(samples), desc=engine.strategy.describe(), disable=not progress, file=sys.stderr)
+    rows, strategy = getattr(a, "batch_size", 1), strategy or engine.strategy
+    bar = tqdm(total=len(samples), desc=strategy.describe(), disable=not progress, file=sys.stderr)
     if rows > 1:
         torch.manual_seed(a.seed)
         tok = engine.tokenizer
-        seqs, _ = engine.run_many([tok.encode(s.prompt) for s in samples], a.max_new_tokens,
+        seqs, _ = engine.run_many([tok.encode(s.prompt) for s in samples], a.max_new_tokens, strategy=strategy,
                                   on_tokens=lambda i, ids: bar.update(any(t in tok.stop_ids for t in ids)))
         bar.close()
         return [(tok.decode([t for t in seq.tokens if t not in tok.stop_ids]), seq.stats) for seq in seqs]
     out = []
     for i, s in enumerate(samples):
         torch.manual_seed(a.seed + i)
-        text, stats, _ = generate_text(engine, s.prompt, a.max_new_tokens)
+        text, stats, _ = generate_text(engine, s.prompt, a.max_new_tokens, strategy)
         out.append((text, stats))
         bar.update(1)
     bar.close()
     return out
 
 
-def evaluate(engine, samples, a, progress=True):
-    """Per-sample records and the aggregate for the engine's strategy: ROUGE, exact match and speed."""
+def evaluate(engine, samples, a, progress=True, strategy=None):
+    """Per-sample records and the aggregate for strategy (default: the engine's): ROUGE, exact
+    match and speed."""
     records = []
     total_tokens, total_s, rounds, accepted, drafted, catch_ups, decode_tokens, decode_s = 0, 0.0, 0, 0, 0, 0, 0, 0.0
-    for i, (s, (text, stats)) in enumerate(zip(samples, generated(engine, samples, a, progress))):
+    for i, (s, (text, stats)) in enumerate(zip(samples, generated(engine, samples, a, progress, strategy))):
         text, stopped = cut_at_stop(text, a.stop)
         r = rouge(text, s.reference)
         records.append({"index": i, "prompt": s.prompt, "reference": s.reference, "generated": text,
@@ -311,12 +315,12 @@ def evaluate(engine, samples, a, progress=True):
     return records, agg
 
 
-def warm_up(engine, samples, a) -> float | None:
+def warm_up(engine, samples, a, strategy=None) -> float | None:
     """One untimed generation that compiles the graphs before anything is measured; its seconds."""
     if not a.compile:
         return None
     t = time.perf_counter()
-    generate_text(engine, samples[0].prompt, a.max_new_tokens)
+    generate_text(engine, samples[0].prompt, a.max_new_tokens, strategy)
     return time.perf_counter() - t
 
 
@@ -615,26 +619,27 @@ def row_args(a, c: dict):
 
 
 def load_row_engine(a, c: dict, rank=0, world_size=1, draft_schemes=None):
-    """An engine for one row: from the checkpoint (options.load_engine), or random weights of a
+    """An engine for one row: from the checkpoint (load_engine), or random weights of a
     real shape for `random:<shape>[:<layers>]`. draft_schemes: quantized self-drafts of every
     layer to make (rows of several exit layers share them), instead of the row's own."""
     ns = row_args(a, c)
-    if draft_schemes is not None:
-        ns.draft_schemes, ns.draft_layers = draft_schemes, None
     spec = str(a.checkpoint_path)
     if not spec.startswith("random:"):
-        return options.load_engine(ns, rank, world_size)
+        return load_engine(ns, rank, world_size, draft_schemes=draft_schemes)
     _, shape, *layers = spec.split(":")
     device = options.pick_device(ns.device)
     dtype = options.pick_dtype(ns.dtype, device)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
-    drafts = {s: options.make_draft(model, s, getattr(ns, "draft_layers", ns.strategy.exit_layer), rank, world_size)
-              for s in options.draft_schemes(ns)}
-    if world_size > 1:  # as options.load_engine does for a checkpoint: check, quantize, shard, then pack
-        options.check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
-    model = pack_model(options.quantize_and_shard(model, ns.quantize_mode, rank, world_size))
+    if draft_schemes is None:
+        draft_schemes, layers = [ns.strategy.draft_quantize] if ns.strategy.draft_quantize else [], ns.strategy.exit_layer
+    else:
+        layers = None
+    drafts = {s: make_draft(model, s, layers, rank, world_size) for s in draft_schemes}
+    if world_size > 1:  # as load_engine does for a checkpoint: check, quantize, shard, then pack
+        check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
+    model = pack_model(quantize_and_shard(model, ns.quantize_mode, rank, world_size))
     steps = compile_steps(device, layers_per_graph=getattr(ns, 'layers_per_graph', None)) if ns.compile else Steps()
-    return options.Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
+    return Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
 
 
 # Requests for prose, to mix with HumanEval's code (speed.py --prompts): one fixed (E, k) cannot fit both.
@@ -668,9 +673,10 @@ def prompts_for(a, engine) -> list:
     return [torch.tensor(p, device=engine.device) for p in ids]
 
 
-def bench_row(engine, c: dict, prompts, a) -> dict:
-    """One row of ours: measure() over the prompts, plus step costs for speculative rows."""
-    return bench_rows(engine, [(c, engine.strategy)], prompts, a)[0]
+def bench_row(engine, c: dict, prompts, a, strategy=None) -> dict:
+    """One row of ours (strategy, default the engine's): measure() over the prompts, plus step
+    costs for speculative rows."""
+    return bench_rows(engine, [(c, strategy or engine.strategy)], prompts, a)[0]
 
 
 def bench_rows(engine, rows, prompts, a) -> list[dict]:
@@ -680,29 +686,25 @@ def bench_rows(engine, rows, prompts, a) -> list[dict]:
     engine.setup_caches(max(len(p) for p in prompts) + n + max(s.lookahead(n) for _, s in rows) + 1)
 
     def generate_fn(strategy):
-        def run(p, on_tokens):
-            engine.strategy = strategy
-            return engine.run(p, n, on_tokens, stop_ids=())[1]
-        return run
+        return lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=(), strategy=strategy)[1]
     results = measure_interleaved([generate_fn(s) for _, s in rows], prompts, a.repeats, engine.device)
     for (c, strategy), r in zip(rows, results):
-        engine.strategy = strategy
-        finish_row(engine, c, r, a)
+        finish_row(engine, c, r, a, strategy)
     return results
 
 
-def finish_row(engine, c: dict, r: dict, a):
+def finish_row(engine, c: dict, r: dict, a, strategy):
     compiled = options.parse_bool(c["compile"])
     freezing = " +freezing" if compiled and inductor_config.freezing else ""
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
-    if engine.strategy.name == "autoregressive":
+    if strategy.name == "autoregressive":
         r["bytes_per_token"] = weight_bytes_per_token(engine.model)
-    elif engine.strategy.adaptive:  # no one (E, k) to cost; the trace says what it chose
-        r["calibration_s"] = engine.policy_for(engine.strategy).calibration_s
+    elif strategy.adaptive:  # no one (E, k) to cost; the trace says what it chose
+        r["calibration_s"] = engine.policy_for(strategy).calibration_s
     else:
-        k = engine.strategy.num_speculations
-        costs = step_costs(engine.model, engine.steps, engine.strategy.exit_layer, k, engine.device,
-                           draft_model=engine.draft_for(engine.strategy))
+        k = strategy.num_speculations
+        costs = step_costs(engine.model, engine.steps, strategy.exit_layer, k, engine.device,
+                           draft_model=engine.draft_for(strategy))
         r.update(draft_cost=costs["draft"] / costs["full"], verify_cost=costs["verify"] / costs["full"])
         if "catch_up" in costs:
             r["catch_up_cost"] = costs["catch_up"] / costs["full"]

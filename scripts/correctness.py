@@ -42,11 +42,11 @@ def parse_args(argv=None):
 def outputs(engine, strategy, samples, a) -> list[list[int]]:
     """Each sample's generated ids under strategy: one at a time, or --batch_size at once."""
     from tqdm import tqdm
-    engine.strategy = strategy
     if a.batch_size > 1:
-        seqs, _ = engine.run_many([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens)
+        seqs, _ = engine.run_many([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens,
+                                  strategy=strategy)
         return [seq.tokens for seq in seqs]
-    return [common.generate_text(engine, s.prompt, a.max_new_tokens)[2]
+    return [common.generate_text(engine, s.prompt, a.max_new_tokens, strategy)[2]
             for s in tqdm(samples, desc=strategy.describe(), file=sys.stderr)]
 
 

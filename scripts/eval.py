@@ -24,6 +24,7 @@ import cli  # noqa: E402
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
 import common  # noqa: E402
+from engine import Engine, init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -40,7 +41,7 @@ except ImportError:  # the harness is optional
 
 @register_model("layerskip")
 class LayerSkipLM(_Base):
-    def __init__(self, engine: options.Engine | None = None, max_length=2048, batch_size=1, **kwargs):
+    def __init__(self, engine: Engine | None = None, max_length=2048, batch_size=1, **kwargs):
         """engine: a loaded engine; or, from the harness's --model_args, the shared options as
         keywords (checkpoint_path=..., generation_strategy=..., exit_layer=..., compile=True, ...).
         batch_size: generate_until's requests run that many at once (every strategy but auto)."""
@@ -139,7 +140,7 @@ class LayerSkipLM(_Base):
         return out
 
 
-def load_from_keywords(kwargs: dict) -> options.Engine:
+def load_from_keywords(kwargs: dict) -> Engine:
     p = argparse.ArgumentParser()
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
     argv = []
@@ -150,7 +151,7 @@ def load_from_keywords(kwargs: dict) -> options.Engine:
             argv += [f"--{key}", str(value)]
     a = p.parse_args(argv)
     options.check_options(p, a)
-    return options.load_engine(a)
+    return load_engine(a)
 
 
 def parse_args(argv=None):
@@ -176,7 +177,7 @@ def main(argv=None):
         import lm_eval
     except ImportError:
         raise ValueError("this needs the harness: pip install lm-eval") from None
-    lm = LayerSkipLM(options.load_engine(a, *options.init_distributed(a)), batch_size=a.batch_size)
+    lm = LayerSkipLM(load_engine(a, *init_distributed(a)), batch_size=a.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
     common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})

@@ -194,8 +194,7 @@ def harness_args(ctx, n_layers=None):
 
 def measured(ctx, h, c, engine=None) -> tuple[dict, object]:
     engine = engine or common.load_row_engine(h, c)
-    engine.strategy = common.row_args(h, c).strategy
-    r = common.bench_row(engine, c, common.prompts_for(h, engine), h)
+    r = common.bench_row(engine, c, common.prompts_for(h, engine), h, common.row_args(h, c).strategy)
     return common.finish_rows([r], ctx.get("copy_bw"))[0], engine
 
 

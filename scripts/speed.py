@@ -288,8 +288,7 @@ def main(argv=None):
                 done.extend(group)
                 rows += common.bench_rows(engine, [(r, common.row_args(a, r).strategy) for r in group], prompts, a)
             else:
-                engine.strategy = common.row_args(a, c).strategy
-                rows.append(common.bench_row(engine, c, prompts, a))
+                rows.append(common.bench_row(engine, c, prompts, a, common.row_args(a, c).strategy))
         print(json.dumps(rows[-1], default=str), file=sys.stderr, flush=True)
     if a.peers:
         loaded = (None, None)

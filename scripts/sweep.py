@@ -29,6 +29,7 @@ import cli  # noqa: E402
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
 import common  # noqa: E402
+from engine import init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 from decoding import Strategy  # noqa: E402
 
@@ -113,8 +114,6 @@ def parse_args(argv=None):
                 options.parse_quantize(scheme)
     except ValueError as e:
         p.error(f"--draft_quantize: {e}")
-    a.draft_schemes = [x for x in a.precisions if x != "none"]  # options.load_engine makes these drafts
-    a.draft_layers = None  # of every layer: each E drafts from the first E
     common.check_dataset_options(p, a)
     a.exit_layers, a.ks = exit_layers, ks
     return a
@@ -128,11 +127,13 @@ def main(argv=None):
 
     def check(meta, tokenizer):
         n = meta["args"].n_layers
-        top = n if a.draft_schemes else n - 1  # only a quantized draft may run every layer
+        top = n if schemes else n - 1  # only a quantized draft may run every layer
         bad = [e for e in exit_layers if not 1 <= e <= top]
         if bad:
             raise ValueError(f"exit layer(s) {bad} out of range [1, {top}] for this {n}-layer model")
-    engine = options.load_engine(a, *options.init_distributed(a), check=check)
+    # the quantized drafts, each of every layer: each E drafts from the first E of one copy
+    schemes = [x for x in a.precisions if x != "none"]
+    engine = load_engine(a, *init_distributed(a), check=check, draft_schemes=schemes)
     common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
@@ -152,11 +153,11 @@ def main(argv=None):
                     if draft is None and E >= engine.model.args.n_layers:
                         continue  # LayerSkip self-speculation needs layers left to verify
                     for k in ks:
-                        engine.strategy = Strategy("self_speculative", E, k, draft)
-                        common.warm_up(engine, samples, a)
-                        _, agg = common.evaluate(engine, samples, a)
+                        strategy = Strategy("self_speculative", E, k, draft)
+                        common.warm_up(engine, samples, a, strategy)
+                        _, agg = common.evaluate(engine, samples, a, strategy=strategy)
                         costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
-                                                  draft_model=engine.draft_for(engine.strategy))
+                                                  draft_model=engine.draft_for(strategy))
                         row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
                                "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
                                "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],

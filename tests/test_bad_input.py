@@ -350,11 +350,11 @@ def test_debug_shows_the_traceback(files, capfd, monkeypatch):
 
 
 def test_an_unexpected_error_is_one_line_that_says_so(files, capfd, monkeypatch):
-    import options
+    import engine
 
     def bug(*args, **kwargs):
         raise RuntimeError("boom\n  with a second line")
-    monkeypatch.setattr(options, "load_model", bug)
+    monkeypatch.setattr(engine, "load_model", bug)
     status, _, err = run_command("generate", ["--checkpoint_path", files["tiny"]], capfd)
     assert status == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == ("error: RuntimeError: boom with a second line (unexpected; rerun with "
@@ -363,10 +363,10 @@ def test_an_unexpected_error_is_one_line_that_says_so(files, capfd, monkeypatch)
 
 def test_tensor_parallel_shardability_is_checked_from_metadata(files, monkeypatch):
     """4 heads over 3 ranks is refused before a weight is read (the torchrun run is in test_tp.py)."""
+    import engine
     import generate
-    import options
     import tp
-    monkeypatch.setattr(options, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(engine, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
     args = generate.parse_args(["--checkpoint_path", files["tiny"]])
     with pytest.raises(tp.ShardingError, match="cannot shard this model over 3 ranks: 4 attention heads"):
-        options.load_engine(args, rank=0, world_size=3)
+        engine.load_engine(args, rank=0, world_size=3)

@@ -10,7 +10,7 @@ import torch
 import benchmark
 import common
 import correctness
-import options
+import engine
 import sweep
 from common import load_samples
 
@@ -135,15 +135,16 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     (sweep, ["--draft_quantize", "none,int9"], "--draft_quantize: unknown quantization 'int9'"),
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_bad_arguments_fail_before_loading(script, argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(options, "load_engine", lambda *a, **k: pytest.fail("model loaded before the arguments were "
-                                                                          "checked"))
+    for module in (common, sweep):  # where the scripts load their engine
+        monkeypatch.setattr(module, "load_engine", lambda *a, **k: pytest.fail("model loaded before the arguments "
+                                                                             "were checked"))
     with pytest.raises(SystemExit):
         script.main(argv)
     assert message in capsys.readouterr().err
 
 
 def test_exit_layer_out_of_range_is_refused_before_loading(smollm2_dir, jsonl, monkeypatch):
-    monkeypatch.setattr(options, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr(engine, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
     with pytest.raises(ValueError, match=r"exit layer\(s\) \[30\] out of range \[1, 29\]"):
         sweep.main(dataset_args(smollm2_dir, jsonl) + ["--exit_layer_first", "20", "--exit_layer_last", "30",
                                                        "--exit_layer_step", "10"])

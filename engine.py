@@ -1,0 +1,250 @@
+"""The engine: what the options name, loaded (model, draft models, tokenizer, quantization,
+sharding, compiled steps) into an `Engine` whose `run` puts one prompt, and `run_many` many
+prompts at once, through a strategy. Every command goes through it, so a strategy behaves the same
+in generate.py, the evaluation tools and the speed harness."""
+import atexit
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import adaptive
+import batching
+import hub
+import tp
+from checkpoint import load_model, read_metadata, resolve_checkpoint_path
+from decoding import Steps, Strategy, compile_steps, run
+from options import pick_device, pick_dtype
+from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
+from sampling import SamplingParams
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class Engine:
+    """A loaded model (and draft model), its tokenizer and steps, and the chosen strategy and sampling."""
+    model: object
+    draft_model: object
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    steps: Steps
+    strategy: Strategy
+    sampling: SamplingParams
+    path: Path
+    drafts: dict = field(default_factory=dict)  # quantized self-drafts by scheme (--draft_quantize)
+    recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
+    policies: dict = field(default_factory=dict)  # adaptive policy per strategy, made at its first run
+
+    def setup_caches(self, size: int, rows: int = 1):
+        """KV caches of `size` positions for `rows` sequences at once (run_many's batch)."""
+        for m in (self.model, self.draft_model, *self.drafts.values()):
+            if m is not None:
+                m.setup_caches(rows, size)
+
+    def draft_for(self, strategy: Strategy):
+        """The draft model a strategy drafts with: its quantized self-copy, the separate draft model, or None."""
+        return self.drafts[strategy.draft_quantize] if strategy.draft_quantize else self.draft_model
+
+    def run(self, prompt: torch.Tensor, max_new_tokens: int, on_tokens=None, sampling: SamplingParams | None = None,
+            stop_ids=None, strategy: Strategy | None = None):
+        """Generates from prompt [T] with `strategy` (default: the one the options chose); stops at
+        the tokenizer's stop tokens unless stop_ids is given (() never stops early). Returns
+        (tokens [1, T + n], stats)."""
+        strategy = strategy or self.strategy
+        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, strategy, self.draft_for(strategy),
+                   self.stops(stop_ids), on_tokens, self.steps, self.policy_for(strategy))
+
+    def stops(self, stop_ids=None):
+        return self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
+
+    def run_many(self, prompts: list, max_new_tokens: int, on_tokens=None, sampling: SamplingParams | None = None,
+                 stop_ids=None, strategy: Strategy | None = None):
+        """Generates from every prompt (lists of ids), as many at once as the caches have rows
+        (setup_caches), the rest queued for free rows; on_tokens(index, ids) streams. Returns
+        ([batching.Sequence] in prompt order, batching.BatchStats)."""
+        strategy = strategy or self.strategy
+        if not strategy.batchable and self.model.max_batch_size > 1:
+            raise ValueError(f"{strategy.describe()} runs one sequence at a time so far; set up the caches with "
+                             "one row")
+        stops = self.stops(stop_ids)
+        if strategy.batchable:
+            k = 0 if strategy.name == "autoregressive" else min(strategy.num_speculations, max_new_tokens)
+            return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
+                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy))
+        t0, seqs = time.perf_counter(), []  # one at a time
+        for i, p in enumerate(prompts):
+            seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
+            tokens, seq.stats = self.run(torch.tensor(seq.prompt, device=self.device), max_new_tokens,
+                                         (lambda ids, i=i: on_tokens(i, ids)) if on_tokens else None, sampling, stops,
+                                         strategy)
+            seq.take(tokens[0, len(seq.prompt):].tolist())
+            seqs.append(seq)
+        return seqs, batching.BatchStats.of(seqs, time.perf_counter() - t0, sum(s.stats.rounds for s in seqs), 1)
+
+    def policy_for(self, strategy: Strategy):
+        """An adaptive strategy's policy, kept across generations (its acceptance estimates carry
+        over, decaying); at its first use the step costs are read from the cache or measured
+        (which also compiles every graph the policy can use). None for a fixed strategy."""
+        if not strategy.adaptive:
+            return None
+        if strategy not in self.policies:
+            draft = self.draft_for(strategy)
+            shared = draft is None
+            n = self.model.args.n_layers
+            exits = adaptive.exit_candidates(n) if strategy.auto_exit else (strategy.exit_layer,)
+            ks = adaptive.buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
+            taps = exits if shared else ()
+            key = {"checkpoint": checkpoint_identity(self.path), "device": device_name(self.device),
+                   "threads": torch.get_num_threads(), "dtype": str(self.dtype), "torch": torch.__version__,
+                   "weights": weight_scheme(self.model), "draft": strategy.draft_quantize or
+                   (weight_scheme(draft) if draft is not None else "self"), "compile": self.steps.verify is not
+                   Steps.verify, "cache": self.model.max_seq_length, "exits": exits, "ks": ks,
+                   "world_size": tp.world()[1]}
+            t0 = time.perf_counter()
+            costs, measured = adaptive.load_or_measure(
+                key, lambda: adaptive.measure_costs(self.model, self.steps, exits, ks, draft, taps,
+                                                    progress=tp.world()[0] == 0), self.recalibrate)
+            how = f"measured in {time.perf_counter() - t0:.1f} s" if measured else f"read from {adaptive.cache_dir()}"
+            print(f"Adaptive speculation: exit layers {exits if shared else (strategy.exit_layer or 'all',)}, "
+                  f"k in {ks}; step costs {how}", file=sys.stderr)
+            self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, shared)
+            self.policies[strategy].calibration_s = time.perf_counter() - t0 if measured else 0.0
+        return self.policies[strategy]
+
+
+def checkpoint_identity(path: Path) -> str:
+    """The checkpoint file's path, size and modification time: a rewritten file is another model."""
+    try:
+        st = Path(path).stat()
+        return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return str(path)  # random weights (the speed harness's random:<shape>)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "cpu"
+
+
+def weight_scheme(model) -> str:
+    """How the model's linear weights are stored: the first layer's query/key/value projection's
+    class, storage dtype (int8, packed int4 or floats) and shape; enough to tell quantizations apart."""
+    wqkv = model.layers[0].attention.wqkv
+    w = next(t for name, t in [*wqkv.named_buffers(), *wqkv.named_parameters()] if "weight" in name)
+    return f"{type(wqkv).__name__}:{w.dtype}:{tuple(w.shape)}"
+
+
+def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None, schemes: list[str]):
+    """What the checkpoints' metadata can refuse before any weight is read."""
+    n = meta["args"].n_layers
+    E = a.strategy.exit_layer
+    top = n if a.strategy.draft_quantize else n - 1  # a quantized self-draft may run every layer
+    if E is not None and E > top:
+        raise ValueError(f"--exit_layer must be in [1, {top}] for this {n}-layer model, got {E}")
+    if schemes and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--draft_quantize {','.join(schemes)}: the checkpoint is already quantized "
+                         f"({meta['scheme']['mode']}); the draft is quantized from full-precision weights")
+    if a.quantize_mode and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--quantize {a.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
+    if draft_meta is not None and draft_meta["args"].vocab_size != meta["args"].vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_meta['args'].vocab_size}) differs from the model's "
+                         f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
+    if world_size > 1:
+        check_shardable(meta["args"], meta["scheme"], a.quantize_mode, world_size)
+        for scheme in schemes:
+            check_shardable(meta["args"], meta["scheme"], parse_quantize(scheme), world_size)
+        if draft_meta is not None:
+            check_shardable(draft_meta["args"], draft_meta["scheme"], None, world_size)
+
+
+def check_shardable(model_args, scheme: dict, quantize_mode, world_size: int):
+    """tp.check_shardable for a model with this stored scheme, quantized in memory to quantize_mode
+    (mode, groupsize) or not: int4's group size constrains the split."""
+    mode, groupsize = quantize_mode or (scheme["mode"], scheme.get("groupsize"))
+    tp.check_shardable(model_args, world_size, groupsize if mode == "int4" else None)
+
+
+def make_draft(model, scheme: str, n_layers: int | None, rank: int = 0, world_size: int = 1):
+    """The quantized self-draft (--draft_quantize): a `scheme` copy of the model's layers [0, n_layers),
+    made from the loaded full-precision model before it is quantized or sharded, then sharded
+    like it and packed."""
+    copy = quantized_copy(model, *parse_quantize(scheme), n_layers=n_layers, pack=False)
+    return pack_model(tp.shard_model(copy, rank, world_size) if world_size > 1 else copy)
+
+
+def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
+    """In-memory quantization before sharding (tp splits the quantized modules) and before packing
+    (load_model packs); then this rank's shard."""
+    if quantize_mode:
+        quantize_model(model, *quantize_mode, pack=False)
+    return tp.shard_model(model, rank, world_size) if world_size > 1 else model
+
+
+def own_bytes(model, shared_with=None) -> int:
+    """Bytes of the model's parameters and weight buffers (not caches or tables), counting each
+    tensor once and none that shared_with also holds."""
+    def tensors(m):
+        return {t.data_ptr(): t.numel() * t.element_size() for name, t in [*m.named_parameters(), *m.named_buffers()]
+                if "cache" not in name and name not in ("rope_cos", "rope_sin", "causal_mask")}
+    theirs = tensors(shared_with) if shared_with is not None else {}
+    return sum(n for ptr, n in tensors(model).items() if ptr not in theirs)
+
+
+def init_distributed(a) -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1); sets a.device to this rank's device. Only
+    rank 0 prints; errors still reach every rank's stderr (cli.run)."""
+    rank, world_size, a.device = tp.init_from_env(a.device)
+    if world_size > 1:
+        atexit.register(tp.shutdown)
+    if rank != 0:
+        sys.stdout = sys.stderr = open("/dev/null", "w")
+    return rank, world_size
+
+
+def load_engine(a, rank: int = 0, world_size: int = 1, check=None, draft_schemes: list[str] | None = None) -> Engine:
+    """Loads what the options name. check(meta, tokenizer), if given, refuses what the metadata and
+    tokenizer already show is impossible, before any weight is read. draft_schemes: the quantized
+    self-drafts to make, each of every layer (a sweep's or the speed harness's rows share them),
+    instead of --draft_quantize's copy of layers [0, --exit_layer)."""
+    device = pick_device(a.device)
+    path = resolve_checkpoint_path(hub.find_checkpoint(a.checkpoint_path, a.hf_token, world_size))
+    meta = read_metadata(path)
+    draft_path = getattr(a, "draft_checkpoint_path", None)
+    draft_meta = read_metadata(draft_path) if draft_path is not None else None
+    tokenizer = load_tokenizer(path.parent)
+    schemes, layers = (draft_schemes, None) if draft_schemes is not None else \
+        ([a.strategy.draft_quantize] if a.strategy.draft_quantize else [], a.strategy.exit_layer)
+    check_metadata(a, meta, world_size, draft_meta, schemes)
+    if check is not None:
+        check(meta, tokenizer)
+    dtype = pick_dtype(a.dtype, device)
+    t0 = time.perf_counter()
+    drafts = {}
+
+    def prepare(m):  # the drafts are quantized from the full-precision weights, before anything else
+        for scheme in schemes:
+            drafts[scheme] = make_draft(m, scheme, layers, rank, world_size)
+        return quantize_and_shard(m, a.quantize_mode, rank, world_size)
+    model = load_model(path, device, dtype, prepare=prepare)
+    shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
+    how = f", quantized to {a.quantize} in memory" if a.quantize else ""
+    print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    for scheme, d in drafts.items():
+        extra, full = own_bytes(d, shared_with=model), own_bytes(model)
+        print(f"Draft: {scheme} copy of layers [0, {d.args.n_layers}) and the LM head, +{extra / 1e6:.0f} MB "
+              f"(+{extra / full:.0%} of the model's weights)", file=sys.stderr)
+    draft = None
+    if draft_path is not None:
+        draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
+                           prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
+    steps = compile_steps(device, a.compile_prefill, getattr(a, "layers_per_graph", None)) if a.compile else Steps()
+    return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
+                  path, drafts, getattr(a, "recalibrate", False))
