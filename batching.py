@@ -4,14 +4,17 @@ Each sequence owns one row of the cache (`model.max_batch_size` rows) from its p
 token, with its own positions, length and stop state. Its prompt is prefilled alone into its row
 (`model.cache_rows`), so prompts of any lengths mix without padding and the prefill computes
 exactly what a batch-1 prefill does. Then one decode step advances every row together, each at its
-own position (input_pos [B, 1]); a free row rides along as padding at position 0 of its own row,
-which the next prefill there overwrites. Between steps a sequence that ended leaves and a queued
-one takes its row: the shapes never change, so compiled steps never recompile.
+own position (input_pos [B, 1]). A step runs the first b rows only, b a power of two (or all
+rows) holding every running one: a free row among them rides along as padding at position 0 of
+its own row, which the next prefill there overwrites. Between steps a sequence that ended leaves
+and a queued one takes the lowest free row: the step shapes are those few buckets, so compiled
+steps compile each once and never recompile.
 
 Each row's greedy output equals that prompt's batch-1 greedy output token for token: every kernel
 a step runs reduces each row in an order independent of the other rows (cpu_kernels: up to
 EXACT_ROWS rows; tests/test_batching.py checks it against `decoding.generate`).
 """
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -95,7 +98,8 @@ class Batch:
         self.live = torch.zeros(B, 1, dtype=torch.long, device=device)  # 1 for a running row: a free one stays at 0
         self.offsets = torch.arange(self.k + 1, device=device)
         self.device = device
-        self.steps_run = 0
+        self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
+        self.steps_run, self.last_bucket = 0, None
 
     @property
     def free_rows(self) -> int:
@@ -144,10 +148,13 @@ class Batch:
         [(sequence, its new tokens)]."""
         if not self.running:
             return []
-        # After the first step the shapes and settings never change (rows join by prefill, between
-        # steps): the compiled steps' guards need not be evaluated again.
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=self.steps_run > 0):
-            produced = self._round() if self.k else self._decode()
+        b = self.bucket()
+        # While the bucket stays the same the shapes and settings never change (rows join by
+        # prefill, between steps): the compiled steps' guards need not be evaluated again. A new
+        # bucket's first step evaluates them (and compiles, the first time).
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=b == self.last_bucket), self.cache_rows(b):
+            produced = self._round(b) if self.k else self._decode(b)
+        self.last_bucket = b
         self.steps_run += 1
         out = []
         for row, seq in enumerate(self.rows):
@@ -158,13 +165,31 @@ class Batch:
                 self.remove(seq)
         return out
 
-    def _decode(self) -> list[list[int]]:
-        nxt = self.steps.decode(self.model, self.cur, self.pos, self.params, self.exit_layer).clone()
-        self.cur.copy_(nxt)
-        self.pos.add_(1).mul_(self.live)
+    def bucket(self) -> int:
+        """The rows a step runs: the first b, b the smallest of 1, 2, 4, ... (and max_batch_size)
+        that holds every running row. Rows are taken lowest first, so few running sequences step
+        few rows, and the set of step shapes (compiled graphs) stays small."""
+        top = max(i for i, s in enumerate(self.rows) if s is not None) + 1
+        return next(b for b in self.buckets if b >= top)
+
+    def cache_rows(self, b: int):
+        """The models' caches narrowed to their first b rows for a step (all of them: no narrowing)."""
+        if b == len(self.rows):
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for m in (self.model, self.draft_model):
+            if m is not None:
+                stack.enter_context(m.cache_rows(0, b))
+        return stack
+
+    def _decode(self, b: int) -> list[list[int]]:
+        cur, pos, live = self.cur[:b], self.pos[:b], self.live[:b]
+        nxt = self.steps.decode(self.model, cur, pos, self.params, self.exit_layer).clone()
+        cur.copy_(nxt)
+        pos.add_(1).mul_(live)
         return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation
 
-    def _round(self) -> list[list[int]]:
+    def _round(self, b: int) -> list[list[int]]:
         """Every row drafts k tokens; one verify pass; each row keeps its accepted drafts (at most
         what its budget still needs, r - 1 for r tokens to go) and the full model's next token.
 
@@ -175,30 +200,31 @@ class Batch:
         branch."""
         k, E, model, own = self.k, self.exit_layer, self.model, self.draft_model is not None
         drafter = self.draft_model if own else model
+        cur, pos, prev, live = self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b]
         limit = torch.tensor([min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0
-                              for s in self.rows], device=self.device)
+                              for s in self.rows[:b]], device=self.device)
         drafts, states, probs = [], [], []
         if own:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
-            x, x_pos = torch.cat([self.prev, self.cur], 1), (self.pos - 1 + self.offsets[:2]).clamp_min(0)
+            x, x_pos = torch.cat([prev, cur], 1), (pos - 1 + self.offsets[:2]).clamp_min(0)
         else:
-            x, x_pos = self.cur, self.pos
+            x, x_pos = cur, pos
         for j in range(k):
             x, h, q = (v.clone() if v is not None else None
                        for v in self.steps.batch_draft(drafter, x, x_pos, self.params, E))
-            x_pos = self.pos + j + 1
+            x_pos = pos + j + 1
             drafts.append(x)
             states.append(h[:, -1:])
             probs.append(q)
-        tokens = torch.cat([self.cur, *drafts], 1)
+        tokens = torch.cat([cur, *drafts], 1)
         draft_probs = None if self.params.greedy else torch.stack(probs, 1)
         n, nxt = self.steps.batch_verify(model, tokens, None if own else torch.cat(states, 1), draft_probs,
-                                         self.pos + self.offsets, limit, self.params, None if own else E)
+                                         pos + self.offsets, limit, self.params, None if own else E)
         host = torch.cat([tokens[:, 1:], nxt, n[:, None]], 1).tolist()  # the round's one host synchronisation
-        self.prev.copy_(tokens.gather(1, n[:, None]))
-        self.cur.copy_(nxt)
-        self.pos.add_(n[:, None] + 1).mul_(self.live)
+        prev.copy_(tokens.gather(1, n[:, None]))
+        cur.copy_(nxt)
+        pos.add_(n[:, None] + 1).mul_(live)
         produced = []
-        for row, seq in enumerate(self.rows):
+        for row, seq in enumerate(self.rows[:b]):
             a = host[row][-1]
             produced.append(host[row][:a] + [host[row][k]])
             if seq is not None:

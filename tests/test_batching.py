@@ -121,6 +121,27 @@ def test_padding_rows_and_stale_cache_change_nothing():
     assert batch.free_rows == 3
 
 
+def test_steps_run_the_smallest_bucket_of_rows_holding_every_running_one():
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    budgets = [12, 9, 2, 5, 3, 1, 4]  # the highest rows end first
+    ref = batch1_reference(model, prompts, 12)
+    model.setup_caches(6, 64)
+    batch = Batch(model, GREEDY)
+    assert batch.buckets == [1, 2, 4, 6]
+    seen, order, queue = [], [Sequence(p, b) for p, b in zip(prompts, budgets)], None
+    queue = list(order)
+    while queue or batch.running:
+        while queue and batch.free_rows:
+            batch.add(queue.pop(0))
+        if batch.running:
+            seen.append(batch.bucket())
+            assert seen[-1] >= max(s.row for s in batch.running) + 1
+        batch.step()
+    assert [s.tokens for s in order] == [r[:b] for r, b in zip(ref, budgets)]
+    assert {1, 2, 4, 6} <= set(seen) and seen[-1] == 1  # the last sequence alone in row 0 steps one row
+
+
 def test_a_removed_sequence_frees_its_row_at_once():
     model = packed_model()
     prompts = [rand_prompt(n, seed=n).tolist() for n in (6, 8, 4)]
@@ -156,10 +177,23 @@ def test_compiled_rows_join_and_leave_without_recompiling():
     for kw in configs:
         seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps, **kw)
         assert [s.tokens for s in seqs] == ref, kw
+    budgets = [16, 3, 16, 7, 1, 16, 5]  # rows leave at different steps: buckets of 4, 2 and 1 rows
+
+    def varied():
+        batch, seqs = Batch(model, GREEDY, steps), [Sequence(p, b) for p, b in zip(prompts, budgets)]
+        queue = list(seqs)
+        while queue or batch.running:
+            while queue and batch.free_rows:
+                batch.add(queue.pop(0))
+            batch.step()
+        return [s.tokens for s in seqs]
+    expected = [r[:b] for r, b in zip(ref, budgets)]
+    assert varied() == expected
     with torch._dynamo.config.patch(error_on_recompile=True):
         for kw in configs:
             seqs, _ = generate_many(model, prompts[::-1], 16, GREEDY, steps=steps, **kw)
             assert [s.tokens for s in seqs] == ref[::-1], kw
+        assert varied() == expected
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
