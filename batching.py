@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding import (GenerationStats, Steps, check_exit_layer, check_finite, check_fits, check_num_speculations,
-                      synchronize)
+from decoding import GenerationStats, check_exit_layer, check_fits, check_num_speculations
+from steps import Steps, check_finite, synchronize
 from model import Transformer
 from sampling import SamplingParams
 
@@ -201,8 +201,8 @@ class Batch:
         k, E, model, own = self.k, self.exit_layer, self.model, self.draft_model is not None
         drafter = self.draft_model if own else model
         cur, pos, prev, live = self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b]
-        limit = torch.tensor([min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0
-                              for s in self.rows[:b]], device=self.device)
+        limits = [min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0 for s in self.rows[:b]]
+        limit = torch.tensor(limits, device=self.device)
         drafts, states, probs = [], [], []
         if own:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
             x, x_pos = torch.cat([prev, cur], 1), (pos - 1 + self.offsets[:2]).clamp_min(0)
@@ -229,7 +229,7 @@ class Batch:
             produced.append(host[row][:a] + [host[row][k]])
             if seq is not None:
                 seq.stats.accepted_per_round.append(a)
-                seq.stats.drafted += int(limit[row])
+                seq.stats.drafted += limits[row]
         return produced
 
     def remove(self, seq: Sequence):

@@ -15,7 +15,8 @@ import batching
 import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
-from decoding import Steps, Strategy, compile_steps, run
+from decoding import Strategy, run
+from steps import Steps, compile_steps
 from options import pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from engine import init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
-from decoding import peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
+from decoding import peak_memory_gb, weight_bytes_per_token  # noqa: E402
+from steps import synchronize  # noqa: E402
 import tp  # noqa: E402
 
 

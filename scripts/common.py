@@ -29,7 +29,8 @@ from engine import Engine, check_shardable, init_distributed, load_engine, make_
 import options  # noqa: E402
 import tp  # noqa: E402
 from adaptive import round_timer  # noqa: E402
-from decoding import GenerationStats, Steps, compile_steps, peak_memory_gb, synchronize, weight_bytes_per_token  # noqa: E402
+from decoding import GenerationStats, peak_memory_gb, weight_bytes_per_token  # noqa: E402
+from steps import Steps, compile_steps, synchronize  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import pack_model  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402

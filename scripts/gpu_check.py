@@ -46,7 +46,8 @@ cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted`
 import common  # noqa: E402
 import torch  # noqa: E402
 
-from decoding import Steps, compile_steps, generate, speculative_generate, synchronize  # noqa: E402
+from decoding import generate, speculative_generate  # noqa: E402
+from steps import Steps, compile_steps, synchronize  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import quantize_model  # noqa: E402
 from sampling import SamplingParams  # noqa: E402

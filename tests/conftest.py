@@ -43,7 +43,7 @@ def smollm2(smollm2_dir):
 @pytest.fixture(scope="session")
 def smollm2_steps():
     """Compiled step functions shared by every SmolLM2 test, so each graph compiles once per session."""
-    from decoding import compile_steps
+    from steps import compile_steps
     return compile_steps(torch.device("cpu"))
 
 
@@ -87,7 +87,7 @@ def block_graphs() -> int:
 def regional_graphs(*calls) -> int:
     """How many graphs regional compilation makes for these layer ranges of one model, each
     (start, end, rows): one per distinct (run length, rows) at the CPU's layers per graph."""
-    from decoding import DEFAULT_LAYERS_PER_GRAPH
+    from steps import DEFAULT_LAYERS_PER_GRAPH
     from model import layer_runs
     size = DEFAULT_LAYERS_PER_GRAPH["cpu"]
     return len({(n, rows) for start, end, rows in calls for n in layer_runs(end - start, size)})

@@ -16,7 +16,8 @@ import torch
 import adaptive
 from adaptive import AdaptivePolicy, StepCosts
 from conftest import REPO, assert_varied, block_graphs
-from decoding import Steps, Strategy, compile_steps, generate, speculative_generate
+from decoding import Strategy, generate, speculative_generate
+from steps import Steps, compile_steps
 from quantized import quantized_copy
 from sampling import SamplingParams
 from test_decoding import GREEDY, check_speculative_sampling, rand_prompt, random_model

@@ -7,7 +7,8 @@ import torch
 
 from batching import Batch, Sequence, generate_many
 from conftest import assert_varied
-from decoding import compile_steps, generate
+from decoding import generate
+from steps import compile_steps
 from quantized import pack_model, quantize_model, quantized_copy
 from sampling import SamplingParams, logits_to_probs
 from test_decoding import _chi2_critical, chi2, rand_prompt, random_model
@@ -287,7 +288,7 @@ def test_per_row_positions_match_the_uncached_forward(path):
         def step(model, x, pos, *_):
             return model(x, pos)
         if steps is not None:
-            from decoding import regional
+            from steps import regional
             step = regional(step, steps.decode.layer_graph)
         logits = step(model, x, pos)
         for row, s in enumerate(seqs):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
-from decoding import (Steps, compile_steps, decode_one_token, draft_step, generate, speculative_generate,
-                      verify_step)
+from decoding import generate, speculative_generate
+from steps import Steps, compile_steps, decode_one_token, draft_step, verify_step
 from model import ModelArgs, Transformer, run_blocks
 from sampling import SamplingParams, logits_to_probs, speculative_accept
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
-from decoding import compile_steps, generate, prefill
+from decoding import generate
+from steps import compile_steps, prefill
 from sampling import SamplingParams, logits_to_probs
 
 GREEDY = SamplingParams()

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from checkpoint import CheckpointError, load_model, read_metadata
 import cpu_kernels
 from conftest import REPO, assert_varied, block_graphs, dequantized_activations, regional_graphs, tiny_hf_config
-from decoding import compile_steps, generate, speculative_generate
+from decoding import generate, speculative_generate
+from steps import compile_steps
 from quantize import main as quantize_main
 from quantized import (Int4Linear, Int8Linear, dequantize_int4, pack_nibbles, parse_quantize, quantize_int4, quantize_int8,
                        quantize_model, unpack_nibbles)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import assert_varied, block_graphs, regional_graphs
-from decoding import compile_steps, draft_step, generate, speculative_generate
+from decoding import generate, speculative_generate
+from steps import compile_steps, draft_step
 from quantized import Int4Linear, Int8Linear, quantized_copy
 from sampling import SamplingParams
 from test_decoding import GREEDY, rand_prompt, random_model, run_cli

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 import tp  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from decoding import Steps, compile_steps, generate, speculative_generate  # noqa: E402
+from decoding import generate, speculative_generate  # noqa: E402
+from steps import Steps, compile_steps  # noqa: E402
 from quantized import pack_model, quantize_model  # noqa: E402
 from sampling import SamplingParams  # noqa: E402
 
