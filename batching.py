@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding import GenerationStats, check_exit_layer, check_fits, check_num_speculations
+from decoding import GenerationStats, check_draft_source, check_exit_layer, check_fits, check_num_speculations
 from steps import Steps, check_finite, synchronize
 from model import Transformer
 from sampling import SamplingParams
@@ -73,21 +73,15 @@ class Batch:
                  exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None):
         if model.max_batch_size < 1:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
-        if draft_model is not None:
-            if not num_speculations:
-                raise ValueError("a draft model drafts for speculative decoding: give num_speculations")
-            check_exit_layer(draft_model, exit_layer, last=True)
-            if draft_model.args.vocab_size != model.args.vocab_size:
-                raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
-                                 f"model's ({model.args.vocab_size})")
-            if draft_model.max_batch_size != model.max_batch_size:
-                raise RuntimeError("the draft model's cache needs as many rows as the model's")
-        else:
-            check_exit_layer(model, exit_layer)
         if num_speculations:
             check_num_speculations(num_speculations)
-            if exit_layer is None and draft_model is None:
-                raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
+            check_draft_source(model, draft_model, exit_layer)
+        elif draft_model is not None:
+            raise ValueError("a draft model drafts for speculative decoding: give num_speculations")
+        else:
+            check_exit_layer(model, exit_layer)
+        if draft_model is not None and draft_model.max_batch_size != model.max_batch_size:
+            raise RuntimeError("the draft model's cache needs as many rows as the model's")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
         self.draft_model, self.k = draft_model, num_speculations
         B, device = model.max_batch_size, model.norm.weight.device
@@ -109,13 +103,17 @@ class Batch:
     def running(self) -> list[Sequence]:
         return [s for s in self.rows if s is not None]
 
+    def check(self, seq: Sequence):
+        """Refuses a sequence whose prompt, budget and lookahead do not fit the caches."""
+        for m in (self.model, self.draft_model):
+            if m is not None:
+                check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
+
     @torch.no_grad()
     def add(self, seq: Sequence) -> list[int]:
         """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
         token ends it here, freeing the row again)."""
-        for m in (self.model, self.draft_model):
-            if m is not None:
-                check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
+        self.check(seq)
         row = self.rows.index(None)  # ValueError if none: the caller checks free_rows
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=self.device)
@@ -292,7 +290,7 @@ def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
     batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model)
     for s in seqs:  # refuse before any work
-        check_fits(model, len(s.prompt), max_new_tokens, lookahead=num_speculations)
+        batch.check(s)
     index = {id(s): i for i, s in enumerate(seqs)}
     queue = list(seqs)
     t0 = time.perf_counter()

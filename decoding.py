@@ -110,6 +110,17 @@ def check_exit_layer(model: Transformer, exit_layer: int | None, last: bool = Fa
                          f"got {exit_layer}")
 
 
+def check_draft_source(model: Transformer, draft_model: Transformer | None, exit_layer: int | None):
+    """What speculation drafts from: layers [0, E) of the model itself, or of a draft model (all of
+    them if E is None) that shares the model's vocabulary."""
+    if exit_layer is None and draft_model is None:
+        raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
+    check_exit_layer(model if draft_model is None else draft_model, exit_layer, last=draft_model is not None)
+    if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
+                         f"model's ({model.args.vocab_size})")
+
+
 STRATEGIES = ("autoregressive", "self_speculative", "speculative")
 
 
@@ -319,10 +330,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     """
     check_num_speculations(num_speculations if policy is None else policy.max_k)
     policy = policy or FixedPolicy(exit_layer, min(num_speculations, max_new_tokens))
-    if policy.exit_layer is None and draft_model is None:
-        raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
+    check_draft_source(model, draft_model, policy.exit_layer)
     k = policy.max_k  # the most drafts a round makes
-    check_exit_layer(model if draft_model is None else draft_model, policy.exit_layer, last=draft_model is not None)
     shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
@@ -333,9 +342,6 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     drafter = model if draft_model is None else draft_model
     if draft_model is not None:
         check_fits(draft_model, T, max_new_tokens, lookahead=k)
-        if draft_model.args.vocab_size != model.args.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
-                             f"model's ({model.args.vocab_size})")
     device, clock = prompt.device, _Clock(prompt.device)
     stop = set(stop_ids)
     stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=k, adaptive=not isinstance(policy, FixedPolicy))

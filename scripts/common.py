@@ -270,9 +270,13 @@ def generated(engine, samples, a, progress=True, strategy=None):
     bar = tqdm(total=len(samples), desc=strategy.describe(), disable=not progress, file=sys.stderr)
     if rows > 1:
         torch.manual_seed(a.seed)
-        tok = engine.tokenizer
+        tok, produced = engine.tokenizer, [0] * len(samples)
+
+        def advance(i, ids):  # a sample is done at a stop token or at its budget
+            produced[i] += len(ids)
+            bar.update(any(t in tok.stop_ids for t in ids) or produced[i] == a.max_new_tokens)
         seqs, _ = engine.run_many([tok.encode(s.prompt) for s in samples], a.max_new_tokens, strategy=strategy,
-                                  on_tokens=lambda i, ids: bar.update(any(t in tok.stop_ids for t in ids)))
+                                  on_tokens=advance)
         bar.close()
         return [(tok.decode([t for t in seq.tokens if t not in tok.stop_ids]), seq.stats) for seq in seqs]
     out = []
