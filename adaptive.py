@@ -184,9 +184,23 @@ def read_table(path: Path) -> dict:
         return {}
 
 
-def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[StepCosts, bool]:
-    """The costs stored under key (a dict of what they depend on) unless missing, older than
-    STALE_DAYS or recalibrate; else measure() and store them. Returns (costs, measured now).
+@dataclass
+class BatchCosts:
+    """StepCosts per number of rows a batched step runs (batching.Batch.measure_costs)."""
+    by_rows: dict
+
+    def to_json(self) -> dict:
+        return {str(b): c.to_json() for b, c in self.by_rows.items()}
+
+    @staticmethod
+    def from_json(d: dict) -> "BatchCosts":
+        return BatchCosts({int(b): StepCosts.from_json(c) for b, c in d.items()})
+
+
+def load_or_measure(key: dict, measure, recalibrate: bool = False, kind=StepCosts):
+    """The costs (a `kind`: StepCosts or BatchCosts) stored under key (a dict of what they depend
+    on) unless missing, older than STALE_DAYS or recalibrate; else measure() and store them.
+    Returns (costs, measured now).
     An unwritable cache only costs measuring again next time."""
     path = cache_dir() / "step_costs.json"
     name = json.dumps(key, sort_keys=True)
@@ -200,7 +214,7 @@ def load_or_measure(key: dict, measure, recalibrate: bool = False) -> tuple[Step
         torch.distributed.broadcast_object_list(box, src=0)
         entry = box[0]
     if entry:
-        return StepCosts.from_json(entry["costs"]), False
+        return kind.from_json(entry["costs"]), False
     costs = measure()
     if rank != 0:
         return costs, True
@@ -438,3 +452,74 @@ class AdaptivePolicy:
     def observe_probe(self, E, taps, tokens, target):
         for c, t in zip(taps, tokens):
             self.agree[c].add(float(t == target))
+
+
+class BatchPolicy:
+    """Chooses each batched round's (E, k), k = 0 a plain step, for the b rows it runs
+    (batching.Batch): the pair with the most expected tokens per row per second, from the round
+    costs measured at b rows (costs[b], Batch.measure_costs) and each exit's acceptance in the
+    batch's own rounds. Every row drafts the same k (one verify shape), so there is no early stop
+    and no probe; an exit not run lately leans on its last estimate, and a rival predicted within
+    EXPLORE_WITHIN is run now and then, as in AdaptivePolicy. A round's cost grows with b faster
+    than a plain step's (a verify pass over b x (k + 1) rows turns compute-bound while a step still
+    streams the weights once), which is where speculation stops paying: at the measured b where
+    expected tokens / round cost falls below one token per plain step."""
+
+    def __init__(self, costs: dict, exits, ks, shared: bool):
+        self.costs, self.exits, self.ks, self.shared = costs, tuple(exits), tuple(ks), shared
+        self.max_k = max(ks)
+        self.accepted = {E: Rate(0.5) for E in self.exits}
+        self.seconds = {}  # (b, E, k) -> seconds of that round as run in generation (moving average)
+        self.timed = set()
+        self.drift = 1.0  # observed / calibrated seconds, the median over what ran
+        self.choice, self.dwell = {}, {}  # b -> its current (E, k), and the rounds it ran
+        self.tried = {}  # (b, E, k) -> the last round it ran
+        self.rounds = 0
+        # under tensor parallelism every rank must choose alike: only the tokens decide, not clocks
+        self.timing = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                           and torch.distributed.get_world_size() > 1)
+
+    def calibrated(self, b, E, k) -> float:
+        c = self.costs[b]
+        return c.decode if k == 0 else c.verify[(E, k)]
+
+    def predicted(self, b, E, k) -> float:
+        """Expected tokens per row per second."""
+        seconds = self.seconds.get((b, E, k)) or self.calibrated(b, E, k) * self.drift
+        return (expected_tokens(self.accepted[E].value, k) if k else 1.0) / seconds
+
+    def candidates(self):
+        return [(self.exits[0], 0)] + [(E, k) for E in self.exits for k in self.ks]
+
+    def choose(self, b: int):
+        self.rounds += 1
+        current = self.choice.get(b) or max(self.candidates(), key=lambda p: self.predicted(b, *p))
+        self.dwell[b] = self.dwell.get(b, 0) + 1
+        if self.dwell[b] >= MIN_DWELL:
+            now = self.predicted(b, *current)
+            best = max(self.candidates(), key=lambda p: self.predicted(b, *p))
+            rivals = [p for p in self.candidates() if p != current and self.predicted(b, *p) > now * (1 - EXPLORE_WITHIN)
+                      and self.rounds - self.tried.get((b, *p), 0) >= EXPLORE_EVERY]
+            if best != current and self.predicted(b, *best) > now * (1 + HYSTERESIS):
+                current, self.dwell[b] = best, 0
+            elif rivals:  # predictions resting on calibration or old rounds: run it for a while
+                current, self.dwell[b] = min(rivals, key=lambda p: self.tried.get((b, *p), 0)), 0
+        self.choice[b] = current
+        self.tried[(b, *current)] = self.rounds
+        return current
+
+    def observe(self, b: int, E, k: int, hits: int, judged: int, seconds: float):
+        """A round's outcome over its rows: drafts accepted (hits) of those judged (accepted, and
+        each row's first rejected), and its wall time. A shape's first timing is skipped: it may
+        include compiling or evaluating guards."""
+        if k:
+            self.accepted[E].add(hits, judged)
+        if not self.timing:
+            return
+        key = (b, E, k)
+        if key not in self.timed:
+            self.timed.add(key)
+            return
+        old = self.seconds.get(key, seconds)
+        self.seconds[key] = old + TIME_WEIGHT * (seconds - old)
+        self.drift = statistics.median(min(max(t / self.calibrated(*key), 0.2), 5.0) for key, t in self.seconds.items())

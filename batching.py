@@ -15,12 +15,17 @@ a step runs reduces each row in an order independent of the other rows (cpu_kern
 EXACT_ROWS rows; tests/test_batching.py checks it against `decoding.generate`).
 """
 import contextlib
+from collections import Counter
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from decoding import GenerationStats, check_draft_source, check_exit_layer, check_fits, check_num_speculations
+from adaptive import StepCosts
+from decoding import GenerationStats, describe_choices, check_draft_source, check_exit_layer, check_fits, check_num_speculations
 from steps import Steps, check_finite, synchronize
 from model import Transformer
 from sampling import SamplingParams
@@ -70,12 +75,16 @@ class Batch:
     that end leave their rows at once."""
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
-                 exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None):
+                 exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None,
+                 policy=None):
         if model.max_batch_size < 1:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
+        if policy is not None:  # adaptive.BatchPolicy: (E, k) per round, k at most its largest
+            num_speculations = policy.max_k
         if num_speculations:
             check_num_speculations(num_speculations)
-            check_draft_source(model, draft_model, exit_layer)
+            for E in policy.exits if policy is not None and draft_model is None else (exit_layer,):
+                check_draft_source(model, draft_model, E)
         elif draft_model is not None:
             raise ValueError("a draft model drafts for speculative decoding: give num_speculations")
         else:
@@ -83,7 +92,7 @@ class Batch:
         if draft_model is not None and draft_model.max_batch_size != model.max_batch_size:
             raise RuntimeError("the draft model's cache needs as many rows as the model's")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
-        self.draft_model, self.k = draft_model, num_speculations
+        self.draft_model, self.k, self.policy = draft_model, num_speculations, policy
         B, device = model.max_batch_size, model.norm.weight.device
         self.rows: list[Sequence | None] = [None] * B
         self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token
@@ -93,7 +102,9 @@ class Batch:
         self.offsets = torch.arange(self.k + 1, device=device)
         self.device = device
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
-        self.steps_run, self.last_bucket = 0, None
+        self.choices = Counter()  # with a policy: rounds by (E, k)
+        self.behind = [0] * B  # own-cache draft: plain steps its cache has not seen, per row
+        self.steps_run, self.last_shape = 0, None
 
     @property
     def free_rows(self) -> int:
@@ -128,7 +139,8 @@ class Batch:
                                                 self.exit_layer)[1])
         kept = seq.take(first[0].tolist())
         seq.started = time.perf_counter()
-        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0, num_speculations=self.k)
+        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0, num_speculations=self.k,
+                                    adaptive=self.policy is not None)
         if seq.done:
             self._finish(seq)
         else:
@@ -142,17 +154,25 @@ class Batch:
 
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """One step (autoregressive) or round (speculative) of every running sequence:
-        [(sequence, its new tokens)]."""
+        """One step (autoregressive) or round (speculative; with a policy, its choice of (E, k),
+        k = 0 a plain step) of every running sequence: [(sequence, its new tokens)]."""
         if not self.running:
             return []
         b = self.bucket()
-        # While the bucket stays the same the shapes and settings never change (rows join by
-        # prefill, between steps): the compiled steps' guards need not be evaluated again. A new
-        # bucket's first step evaluates them (and compiles, the first time).
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=b == self.last_bucket), self.cache_rows(b):
-            produced = self._round(b) if self.k else self._decode(b)
-        self.last_bucket = b
+        E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
+        if k and any(self.behind[:b]):
+            self._catch_up(b)
+        t0 = time.perf_counter()
+        # While the rows stepped and (E, k) stay the same, the shapes and settings never change
+        # (rows join by prefill, between steps): the compiled steps' guards need not be evaluated
+        # again. A new shape's first step evaluates them (and compiles, the first time).
+        shape = (b, E, k)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=shape == self.last_shape), self.cache_rows(b):
+            produced = self._round(b, E, k) if k else self._decode(b, E if not self.k else None)
+        if self.policy:
+            self.policy.observe(b, E, k, *self.judged, time.perf_counter() - t0)
+            self.choices[(E, k)] += 1
+        self.last_shape = shape
         self.steps_run += 1
         out = []
         for row, seq in enumerate(self.rows):
@@ -180,14 +200,37 @@ class Batch:
                 stack.enter_context(m.cache_rows(0, b))
         return stack
 
-    def _decode(self, b: int) -> list[list[int]]:
+    def _decode(self, b: int, exit_layer: int | None) -> list[list[int]]:
         cur, pos, live = self.cur[:b], self.pos[:b], self.live[:b]
-        nxt = self.steps.decode(self.model, cur, pos, self.params, self.exit_layer).clone()
+        nxt = self.steps.decode(self.model, cur, pos, self.params, exit_layer).clone()
+        self.prev[:b].copy_(cur)  # a draft model's next round starts from [prev, cur]
         cur.copy_(nxt)
         pos.add_(1).mul_(live)
+        for row, seq in enumerate(self.rows[:b]):
+            if seq is not None and self.policy:  # a plain round of the policy's
+                seq.stats.accepted_per_round.append(0)
+                seq.stats.trace.append((exit_layer, 0, 0))
+                self.behind[row] += self.draft_model is not None  # the draft's cache falls behind
+        self.judged = [0, 0]
         return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation
 
-    def _round(self, b: int) -> list[list[int]]:
+    def _catch_up(self, b: int):
+        """Before a round, a draft model's cache gets the positions its rows' plain steps skipped
+        (prefilled per row, as a prompt is: rare, at the policy's switches from plain steps). A row
+        at position p holds its tokens up to p - 1 in the model's cache; the round's first draft
+        step writes p - 1 and p, so the draft needs [p - 2 - behind, p - 1)."""
+        for row, seq in enumerate(self.rows[:b]):
+            if seq is None or not self.behind[row]:
+                continue
+            ids = seq.prompt + seq.tokens
+            p = len(ids) - 1  # the row's position: its newest token's
+            start = max(p - 2 - self.behind[row], 0)
+            with self.draft_model.cache_rows(row, row + 1):
+                self.steps.prefill(self.draft_model, torch.tensor([ids[start:p - 1]], device=self.device),
+                                   torch.arange(start, p - 1, device=self.device), self.params, self.exit_layer)
+            self.behind[row] = 0
+
+    def _round(self, b: int, E: int | None, k: int) -> list[list[int]]:
         """Every row drafts k tokens; one verify pass; each row keeps its accepted drafts (at most
         what its budget still needs, r - 1 for r tokens to go) and the full model's next token.
 
@@ -196,7 +239,8 @@ class Batch:
         newest tokens, rewriting the older one's keys and values where it had seen it (the same
         values: the kernels are row-invariant) and filling them in where not: one pass, no per-row
         branch."""
-        k, E, model, own = self.k, self.exit_layer, self.model, self.draft_model is not None
+        model, own = self.model, self.draft_model is not None
+        E = self.exit_layer if own else E
         drafter = self.draft_model if own else model
         cur, pos, prev, live = self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b]
         limits = [min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0 for s in self.rows[:b]]
@@ -216,18 +260,23 @@ class Batch:
         tokens = torch.cat([cur, *drafts], 1)
         draft_probs = None if self.params.greedy else torch.stack(probs, 1)
         n, nxt = self.steps.batch_verify(model, tokens, None if own else torch.cat(states, 1), draft_probs,
-                                         pos + self.offsets, limit, self.params, None if own else E)
+                                         pos + self.offsets[:k + 1], limit, self.params, None if own else E)
         host = torch.cat([tokens[:, 1:], nxt, n[:, None]], 1).tolist()  # the round's one host synchronisation
         prev.copy_(tokens.gather(1, n[:, None]))
         cur.copy_(nxt)
         pos.add_(n[:, None] + 1).mul_(live)
-        produced = []
+        produced, self.judged = [], [0, 0]
         for row, seq in enumerate(self.rows[:b]):
             a = host[row][-1]
             produced.append(host[row][:a] + [host[row][k]])
             if seq is not None:
                 seq.stats.accepted_per_round.append(a)
                 seq.stats.drafted += limits[row]
+                if self.policy:
+                    seq.stats.trace.append((E, k, limits[row]))
+                # the drafts the verify pass judged: the accepted ones and the first rejected
+                self.judged[0] += a
+                self.judged[1] += a + (a < limits[row])
         return produced
 
     def remove(self, seq: Sequence):
@@ -238,8 +287,43 @@ class Batch:
             self.pos[seq.row] = 0
             self.prev[seq.row] = 0
             self.live[seq.row] = 0
+            self.behind[seq.row] = 0
             seq.row = None
         self._finish(seq)
+
+    @torch.no_grad()
+    def measure_costs(self, exits, ks, repeats: int = 5, progress: bool = False) -> dict:
+        """Seconds of a plain step and of each (E, k) round as `step` runs them, for each bucket of
+        rows: {rows: adaptive.StepCosts} (a round's draft steps and verify pass together, under
+        verify[(E, k)]; draft empty). Run on stand-in rows at two thirds into the cache (attention
+        reads up to a row's position), round-robin so that a machine whose speed drifts slows every
+        entry alike; this also compiles every graph the policy can choose. Needs every row free."""
+        assert not self.running, "measure the costs before adding sequences"
+        at = min(self.model.max_seq_length * 2 // 3, self.model.max_seq_length - self.k - 2)
+        shapes = [(b, E, k) for b in self.buckets for E, k in [(exits[0], 0)] + [(E, k) for E in exits for k in ks]]
+        times = {shape: [] for shape in shapes}
+        try:
+            for rnd in tqdm(range(2 + repeats), desc="Batched step costs (compiling the graphs, if compiled)",
+                            disable=not progress, file=sys.stderr):
+                for b, E, k in shapes:
+                    for row in range(b):  # stand-ins: a long budget, a token at `at`
+                        self.rows[row] = Sequence([5] * at, 1 << 30, stats=GenerationStats(at, 0, 0.0, 0.0))
+                        self.rows[row].tokens = [5]
+                    self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, at, 5, 1
+                    t0 = time.perf_counter()
+                    with self.cache_rows(b):
+                        self._round(b, E, k) if k else self._decode(b, None if self.k else E)
+                    if rnd >= 2:  # the first two compile and warm
+                        times[(b, E, k)].append(time.perf_counter() - t0)
+        finally:
+            for row, seq in enumerate(self.rows):
+                if seq is not None:
+                    self.rows[row] = None
+                    self.cur[row] = self.pos[row] = self.prev[row] = self.live[row] = 0
+                    self.behind[row] = 0
+        med = {shape: statistics.median(t) for shape, t in times.items()}
+        return {b: StepCosts(med[(b, exits[0], 0)], {}, {(E, k): med[(b, E, k)] for E in exits for k in ks})
+                for b in self.buckets}
 
     def _finish(self, seq: Sequence):
         if seq.stats is not None:
@@ -257,6 +341,7 @@ class BatchStats:
     accepted: int = 0  # speculative: drafts kept, over all sequences
     drafted: int = 0  # and drafts that counted (within each row's budget)
     prefill_s: float = 0.0  # of wall_s, the prompts' prefills (each alone, between steps)
+    chosen: str = ""  # with a policy: the rounds' (E, k) by share ("E=all k=4 70%, plain 30%")
 
     @property
     def tokens_per_s(self) -> float:
@@ -283,12 +368,13 @@ class BatchStats:
 @torch.no_grad()
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
-                  num_speculations: int = 0, draft_model: Transformer | None = None):
+                  num_speculations: int = 0, draft_model: Transformer | None = None, policy=None):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
-    num_speculations self-speculative): a prompt waits in order for a free row. on_tokens(index, ids)
-    streams each prompt's new tokens. Returns ([Sequence] in prompt order, BatchStats)."""
+    num_speculations, or an adaptive.BatchPolicy, speculative): a prompt waits in order for a free
+    row. on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt
+    order, BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
-    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model)
+    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy)
     for s in seqs:  # refuse before any work
         batch.check(s)
     index = {id(s): i for i, s in enumerate(seqs)}
@@ -305,4 +391,6 @@ def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: 
                 on_tokens(index[id(seq)], kept)
     synchronize(batch.device)
     wall = time.perf_counter() - t0
-    return seqs, BatchStats.of(seqs, wall, batch.steps_run, model.max_batch_size)
+    stats = BatchStats.of(seqs, wall, batch.steps_run, model.max_batch_size)
+    stats.chosen = describe_choices(batch.choices) if policy else ""
+    return seqs, stats

@@ -66,15 +66,22 @@ class GenerationStats:
     @property
     def chosen(self) -> str:
         """Adaptive runs: each (E, k) the rounds ran with, by share of rounds ("plain": no drafts)."""
-        counts = Counter((E, k) for E, k, _ in self.trace)
-        names = {(E, k): "plain" if k == 0 else f"E={E or 'all'} k={k}" for E, k in counts}
-        return ", ".join(f"{names[c]} {n / len(self.trace):.0%}" for c, n in counts.most_common())
+        return describe_choices(Counter((E, k) for E, k, _ in self.trace))
 
     @property
     def draft_share(self) -> float:
         """Draft time / (draft + verify) time."""
         busy = self.draft_s + self.verify_s
         return self.draft_s / busy if busy else float("nan")
+
+
+def describe_choices(counts: Counter) -> str:
+    """Rounds by (E, k) -> "E=20 k=4 70%, plain 30%" (by share of rounds; plain: no drafts)."""
+    total = sum(counts.values())
+
+    def name(E, k):
+        return "plain" if k == 0 else f"E={E or 'all'} k={k}"
+    return ", ".join(f"{name(E, k)} {n / total:.0%}" for (E, k), n in counts.most_common())
 
 
 def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahead: int = 0):
@@ -166,12 +173,6 @@ class Strategy:
     @property
     def adaptive(self) -> bool:
         return self.auto_exit or self.auto_k
-
-    @property
-    def batchable(self) -> bool:
-        """Runs many sequences at once (batching.Batch): every strategy with a fixed exit layer and
-        k; auto (the adaptive policy) runs one sequence at a time so far."""
-        return not self.adaptive
 
     def lookahead(self, max_new_tokens: int) -> int:
         """Cache positions a round may write beyond the tokens it keeps (k; capped at max_new_tokens

@@ -37,7 +37,8 @@ class Engine:
     path: Path
     drafts: dict = field(default_factory=dict)  # quantized self-drafts by scheme (--draft_quantize)
     recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
-    policies: dict = field(default_factory=dict)  # adaptive policy per strategy, made at its first run
+    policies: dict = field(default_factory=dict)  # adaptive policy per strategy (and rows), made at its first run
+    calibration_s: float = 0.0  # the last step-cost measurement's seconds (0: read from the cache)
 
     def setup_caches(self, size: int, rows: int = 1):
         """KV caches of `size` positions for `rows` sequences at once (run_many's batch)."""
@@ -67,14 +68,13 @@ class Engine:
         (setup_caches), the rest queued for free rows; on_tokens(index, ids) streams. Returns
         ([batching.Sequence] in prompt order, batching.BatchStats)."""
         strategy = strategy or self.strategy
-        if not strategy.batchable and self.model.max_batch_size > 1:
-            raise ValueError(f"{strategy.describe()} runs one sequence at a time so far; set up the caches with "
-                             "one row")
         stops = self.stops(stop_ids)
-        if strategy.batchable:
+        rows = self.model.max_batch_size
+        if rows > 1 or not strategy.adaptive:  # one row and auto: the one-sequence loop (probes, early stop)
             k = 0 if strategy.name == "autoregressive" else min(strategy.num_speculations, max_new_tokens)
+            policy = self.batch_policy_for(strategy) if strategy.adaptive else None
             return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
-                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy))
+                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy), policy)
         t0, seqs = time.perf_counter(), []  # one at a time
         for i, p in enumerate(prompts):
             seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
@@ -86,34 +86,59 @@ class Engine:
         return seqs, batching.BatchStats.of(seqs, time.perf_counter() - t0, sum(s.stats.rounds for s in seqs), 1)
 
     def policy_for(self, strategy: Strategy):
-        """An adaptive strategy's policy, kept across generations (its acceptance estimates carry
-        over, decaying); at its first use the step costs are read from the cache or measured
-        (which also compiles every graph the policy can use). None for a fixed strategy."""
+        """An adaptive strategy's policy for one sequence, kept across generations (its acceptance
+        estimates carry over, decaying); at its first use the step costs are read from the cache or
+        measured (which also compiles every graph the policy can use). None for a fixed strategy."""
         if not strategy.adaptive:
             return None
         if strategy not in self.policies:
-            draft = self.draft_for(strategy)
-            shared = draft is None
-            n = self.model.args.n_layers
-            exits = adaptive.exit_candidates(n) if strategy.auto_exit else (strategy.exit_layer,)
-            ks = adaptive.buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
-            taps = exits if shared else ()
-            key = {"checkpoint": checkpoint_identity(self.path), "device": device_name(self.device),
-                   "threads": torch.get_num_threads(), "dtype": str(self.dtype), "torch": torch.__version__,
-                   "weights": weight_scheme(self.model), "draft": strategy.draft_quantize or
-                   (weight_scheme(draft) if draft is not None else "self"), "compile": self.steps.verify is not
-                   Steps.verify, "cache": self.model.max_seq_length, "exits": exits, "ks": ks,
-                   "world_size": tp.world()[1]}
-            t0 = time.perf_counter()
-            costs, measured = adaptive.load_or_measure(
-                key, lambda: adaptive.measure_costs(self.model, self.steps, exits, ks, draft, taps,
-                                                    progress=tp.world()[0] == 0), self.recalibrate)
-            how = f"measured in {time.perf_counter() - t0:.1f} s" if measured else f"read from {adaptive.cache_dir()}"
-            print(f"Adaptive speculation: exit layers {exits if shared else (strategy.exit_layer or 'all',)}, "
-                  f"k in {ks}; step costs {how}", file=sys.stderr)
-            self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, shared)
-            self.policies[strategy].calibration_s = time.perf_counter() - t0 if measured else 0.0
+            draft, exits, ks, taps = self.candidates(strategy)
+            costs, _ = self.costs(strategy, {"exits": exits, "ks": ks}, lambda: adaptive.measure_costs(
+                self.model, self.steps, exits, ks, draft, taps, progress=tp.world()[0] == 0))
+            self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, draft is None)
+            self.policies[strategy].calibration_s = self.calibration_s
         return self.policies[strategy]
+
+    def batch_policy_for(self, strategy: Strategy):
+        """The adaptive policy over batched rounds at the caches' rows (adaptive.BatchPolicy), its
+        round costs per bucket of rows read from the cache or measured (Batch.measure_costs)."""
+        rows = self.model.max_batch_size
+        if (strategy, rows) not in self.policies:
+            draft, exits, ks, _ = self.candidates(strategy)
+
+            def measure():
+                batch = batching.Batch(self.model, SamplingParams(), self.steps, exits[0], max(ks), draft)
+                return adaptive.BatchCosts(batch.measure_costs(exits, ks, progress=tp.world()[0] == 0))
+            costs, _ = self.costs(strategy, {"exits": exits, "ks": ks, "rows": rows, "batched": True}, measure,
+                                  adaptive.BatchCosts)
+            self.policies[(strategy, rows)] = adaptive.BatchPolicy(costs.by_rows, exits, ks, draft is None)
+        return self.policies[(strategy, rows)]
+
+    def candidates(self, strategy: Strategy):
+        """(draft model or None, candidate exit layers, candidate k, exit layers the probes tap)."""
+        draft = self.draft_for(strategy)
+        exits = adaptive.exit_candidates(self.model.args.n_layers) if strategy.auto_exit else (strategy.exit_layer,)
+        ks = adaptive.buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
+        return draft, exits, ks, exits if draft is None else ()
+
+    def costs(self, strategy: Strategy, what: dict, measure, kind=adaptive.StepCosts):
+        """Step costs of this engine's model, device, build and caches, for `what` (the candidates),
+        read from the cache or measured (what measure() returns); sets calibration_s."""
+        draft = self.draft_for(strategy)
+        key = {"checkpoint": checkpoint_identity(self.path), "device": device_name(self.device),
+               "threads": torch.get_num_threads(), "dtype": str(self.dtype), "torch": torch.__version__,
+               "weights": weight_scheme(self.model), "draft": strategy.draft_quantize or
+               (weight_scheme(draft) if draft is not None else "self"), "compile": self.steps.verify is not
+               Steps.verify, "cache": self.model.max_seq_length, "world_size": tp.world()[1], **what}
+        t0 = time.perf_counter()
+        costs, measured = adaptive.load_or_measure(key, measure, self.recalibrate, kind)
+        self.calibration_s = time.perf_counter() - t0 if measured else 0.0
+        how = f"measured in {self.calibration_s:.1f} s" if measured else f"read from {adaptive.cache_dir()}"
+        shown = what["exits"] if draft is None else (strategy.exit_layer or "all",)
+        rows = f", {what['rows']} rows at once" if "rows" in what else ""
+        print(f"Adaptive speculation: exit layers {shown}, k in {what['ks']}{rows}; step costs {how}",
+              file=sys.stderr)
+        return costs, measured
 
 
 def checkpoint_identity(path: Path) -> str:

@@ -140,11 +140,7 @@ def parse_args(argv=None):
         p.error("--interactive is one conversation: it takes no --prompt_file, several --prompt or --batch_size")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    batched = args.strategy.batchable
-    args.batch_size = args.batch_size or (min(len(args.prompts), DEFAULT_MAX_BATCH) if batched else 1)
-    if args.batch_size > 1 and not batched:
-        p.error(f"--batch_size {args.batch_size}: {args.strategy.describe()} runs one prompt at a time so far (every "
-                "strategy but auto runs batched); give --batch_size 1")
+    args.batch_size = args.batch_size or min(len(args.prompts), DEFAULT_MAX_BATCH)
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")
@@ -251,7 +247,8 @@ def run_samples(args, engine):
             print(f"Sample {i + 1}: {len(prompts)} prompts, {batch.max_rows} at a time: {batch.new_tokens} tokens in "
                   f"{batch.wall_s:.2f} s: {batch.tokens_per_s:.2f} tokens/s in all"
                   f"{f' over {batch.steps} steps' if batch.max_rows > 1 else ''}"
-                  f"{f', acceptance rate {batch.acceptance_rate:.1%}' if batch.drafted else ''}, peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+                  f"{f', acceptance rate {batch.acceptance_rate:.1%}' if batch.drafted else ''}"
+                  f"{f', rounds {batch.chosen}' if batch.chosen else ''}, peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 
 def chat_loop(args, engine):

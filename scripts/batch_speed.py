@@ -48,8 +48,6 @@ def parse_args(argv=None):
         p.error(f"--batch_sizes takes comma-separated integers, got {a.batch_sizes!r}")
     if a.batch_sizes[0] < 1:
         p.error("--batch_sizes must be >= 1")
-    if not a.strategy.batchable and a.batch_sizes != [1]:
-        p.error(f"{a.strategy.describe()} runs one sequence at a time so far")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
     for path, what in ((a.plot, "--plot"), (a.results, "--results")):

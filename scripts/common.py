@@ -165,8 +165,7 @@ def evaluation_parser(description: str, strategies):
     add_dataset_options(p)
     add_output_option(p, None)
     p.add_argument("--batch_size", type=int, default=1,
-                   help="samples generated at once (greedy: the same texts as one at a time; every strategy but "
-                        "auto)")
+                   help="samples generated at once (greedy: the same texts as one at a time)")
     return p
 
 
@@ -175,8 +174,6 @@ def parse_evaluation_args(p, argv, check=None):
     options.check_options(p, a)
     if a.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {a.batch_size}")
-    if a.batch_size > 1 and not a.strategy.batchable:
-        p.error(f"--batch_size {a.batch_size}: {a.strategy.describe()} runs one sample at a time so far")
     if check is not None:
         check(a)
     check_dataset_options(p, a)

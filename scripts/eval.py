@@ -53,9 +53,6 @@ class LayerSkipLM(_Base):
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if self.batch_size > 1 and not self.engine.strategy.batchable:
-            raise ValueError(f"batch_size {batch_size}: {self.engine.strategy.describe()} runs one request at a "
-                             "time so far")
         self.engine.setup_caches(self.max_length, self.batch_size)
 
     def _start_id(self) -> int:
@@ -160,13 +157,13 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="samples per task")
     p.add_argument("--num_fewshot", "--n_shot", dest="num_fewshot", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=1, help="generation requests run at once (greedy: the same "
-                   "texts as one at a time; every strategy but auto)")
+                   "texts as one at a time)")
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
     common.add_output_option(p, None)
     a = p.parse_args(argv)
     options.check_options(p, a)
-    if a.batch_size < 1 or (a.batch_size > 1 and not a.strategy.batchable):
-        p.error(f"--batch_size {a.batch_size}: must be >= 1, and 1 for {a.strategy.describe()}")
+    if a.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {a.batch_size}")
     return a
 
 

@@ -110,8 +110,6 @@ CASES = [
     Case(G, ["--checkpoint_path", "{tiny}", "--prompt_file", "{blank_prompts}"], "holds no prompt", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--prompt", "a", "--prompt", "b", "--interactive"],
          "--interactive is one conversation", 2),
-    Case(G, ["--checkpoint_path", "{tiny}", "--generation_strategy", "self_speculative", "--exit_layer", "1",
-             "--num_speculations", "auto", "--batch_size", "2"], "runs one prompt at a time so far (every strategy but auto", 2),
     Case(G, ["--checkpoint_path", "{tiny}", "--max_seq_length", "8", "--max_new_tokens", "2", "--prompt", "2", "--prompt", "20"],
          "prompt 2 of 2: the prompt (20 tokens)", before_load=True),
     # --- generate.py: strategies

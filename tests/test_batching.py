@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from adaptive import BatchPolicy
 from batching import Batch, Sequence, generate_many
 from conftest import assert_varied
 from decoding import generate
@@ -311,3 +312,82 @@ def test_a_free_row_never_walks_past_the_cache(k):
         while batch.running:
             batch.step()
         assert seq.tokens == r and batch.free_rows == 2
+
+
+class Cycling(BatchPolicy):
+    """Runs every candidate (E, k) in turn, plain steps included: each kind of batched round follows
+    each other kind (E switches, and a draft model's catch-up after plain steps)."""
+
+    def __init__(self, exits, ks, shared):
+        super().__init__({}, exits, ks, shared)
+        self.i, self.seen = 0, []
+
+    def choose(self, b):
+        self.i += 1
+        return self.candidates()[self.i % len(self.candidates())]
+
+    def observe(self, b, E, k, hits, judged, seconds):
+        self.seen.append((b, E, k, hits, judged))
+
+
+@pytest.mark.parametrize("draft", ["shared", "int8 copy", "twin"])
+def test_policy_rounds_of_every_kind_equal_batch1_greedy_output(draft):
+    """Batched rounds whose (E, k) change every round, plain steps among them: each row is still
+    its batch-1 greedy decoding, and a draft model's cache catches up on the plain steps it missed
+    (an identical twin accepts every draft)."""
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 20)
+    drafter = {"shared": None, "int8 copy": quantized_copy(model, "int8", None), "twin": copy.deepcopy(model)}[draft]
+    for rows in (1, 3):
+        model.setup_caches(rows, 64)
+        policy = Cycling((1, 3) if drafter is None else (None,), (1, 2, 4), drafter is None)
+        if drafter is not None:
+            drafter.setup_caches(rows, 64)
+        seqs, stats = generate_many(model, prompts, 20, GREEDY, draft_model=drafter, policy=policy)
+        assert [s.tokens for s in seqs] == ref, rows
+        kinds = {(E, k) for _, E, k, _, _ in policy.seen}
+        assert kinds == set(policy.candidates())
+        if draft == "twin":
+            assert stats.accepted == stats.drafted > 0
+        else:
+            assert 0 < stats.accepted < stats.drafted
+        assert all(s.stats.adaptive and s.stats.chosen for s in seqs)
+
+
+def test_batch_policy_chooses_plain_steps_where_rounds_stop_paying():
+    """From costs per number of rows: at 1 row a round of 4 drafts costs 2 steps (it pays at high
+    acceptance), at 8 rows it costs 6 (it never pays); the policy speculates at 1 row and steps
+    plainly at 8, and leaves speculation once its drafts are rejected."""
+    from adaptive import StepCosts
+    costs = {1: StepCosts(1.0, {}, {(None, 4): 2.0}), 8: StepCosts(1.0, {}, {(None, 4): 6.0})}
+    policy = BatchPolicy(costs, (None,), (4,), shared=False)
+    policy.timing = False
+    for _ in range(5):
+        policy.observe(1, None, 4, 40, 40, 0.0)  # every draft accepted
+    assert policy.choose(1) == (None, 4)
+    assert policy.choose(8) == (None, 0)
+    for _ in range(40):
+        policy.choose(1)
+        policy.observe(1, None, 4, 0, 10, 0.0)  # every draft rejected
+    assert policy.choose(1) == (None, 0)
+
+
+def test_compiled_policy_rounds_never_recompile():
+    """Compiled: the policy's costs, measured per bucket of rows (Batch.measure_costs), compile
+    every graph its rounds use; then rounds of every kind, rows joining and leaving, compile
+    nothing, and each row is its batch-1 greedy decoding."""
+    model = packed_model()
+    steps = compile_steps(torch.device("cpu"))
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 12, steps=steps)
+    model.setup_caches(2, 64)
+    costs = Batch(model, GREEDY, steps, 1, 2).measure_costs((1, 3), (2,), repeats=1)
+    assert sorted(costs) == [1, 2]
+    assert all(c.decode > 0 and set(c.verify) == {(1, 2), (3, 2)} for c in costs.values())
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        seqs, _ = generate_many(model, prompts, 12, GREEDY, steps=steps, policy=Cycling((1, 3), (2,), True))
+        assert [s.tokens for s in seqs] == ref
+        real = BatchPolicy(costs, (1, 3), (2,), True)
+        seqs, _ = generate_many(model, prompts, 12, GREEDY, steps=steps, policy=real)
+        assert [s.tokens for s in seqs] == ref

@@ -271,11 +271,13 @@ def test_compiled_prefill_handles_new_prompt_lengths_without_recompiling(tiny_ch
     assert compiled_graphs(prefill) - before == 1  # one graph, dynamic in the prompt length
 
 
-def test_several_prompts_print_what_each_prints_alone(tiny_smol_dir, tmp_path, capsys):
+def test_several_prompts_print_what_each_prints_alone(tiny_smol_dir, tmp_path, capsys, monkeypatch):
     """--prompt repeated and --prompt_file (plain and JSON lines), batched two rows at a time, eager
-    and compiled, autoregressive and speculative (shared cache, and a quantized self-draft's own):
-    each prompt's text is what generate.py prints for that prompt alone."""
+    and compiled, autoregressive and speculative (shared cache, a quantized self-draft's own, and
+    auto's batched policy over both): each prompt's text is what generate.py prints for that prompt
+    alone."""
     import generate
+    monkeypatch.setenv("LAYERSKIP_CACHE", str(tmp_path / "costs"))  # auto's step costs: measured here
     texts = ["Hi there", "The sea is", 'A "quoted" line', "Once upon a time, long ago"]
     (tmp_path / "p.txt").write_text(f"{texts[1]}\n\n" + json.dumps({"prompt": texts[2], "id": 7}) + f"\n{texts[3]}\n")
     common = ["--checkpoint_path", str(tiny_smol_dir), "--max_new_tokens", "12", "--temperature", "0"]
@@ -284,7 +286,9 @@ def test_several_prompts_print_what_each_prints_alone(tiny_smol_dir, tmp_path, c
         generate.main([*common, "--prompt", t])
         alone.append(capsys.readouterr().out.strip())
     spec = ["--generation_strategy", "self_speculative", "--num_speculations", "3"]
-    for extra in ([], ["--compile"], [*spec, "--exit_layer", "2"], [*spec, "--draft_quantize", "int8"]):
+    auto = [*spec[:2], "--num_speculations", "auto"]
+    for extra in ([], ["--compile"], [*spec, "--exit_layer", "2"], [*spec, "--draft_quantize", "int8"],
+                  [*auto, "--exit_layer", "auto"], [*auto, "--draft_quantize", "int8"]):
         generate.main([*common, "--prompt", texts[0], "--prompt_file", str(tmp_path / "p.txt"), "--batch_size", "2",
                        *extra])
         out, err = capsys.readouterr()
@@ -292,4 +296,8 @@ def test_several_prompts_print_what_each_prints_alone(tiny_smol_dir, tmp_path, c
         assert [p.split("\n", 1)[1] for p in parts] == alone, extra
         assert [p.split("\n", 1)[0] for p in parts] == [f"{i} of 4" for i in range(1, 5)]
         assert "Sample 1: 4 prompts, 2 at a time: 48 tokens" in err
-        assert ("acceptance rate" in err) == (extra[:1] == spec[:1])
+        assert ("2 rows at once; step costs measured" in err) == ("auto" in extra)
+        if "auto" in extra:  # the policy's choice, plain steps included, from the costs it measured
+            assert re.search(r"rounds (plain|E=\S+ k=\d) \d+%", err), err
+        else:
+            assert ("acceptance rate" in err) == (extra[:1] == spec[:1])

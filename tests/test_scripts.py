@@ -127,8 +127,6 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     (benchmark, ["--dataset", "human_eval", "--exit_layer", "0"], "--exit_layer must be >= 1"),
     (correctness, ["--exit_layer", "4", "--temperature", "0.7"], "correctness compares greedy outputs"),
     (benchmark, ["--dataset", "human_eval", "--batch_size", "0"], "--batch_size must be >= 1"),
-    (benchmark, ["--dataset", "human_eval", "--generation_strategy", "self_speculative", "--exit_layer", "auto",
-                 "--batch_size", "4"], "runs one sample at a time so far"),
     (sweep, ["--exit_layer_first", "20", "--exit_layer_last", "10"], "empty exit_layer grid"),
     (sweep, ["--num_speculations_first", "3", "--num_speculations_last", "1"], "empty num_speculations grid"),
     (sweep, ["--dataset", "cnn"], "unknown dataset"),
