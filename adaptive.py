@@ -162,13 +162,7 @@ def measure_costs(model, steps, exits, buckets, draft_model=None, taps=(), repea
     decode, probe = median["decode"][1], median.get("probe", (0.0, 0.0))[1]
     verify = {name: v for name, (_, v) in median.items() if isinstance(name, tuple)}
     draft = {E: statistics.median(median[(E, b)][0] / b for b in buckets) for E in exits}
-    costs = StepCosts(decode, draft, verify, probe)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank must choose the same (E, k): rank 0's timings decide
-        box = [costs]
-        torch.distributed.broadcast_object_list(box, src=0)
-        costs = box[0]
-    return costs
+    return StepCosts(decode, draft, verify, probe)
 
 
 def cache_dir() -> Path:
@@ -207,15 +201,19 @@ def load_or_measure(key: dict, measure, recalibrate: bool = False, kind=StepCost
     entry = read_table(path).get(name)
     if recalibrate or not entry or time.time() - entry["time"] >= STALE_DAYS * 86400:
         entry = None
-    rank = 0
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # every rank must agree on measuring (it runs collectives): rank 0's cache decides
-        box, rank = [entry], torch.distributed.get_rank()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed:  # every rank must agree on measuring (it runs collectives): rank 0's cache decides
+        box = [entry]
         torch.distributed.broadcast_object_list(box, src=0)
         entry = box[0]
     if entry:
         return kind.from_json(entry["costs"]), False
     costs = measure()
+    if distributed:  # every rank must choose the same (E, k): rank 0's timings decide
+        box = [costs]
+        torch.distributed.broadcast_object_list(box, src=0)
+        costs = box[0]
     if rank != 0:
         return costs, True
     table = read_table(path)  # now: another process may have stored its own entry while this one measured
