@@ -122,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
     options.add_options(p, sampling_temperature=options.GENERATION_TEMPERATURE)
     args = p.parse_args(argv)
-    options.check_options(p, args)
+    config = options.check_options(p, args)
     if args.num_samples < 1:
         p.error("--num_samples must be >= 1")
     if args.max_seq_length is not None and args.max_seq_length < 2:
@@ -140,20 +140,20 @@ def parse_args(argv=None):
         p.error("--interactive is one conversation: it takes no --prompt_file, several --prompt or --batch_size")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    batched = args.strategy.batchable
+    batched = config.strategy.batchable
     args.batch_size = args.batch_size or (min(len(args.prompts), DEFAULT_MAX_BATCH) if batched else 1)
     if args.batch_size > 1 and not batched:
-        p.error(f"--batch_size {args.batch_size}: {args.strategy.describe()} runs one prompt at a time so far (every "
+        p.error(f"--batch_size {args.batch_size}: {config.strategy.describe()} runs one prompt at a time so far (every "
                 "strategy but auto runs batched); give --batch_size 1")
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")
         except (ValueError, OSError) as e:
             p.error(str(e))
-    return args
+    return args, config
 
 
-def check_prompt(args, tokenizer, model_args):
+def check_prompt(args, strategy, tokenizer, model_args):
     """What the tokenizer and the model's context refuse, before any weight is read."""
     if args.interactive and tokenizer.chat_format is None:
         raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model's tokenizer")
@@ -161,7 +161,8 @@ def check_prompt(args, tokenizer, model_args):
         for i, text in enumerate(args.prompts):
             n = random_prompt_length(args, text)
             try:
-                cache_size(args, model_args, n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")))
+                cache_size(args, strategy, model_args,
+                           n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")))
             except ValueError as e:
                 raise ValueError(f"prompt {i + 1} of {len(args.prompts)}: {e}" if len(args.prompts) > 1 else str(e)) \
                     from None
@@ -177,11 +178,11 @@ def speculation_summary(stats) -> str:
                if stats.adaptive else ""))
 
 
-def cache_size(args, model_args, prompt_len: int) -> int:
+def cache_size(args, strategy, model_args, prompt_len: int) -> int:
     """KV cache positions for a prompt of prompt_len tokens; a clear error where they do not fit."""
     if prompt_len < 1:
         raise ValueError("the prompt is empty; give some text")
-    lookahead = args.strategy.lookahead(args.max_new_tokens)
+    lookahead = strategy.lookahead(args.max_new_tokens)
     need = prompt_len + args.max_new_tokens + lookahead
     context = model_args.max_position_embeddings
     what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({args.max_new_tokens})"
@@ -209,7 +210,7 @@ def run_samples(args, engine):
     tokenizer, device = engine.tokenizer, engine.device
     prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(args.prompts)]
     rows = min(args.batch_size, len(prompts))
-    engine.setup_caches(max(cache_size(args, engine.model.args, len(p)) for p in prompts), rows)
+    engine.setup_caches(max(cache_size(args, engine.strategy, engine.model.args, len(p)) for p in prompts), rows)
     bytes_per_token = weight_bytes_per_token(engine.model)
     single = len(prompts) == 1
     # A compiled run starts with one untimed generation: it pays for compilation.
@@ -257,7 +258,7 @@ def run_samples(args, engine):
 def chat_loop(args, engine):
     tokenizer, model = engine.tokenizer, engine.model
     engine.setup_caches(args.max_seq_length or min(2048, model.args.max_position_embeddings))
-    lookahead = args.strategy.lookahead(args.max_new_tokens)
+    lookahead = engine.strategy.lookahead(args.max_new_tokens)
     messages = system_message(args)
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
@@ -291,11 +292,11 @@ def chat_loop(args, engine):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, config = parse_args(argv)
     try:
-        rank, world_size = init_distributed(args)
-        engine = load_engine(args, rank, world_size,
-                                     check=lambda meta, tokenizer: check_prompt(args, tokenizer, meta["args"]))
+        rank, world_size, config = init_distributed(config)
+        engine = load_engine(config, rank, world_size,
+                             check=lambda meta, tokenizer: check_prompt(args, config.strategy, tokenizer, meta["args"]))
         if args.interactive:
             chat_loop(args, engine)
         else:

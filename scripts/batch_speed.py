@@ -41,22 +41,21 @@ def parse_args(argv=None):
     options.add_options(p)
     p.set_defaults(max_new_tokens=64)
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     try:
-        a.batch_sizes = sorted({int(b) for b in a.batch_sizes.split(",")})
+        batch_sizes = sorted({int(b) for b in a.batch_sizes.split(",")})
     except ValueError:
         p.error(f"--batch_sizes takes comma-separated integers, got {a.batch_sizes!r}")
-    if a.batch_sizes[0] < 1:
+    if batch_sizes[0] < 1:
         p.error("--batch_sizes must be >= 1")
-    if not a.strategy.batchable and a.batch_sizes != [1]:
-        p.error(f"{a.strategy.describe()} runs one sequence at a time so far")
+    if not config.strategy.batchable and batch_sizes != [1]:
+        p.error(f"{config.strategy.describe()} runs one sequence at a time so far")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
     for path, what in ((a.plot, "--plot"), (a.results, "--results")):
         if path is not None:
             cli.check_output_file(path, what)
-    a.num_samples, a.prompt_length = a.num_prompts, None
-    return a
+    return a, config, batch_sizes
 
 
 def run_batch(engine, prompts, rows: int, max_new_tokens: int, cache: int):
@@ -105,9 +104,9 @@ def plot(runs: list[dict], path: Path, title: str):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    engine = load_engine(a)
-    prompts = [p.tolist() for p in common.prompts_for(a, engine)]
+    a, config, batch_sizes = parse_args(argv)
+    engine = load_engine(config)
+    prompts = [p.tolist() for p in common.prompts_for(engine, a.num_prompts, a.prompts)]
     print(f"{a.checkpoint_path} on {engine.device} ({device_name(engine.device)}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {engine.strategy.describe()}, "
           f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
@@ -115,7 +114,7 @@ def main(argv=None):
     results, reference = [], None
     n = a.max_new_tokens
     cache = max(len(p) for p in prompts) + n + engine.strategy.lookahead(n)  # one size: the graphs stay
-    for rows in a.batch_sizes:
+    for rows in batch_sizes:
         t0 = time.perf_counter()
         run_batch(engine, prompts[:rows], rows, min(8, n), cache)  # compiles this batch size's graphs
         warm = time.perf_counter() - t0

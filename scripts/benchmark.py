@@ -29,10 +29,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    out, samples, engine = common.start_evaluation(a, "benchmark.json")
+    a, config = parse_args(argv)
+    out, samples, engine = common.start_evaluation(a, config, "benchmark.json")
     compile_s = common.warm_up(engine, samples, a)
-    records, agg = common.evaluate(engine, samples, a)
+    records, agg = common.evaluate(engine, samples, a, rows=a.batch_size)
     text = common.write_json(out, {"config": common.config_of(a), "compile_s": compile_s, "aggregate": agg,
                                    "samples": records})
     if out is None:

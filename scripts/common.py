@@ -171,23 +171,25 @@ def evaluation_parser(description: str, strategies):
 
 
 def parse_evaluation_args(p, argv, check=None):
+    """(flags, EngineConfig); check(config), if given, refuses what the command cannot do."""
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     if a.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {a.batch_size}")
-    if a.batch_size > 1 and not a.strategy.batchable:
-        p.error(f"--batch_size {a.batch_size}: {a.strategy.describe()} runs one sample at a time so far")
+    if a.batch_size > 1 and not config.strategy.batchable:
+        p.error(f"--batch_size {a.batch_size}: {config.strategy.describe()} runs one sample at a time so far")
     if check is not None:
-        check(a)
+        check(config)
     check_dataset_options(p, a)
-    return a
+    return a, config
 
 
-def start_evaluation(a, result_name: str):
+def start_evaluation(a, config, result_name: str):
     """(result file or None, samples, engine with its caches set up): a dataset command's start."""
     out = check_output(a, result_name)
     samples = dataset_samples(a)
-    engine = load_engine(a, *init_distributed(a))
+    rank, world_size, config = init_distributed(config)
+    engine = load_engine(config, rank, world_size)
     setup_caches_for(engine, samples, a.max_new_tokens, rows=min(a.batch_size, len(samples)))
     return out, samples, engine
 
@@ -199,11 +201,13 @@ def add_output_option(p, default: str | None, file_option: bool = True):
                    help="folder for the results" + (f" (default: {default})" if default else ""))
     if file_option:  # the spelling of earlier versions, kept for users' scripts
         p.add_argument("--output", type=Path, default=None, help="deprecated: the JSON file (use --output_dir)")
+    else:
+        p.set_defaults(output=None)
 
 
 def check_output(a, name: str) -> Path | None:
     """The JSON file to write (OUTPUT_DIR/name, or the deprecated --output FILE), checked before any work."""
-    if getattr(a, "output", None) is not None:
+    if a.output is not None:
         print(f"note: --output is deprecated; use --output_dir (writes {name} there)", file=sys.stderr)
         return cli.check_output_file(a.output)
     if a.output_dir is None:
@@ -222,8 +226,8 @@ def write_json(path: Path | None, doc) -> str:
 
 
 def config_of(a) -> dict:
-    return {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(a).items()
-            if k not in ("sampling", "strategy")}
+    """The flags as given, for the results' JSON."""
+    return {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(a).items()}
 
 
 # --- evaluation ---
@@ -262,11 +266,11 @@ def generate_text(engine, prompt_text: str, max_new_tokens: int, strategy=None):
     return engine.tokenizer.decode([t for t in gen if t not in engine.tokenizer.stop_ids]), stats, gen
 
 
-def generated(engine, samples, a, progress=True, strategy=None):
+def generated(engine, samples, a, progress=True, strategy=None, rows: int = 1):
     """(text without stop tokens, stats) per sample: one at a time (each seeded with seed + its
-    index), or --batch_size rows at once (engine.run_many; greedy: the same texts)."""
+    index), or `rows` at once (engine.run_many; greedy: the same texts)."""
     from tqdm import tqdm
-    rows, strategy = getattr(a, "batch_size", 1), strategy or engine.strategy
+    strategy = strategy or engine.strategy
     bar = tqdm(total=len(samples), desc=strategy.describe(), disable=not progress, file=sys.stderr)
     if rows > 1:
         torch.manual_seed(a.seed)
@@ -289,12 +293,12 @@ def generated(engine, samples, a, progress=True, strategy=None):
     return out
 
 
-def evaluate(engine, samples, a, progress=True, strategy=None):
+def evaluate(engine, samples, a, progress=True, strategy=None, rows: int = 1):
     """Per-sample records and the aggregate for strategy (default: the engine's): ROUGE, exact
-    match and speed."""
+    match and speed; `rows` samples generated at once."""
     records = []
     total_tokens, total_s, rounds, accepted, drafted, catch_ups, decode_tokens, decode_s = 0, 0.0, 0, 0, 0, 0, 0, 0.0
-    for i, (s, (text, stats)) in enumerate(zip(samples, generated(engine, samples, a, progress, strategy))):
+    for i, (s, (text, stats)) in enumerate(zip(samples, generated(engine, samples, a, progress, strategy, rows))):
         text, stopped = cut_at_stop(text, a.stop)
         r = rouge(text, s.reference)
         records.append({"index": i, "prompt": s.prompt, "reference": s.reference, "generated": text,
@@ -600,51 +604,67 @@ def describe_row(c: dict) -> str:
     return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class Harness:
+    """What every row of the speed harness shares: the model, its device, the prompts and how
+    they are measured."""
+    checkpoint: str
+    device: str = "auto"
+    hf_token: str | None = None
+    max_new_tokens: int = 200
+    repeats: int = 3
+    num_samples: int = 2
+    prompts: str = "human_eval"  # one of PROMPT_SETS
+    prompt_length: int | None = None  # random prompts of this many tokens instead
+    acceptance: float | None = None  # also predict the speed-up at this per-token acceptance
+    peers: tuple = ()  # speed.py's other engines
+
+
 class _Refusing(argparse.ArgumentParser):
     def error(self, message):  # the caller names the row
         raise ValueError(message)
 
 
-def row_args(a, c: dict):
-    """The shared options for one row, as the engine's commands would parse and check them;
-    ValueError if they refuse them."""
+def row_config(h: Harness, c: dict):
+    """The engine's configuration for one row, as the engine's commands would parse and check
+    it; ValueError if they refuse it."""
     p = _Refusing(add_help=False)
     options.add_options(p)
-    argv = ["--checkpoint_path", str(a.checkpoint_path), "--device", str(a.device), "--dtype", c["dtype"],
+    argv = ["--checkpoint_path", str(h.checkpoint), "--device", str(h.device), "--dtype", c["dtype"],
             "--generation_strategy", c["generation_strategy"], "--num_speculations", c["num_speculations"],
-            "--max_new_tokens", str(a.max_new_tokens), "--temperature", "0"]
+            "--max_new_tokens", str(h.max_new_tokens), "--temperature", "0"]
+    argv += ["--hf_token", h.hf_token] if h.hf_token else []
     argv += ["--quantize", c["quantize"]] if c["quantize"] != "none" else []
     argv += ["--exit_layer", c["exit_layer"]] if c["exit_layer"] else []
     argv += ["--draft_quantize", c["draft_quantize"]] if c["draft_quantize"] != "none" else []
     argv += ["--compile"] if options.parse_bool(c["compile"]) else []
     argv += ["--layers_per_graph", c["layers_per_graph"]] if c["layers_per_graph"] and options.parse_bool(c["compile"]) else []
-    ns = p.parse_args(argv)
-    options.check_options(p, ns)
-    return ns
+    return options.check_options(p, p.parse_args(argv))
 
 
-def load_row_engine(a, c: dict, rank=0, world_size=1, draft_schemes=None):
+def load_row_engine(h: Harness, c: dict, rank=0, world_size=1, draft_schemes=None):
     """An engine for one row: from the checkpoint (load_engine), or random weights of a
     real shape for `random:<shape>[:<layers>]`. draft_schemes: quantized self-drafts of every
     layer to make (rows of several exit layers share them), instead of the row's own."""
-    ns = row_args(a, c)
-    spec = str(a.checkpoint_path)
+    config = row_config(h, c)
+    spec = str(h.checkpoint)
     if not spec.startswith("random:"):
-        return load_engine(ns, rank, world_size, draft_schemes=draft_schemes)
+        return load_engine(config, rank, world_size, draft_schemes=draft_schemes)
     _, shape, *layers = spec.split(":")
-    device = options.pick_device(ns.device)
-    dtype = options.pick_dtype(ns.dtype, device)
+    device = options.pick_device(config.device)
+    dtype = options.pick_dtype(config.dtype, device)
     model = random_model(shape, device, dtype, int(layers[0]) if layers else None)
     if draft_schemes is None:
-        draft_schemes, layers = [ns.strategy.draft_quantize] if ns.strategy.draft_quantize else [], ns.strategy.exit_layer
+        draft_schemes, layers = [config.strategy.draft_quantize] if config.strategy.draft_quantize else [], \
+            config.strategy.exit_layer
     else:
         layers = None
     drafts = {s: make_draft(model, s, layers, rank, world_size) for s in draft_schemes}
     if world_size > 1:  # as load_engine does for a checkpoint: check, quantize, shard, then pack
-        check_shardable(model.args, {"mode": "none"}, ns.quantize_mode, world_size)
-    model = pack_model(quantize_and_shard(model, ns.quantize_mode, rank, world_size))
-    steps = compile_steps(device, layers_per_graph=getattr(ns, 'layers_per_graph', None)) if ns.compile else Steps()
-    return Engine(model, None, None, device, dtype, steps, ns.strategy, ns.sampling, Path(spec), drafts)
+        check_shardable(model.args, {"mode": "none"}, config.quantize_mode, world_size)
+    model = pack_model(quantize_and_shard(model, config.quantize_mode, rank, world_size))
+    steps = compile_steps(device, layers_per_graph=config.layers_per_graph) if config.compile else Steps()
+    return Engine(model, None, None, device, dtype, steps, config.strategy, config.sampling, Path(spec), drafts)
 
 
 # Requests for prose, to mix with HumanEval's code (speed.py --prompts): one fixed (E, k) cannot fit both.
@@ -661,15 +681,15 @@ PROSE_REQUESTS = [
 PROMPT_SETS = ("human_eval", "prose", "mixed")
 
 
-def prompts_for(a, engine) -> list:
-    """--num_samples prompts of --prompts (HumanEval problems, prose requests in the chat format,
-    or the two alternating), or --prompt_length random tokens each (always for random weights)."""
-    n, vocab_size = a.num_samples or 2, engine.model.args.vocab_size
-    if a.prompt_length or engine.tokenizer is None:
-        length = a.prompt_length or 16
+def prompts_for(engine, n: int, kind: str = "human_eval", length: int | None = None) -> list:
+    """n prompts of `kind` (HumanEval problems, prose requests in the chat format, or the two
+    alternating), or `length` random tokens each (always for random weights)."""
+    vocab_size = engine.model.args.vocab_size
+    if length or engine.tokenizer is None:
+        length = length or 16
         return [torch.randint(100, min(1000, vocab_size), (length,), generator=torch.Generator().manual_seed(i)
                               ).to(engine.device) for i in range(n)]
-    tok, kind = engine.tokenizer, getattr(a, "prompts", None) or "human_eval"
+    tok = engine.tokenizer
     code = [tok.encode(s.prompt) for s in load_samples("human_eval", num_samples=n)]
     prose = [tok.encode_chat([{"role": "user", "content": t}]) if tok.chat_format else tok.encode(t)
              for t in (PROSE_REQUESTS * n)[:n]]
@@ -678,27 +698,27 @@ def prompts_for(a, engine) -> list:
     return [torch.tensor(p, device=engine.device) for p in ids]
 
 
-def bench_row(engine, c: dict, prompts, a, strategy=None) -> dict:
+def bench_row(engine, c: dict, prompts, h: Harness, strategy=None) -> dict:
     """One row of ours (strategy, default the engine's): measure() over the prompts, plus step
     costs for speculative rows."""
-    return bench_rows(engine, [(c, strategy or engine.strategy)], prompts, a)[0]
+    return bench_rows(engine, [(c, strategy or engine.strategy)], prompts, h)[0]
 
 
-def bench_rows(engine, rows, prompts, a) -> list[dict]:
+def bench_rows(engine, rows, prompts, h: Harness) -> list[dict]:
     """Rows [(grid values, Strategy)] of one loaded engine, measured interleaved
     (measure_interleaved), each with its step costs and cost model where it has them."""
-    n = a.max_new_tokens
+    n = h.max_new_tokens
     engine.setup_caches(max(len(p) for p in prompts) + n + max(s.lookahead(n) for _, s in rows) + 1)
 
     def generate_fn(strategy):
         return lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=(), strategy=strategy)[1]
-    results = measure_interleaved([generate_fn(s) for _, s in rows], prompts, a.repeats, engine.device)
+    results = measure_interleaved([generate_fn(s) for _, s in rows], prompts, h.repeats, engine.device)
     for (c, strategy), r in zip(rows, results):
-        finish_row(engine, c, r, a, strategy)
+        finish_row(engine, c, r, h, strategy)
     return results
 
 
-def finish_row(engine, c: dict, r: dict, a, strategy):
+def finish_row(engine, c: dict, r: dict, h: Harness, strategy):
     compiled = options.parse_bool(c["compile"])
     freezing = " +freezing" if compiled and inductor_config.freezing else ""
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
@@ -714,8 +734,8 @@ def finish_row(engine, c: dict, r: dict, a, strategy):
         if "catch_up" in costs:
             r["catch_up_cost"] = costs["catch_up"] / costs["full"]
         r["ideal_speedup"] = ideal_speedup(r["tokens_per_round"], k, costs, r["catch_up_rate"])
-        if getattr(a, "acceptance", None) is not None:  # expected tokens per round at that per-token acceptance
-            al = a.acceptance  # (a fully accepted round, al^k of them, is followed by a catch-up)
+        if h.acceptance is not None:  # expected tokens per round at that per-token acceptance
+            al = h.acceptance  # (a fully accepted round, al^k of them, is followed by a catch-up)
             r["predicted_speedup"] = ideal_speedup((1 - al ** (k + 1)) / (1 - al), k, costs, al ** k)
     if tp.world()[1] > 1:
         args = engine.model.args  # every block all-reduces its attention and MLP outputs: 2 per layer and token

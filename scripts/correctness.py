@@ -33,8 +33,8 @@ def first_difference(a: list, b: list) -> int | None:
 def parse_args(argv=None):
     p = common.evaluation_parser(__doc__, ("self_speculative", "speculative"))
 
-    def greedy_only(a):
-        if not a.sampling.greedy:
+    def greedy_only(config):
+        if not config.sampling.greedy:
             p.error("correctness compares greedy outputs: use --temperature 0 (or --sample False)")
     return common.parse_evaluation_args(p, argv, greedy_only)
 
@@ -51,8 +51,8 @@ def outputs(engine, strategy, samples, a) -> list[list[int]]:
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    out, samples, engine = common.start_evaluation(a, "correctness.json")
+    a, config = parse_args(argv)
+    out, samples, engine = common.start_evaluation(a, config, "correctness.json")
     speculative, tok = engine.strategy, engine.tokenizer
     differences = []
     both = zip(outputs(engine, Strategy(), samples, a), outputs(engine, speculative, samples, a))

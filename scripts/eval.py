@@ -149,9 +149,7 @@ def load_from_keywords(kwargs: dict) -> Engine:
             argv += [f"--{key}"] if str(value).lower() in ("1", "true") else []
         elif value not in (None, "None"):
             argv += [f"--{key}", str(value)]
-    a = p.parse_args(argv)
-    options.check_options(p, a)
-    return load_engine(a)
+    return load_engine(options.check_options(p, p.parse_args(argv)))
 
 
 def parse_args(argv=None):
@@ -164,20 +162,21 @@ def parse_args(argv=None):
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
     common.add_output_option(p, None)
     a = p.parse_args(argv)
-    options.check_options(p, a)
-    if a.batch_size < 1 or (a.batch_size > 1 and not a.strategy.batchable):
-        p.error(f"--batch_size {a.batch_size}: must be >= 1, and 1 for {a.strategy.describe()}")
-    return a
+    config = options.check_options(p, a)
+    if a.batch_size < 1 or (a.batch_size > 1 and not config.strategy.batchable):
+        p.error(f"--batch_size {a.batch_size}: must be >= 1, and 1 for {config.strategy.describe()}")
+    return a, config
 
 
 def main(argv=None):
-    a = parse_args(argv)
+    a, config = parse_args(argv)
     out = common.check_output(a, "eval.json")
     try:
         import lm_eval
     except ImportError:
         raise ValueError("this needs the harness: pip install lm-eval") from None
-    lm = LayerSkipLM(load_engine(a, *init_distributed(a)), batch_size=a.batch_size)
+    rank, world_size, config = init_distributed(config)
+    lm = LayerSkipLM(load_engine(config, rank, world_size), batch_size=a.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
     common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})

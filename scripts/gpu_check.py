@@ -189,13 +189,14 @@ def harness_args(ctx, n_layers=None):
     """The harness's options for these stages: the preset's model, or a small stand-in on CPU."""
     cuda = ctx["device"].type == "cuda"
     shape = "random:llama2-7b" if cuda else "random:small"
-    return argparse.Namespace(checkpoint_path=shape + (f":{n_layers}" if n_layers else ""), device=str(ctx["device"]),
-                              max_new_tokens=128 if cuda else 16, repeats=3, num_samples=2, prompt_length=16)
+    return common.Harness(shape + (f":{n_layers}" if n_layers else ""), str(ctx["device"]),
+                          max_new_tokens=128 if cuda else 16, repeats=3, num_samples=2, prompt_length=16)
 
 
 def measured(ctx, h, c, engine=None) -> tuple[dict, object]:
     engine = engine or common.load_row_engine(h, c)
-    r = common.bench_row(engine, c, common.prompts_for(h, engine), h, common.row_args(h, c).strategy)
+    prompts = common.prompts_for(engine, h.num_samples, h.prompts, h.prompt_length)
+    r = common.bench_row(engine, c, prompts, h, common.row_config(h, c).strategy)
     return common.finish_rows([r], ctx.get("copy_bw"))[0], engine
 
 
@@ -251,7 +252,7 @@ def stage_quantization(ctx):
         torch.cuda.empty_cache()
     h = harness_args(ctx, ctx["quant_layers"] if device.type == "cuda" else None)
     base_row, quant_rows = preset_rows(ctx)[0], preset_rows(ctx)[2:]
-    res, rows, base = {"layers": h.checkpoint_path}, [], None
+    res, rows, base = {"layers": h.checkpoint}, [], None
     for c in [dict(base_row, compile=quant_rows[0]["compile"]), *quant_rows]:
         r, _ = measured(ctx, h, c)
         torch._dynamo.reset()
@@ -260,7 +261,7 @@ def stage_quantization(ctx):
         name = c["quantize"] if c["quantize"] != "none" else c["dtype"]
         res[name] = {"tokens_per_s": tps, "compile_s": r["compile_s"], "ratio": tps / base}
         target = {"int8": 1.8, "int4-g128": 3.0}.get(name)
-        rows.append((f"{name} decode ({h.checkpoint_path})", f"{tps:.1f} tokens/s = {tps / base:.2f}x",
+        rows.append((f"{name} decode ({h.checkpoint})", f"{tps:.1f} tokens/s = {tps / base:.2f}x",
                      f">= {target}x" if target else "", (tps / base >= target) if target and device.type == "cuda"
                      else None))
     return res, rows

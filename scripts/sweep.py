@@ -22,6 +22,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
 import cli  # noqa: E402
@@ -36,6 +37,13 @@ from decoding import Strategy  # noqa: E402
 COLUMNS = ["draft_quantize", "exit_layer", "num_speculations", "acceptance_rate", "tokens_per_round",
            "tokens_per_second", "time_per_token", "speedup", "decode_speedup", "draft_cost", "verify_cost",
            "catch_up_cost", "predicted_speedup", "rouge1", "rouge2", "rougeL"]
+
+
+class Grid(NamedTuple):
+    """The cells swept: draft precisions ("none": the model's own layers) x exit layers x ks."""
+    precisions: list
+    exit_layers: list
+    ks: list
 
 
 def grid(first, last, step, what):
@@ -85,7 +93,8 @@ def parse_args(argv=None):
     options.add_model_options(p)
     options.add_decoding_options(p, strategies=None)
     options.add_sampling_options(p)
-    p.add_argument("--generation_strategy", choices=["self_speculative"], default="self_speculative",
+    p.add_argument("--generation_strategy", dest="swept_strategy", choices=["self_speculative"],
+                   default="self_speculative",
                    help="the strategy swept (accepted for the LayerSkip reference's command line)")
     common.add_dataset_options(p)
     p.add_argument("--exit_layer_first", type=int, default=4)
@@ -94,12 +103,12 @@ def parse_args(argv=None):
     p.add_argument("--num_speculations_first", type=int, default=1)
     p.add_argument("--num_speculations_last", type=int, default=6)
     p.add_argument("--num_speculations_step", type=int, default=1)
-    p.add_argument("--draft_quantize", default="none",
+    p.add_argument("--draft_quantize", dest="draft_precisions", default="none",
                    help="comma-separated draft precisions: none (the model's own early layers, E < layers) and/or "
                         "int8, int4, int4-g<N> (a quantized copy of layers [0, E), E up to every layer)")
     common.add_output_option(p, "sweep_out", file_option=False)
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     try:
         exit_layers = grid(a.exit_layer_first, a.exit_layer_last, a.exit_layer_step, "exit_layer")
         ks = grid(a.num_speculations_first, a.num_speculations_last, a.num_speculations_step, "num_speculations")
@@ -107,21 +116,19 @@ def parse_args(argv=None):
         p.error(str(e))
     if min(exit_layers) < 1 or min(ks) < 1:
         p.error("exit layers and num_speculations must be >= 1")
-    a.precisions = list(dict.fromkeys(x.strip() for x in a.draft_quantize.split(",")))
+    precisions = list(dict.fromkeys(x.strip() for x in a.draft_precisions.split(",")))
     try:
-        for scheme in a.precisions:
+        for scheme in precisions:
             if scheme != "none":
                 options.parse_quantize(scheme)
     except ValueError as e:
         p.error(f"--draft_quantize: {e}")
     common.check_dataset_options(p, a)
-    a.exit_layers, a.ks = exit_layers, ks
-    return a
+    return a, config, Grid(precisions, exit_layers, ks)
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    exit_layers, ks = a.exit_layers, a.ks
+    a, config, (precisions, exit_layers, ks) = parse_args(argv)
     common.check_output(a, "sweep.csv")
     samples = common.dataset_samples(a)
 
@@ -132,8 +139,9 @@ def main(argv=None):
         if bad:
             raise ValueError(f"exit layer(s) {bad} out of range [1, {top}] for this {n}-layer model")
     # the quantized drafts, each of every layer: each E drafts from the first E of one copy
-    schemes = [x for x in a.precisions if x != "none"]
-    engine = load_engine(a, *init_distributed(a), check=check, draft_schemes=schemes)
+    schemes = [x for x in precisions if x != "none"]
+    rank, world_size, config = init_distributed(config)
+    engine = load_engine(config, rank, world_size, check=check, draft_schemes=schemes)
     common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +155,7 @@ def main(argv=None):
         writer.writeheader()
         f.flush()
         try:
-            for precision in a.precisions:
+            for precision in precisions:
                 draft = None if precision == "none" else precision
                 for E in exit_layers:
                     if draft is None and E >= engine.model.args.n_layers:
