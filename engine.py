@@ -15,7 +15,7 @@ import batching
 import hub
 import tp
 from checkpoint import load_model, read_metadata, resolve_checkpoint_path
-from decoding import Strategy, run
+from decoding import Strategy, check_draft_vocab, check_exit_layer, run
 from steps import Steps, compile_steps
 from options import EngineConfig, pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
@@ -145,19 +145,15 @@ def weight_scheme(model) -> str:
 
 def check_metadata(config: EngineConfig, meta: dict, world_size: int, draft_meta: dict | None, schemes: list[str]):
     """What the checkpoints' metadata can refuse before any weight is read."""
-    n = meta["args"].n_layers
-    E = config.strategy.exit_layer
-    top = n if config.strategy.draft_quantize else n - 1  # a quantized self-draft may run every layer
-    if E is not None and E > top:
-        raise ValueError(f"--exit_layer must be in [1, {top}] for this {n}-layer model, got {E}")
+    # a quantized self-draft may run every layer
+    check_exit_layer(meta["args"].n_layers, config.strategy.exit_layer, last=config.strategy.draft_quantize is not None)
     if schemes and meta["scheme"]["mode"] != "none":
         raise ValueError(f"--draft_quantize {','.join(schemes)}: the checkpoint is already quantized "
                          f"({meta['scheme']['mode']}); the draft is quantized from full-precision weights")
     if config.quantize and meta["scheme"]["mode"] != "none":
         raise ValueError(f"--quantize {config.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
-    if draft_meta is not None and draft_meta["args"].vocab_size != meta["args"].vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft_meta['args'].vocab_size}) differs from the model's "
-                         f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
+    if draft_meta is not None:
+        check_draft_vocab(meta["args"].vocab_size, draft_meta["args"].vocab_size)
     if world_size > 1:
         check_shardable(meta["args"], meta["scheme"], config.quantize_mode, world_size)
         for scheme in schemes:

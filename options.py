@@ -7,7 +7,6 @@ The LayerSkip reference code's spellings work as aliases, so its commands run as
 --model (a converted checkpoint or a Hugging Face repo id), --max_steps, --sample True|False and
 --top_k 0 (no top-k).
 """
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,11 +138,12 @@ class EngineConfig:
                 raise ValueError("--layers_per_graph needs --compile")
             if self.layers_per_graph < 0:
                 raise ValueError(f"--layers_per_graph must be >= 0 (0: whole-step graphs), got {self.layers_per_graph}")
-        if self.strategy.name == "speculative" and self.draft_checkpoint is None:
-            raise ValueError("--generation_strategy speculative needs --draft_checkpoint_path")
-        if self.strategy.name != "speculative" and self.draft_checkpoint is not None:
-            raise ValueError("--draft_checkpoint_path needs --generation_strategy speculative")
-        self.quantize_mode  # refuses an unknown scheme
+        self.strategy.check_draft(separate=self.draft_checkpoint is not None)
+        if self.quantize:
+            try:
+                parse_quantize(self.quantize)
+            except SchemeError as e:
+                raise SchemeError(f"--quantize: {e}") from None
 
     @property
     def quantize_mode(self) -> tuple[str, int] | None:
@@ -157,8 +157,6 @@ def check_options(p, a) -> EngineConfig:
     try:
         if a.max_new_tokens < 1:
             raise ValueError("--max_new_tokens must be >= 1")
-        if a.draft_quantize is not None:
-            parse_quantize(a.draft_quantize)
         auto_exit, auto_k = a.exit_layer == "auto", a.num_speculations == "auto"
         strategy = Strategy(a.generation_strategy, None if auto_exit else a.exit_layer,
                             AUTO_MAX_SPECULATIONS if auto_k else a.num_speculations, a.draft_quantize,
@@ -168,11 +166,8 @@ def check_options(p, a) -> EngineConfig:
                  "would lack the layers a smaller E skipped, so E cannot move during a generation)")
         return EngineConfig(a.checkpoint_path, a.hf_token, a.device, a.dtype, a.quantize, strategy, sampling_params(a),
                             a.draft_checkpoint_path, a.compile, a.compile_prefill, a.layers_per_graph, a.recalibrate)
-    except (ValueError, SchemeError) as e:
-        # the engine's messages name its parameters; here they are flags
-        names = "exit_layer|num_speculations|draft_quantize|temperature|top_p|top_k|generation strategy"
-        p.error(re.sub(rf"(?<![-\w])({names})\b",
-                       lambda m: "--" + m.group(1).replace(" ", "_"), str(e)))
+    except ValueError as e:  # the checks' messages name the flags
+        p.error(str(e))
 
 
 def sampling_params(a) -> SamplingParams:
