@@ -488,21 +488,6 @@ def probe(steps: Steps, model: Transformer, taps, exit_layer: int, row: int, dra
     return steps.probe(model, torch.cat(states)[None]).tolist()
 
 
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and quantized weight buffer once,
-    except that an embedding table not shared with the LM head contributes only the rows looked
-    up (negligible). Caches and rope/mask tables are not weights."""
-    seen, total = set(), 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.data_ptr() in seen or "cache" in name or name in ("rope_cos", "rope_sin", "causal_mask"):
-            continue
-        seen.add(t.data_ptr())
-        if name == "tok_embeddings.weight" and getattr(model.output, "weight", None) is not t:
-            continue
-        total += t.numel() * t.element_size()
-    return total
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 1e9

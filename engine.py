@@ -45,6 +45,19 @@ class Engine:
             if m is not None:
                 m.setup_caches(rows, size)
 
+    def setup_caches_for(self, prompt_lens, max_new_tokens: int, rows: int = 1, strategies=(), size=None):
+        """Caches of one size (a compiled graph is specialised to it) that hold max_new_tokens
+        after every prompt length with every strategy (default: the engine's); cache_size says
+        what does not fit."""
+        context = self.model.args.max_position_embeddings
+        self.setup_caches(max(cache_size(n, max_new_tokens, s, context, size) for n in prompt_lens
+                              for s in strategies or (self.strategy,)), rows)
+
+    def budget(self, prompt_len: int, max_new_tokens: int, strategy: Strategy | None = None) -> int:
+        """Tokens, at most max_new_tokens, that the caches as set up hold after a prompt of prompt_len."""
+        strategy = strategy or self.strategy
+        return min(max_new_tokens, self.model.max_seq_length - prompt_len - strategy.lookahead(max_new_tokens))
+
     def draft_for(self, strategy: Strategy):
         """The draft model a strategy drafts with: its quantized self-copy, the separate draft model, or None."""
         return self.drafts[strategy.draft_quantize] if strategy.draft_quantize else self.draft_model
@@ -185,14 +198,41 @@ def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
     return tp.shard_model(model, rank, world_size) if world_size > 1 else model
 
 
-def own_bytes(model, shared_with=None) -> int:
-    """Bytes of the model's parameters and weight buffers (not caches or tables), counting each
-    tensor once and none that shared_with also holds."""
+def cache_size(prompt_len: int, max_new_tokens: int, strategy: Strategy, context: int, size: int | None = None) -> int:
+    """The KV cache positions a generation of max_new_tokens after a prompt of prompt_len tokens
+    needs (with what a speculative round writes past the last token it keeps), or `size`
+    (--max_seq_length) once checked to hold them; a ValueError naming the flags where they exceed
+    it or the model's context."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty; give some text")
+    lookahead = strategy.lookahead(max_new_tokens)
+    need = prompt_len + max_new_tokens + lookahead
+    what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({max_new_tokens})"
+    if lookahead:
+        what += f" and {lookahead} positions of speculation lookahead"
+    if size is not None:
+        if size > context:
+            raise ValueError(f"--max_seq_length {size} exceeds this model's context of {context}")
+        if need > size:
+            raise ValueError(f"{what} needs {need} positions but the KV cache holds {size} (--max_seq_length)")
+        return size
+    if need > context:
+        raise ValueError(f"{what} needs {need} positions, more than this model's context of {context}; shorten "
+                         "the prompt or lower --max_new_tokens")
+    return need
+
+
+def weight_bytes(model, shared_with=None, per_token: bool = False) -> int:
+    """Bytes of the model's parameters and weight buffers (not caches or rope/mask tables), each
+    tensor once and none that shared_with also holds. per_token: what one decode step reads, which
+    leaves out an embedding table not shared with the LM head (a step reads one row of it)."""
     def tensors(m):
-        return {t.data_ptr(): t.numel() * t.element_size() for name, t in [*m.named_parameters(), *m.named_buffers()]
+        return {t.data_ptr(): (name, t) for name, t in [*m.named_parameters(), *m.named_buffers()]
                 if "cache" not in name and name not in ("rope_cos", "rope_sin", "causal_mask")}
     theirs = tensors(shared_with) if shared_with is not None else {}
-    return sum(n for ptr, n in tensors(model).items() if ptr not in theirs)
+    head = getattr(model.output, "weight", None)  # a packed int4 head has no `weight`
+    return sum(t.numel() * t.element_size() for ptr, (name, t) in tensors(model).items()
+               if ptr not in theirs and not (per_token and name == "tok_embeddings.weight" and t is not head))
 
 
 def init_distributed(config: EngineConfig) -> tuple[int, int, EngineConfig]:
@@ -236,7 +276,7 @@ def load_engine(config: EngineConfig, rank: int = 0, world_size: int = 1, check=
     how = f", quantized to {config.quantize} in memory" if config.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     for scheme, d in drafts.items():
-        extra, full = own_bytes(d, shared_with=model), own_bytes(model)
+        extra, full = weight_bytes(d, shared_with=model), weight_bytes(model)
         print(f"Draft: {scheme} copy of layers [0, {d.args.n_layers}) and the LM head, +{extra / 1e6:.0f} MB "
               f"(+{extra / full:.0%} of the model's weights)", file=sys.stderr)
     draft = None

@@ -26,9 +26,9 @@ cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted`
 
 import torch  # noqa: E402
 
-from engine import init_distributed, load_engine  # noqa: E402
+from engine import cache_size, init_distributed, load_engine, weight_bytes  # noqa: E402
 import options  # noqa: E402
-from decoding import peak_memory_gb, weight_bytes_per_token  # noqa: E402
+from decoding import peak_memory_gb  # noqa: E402
 from steps import synchronize  # noqa: E402
 import tp  # noqa: E402
 
@@ -161,8 +161,8 @@ def check_prompt(args, strategy, tokenizer, model_args):
         for i, text in enumerate(args.prompts):
             n = random_prompt_length(args, text)
             try:
-                cache_size(args, strategy, model_args,
-                           n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")))
+                cache_size(n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")), args.max_new_tokens,
+                           strategy, model_args.max_position_embeddings, args.max_seq_length)
             except ValueError as e:
                 raise ValueError(f"prompt {i + 1} of {len(args.prompts)}: {e}" if len(args.prompts) > 1 else str(e)) \
                     from None
@@ -178,29 +178,6 @@ def speculation_summary(stats) -> str:
                if stats.adaptive else ""))
 
 
-def cache_size(args, strategy, model_args, prompt_len: int) -> int:
-    """KV cache positions for a prompt of prompt_len tokens; a clear error where they do not fit."""
-    if prompt_len < 1:
-        raise ValueError("the prompt is empty; give some text")
-    lookahead = strategy.lookahead(args.max_new_tokens)
-    need = prompt_len + args.max_new_tokens + lookahead
-    context = model_args.max_position_embeddings
-    what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({args.max_new_tokens})"
-    if lookahead:
-        what += f" and {lookahead} positions of speculation lookahead"
-    if args.max_seq_length is not None:
-        if args.max_seq_length > context:
-            raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds this model's context of {context}")
-        if need > args.max_seq_length:
-            raise ValueError(f"{what} needs {need} positions but the KV cache holds {args.max_seq_length} "
-                             "(--max_seq_length)")
-        return args.max_seq_length
-    if need > context:
-        raise ValueError(f"{what} needs {need} positions, more than this model's context of {context}; shorten "
-                         "the prompt or lower --max_new_tokens")
-    return need
-
-
 def printable(tokenizer, ids: list[int]) -> str:
     """The text of ids without a final stop token (its markup, e.g. <|im_end|>, is not part of the reply)."""
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in tokenizer.stop_ids else ids)
@@ -210,8 +187,8 @@ def run_samples(args, engine):
     tokenizer, device = engine.tokenizer, engine.device
     prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(args.prompts)]
     rows = min(args.batch_size, len(prompts))
-    engine.setup_caches(max(cache_size(args, engine.strategy, engine.model.args, len(p)) for p in prompts), rows)
-    bytes_per_token = weight_bytes_per_token(engine.model)
+    engine.setup_caches_for([len(p) for p in prompts], args.max_new_tokens, rows, size=args.max_seq_length)
+    bytes_per_token = weight_bytes(engine.model, per_token=True)
     single = len(prompts) == 1
     # A compiled run starts with one untimed generation: it pays for compilation.
     samples = itertools.chain([None] if args.compile else [], range(args.num_samples))
@@ -258,7 +235,6 @@ def run_samples(args, engine):
 def chat_loop(args, engine):
     tokenizer, model = engine.tokenizer, engine.model
     engine.setup_caches(args.max_seq_length or min(2048, model.args.max_position_embeddings))
-    lookahead = engine.strategy.lookahead(args.max_new_tokens)
     messages = system_message(args)
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
@@ -274,17 +250,17 @@ def chat_loop(args, engine):
             break
         messages.append({"role": "user", "content": text})
         prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=engine.device)
-        budget = model.max_seq_length - len(prompt) - lookahead
+        budget = engine.budget(len(prompt), args.max_new_tokens)
         if budget < 1:
             print("[the conversation fills the KV cache; starting a new one]", file=sys.stderr)
             messages = system_message(args) + [messages[-1]]
             prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=engine.device)
-            budget = model.max_seq_length - len(prompt) - lookahead
+            budget = engine.budget(len(prompt), args.max_new_tokens)
             if budget < 1:
                 print("[this message alone is longer than the KV cache]", file=sys.stderr)
                 messages.pop()
                 continue
-        tokens, stats = engine.run(prompt, min(args.max_new_tokens, budget), on_tokens=StreamPrinter(tokenizer))
+        tokens, stats = engine.run(prompt, budget, on_tokens=StreamPrinter(tokenizer))
         reply_ids = [t for t in tokens[0, len(prompt):].tolist() if t not in tokenizer.stop_ids]
         messages.append({"role": "assistant", "content": tokenizer.decode(reply_ids)})
         print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s{speculation_summary(stats)}]",

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import cpu_kernels  # noqa: E402
-from engine import device_name, load_engine  # noqa: E402
+from engine import cache_size, device_name, load_engine  # noqa: E402
 import options  # noqa: E402
 
 
@@ -113,7 +113,8 @@ def main(argv=None):
           file=sys.stderr)
     results, reference = [], None
     n = a.max_new_tokens
-    cache = max(len(p) for p in prompts) + n + engine.strategy.lookahead(n)  # one size: the graphs stay
+    # one size: the graphs stay
+    cache = cache_size(max(len(p) for p in prompts), n, engine.strategy, engine.model.args.max_position_embeddings)
     for rows in batch_sizes:
         t0 = time.perf_counter()
         run_batch(engine, prompts[:rows], rows, min(8, n), cache)  # compiles this batch size's graphs

@@ -25,11 +25,12 @@ sys.path.insert(0, str(REPO))  # the engine's modules, for every script that imp
 import torch  # noqa: E402
 
 import cli  # noqa: E402
-from engine import Engine, check_shardable, init_distributed, load_engine, make_draft, quantize_and_shard  # noqa: E402
+from engine import (Engine, check_shardable, init_distributed, load_engine, make_draft, quantize_and_shard,  # noqa: E402
+                    weight_bytes)
 import options  # noqa: E402
 import tp  # noqa: E402
 from adaptive import round_timer  # noqa: E402
-from decoding import GenerationStats, peak_memory_gb, weight_bytes_per_token  # noqa: E402
+from decoding import GenerationStats, peak_memory_gb  # noqa: E402
 from steps import Steps, compile_steps, synchronize  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import pack_model  # noqa: E402
@@ -243,14 +244,11 @@ def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def setup_caches_for(engine, samples, max_new_tokens: int, max_k: int | None = None, rows: int = 1):
-    """One cache size for the whole run (a compiled graph is specialised to it), `rows` sequences at once."""
+def setup_caches_for(engine, samples, max_new_tokens: int, rows: int = 1, strategies=()):
+    """One cache size for the whole run (a compiled graph is specialised to it) with every strategy
+    (default: the engine's), `rows` sequences at once."""
     longest = max(len(engine.tokenizer.encode(s.prompt)) for s in samples)
-    size = longest + max_new_tokens + (engine.strategy.lookahead(max_new_tokens) if max_k is None else max_k)
-    if size > engine.model.args.max_position_embeddings:
-        raise ValueError(f"the longest prompt ({longest} tokens) + --max_new_tokens + k exceeds the model's "
-                         f"{engine.model.args.max_position_embeddings} positions")
-    engine.setup_caches(size, rows)
+    engine.setup_caches_for([longest], max_new_tokens, rows, strategies)
 
 
 def generate_text(engine, prompt_text: str, max_new_tokens: int, strategy=None):
@@ -258,7 +256,7 @@ def generate_text(engine, prompt_text: str, max_new_tokens: int, strategy=None):
     (default: the engine's)."""
     strategy = strategy or engine.strategy
     ids = torch.tensor(engine.tokenizer.encode(prompt_text), device=engine.device)
-    n = min(max_new_tokens, engine.model.max_seq_length - len(ids) - strategy.lookahead(max_new_tokens))
+    n = engine.budget(len(ids), max_new_tokens, strategy)
     if n < 1:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit the cache of {engine.model.max_seq_length}")
     out, stats = engine.run(ids, n, strategy=strategy)
@@ -708,7 +706,7 @@ def bench_rows(engine, rows, prompts, h: Harness) -> list[dict]:
     """Rows [(grid values, Strategy)] of one loaded engine, measured interleaved
     (measure_interleaved), each with its step costs and cost model where it has them."""
     n = h.max_new_tokens
-    engine.setup_caches(max(len(p) for p in prompts) + n + max(s.lookahead(n) for _, s in rows) + 1)
+    engine.setup_caches_for([max(len(p) for p in prompts)], n, strategies=[s for _, s in rows])
 
     def generate_fn(strategy):
         return lambda p, on_tokens: engine.run(p, n, on_tokens, stop_ids=(), strategy=strategy)[1]
@@ -723,7 +721,7 @@ def finish_row(engine, c: dict, r: dict, h: Harness, strategy):
     freezing = " +freezing" if compiled and inductor_config.freezing else ""
     r.update(engine="ours", config=describe_row(c) + freezing, compile_s=r["warmup_s"] if compiled else None, **c)
     if strategy.name == "autoregressive":
-        r["bytes_per_token"] = weight_bytes_per_token(engine.model)
+        r["bytes_per_token"] = weight_bytes(engine.model, per_token=True)
     elif strategy.adaptive:  # no one (E, k) to cost; the trace says what it chose
         r["calibration_s"] = engine.policy_for(strategy).calibration_s
     else:

@@ -117,9 +117,9 @@ class LayerSkipLM(_Base):
             params = SamplingParams(temperature, kw.get("top_k"), kw.get("top_p"))
             ids = self.tokenizer.encode(context)
             max_new = int(kw.get("max_gen_toks", 256))
-            k = self.engine.strategy.lookahead(max_new)
+            k = self.engine.strategy.lookahead(max_new)  # keep the context's end that fits with the budget
             ids = ids[-(self.max_length - max_new - k):] if len(ids) + max_new + k > self.max_length else ids
-            jobs.append((params, min(max_new, self.max_length - len(ids) - k), ids, until))
+            jobs.append((params, self.engine.budget(len(ids), max_new), ids, until))
         generated = [None] * len(jobs)
         for params, n in dict.fromkeys((params, n) for params, n, _, _ in jobs):
             group = [i for i, job in enumerate(jobs) if job[:2] == (params, n)]

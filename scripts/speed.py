@@ -141,7 +141,7 @@ def hf_model(h, dtype, compiled: bool):
 
 
 def hf_weight_bytes(hf) -> int:
-    """Counted as ours (decoding.weight_bytes_per_token): every weight once, a tied head once, an
+    """Counted as ours (engine.weight_bytes, per_token): every weight once, a tied head once, an
     untied embedding not at all (a step reads one of its rows)."""
     params = {p.data_ptr(): p for p in hf.parameters()}.values()
     total = sum(p.numel() * p.element_size() for p in params)

@@ -142,7 +142,11 @@ def main(argv=None):
     schemes = [x for x in precisions if x != "none"]
     rank, world_size, config = init_distributed(config)
     engine = load_engine(config, rank, world_size, check=check, draft_schemes=schemes)
-    common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
+    # every cell, in order; LayerSkip self-speculation (no quantized draft) needs layers left to verify
+    cells = [(precision, Strategy("self_speculative", E, k, None if precision == "none" else precision))
+             for precision in precisions for E in exit_layers for k in ks
+             if precision != "none" or E < engine.model.args.n_layers]
+    common.setup_caches_for(engine, samples, a.max_new_tokens, strategies=[engine.strategy] + [s for _, s in cells])
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = a.output_dir / "sweep.csv", a.output_dir / "sweep_heatmap.png"
@@ -155,31 +159,26 @@ def main(argv=None):
         writer.writeheader()
         f.flush()
         try:
-            for precision in precisions:
-                draft = None if precision == "none" else precision
-                for E in exit_layers:
-                    if draft is None and E >= engine.model.args.n_layers:
-                        continue  # LayerSkip self-speculation needs layers left to verify
-                    for k in ks:
-                        strategy = Strategy("self_speculative", E, k, draft)
-                        common.warm_up(engine, samples, a, strategy)
-                        _, agg = common.evaluate(engine, samples, a, strategy=strategy)
-                        costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
-                                                  draft_model=engine.draft_for(strategy))
-                        row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
-                               "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
-                               "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
-                               "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
-                               "decode_speedup": agg["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-                               "draft_cost": costs["draft"] / costs["full"],
-                               "verify_cost": costs["verify"] / costs["full"],
-                               "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
-                               "predicted_speedup": common.ideal_speedup(agg["tokens_per_round"], k, costs,
-                                                                          agg["catch_up_rate"]),
-                               "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
-                        writer.writerow(row)
-                        f.flush()
-                        rows.append(row)
+            for precision, strategy in cells:
+                E, k = strategy.exit_layer, strategy.num_speculations
+                common.warm_up(engine, samples, a, strategy)
+                _, agg = common.evaluate(engine, samples, a, strategy=strategy)
+                costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
+                                          draft_model=engine.draft_for(strategy))
+                row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
+                       "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
+                       "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
+                       "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
+                       "decode_speedup": agg["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                       "draft_cost": costs["draft"] / costs["full"],
+                       "verify_cost": costs["verify"] / costs["full"],
+                       "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
+                       "predicted_speedup": common.ideal_speedup(agg["tokens_per_round"], k, costs,
+                                                                  agg["catch_up_rate"]),
+                       "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
+                writer.writerow(row)
+                f.flush()
+                rows.append(row)
         except KeyboardInterrupt:
             print(f"interrupted: {len(rows)} finished rows kept in {csv_path}", file=sys.stderr)
     if not rows:
