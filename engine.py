@@ -14,7 +14,7 @@ import adaptive
 import batching
 import hub
 import tp
-from checkpoint import load_model, read_metadata, resolve_checkpoint_path
+from checkpoint import is_random, load_model, read_metadata, resolve_checkpoint_path
 from decoding import Strategy, check_draft_vocab, check_exit_layer, run
 from steps import Steps, compile_steps
 from options import EngineConfig, pick_device, pick_dtype
@@ -257,7 +257,7 @@ def load_engine(config: EngineConfig, rank: int = 0, world_size: int = 1, check=
     meta = read_metadata(path)
     draft_path = config.draft_checkpoint
     draft_meta = read_metadata(draft_path) if draft_path is not None else None
-    tokenizer = load_tokenizer(path.parent)
+    tokenizer = None if is_random(path) else load_tokenizer(path.parent)  # random weights: random prompts
     schemes, layers = (draft_schemes, None) if draft_schemes is not None else \
         ([config.strategy.draft_quantize] if config.strategy.draft_quantize else [], config.strategy.exit_layer)
     check_metadata(config, meta, world_size, draft_meta, schemes)

@@ -18,12 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import output  # noqa: E402
 from engine import Engine, init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 import torch  # noqa: E402
@@ -160,7 +160,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=1, help="generation requests run at once (greedy: the same "
                    "texts as one at a time; every strategy but auto)")
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
-    common.add_output_option(p, None)
+    output.add_output_option(p, None)
     a = p.parse_args(argv)
     config = options.check_options(p, a)
     if a.batch_size < 1 or (a.batch_size > 1 and not config.strategy.batchable):
@@ -170,7 +170,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a, config = parse_args(argv)
-    out = common.check_output(a, "eval.json")
+    out = output.check_output(a, "eval.json")
     try:
         import lm_eval
     except ImportError:
@@ -179,7 +179,7 @@ def main(argv=None):
     lm = LayerSkipLM(load_engine(config, rank, world_size), batch_size=a.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
-    common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})
+    output.write_json(out, {"config": output.config_of(a), "results": results.get("results")})
 
 
 if __name__ == "__main__":

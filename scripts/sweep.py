@@ -14,7 +14,7 @@ interrupted sweep keeps every finished row): draft_quantize, exit_layer, num_spe
 acceptance_rate, tokens_per_round, tokens_per_second, time_per_token, speedup (tokens_per_second /
 the baseline's, measured in this run), decode_speedup (the same for decoding alone, prefill left
 out), the step costs (draft, verify, catch-up, in full decode steps) and predicted_speedup (the cost
-model, common.ideal_speedup, on the measured tokens per round), rouge1/2/L. At the end, or on
+model, timing.ideal_speedup, on the measured tokens per round), rouge1/2/L. At the end, or on
 Ctrl-C, it draws OUTPUT_DIR/sweep_heatmap.png (speed-up per cell, one panel per precision) and
 prints the best cell.
 """
@@ -24,12 +24,15 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import evaluation  # noqa: E402
+import output  # noqa: E402
+from samples import add_dataset_options, check_dataset_options, dataset_samples  # noqa: E402
+import timing  # noqa: E402
 from engine import init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 from decoding import Strategy  # noqa: E402
@@ -96,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--generation_strategy", dest="swept_strategy", choices=["self_speculative"],
                    default="self_speculative",
                    help="the strategy swept (accepted for the LayerSkip reference's command line)")
-    common.add_dataset_options(p)
+    add_dataset_options(p)
     p.add_argument("--exit_layer_first", type=int, default=4)
     p.add_argument("--exit_layer_last", type=int, default=28)
     p.add_argument("--exit_layer_step", type=int, default=4)
@@ -106,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--draft_quantize", dest="draft_precisions", default="none",
                    help="comma-separated draft precisions: none (the model's own early layers, E < layers) and/or "
                         "int8, int4, int4-g<N> (a quantized copy of layers [0, E), E up to every layer)")
-    common.add_output_option(p, "sweep_out", file_option=False)
+    output.add_output_option(p, "sweep_out", file_option=False)
     a = p.parse_args(argv)
     config = options.check_options(p, a)
     try:
@@ -123,14 +126,14 @@ def parse_args(argv=None):
                 options.parse_quantize(scheme)
     except ValueError as e:
         p.error(f"--draft_quantize: {e}")
-    common.check_dataset_options(p, a)
+    check_dataset_options(p, a)
     return a, config, Grid(precisions, exit_layers, ks)
 
 
 def main(argv=None):
     a, config, (precisions, exit_layers, ks) = parse_args(argv)
-    common.check_output(a, "sweep.csv")
-    samples = common.dataset_samples(a)
+    output.check_output(a, "sweep.csv")
+    samples = dataset_samples(a)
 
     def check(meta, tokenizer):
         n = meta["args"].n_layers
@@ -146,12 +149,12 @@ def main(argv=None):
     cells = [(precision, Strategy("self_speculative", E, k, None if precision == "none" else precision))
              for precision in precisions for E in exit_layers for k in ks
              if precision != "none" or E < engine.model.args.n_layers]
-    common.setup_caches_for(engine, samples, a.max_new_tokens, strategies=[engine.strategy] + [s for _, s in cells])
+    evaluation.setup_caches_for(engine, samples, a.max_new_tokens, strategies=[engine.strategy] + [s for _, s in cells])
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = a.output_dir / "sweep.csv", a.output_dir / "sweep_heatmap.png"
-    common.warm_up(engine, samples, a)
-    _, base = common.evaluate(engine, samples, a)
+    evaluation.warm_up(engine, samples, a)
+    _, base = evaluation.evaluate(engine, samples, a)
     print(json.dumps({"autoregressive": base}), file=sys.stderr)
     rows = []
     with open(csv_path, "w", newline="") as f:
@@ -161,9 +164,9 @@ def main(argv=None):
         try:
             for precision, strategy in cells:
                 E, k = strategy.exit_layer, strategy.num_speculations
-                common.warm_up(engine, samples, a, strategy)
-                _, agg = common.evaluate(engine, samples, a, strategy=strategy)
-                costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
+                evaluation.warm_up(engine, samples, a, strategy)
+                _, agg = evaluation.evaluate(engine, samples, a, strategy=strategy)
+                costs = timing.step_costs(engine.model, engine.steps, E, k, engine.device,
                                           draft_model=engine.draft_for(strategy))
                 row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
                        "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
@@ -173,7 +176,7 @@ def main(argv=None):
                        "draft_cost": costs["draft"] / costs["full"],
                        "verify_cost": costs["verify"] / costs["full"],
                        "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
-                       "predicted_speedup": common.ideal_speedup(agg["tokens_per_round"], k, costs,
+                       "predicted_speedup": timing.ideal_speedup(agg["tokens_per_round"], k, costs,
                                                                   agg["catch_up_rate"]),
                        "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
                 writer.writerow(row)
