@@ -230,9 +230,9 @@ def weight_bytes(model, shared_with=None, per_token: bool = False) -> int:
         return {t.data_ptr(): (name, t) for name, t in [*m.named_parameters(), *m.named_buffers()]
                 if "cache" not in name and name not in ("rope_cos", "rope_sin", "causal_mask")}
     theirs = tensors(shared_with) if shared_with is not None else {}
-    head = getattr(model.output, "weight", None)  # a packed int4 head has no `weight`
+    untied_embedding = model.tok_embeddings.weight is not model.output.weight
     return sum(t.numel() * t.element_size() for ptr, (name, t) in tensors(model).items()
-               if ptr not in theirs and not (per_token and name == "tok_embeddings.weight" and t is not head))
+               if ptr not in theirs and not (per_token and untied_embedding and name == "tok_embeddings.weight"))
 
 
 def init_distributed(config: EngineConfig) -> tuple[int, int, EngineConfig]:

@@ -102,6 +102,7 @@ def system_message(args):
 
 
 def parse_args(argv=None):
+    """(flags, EngineConfig, the prompts' texts, rows generated at once)."""
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text, or an integer N (ASCII digits) for a random prompt of N tokens; repeat it for "
@@ -130,41 +131,42 @@ def parse_args(argv=None):
     if args.system is not None and not (args.chat or args.interactive):
         p.error("--system needs --chat or --interactive")
     try:
-        args.prompts = (args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        prompts = (args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     except ValueError as e:
         p.error(str(e))
-    args.prompts = args.prompts or [DEFAULT_PROMPT]
-    if any(random_prompt_length(args, t) == 0 for t in args.prompts):
+    prompts = prompts or [DEFAULT_PROMPT]
+    if any(random_prompt_length(args, t) == 0 for t in prompts):
         p.error("--prompt 0 asks for a random prompt of 0 tokens; give text or a length >= 1")
-    if args.interactive and (len(args.prompts) > 1 or args.batch_size is not None):
+    if args.interactive and (len(prompts) > 1 or args.batch_size is not None):
         p.error("--interactive is one conversation: it takes no --prompt_file, several --prompt or --batch_size")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
     batched = config.strategy.batchable
-    args.batch_size = args.batch_size or (min(len(args.prompts), DEFAULT_MAX_BATCH) if batched else 1)
-    if args.batch_size > 1 and not batched:
-        p.error(f"--batch_size {args.batch_size}: {config.strategy.describe()} runs one prompt at a time so far (every "
+    batch_size = args.batch_size or (min(len(prompts), DEFAULT_MAX_BATCH) if batched else 1)
+    if batch_size > 1 and not batched:
+        p.error(f"--batch_size {batch_size}: {config.strategy.describe()} runs one prompt at a time so far (every "
                 "strategy but auto runs batched); give --batch_size 1")
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")
         except (ValueError, OSError) as e:
             p.error(str(e))
-    return args, config
+    return args, config, prompts, batch_size
 
 
-def check_prompt(args, strategy, tokenizer, model_args):
+def check_prompt(args, prompts, strategy, tokenizer, model_args):
     """What the tokenizer and the model's context refuse, before any weight is read."""
     if args.interactive and tokenizer.chat_format is None:
         raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model's tokenizer")
     if not args.interactive:
-        for i, text in enumerate(args.prompts):
+        for i, text in enumerate(prompts):
             n = random_prompt_length(args, text)
             try:
-                cache_size(n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")), args.max_new_tokens,
-                           strategy, model_args.max_position_embeddings, args.max_seq_length)
+                length = n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu"))
+                cache_size(length, args.max_new_tokens, strategy, model_args.max_position_embeddings,
+                           args.max_seq_length)
             except ValueError as e:
-                raise ValueError(f"prompt {i + 1} of {len(args.prompts)}: {e}" if len(args.prompts) > 1 else str(e)) \
+                raise ValueError(f"prompt {i + 1} of {len(prompts)}: {e}" if len(prompts) > 1 else str(e)) \
                     from None
 
 
@@ -183,10 +185,10 @@ def printable(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in tokenizer.stop_ids else ids)
 
 
-def run_samples(args, engine):
+def run_samples(args, engine, texts: list[str], batch_size: int):
     tokenizer, device = engine.tokenizer, engine.device
-    prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(args.prompts)]
-    rows = min(args.batch_size, len(prompts))
+    prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(texts)]
+    rows = min(batch_size, len(prompts))
     engine.setup_caches_for([len(p) for p in prompts], args.max_new_tokens, rows, size=args.max_seq_length)
     bytes_per_token = weight_bytes(engine.model, per_token=True)
     single = len(prompts) == 1
@@ -211,7 +213,7 @@ def run_samples(args, engine):
         if profiling:
             prof.export_chrome_trace(str(args.profile))
             print(f"Profile written to {args.profile}", file=sys.stderr)
-        for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, outputs)):
+        for n, (text, prompt, ids) in enumerate(zip(texts, prompts, outputs)):
             if not single:
                 print(f"--- prompt {n + 1} of {len(prompts)}")
             if args.chat:  # the user's message as typed, not the chat template around it
@@ -268,15 +270,15 @@ def chat_loop(args, engine):
 
 
 def main(argv=None):
-    args, config = parse_args(argv)
+    args, config, prompts, batch_size = parse_args(argv)
     try:
         rank, world_size, config = init_distributed(config)
-        engine = load_engine(config, rank, world_size,
-                             check=lambda meta, tokenizer: check_prompt(args, config.strategy, tokenizer, meta["args"]))
+        engine = load_engine(config, rank, world_size, check=lambda meta, tokenizer: check_prompt(
+            args, prompts, config.strategy, tokenizer, meta["args"]))
         if args.interactive:
             chat_loop(args, engine)
         else:
-            run_samples(args, engine)
+            run_samples(args, engine, prompts, batch_size)
     except torch.distributed.DistError as e:
         raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
                               f"{e}") from e

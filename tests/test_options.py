@@ -72,7 +72,7 @@ def test_every_command_has_the_same_defaults():
         assert len({str(getattr(config, key)) for _, config, *_ in parsed}) == 1, key
     for key in ("max_new_tokens", "top_k", "seed"):
         assert len({str(vars(a)[key]) for a, *_ in parsed}) == 1, key
-    a, config = parsed[0]
+    a, config, *_ = parsed[0]
     assert a.max_new_tokens == 200 and config.device == "auto" and config.dtype == "auto"
 
 
