@@ -88,7 +88,7 @@ class Batch:
         elif draft_model is not None:
             raise ValueError("a draft model drafts for speculative decoding: give num_speculations")
         else:
-            check_exit_layer(model, exit_layer)
+            check_exit_layer(model.args.n_layers, exit_layer)
         if draft_model is not None and draft_model.max_batch_size != model.max_batch_size:
             raise RuntimeError("the draft model's cache needs as many rows as the model's")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer

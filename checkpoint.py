@@ -3,6 +3,9 @@
 The file's metadata carries the format name and version, the model's Hugging Face config and the
 weight scheme, so a checkpoint never depends on its file name or on a stray config next to it.
 Tensor names are those of `model.Transformer`'s state dict; a tied LM head is stored once.
+
+A checkpoint spelled `random:<shape>[:<layers>]` (RANDOM_SHAPES) is random weights of a real
+shape, read and loaded like a file, for speed measurements without a download.
 """
 import json
 import os
@@ -20,8 +23,44 @@ FORMAT_VERSION = "1"
 DEFAULT_NAME = "checkpoint.safetensors"
 
 
+RANDOM_SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                      max_position_embeddings=4096),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    "small": dict(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, intermediate_size=512,
+                  max_position_embeddings=1024),
+}
+
+
 class CheckpointError(ValueError):
     pass
+
+
+def is_random(path) -> bool:
+    return str(path).startswith("random:")
+
+
+def random_args(spec) -> ModelArgs:
+    """The shape `random:<shape>[:<layers>]` names."""
+    _, shape, *layers = str(spec).split(":")
+    if shape not in RANDOM_SHAPES or len(layers) > 1 or (layers and not layers[0].isdigit()):
+        raise ValueError(f"unknown random shape in {spec}; use random:<shape>[:<layers>] with shape in "
+                         f"{', '.join(RANDOM_SHAPES)}")
+    return ModelArgs(**dict(RANDOM_SHAPES[shape], **({"n_layers": int(layers[0])} if layers else {})))
+
+
+def random_model(spec, device, dtype) -> Transformer:
+    """Random weights (std 0.02, as Llama's init) of `random:<shape>[:<layers>]`, drawn on the device."""
+    torch.manual_seed(0)
+    # Built on meta and materialised in `dtype`: a 7B shape built in float32 first needs 27 GB.
+    with torch.device("meta"):
+        model = Transformer(random_args(spec)).to(dtype or torch.float32)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
 
 
 def expected_shapes(args: ModelArgs, scheme: dict | None = None) -> dict:
@@ -36,8 +75,10 @@ def expected_shapes(args: ModelArgs, scheme: dict | None = None) -> dict:
 
 
 def resolve_checkpoint_path(path) -> Path:
-    """A checkpoint file, or a directory holding DEFAULT_NAME."""
+    """A checkpoint file, or a directory holding DEFAULT_NAME (or random weights' spelling, as is)."""
     path = Path(path)
+    if is_random(path):
+        return path
     if path.is_dir():
         path = path / DEFAULT_NAME
     if not path.is_file():
@@ -68,6 +109,8 @@ def read_metadata(path) -> dict:
     """The checkpoint's config, weight scheme and model arguments ("config", "scheme", "args"),
     read and checked without loading a weight."""
     path = resolve_checkpoint_path(path)
+    if is_random(path):
+        return {"config": None, "scheme": {"mode": "none"}, "args": random_args(path)}
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -105,6 +148,9 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, prepare=Non
     dtype=None keeps the stored dtype. prepare(model), if given, transforms the loaded model before
     int4 weights are packed for their kernel (tensor-parallel sharding: tp.shard_model)."""
     path = resolve_checkpoint_path(path)
+    if is_random(path):
+        model = random_model(path, device, dtype)
+        return pack_model(prepare(model) if prepare is not None else model).eval()
     meta = read_metadata(path)
     scheme, args = meta["scheme"], meta["args"]
     quantized = scheme.get("mode", "none") != "none"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import Transformer
+from quantized import SchemeError, parse_quantize
 from sampling import SamplingParams
 from steps import Steps, catch_up_draft_step, check_finite, synchronize
 
@@ -105,16 +106,21 @@ def check_num_speculations(k: int):
     # Every round verifies k + 1 positions and keeps k drafts only if all of them are accepted:
     # far beyond what any draft achieves, a larger k only makes each round slower.
     if not 1 <= k <= MAX_SPECULATIONS:
-        raise ValueError(f"num_speculations must be in [1, {MAX_SPECULATIONS}], got {k}")
+        raise ValueError(f"--num_speculations must be in [1, {MAX_SPECULATIONS}], got {k}")
 
 
-def check_exit_layer(model: Transformer, exit_layer: int | None, last: bool = False):
-    """last: E may be every layer (a draft model's own layers), else E < n (layers must remain)."""
-    n = model.args.n_layers
-    top = n if last else n - 1
+def check_exit_layer(n_layers: int, exit_layer: int | None, last: bool = False):
+    """The one check of E against a model of n_layers layers (engine.check_metadata runs it before
+    loading). last: E may be every layer (a draft model's own layers), else E < n (layers must remain)."""
+    top = n_layers if last else n_layers - 1
     if exit_layer is not None and not 1 <= exit_layer <= top:
-        raise ValueError(f"exit_layer must be in [1, {top}] for this {n}-layer {'draft ' if last else ''}model, "
-                         f"got {exit_layer}")
+        raise ValueError(f"--exit_layer must be in [1, {top}] for this {n_layers}-layer model, got {exit_layer}")
+
+
+def check_draft_vocab(vocab_size: int, draft_vocab_size: int):
+    if draft_vocab_size != vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft_vocab_size}) differs from the model's ({vocab_size}); "
+                         "speculative decoding needs the same tokenizer")
 
 
 def check_draft_source(model: Transformer, draft_model: Transformer | None, exit_layer: int | None):
@@ -122,10 +128,10 @@ def check_draft_source(model: Transformer, draft_model: Transformer | None, exit
     them if E is None) that shares the model's vocabulary."""
     if exit_layer is None and draft_model is None:
         raise ValueError("give a draft source: exit_layer (self-speculative), draft_model or both")
-    check_exit_layer(model if draft_model is None else draft_model, exit_layer, last=draft_model is not None)
-    if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft_model.args.vocab_size}) differs from the "
-                         f"model's ({model.args.vocab_size})")
+    check_exit_layer((model if draft_model is None else draft_model).args.n_layers, exit_layer,
+                     last=draft_model is not None)
+    if draft_model is not None:
+        check_draft_vocab(model.args.vocab_size, draft_model.args.vocab_size)
 
 
 STRATEGIES = ("autoregressive", "self_speculative", "speculative")
@@ -146,24 +152,38 @@ class Strategy:
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
-            raise ValueError(f"unknown generation strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown --generation_strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
         if self.exit_layer is not None and self.exit_layer < 1:
-            raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
-        if self.draft_quantize is not None and self.name != "self_speculative":
-            raise ValueError("draft_quantize applies to generation strategy self_speculative only")
+            raise ValueError(f"--exit_layer must be >= 1, got {self.exit_layer}")
+        if self.draft_quantize is not None:
+            if self.name != "self_speculative":
+                raise ValueError("--draft_quantize needs --generation_strategy self_speculative")
+            try:
+                parse_quantize(self.draft_quantize)
+            except SchemeError as e:
+                raise SchemeError(f"--draft_quantize: {e}") from None
         if (self.auto_exit or self.auto_k) and self.name == "autoregressive":
-            raise ValueError("exit_layer auto and num_speculations auto apply to the speculative strategies")
+            raise ValueError("--exit_layer auto and --num_speculations auto apply to the speculative strategies")
         if self.auto_exit and self.name != "self_speculative":
-            raise ValueError("exit_layer auto applies to generation strategy self_speculative (a separate draft "
+            raise ValueError("--exit_layer auto applies to --generation_strategy self_speculative (a separate draft "
                              "model drafts with all its layers)")
         if self.auto_exit and self.exit_layer is not None:
-            raise ValueError("exit_layer is either a number or auto")
+            raise ValueError("--exit_layer is either a number or auto")
         if self.name == "self_speculative" and self.exit_layer is None and self.draft_quantize is None \
                 and not self.auto_exit:
-            raise ValueError("generation strategy self_speculative needs exit_layer (or draft_quantize)")
+            raise ValueError("--generation_strategy self_speculative needs --exit_layer (or --draft_quantize)")
         if self.name == "speculative" and self.exit_layer is not None:
-            raise ValueError("exit_layer does not apply to generation strategy speculative (the draft model drafts)")
+            raise ValueError("--exit_layer does not apply to --generation_strategy speculative (the draft model "
+                             "drafts)")
         check_num_speculations(self.num_speculations)
+
+    def check_draft(self, separate: bool):
+        """The one check of the strategy / draft pairing: a separate draft model (not the
+        --draft_quantize copy) drafts exactly for speculative."""
+        if self.name == "speculative" and not separate:
+            raise ValueError("--generation_strategy speculative needs --draft_checkpoint_path")
+        if self.name != "speculative" and separate:
+            raise ValueError("--draft_checkpoint_path needs --generation_strategy speculative")
 
     @property
     def needs_draft_model(self) -> bool:
@@ -199,9 +219,10 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
     if strategy.adaptive and policy is None:
         raise ValueError("an adaptive strategy (exit_layer or num_speculations auto) needs its policy "
                          "(engine.Engine makes it)")
-    if strategy.needs_draft_model != (draft_model is not None):
-        raise ValueError("a draft model is given exactly for generation strategy speculative and for "
-                         "self_speculative with draft_quantize")
+    strategy.check_draft(separate=draft_model is not None and strategy.draft_quantize is None)
+    if strategy.draft_quantize is not None and draft_model is None:
+        raise ValueError("--draft_quantize drafts from its quantized copy of the model: pass it as draft_model "
+                         "(engine.load_engine makes it)")
     if strategy.name == "autoregressive":
         on_token = (lambda t: on_tokens(t[0].tolist())) if on_tokens else None
         return generate(model, prompt, max_new_tokens, params, stop_ids=stop_ids, on_token=on_token, steps=steps,
@@ -224,7 +245,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, para
         prompt = prompt[None]
     bsz, T = prompt.shape
     check_fits(model, T, max_new_tokens)
-    check_exit_layer(model, exit_layer)
+    check_exit_layer(model.args.n_layers, exit_layer)
     if bsz > model.max_batch_size:
         raise ValueError(f"batch of {bsz} exceeds the cache's max_batch_size={model.max_batch_size}")
     device = prompt.device
@@ -466,21 +487,6 @@ def probe(steps: Steps, model: Transformer, taps, exit_layer: int, row: int, dra
     if high is not None:
         states.append(high[:, 0, row])
     return steps.probe(model, torch.cat(states)[None]).tolist()
-
-
-def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every parameter and quantized weight buffer once,
-    except that an embedding table not shared with the LM head contributes only the rows looked
-    up (negligible). Caches and rope/mask tables are not weights."""
-    seen, total = set(), 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.data_ptr() in seen or "cache" in name or name in ("rope_cos", "rope_sin", "causal_mask"):
-            continue
-        seen.add(t.data_ptr())
-        if name == "tok_embeddings.weight" and getattr(model.output, "weight", None) is not t:
-            continue
-        total += t.numel() * t.element_size()
-    return total
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,11 +1,11 @@
-"""The engine: what the options name, loaded (model, draft models, tokenizer, quantization,
+"""The engine: what the options' `EngineConfig` names, loaded (model, draft models, tokenizer, quantization,
 sharding, compiled steps) into an `Engine` whose `run` puts one prompt, and `run_many` many
 prompts at once, through a strategy. Every command goes through it, so a strategy behaves the same
 in generate.py, the evaluation tools and the speed harness."""
 import atexit
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -14,10 +14,10 @@ import adaptive
 import batching
 import hub
 import tp
-from checkpoint import load_model, read_metadata, resolve_checkpoint_path
-from decoding import Strategy, run
+from checkpoint import is_random, load_model, read_metadata, resolve_checkpoint_path
+from decoding import Strategy, check_draft_vocab, check_exit_layer, run
 from steps import Steps, compile_steps
-from options import pick_device, pick_dtype
+from options import EngineConfig, pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams
 from tokenizer import load_tokenizer
@@ -45,6 +45,19 @@ class Engine:
         for m in (self.model, self.draft_model, *self.drafts.values()):
             if m is not None:
                 m.setup_caches(rows, size)
+
+    def setup_caches_for(self, prompt_lens, max_new_tokens: int, rows: int = 1, strategies=(), size=None):
+        """Caches of one size (a compiled graph is specialised to it) that hold max_new_tokens
+        after every prompt length with every strategy (default: the engine's); cache_size says
+        what does not fit."""
+        context = self.model.args.max_position_embeddings
+        self.setup_caches(max(cache_size(n, max_new_tokens, s, context, size) for n in prompt_lens
+                              for s in strategies or (self.strategy,)), rows)
+
+    def budget(self, prompt_len: int, max_new_tokens: int, strategy: Strategy | None = None) -> int:
+        """Tokens, at most max_new_tokens, that the caches as set up hold after a prompt of prompt_len."""
+        strategy = strategy or self.strategy
+        return min(max_new_tokens, self.model.max_seq_length - prompt_len - strategy.lookahead(max_new_tokens))
 
     def draft_for(self, strategy: Strategy):
         """The draft model a strategy drafts with: its quantized self-copy, the separate draft model, or None."""
@@ -168,23 +181,19 @@ def weight_scheme(model) -> str:
     return f"{type(wqkv).__name__}:{w.dtype}:{tuple(w.shape)}"
 
 
-def check_metadata(a, meta: dict, world_size: int, draft_meta: dict | None, schemes: list[str]):
+def check_metadata(config: EngineConfig, meta: dict, world_size: int, draft_meta: dict | None, schemes: list[str]):
     """What the checkpoints' metadata can refuse before any weight is read."""
-    n = meta["args"].n_layers
-    E = a.strategy.exit_layer
-    top = n if a.strategy.draft_quantize else n - 1  # a quantized self-draft may run every layer
-    if E is not None and E > top:
-        raise ValueError(f"--exit_layer must be in [1, {top}] for this {n}-layer model, got {E}")
+    # a quantized self-draft may run every layer
+    check_exit_layer(meta["args"].n_layers, config.strategy.exit_layer, last=config.strategy.draft_quantize is not None)
     if schemes and meta["scheme"]["mode"] != "none":
         raise ValueError(f"--draft_quantize {','.join(schemes)}: the checkpoint is already quantized "
                          f"({meta['scheme']['mode']}); the draft is quantized from full-precision weights")
-    if a.quantize_mode and meta["scheme"]["mode"] != "none":
-        raise ValueError(f"--quantize {a.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
-    if draft_meta is not None and draft_meta["args"].vocab_size != meta["args"].vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft_meta['args'].vocab_size}) differs from the model's "
-                         f"({meta['args'].vocab_size}); speculative decoding needs the same tokenizer")
+    if config.quantize and meta["scheme"]["mode"] != "none":
+        raise ValueError(f"--quantize {config.quantize}: the checkpoint is already quantized ({meta['scheme']['mode']})")
+    if draft_meta is not None:
+        check_draft_vocab(meta["args"].vocab_size, draft_meta["args"].vocab_size)
     if world_size > 1:
-        check_shardable(meta["args"], meta["scheme"], a.quantize_mode, world_size)
+        check_shardable(meta["args"], meta["scheme"], config.quantize_mode, world_size)
         for scheme in schemes:
             check_shardable(meta["args"], meta["scheme"], parse_quantize(scheme), world_size)
         if draft_meta is not None:
@@ -214,63 +223,91 @@ def quantize_and_shard(model, quantize_mode, rank: int, world_size: int):
     return tp.shard_model(model, rank, world_size) if world_size > 1 else model
 
 
-def own_bytes(model, shared_with=None) -> int:
-    """Bytes of the model's parameters and weight buffers (not caches or tables), counting each
-    tensor once and none that shared_with also holds."""
+def cache_size(prompt_len: int, max_new_tokens: int, strategy: Strategy, context: int, size: int | None = None) -> int:
+    """The KV cache positions a generation of max_new_tokens after a prompt of prompt_len tokens
+    needs (with what a speculative round writes past the last token it keeps), or `size`
+    (--max_seq_length) once checked to hold them; a ValueError naming the flags where they exceed
+    it or the model's context."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty; give some text")
+    lookahead = strategy.lookahead(max_new_tokens)
+    need = prompt_len + max_new_tokens + lookahead
+    what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({max_new_tokens})"
+    if lookahead:
+        what += f" and {lookahead} positions of speculation lookahead"
+    if size is not None:
+        if size > context:
+            raise ValueError(f"--max_seq_length {size} exceeds this model's context of {context}")
+        if need > size:
+            raise ValueError(f"{what} needs {need} positions but the KV cache holds {size} (--max_seq_length)")
+        return size
+    if need > context:
+        raise ValueError(f"{what} needs {need} positions, more than this model's context of {context}; shorten "
+                         "the prompt or lower --max_new_tokens")
+    return need
+
+
+def weight_bytes(model, shared_with=None, per_token: bool = False) -> int:
+    """Bytes of the model's parameters and weight buffers (not caches or rope/mask tables), each
+    tensor once and none that shared_with also holds. per_token: what one decode step reads, which
+    leaves out an embedding table not shared with the LM head (a step reads one row of it)."""
     def tensors(m):
-        return {t.data_ptr(): t.numel() * t.element_size() for name, t in [*m.named_parameters(), *m.named_buffers()]
+        return {t.data_ptr(): (name, t) for name, t in [*m.named_parameters(), *m.named_buffers()]
                 if "cache" not in name and name not in ("rope_cos", "rope_sin", "causal_mask")}
     theirs = tensors(shared_with) if shared_with is not None else {}
-    return sum(n for ptr, n in tensors(model).items() if ptr not in theirs)
+    untied_embedding = model.tok_embeddings.weight is not model.output.weight
+    return sum(t.numel() * t.element_size() for ptr, (name, t) in tensors(model).items()
+               if ptr not in theirs and not (per_token and untied_embedding and name == "tok_embeddings.weight"))
 
 
-def init_distributed(a) -> tuple[int, int]:
-    """(rank, world size) under torchrun, else (0, 1); sets a.device to this rank's device. Only
+def init_distributed(config: EngineConfig) -> tuple[int, int, EngineConfig]:
+    """(rank, world size) under torchrun, else (0, 1), and the config on this rank's device. Only
     rank 0 prints; errors still reach every rank's stderr (cli.run)."""
-    rank, world_size, a.device = tp.init_from_env(a.device)
+    rank, world_size, device = tp.init_from_env(config.device)
     if world_size > 1:
         atexit.register(tp.shutdown)
     if rank != 0:
         sys.stdout = sys.stderr = open("/dev/null", "w")
-    return rank, world_size
+    return rank, world_size, replace(config, device=device)
 
 
-def load_engine(a, rank: int = 0, world_size: int = 1, check=None, draft_schemes: list[str] | None = None) -> Engine:
-    """Loads what the options name. check(meta, tokenizer), if given, refuses what the metadata and
+def load_engine(config: EngineConfig, rank: int = 0, world_size: int = 1, check=None,
+                draft_schemes: list[str] | None = None) -> Engine:
+    """Loads what the configuration names. check(meta, tokenizer), if given, refuses what the metadata and
     tokenizer already show is impossible, before any weight is read. draft_schemes: the quantized
     self-drafts to make, each of every layer (a sweep's or the speed harness's rows share them),
     instead of --draft_quantize's copy of layers [0, --exit_layer)."""
-    device = pick_device(a.device)
-    path = resolve_checkpoint_path(hub.find_checkpoint(a.checkpoint_path, a.hf_token, world_size))
+    device = pick_device(config.device)
+    path = resolve_checkpoint_path(hub.find_checkpoint(config.checkpoint, config.hf_token, world_size))
     meta = read_metadata(path)
-    draft_path = getattr(a, "draft_checkpoint_path", None)
+    draft_path = config.draft_checkpoint
     draft_meta = read_metadata(draft_path) if draft_path is not None else None
-    tokenizer = load_tokenizer(path.parent)
+    tokenizer = None if is_random(path) else load_tokenizer(path.parent)  # random weights: random prompts
     schemes, layers = (draft_schemes, None) if draft_schemes is not None else \
-        ([a.strategy.draft_quantize] if a.strategy.draft_quantize else [], a.strategy.exit_layer)
-    check_metadata(a, meta, world_size, draft_meta, schemes)
+        ([config.strategy.draft_quantize] if config.strategy.draft_quantize else [], config.strategy.exit_layer)
+    check_metadata(config, meta, world_size, draft_meta, schemes)
     if check is not None:
         check(meta, tokenizer)
-    dtype = pick_dtype(a.dtype, device)
+    dtype = pick_dtype(config.dtype, device)
     t0 = time.perf_counter()
     drafts = {}
 
     def prepare(m):  # the drafts are quantized from the full-precision weights, before anything else
         for scheme in schemes:
             drafts[scheme] = make_draft(m, scheme, layers, rank, world_size)
-        return quantize_and_shard(m, a.quantize_mode, rank, world_size)
+        return quantize_and_shard(m, config.quantize_mode, rank, world_size)
     model = load_model(path, device, dtype, prepare=prepare)
     shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
-    how = f", quantized to {a.quantize} in memory" if a.quantize else ""
+    how = f", quantized to {config.quantize} in memory" if config.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     for scheme, d in drafts.items():
-        extra, full = own_bytes(d, shared_with=model), own_bytes(model)
+        extra, full = weight_bytes(d, shared_with=model), weight_bytes(model)
         print(f"Draft: {scheme} copy of layers [0, {d.args.n_layers}) and the LM head, +{extra / 1e6:.0f} MB "
               f"(+{extra / full:.0%} of the model's weights)", file=sys.stderr)
     draft = None
     if draft_path is not None:
         draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
-    steps = compile_steps(device, a.compile_prefill, getattr(a, "layers_per_graph", None)) if a.compile else Steps()
-    return Engine(model, draft, tokenizer, device, dtype, steps, a.strategy, getattr(a, "sampling", SamplingParams()),
-                  path, drafts, getattr(a, "recalibrate", False))
+    steps = compile_steps(device, config.compile_prefill, config.layers_per_graph) if config.compile else Steps()
+    return Engine(model, draft, tokenizer, device, dtype, steps, config.strategy, config.sampling, path, drafts,
+                  config.recalibrate)

@@ -26,9 +26,9 @@ cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted`
 
 import torch  # noqa: E402
 
-from engine import init_distributed, load_engine  # noqa: E402
+from engine import cache_size, init_distributed, load_engine, weight_bytes  # noqa: E402
 import options  # noqa: E402
-from decoding import peak_memory_gb, weight_bytes_per_token  # noqa: E402
+from decoding import peak_memory_gb  # noqa: E402
 from steps import synchronize  # noqa: E402
 import tp  # noqa: E402
 
@@ -102,6 +102,7 @@ def system_message(args):
 
 
 def parse_args(argv=None):
+    """(flags, EngineConfig, the prompts' texts, rows generated at once)."""
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--prompt", action="append", default=None,
                    help=f"prompt text, or an integer N (ASCII digits) for a random prompt of N tokens; repeat it for "
@@ -122,7 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
     options.add_options(p, sampling_temperature=options.GENERATION_TEMPERATURE)
     args = p.parse_args(argv)
-    options.check_options(p, args)
+    config = options.check_options(p, args)
     if args.num_samples < 1:
         p.error("--num_samples must be >= 1")
     if args.max_seq_length is not None and args.max_seq_length < 2:
@@ -130,36 +131,38 @@ def parse_args(argv=None):
     if args.system is not None and not (args.chat or args.interactive):
         p.error("--system needs --chat or --interactive")
     try:
-        args.prompts = (args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        prompts = (args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     except ValueError as e:
         p.error(str(e))
-    args.prompts = args.prompts or [DEFAULT_PROMPT]
-    if any(random_prompt_length(args, t) == 0 for t in args.prompts):
+    prompts = prompts or [DEFAULT_PROMPT]
+    if any(random_prompt_length(args, t) == 0 for t in prompts):
         p.error("--prompt 0 asks for a random prompt of 0 tokens; give text or a length >= 1")
-    if args.interactive and (len(args.prompts) > 1 or args.batch_size is not None):
+    if args.interactive and (len(prompts) > 1 or args.batch_size is not None):
         p.error("--interactive is one conversation: it takes no --prompt_file, several --prompt or --batch_size")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    args.batch_size = args.batch_size or min(len(args.prompts), DEFAULT_MAX_BATCH)
+    batch_size = args.batch_size or min(len(prompts), DEFAULT_MAX_BATCH)
     if args.profile is not None:
         try:
             cli.check_output_file(args.profile, "--profile")
         except (ValueError, OSError) as e:
             p.error(str(e))
-    return args
+    return args, config, prompts, batch_size
 
 
-def check_prompt(args, tokenizer, model_args):
+def check_prompt(args, prompts, strategy, tokenizer, model_args):
     """What the tokenizer and the model's context refuse, before any weight is read."""
     if args.interactive and tokenizer.chat_format is None:
         raise ValueError("this tokenizer has no chat format; --interactive needs an instruct model's tokenizer")
     if not args.interactive:
-        for i, text in enumerate(args.prompts):
+        for i, text in enumerate(prompts):
             n = random_prompt_length(args, text)
             try:
-                cache_size(args, model_args, n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu")))
+                length = n if n is not None else len(encode_prompt(args, text, tokenizer, "cpu"))
+                cache_size(length, args.max_new_tokens, strategy, model_args.max_position_embeddings,
+                           args.max_seq_length)
             except ValueError as e:
-                raise ValueError(f"prompt {i + 1} of {len(args.prompts)}: {e}" if len(args.prompts) > 1 else str(e)) \
+                raise ValueError(f"prompt {i + 1} of {len(prompts)}: {e}" if len(prompts) > 1 else str(e)) \
                     from None
 
 
@@ -173,40 +176,17 @@ def speculation_summary(stats) -> str:
                if stats.adaptive else ""))
 
 
-def cache_size(args, model_args, prompt_len: int) -> int:
-    """KV cache positions for a prompt of prompt_len tokens; a clear error where they do not fit."""
-    if prompt_len < 1:
-        raise ValueError("the prompt is empty; give some text")
-    lookahead = args.strategy.lookahead(args.max_new_tokens)
-    need = prompt_len + args.max_new_tokens + lookahead
-    context = model_args.max_position_embeddings
-    what = f"the prompt ({prompt_len} tokens) plus --max_new_tokens ({args.max_new_tokens})"
-    if lookahead:
-        what += f" and {lookahead} positions of speculation lookahead"
-    if args.max_seq_length is not None:
-        if args.max_seq_length > context:
-            raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds this model's context of {context}")
-        if need > args.max_seq_length:
-            raise ValueError(f"{what} needs {need} positions but the KV cache holds {args.max_seq_length} "
-                             "(--max_seq_length)")
-        return args.max_seq_length
-    if need > context:
-        raise ValueError(f"{what} needs {need} positions, more than this model's context of {context}; shorten "
-                         "the prompt or lower --max_new_tokens")
-    return need
-
-
 def printable(tokenizer, ids: list[int]) -> str:
     """The text of ids without a final stop token (its markup, e.g. <|im_end|>, is not part of the reply)."""
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in tokenizer.stop_ids else ids)
 
 
-def run_samples(args, engine):
+def run_samples(args, engine, texts: list[str], batch_size: int):
     tokenizer, device = engine.tokenizer, engine.device
-    prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(args.prompts)]
-    rows = min(args.batch_size, len(prompts))
-    engine.setup_caches(max(cache_size(args, engine.model.args, len(p)) for p in prompts), rows)
-    bytes_per_token = weight_bytes_per_token(engine.model)
+    prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(texts)]
+    rows = min(batch_size, len(prompts))
+    engine.setup_caches_for([len(p) for p in prompts], args.max_new_tokens, rows, size=args.max_seq_length)
+    bytes_per_token = weight_bytes(engine.model, per_token=True)
     single = len(prompts) == 1
     # A compiled run starts with one untimed generation: it pays for compilation.
     samples = itertools.chain([None] if args.compile else [], range(args.num_samples))
@@ -229,7 +209,7 @@ def run_samples(args, engine):
         if profiling:
             prof.export_chrome_trace(str(args.profile))
             print(f"Profile written to {args.profile}", file=sys.stderr)
-        for n, (text, prompt, ids) in enumerate(zip(args.prompts, prompts, outputs)):
+        for n, (text, prompt, ids) in enumerate(zip(texts, prompts, outputs)):
             if not single:
                 print(f"--- prompt {n + 1} of {len(prompts)}")
             if args.chat:  # the user's message as typed, not the chat template around it
@@ -254,7 +234,6 @@ def run_samples(args, engine):
 def chat_loop(args, engine):
     tokenizer, model = engine.tokenizer, engine.model
     engine.setup_caches(args.max_seq_length or min(2048, model.args.max_position_embeddings))
-    lookahead = args.strategy.lookahead(args.max_new_tokens)
     messages = system_message(args)
     print("Chat with the model; an empty line or Ctrl-D ends it.", file=sys.stderr)
     while True:
@@ -270,17 +249,17 @@ def chat_loop(args, engine):
             break
         messages.append({"role": "user", "content": text})
         prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=engine.device)
-        budget = model.max_seq_length - len(prompt) - lookahead
+        budget = engine.budget(len(prompt), args.max_new_tokens)
         if budget < 1:
             print("[the conversation fills the KV cache; starting a new one]", file=sys.stderr)
             messages = system_message(args) + [messages[-1]]
             prompt = torch.tensor(tokenizer.encode_chat(messages), dtype=torch.long, device=engine.device)
-            budget = model.max_seq_length - len(prompt) - lookahead
+            budget = engine.budget(len(prompt), args.max_new_tokens)
             if budget < 1:
                 print("[this message alone is longer than the KV cache]", file=sys.stderr)
                 messages.pop()
                 continue
-        tokens, stats = engine.run(prompt, min(args.max_new_tokens, budget), on_tokens=StreamPrinter(tokenizer))
+        tokens, stats = engine.run(prompt, budget, on_tokens=StreamPrinter(tokenizer))
         reply_ids = [t for t in tokens[0, len(prompt):].tolist() if t not in tokenizer.stop_ids]
         messages.append({"role": "assistant", "content": tokenizer.decode(reply_ids)})
         print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s{speculation_summary(stats)}]",
@@ -288,15 +267,15 @@ def chat_loop(args, engine):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, config, prompts, batch_size = parse_args(argv)
     try:
-        rank, world_size = init_distributed(args)
-        engine = load_engine(args, rank, world_size,
-                                     check=lambda meta, tokenizer: check_prompt(args, tokenizer, meta["args"]))
+        rank, world_size, config = init_distributed(config)
+        engine = load_engine(config, rank, world_size, check=lambda meta, tokenizer: check_prompt(
+            args, prompts, config.strategy, tokenizer, meta["args"]))
         if args.interactive:
             chat_loop(args, engine)
         else:
-            run_samples(args, engine)
+            run_samples(args, engine, prompts, batch_size)
     except torch.distributed.DistError as e:
         raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
                               f"{e}") from e

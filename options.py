@@ -1,14 +1,14 @@
 """The options every command shares, each defined once: the model (checkpoint, device, dtype,
 quantization), decoding (strategy, exit layer, number of speculations, token budget, compile) and
-sampling. A command adds the groups it needs and `check_options` validates them in one place;
-`engine.load_engine` then loads what they name.
+sampling. A command adds the groups it needs and `check_options` validates them into one frozen
+`EngineConfig`, which `engine.load_engine` then loads.
 
 The LayerSkip reference code's spellings work as aliases, so its commands run as written:
 --model (a converted checkpoint or a Hugging Face repo id), --max_steps, --sample True|False and
 --top_k 0 (no top-k).
 """
-import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +60,9 @@ def add_model_options(p):
 def add_decoding_options(p, strategies=STRATEGIES):
     """strategies=None: the command chooses (E, k) itself (a sweep) and takes only the rest."""
     g = p.add_argument_group("decoding")
+    # what a command does not offer takes the engine's default (check_options reads every one)
+    p.set_defaults(generation_strategy=Strategy.name, exit_layer=None, num_speculations=Strategy.num_speculations,
+                   recalibrate=False, draft_quantize=None, draft_checkpoint_path=None)
     if strategies:
         g.add_argument("--generation_strategy", default=strategies[0], choices=strategies,
                        help="autoregressive (with --exit_layer: early-exit inference), self_speculative (LayerSkip: "
@@ -110,47 +113,61 @@ def add_options(p, sampling_temperature: float = 0.0, strategies=STRATEGIES):
     add_sampling_options(p, sampling_temperature)
 
 
-def check_options(p, a):
-    """Every check the options allow before anything is loaded; sets a.strategy, a.sampling and
-    a.quantize_mode (mode, groupsize) or None. Errors end as parser errors (usage, exit 2)."""
+@dataclass(frozen=True)
+class EngineConfig:
+    """What `engine.load_engine` loads and how the engine decodes, checked once: the options'
+    values, or these defaults where a command has no such option."""
+    checkpoint: str = str(hub.DEFAULT_CHECKPOINT)
+    hf_token: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = None  # int8, int4 or int4-g<N>: the weights quantized in memory at load
+    strategy: Strategy = Strategy()
+    sampling: SamplingParams = SamplingParams()
+    draft_checkpoint: Path | None = None  # the draft model of strategy speculative
+    compile: bool = False
+    compile_prefill: bool = False
+    layers_per_graph: int | None = None
+    recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
+
+    def __post_init__(self):
+        if self.compile_prefill and not self.compile:
+            raise ValueError("--compile_prefill needs --compile")
+        if self.layers_per_graph is not None:
+            if not self.compile:
+                raise ValueError("--layers_per_graph needs --compile")
+            if self.layers_per_graph < 0:
+                raise ValueError(f"--layers_per_graph must be >= 0 (0: whole-step graphs), got {self.layers_per_graph}")
+        self.strategy.check_draft(separate=self.draft_checkpoint is not None)
+        if self.quantize:
+            try:
+                parse_quantize(self.quantize)
+            except SchemeError as e:
+                raise SchemeError(f"--quantize: {e}") from None
+
+    @property
+    def quantize_mode(self) -> tuple[str, int] | None:
+        """--quantize as (mode, groupsize), or None."""
+        return parse_quantize(self.quantize) if self.quantize else None
+
+
+def check_options(p, a) -> EngineConfig:
+    """Every check the options allow before anything is loaded; the engine's configuration.
+    Errors end as parser errors (usage, exit 2)."""
     try:
         if a.max_new_tokens < 1:
             raise ValueError("--max_new_tokens must be >= 1")
-        if a.compile_prefill and not a.compile:
-            raise ValueError("--compile_prefill needs --compile")
-        if getattr(a, "layers_per_graph", None) is not None:
-            if not a.compile:
-                raise ValueError("--layers_per_graph needs --compile")
-            if a.layers_per_graph < 0:
-                raise ValueError(f"--layers_per_graph must be >= 0 (0: whole-step graphs), got {a.layers_per_graph}")
-        a.strategy = Strategy()
-        if hasattr(a, "exit_layer"):
-            draft = getattr(a, "draft_checkpoint_path", None)
-            if a.generation_strategy == "speculative" and draft is None:
-                raise ValueError("--generation_strategy speculative needs --draft_checkpoint_path")
-            if a.generation_strategy != "speculative" and draft is not None:
-                raise ValueError("--draft_checkpoint_path needs --generation_strategy speculative")
-            draft_quantize = getattr(a, "draft_quantize", None)
-            if draft_quantize is not None:
-                if a.generation_strategy != "self_speculative":
-                    raise ValueError("--draft_quantize needs --generation_strategy self_speculative")
-                parse_quantize(draft_quantize)
-            auto_exit, auto_k = a.exit_layer == "auto", a.num_speculations == "auto"
-            a.strategy = Strategy(a.generation_strategy, None if auto_exit else a.exit_layer,
-                                  AUTO_MAX_SPECULATIONS if auto_k else a.num_speculations, draft_quantize,
-                                  auto_exit=auto_exit and draft_quantize is None, auto_k=auto_k)
-            if auto_exit and draft_quantize is not None:
-                note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
-                     "would lack the layers a smaller E skipped, so E cannot move during a generation)")
-        if hasattr(a, "temperature"):
-            a.sampling = sampling_params(a)
-        if hasattr(a, "quantize"):
-            a.quantize_mode = parse_quantize(a.quantize) if a.quantize else None
-    except (ValueError, SchemeError) as e:
-        # the engine's messages name its parameters; here they are flags
-        names = "exit_layer|num_speculations|draft_quantize|temperature|top_p|top_k|generation strategy"
-        p.error(re.sub(rf"(?<![-\w])({names})\b",
-                       lambda m: "--" + m.group(1).replace(" ", "_"), str(e)))
+        auto_exit, auto_k = a.exit_layer == "auto", a.num_speculations == "auto"
+        strategy = Strategy(a.generation_strategy, None if auto_exit else a.exit_layer,
+                            AUTO_MAX_SPECULATIONS if auto_k else a.num_speculations, a.draft_quantize,
+                            auto_exit=auto_exit and a.draft_quantize is None, auto_k=auto_k)
+        if auto_exit and a.draft_quantize is not None:
+            note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
+                 "would lack the layers a smaller E skipped, so E cannot move during a generation)")
+        return EngineConfig(a.checkpoint_path, a.hf_token, a.device, a.dtype, a.quantize, strategy, sampling_params(a),
+                            a.draft_checkpoint_path, a.compile, a.compile_prefill, a.layers_per_graph, a.recalibrate)
+    except ValueError as e:  # the checks' messages name the flags
+        p.error(str(e))
 
 
 def sampling_params(a) -> SamplingParams:

@@ -22,9 +22,10 @@ cli.start(__name__)
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+import harness  # noqa: E402
+import timing  # noqa: E402
 import cpu_kernels  # noqa: E402
-from engine import device_name, load_engine  # noqa: E402
+from engine import cache_size, device_name, load_engine  # noqa: E402
 import options  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_sizes", default="1,2,4,8", help="comma-separated rows at once")
     p.add_argument("--num_prompts", type=int, default=16)
-    p.add_argument("--prompts", default="mixed", choices=common.PROMPT_SETS)
+    p.add_argument("--prompts", default="mixed", choices=harness.PROMPT_SETS)
     p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: kernel "
                    "chunks against one BLAS call")
     p.add_argument("--results", type=Path, default=None, help="append this run's rows to this JSON-lines file")
@@ -41,20 +42,19 @@ def parse_args(argv=None):
     options.add_options(p)
     p.set_defaults(max_new_tokens=64)
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     try:
-        a.batch_sizes = sorted({int(b) for b in a.batch_sizes.split(",")})
+        batch_sizes = sorted({int(b) for b in a.batch_sizes.split(",")})
     except ValueError:
         p.error(f"--batch_sizes takes comma-separated integers, got {a.batch_sizes!r}")
-    if a.batch_sizes[0] < 1:
+    if batch_sizes[0] < 1:
         p.error("--batch_sizes must be >= 1")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
     for path, what in ((a.plot, "--plot"), (a.results, "--results")):
         if path is not None:
             cli.check_output_file(path, what)
-    a.num_samples, a.prompt_length = a.num_prompts, None
-    return a
+    return a, config, batch_sizes
 
 
 def run_batch(engine, prompts, rows: int, max_new_tokens: int, cache: int):
@@ -78,8 +78,8 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
             for m in linears:
                 torch.nn.functional.linear(x_by_width[m.in_features], m.weight)
         with torch.no_grad():
-            t_chunks = common.time_call(chunked, engine.device, repeats=5)
-            t_blas = common.time_call(blas, engine.device, repeats=5)
+            t_chunks = timing.time_call(chunked, engine.device, repeats=5)
+            t_blas = timing.time_call(blas, engine.device, repeats=5)
         out.append({"rows": rows, "chunks_ms": t_chunks * 1e3, "blas_ms": t_blas * 1e3})
     return out
 
@@ -103,17 +103,18 @@ def plot(runs: list[dict], path: Path, title: str):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    engine = load_engine(a)
-    prompts = [p.tolist() for p in common.prompts_for(a, engine)]
+    a, config, batch_sizes = parse_args(argv)
+    engine = load_engine(config)
+    prompts = [p.tolist() for p in harness.prompts_for(engine, a.num_prompts, a.prompts)]
     print(f"{a.checkpoint_path} on {engine.device} ({device_name(engine.device)}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {engine.strategy.describe()}, "
           f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
           file=sys.stderr)
     results, reference = [], None
     n = a.max_new_tokens
-    cache = max(len(p) for p in prompts) + n + engine.strategy.lookahead(n)  # one size: the graphs stay
-    for rows in a.batch_sizes:
+    # one size: the graphs stay
+    cache = cache_size(max(len(p) for p in prompts), n, engine.strategy, engine.model.args.max_position_embeddings)
+    for rows in batch_sizes:
         t0 = time.perf_counter()
         run_batch(engine, prompts[:rows], rows, min(8, n), cache)  # compiles this batch size's graphs
         warm = time.perf_counter() - t0

@@ -15,25 +15,26 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import evaluation  # noqa: E402
+import output  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = common.evaluation_parser(__doc__, ("autoregressive", "self_speculative", "speculative"))
-    return common.parse_evaluation_args(p, argv)
+    p = evaluation.evaluation_parser(__doc__, ("autoregressive", "self_speculative", "speculative"))
+    return evaluation.parse_evaluation_args(p, argv)
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    out, samples, engine = common.start_evaluation(a, "benchmark.json")
-    compile_s = common.warm_up(engine, samples, a)
-    records, agg = common.evaluate(engine, samples, a)
-    text = common.write_json(out, {"config": common.config_of(a), "compile_s": compile_s, "aggregate": agg,
+    a, config = parse_args(argv)
+    out, samples, engine = evaluation.start_evaluation(a, config, "benchmark.json")
+    compile_s = evaluation.warm_up(engine, samples, a)
+    records, agg = evaluation.evaluate(engine, samples, a, rows=a.batch_size)
+    text = output.write_json(out, {"config": output.config_of(a), "compile_s": compile_s, "aggregate": agg,
                                    "samples": records})
     if out is None:
         print(text)

@@ -14,12 +14,13 @@ near tie differently from the one-token step: such a difference is reported, nev
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import evaluation  # noqa: E402
+import output  # noqa: E402
 from decoding import Strategy  # noqa: E402
 
 
@@ -31,12 +32,12 @@ def first_difference(a: list, b: list) -> int | None:
 
 
 def parse_args(argv=None):
-    p = common.evaluation_parser(__doc__, ("self_speculative", "speculative"))
+    p = evaluation.evaluation_parser(__doc__, ("self_speculative", "speculative"))
 
-    def greedy_only(a):
-        if not a.sampling.greedy:
+    def greedy_only(config):
+        if not config.sampling.greedy:
             p.error("correctness compares greedy outputs: use --temperature 0 (or --sample False)")
-    return common.parse_evaluation_args(p, argv, greedy_only)
+    return evaluation.parse_evaluation_args(p, argv, greedy_only)
 
 
 def outputs(engine, strategy, samples, a) -> list[list[int]]:
@@ -46,13 +47,13 @@ def outputs(engine, strategy, samples, a) -> list[list[int]]:
         seqs, _ = engine.run_many([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens,
                                   strategy=strategy)
         return [seq.tokens for seq in seqs]
-    return [common.generate_text(engine, s.prompt, a.max_new_tokens, strategy)[2]
+    return [evaluation.generate_text(engine, s.prompt, a.max_new_tokens, strategy)[2]
             for s in tqdm(samples, desc=strategy.describe(), file=sys.stderr)]
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    out, samples, engine = common.start_evaluation(a, "correctness.json")
+    a, config = parse_args(argv)
+    out, samples, engine = evaluation.start_evaluation(a, config, "correctness.json")
     speculative, tok = engine.strategy, engine.tokenizer
     differences = []
     both = zip(outputs(engine, Strategy(), samples, a), outputs(engine, speculative, samples, a))
@@ -62,7 +63,7 @@ def main(argv=None):
             differences.append({"index": i, "first_difference": pos, "prompt": s.prompt, "common": tok.decode(ar[:pos]),
                                 "autoregressive": tok.decode(ar[pos:]), speculative.name: tok.decode(ss[pos:]),
                                 "autoregressive_ids": ar[pos:], f"{speculative.name}_ids": ss[pos:]})
-    text = common.write_json(out, {"config": common.config_of(a), "num_samples": len(samples),
+    text = output.write_json(out, {"config": output.config_of(a), "num_samples": len(samples),
                                    "num_different": len(differences),
                                    "share_different": len(differences) / len(samples), "differences": differences})
     if out is None:

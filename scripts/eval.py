@@ -18,12 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import output  # noqa: E402
 from engine import Engine, init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 import torch  # noqa: E402
@@ -44,7 +44,7 @@ class LayerSkipLM(_Base):
     def __init__(self, engine: Engine | None = None, max_length=2048, batch_size=1, **kwargs):
         """engine: a loaded engine; or, from the harness's --model_args, the shared options as
         keywords (checkpoint_path=..., generation_strategy=..., exit_layer=..., compile=True, ...).
-        batch_size: generate_until's requests run that many at once (every strategy but auto)."""
+        batch_size: generate_until's requests run that many at once."""
         if _Base is not object:
             super().__init__()
         self.engine = engine or load_from_keywords(kwargs)
@@ -114,9 +114,9 @@ class LayerSkipLM(_Base):
             params = SamplingParams(temperature, kw.get("top_k"), kw.get("top_p"))
             ids = self.tokenizer.encode(context)
             max_new = int(kw.get("max_gen_toks", 256))
-            k = self.engine.strategy.lookahead(max_new)
+            k = self.engine.strategy.lookahead(max_new)  # keep the context's end that fits with the budget
             ids = ids[-(self.max_length - max_new - k):] if len(ids) + max_new + k > self.max_length else ids
-            jobs.append((params, min(max_new, self.max_length - len(ids) - k), ids, until))
+            jobs.append((params, self.engine.budget(len(ids), max_new), ids, until))
         generated = [None] * len(jobs)
         for params, n in dict.fromkeys((params, n) for params, n, _, _ in jobs):
             group = [i for i, job in enumerate(jobs) if job[:2] == (params, n)]
@@ -146,9 +146,7 @@ def load_from_keywords(kwargs: dict) -> Engine:
             argv += [f"--{key}"] if str(value).lower() in ("1", "true") else []
         elif value not in (None, "None"):
             argv += [f"--{key}", str(value)]
-    a = p.parse_args(argv)
-    options.check_options(p, a)
-    return load_engine(a)
+    return load_engine(options.check_options(p, p.parse_args(argv)))
 
 
 def parse_args(argv=None):
@@ -159,25 +157,26 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=1, help="generation requests run at once (greedy: the same "
                    "texts as one at a time)")
     options.add_options(p, strategies=("autoregressive", "self_speculative", "speculative"))
-    common.add_output_option(p, None)
+    output.add_output_option(p, None)
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     if a.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {a.batch_size}")
-    return a
+    return a, config
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    out = common.check_output(a, "eval.json")
+    a, config = parse_args(argv)
+    out = output.check_output(a, "eval.json")
     try:
         import lm_eval
     except ImportError:
         raise ValueError("this needs the harness: pip install lm-eval") from None
-    lm = LayerSkipLM(load_engine(a, *init_distributed(a)), batch_size=a.batch_size)
+    rank, world_size, config = init_distributed(config)
+    lm = LayerSkipLM(load_engine(config, rank, world_size), batch_size=a.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=a.tasks.split(","), limit=a.limit, num_fewshot=a.num_fewshot)
     print(lm_eval.utils.make_table(results))
-    common.write_json(out, {"config": common.config_of(a), "results": results.get("results")})
+    output.write_json(out, {"config": output.config_of(a), "results": results.get("results")})
 
 
 if __name__ == "__main__":

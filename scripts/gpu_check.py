@@ -38,23 +38,25 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import harness  # noqa: E402
+import timing  # noqa: E402
 import torch  # noqa: E402
 
+from checkpoint import RANDOM_SHAPES  # noqa: E402
 from decoding import generate, speculative_generate  # noqa: E402
 from steps import Steps, compile_steps, synchronize  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from quantized import quantize_model  # noqa: E402
 from sampling import SamplingParams  # noqa: E402
 
-REPO = common.REPO
+REPO = Path(__file__).resolve().parent.parent
 GREEDY = SamplingParams()
-SMALL = dict(common.RANDOM_SHAPES["small"], n_layers=4)
+SMALL = dict(RANDOM_SHAPES["small"], n_layers=4)
 LAYERSKIP_ACCEPTANCE = 0.795  # Llama2-7B, E=8, k=6 (LayerSkip paper, CNN/DM)
 # Seconds each stage is expected to take (compiles included), for the budget.
 ESTIMATES = {"cuda": {"environment": 15, "exactness": 100, "decode": 150, "speculation": 150,
@@ -98,7 +100,7 @@ def stage_environment(ctx):
         res.update(name=props.name, memory_gb=props.total_memory / 1e9, capability=f"{props.major}.{props.minor}")
     else:
         res.update(name=f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads")
-    res["copy_bandwidth_gbs"] = ctx["copy_bw"] = common.copy_bandwidth_gbs(device)
+    res["copy_bandwidth_gbs"] = ctx["copy_bw"] = timing.copy_bandwidth_gbs(device)
     n = 8192 if device.type == "cuda" else 512
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
@@ -178,7 +180,7 @@ def stage_exactness(ctx):
 def preset_rows(ctx) -> list[dict]:
     """The harness's `gpu` preset (scripts/speed.py --preset gpu): bfloat16 autoregressive and
     self-speculative (E=8, k=6), int8 and int4-g128. The CPU dry run compiles only the first."""
-    rows = common.expand(common.PRESETS["gpu"]["grids"], {})
+    rows = harness.expand(harness.PRESETS["gpu"]["grids"], {})
     if ctx["device"].type == "cpu":
         rows = [dict(c, exit_layer="1" if c["exit_layer"] else "", num_speculations="2",
                      compile="true" if i == 0 else "false") for i, c in enumerate(rows)]
@@ -189,14 +191,15 @@ def harness_args(ctx, n_layers=None):
     """The harness's options for these stages: the preset's model, or a small stand-in on CPU."""
     cuda = ctx["device"].type == "cuda"
     shape = "random:llama2-7b" if cuda else "random:small"
-    return argparse.Namespace(checkpoint_path=shape + (f":{n_layers}" if n_layers else ""), device=str(ctx["device"]),
-                              max_new_tokens=128 if cuda else 16, repeats=3, num_samples=2, prompt_length=16)
+    return harness.Harness(shape + (f":{n_layers}" if n_layers else ""), str(ctx["device"]),
+                          max_new_tokens=128 if cuda else 16, repeats=3, num_samples=2, prompt_length=16)
 
 
 def measured(ctx, h, c, engine=None) -> tuple[dict, object]:
-    engine = engine or common.load_row_engine(h, c)
-    r = common.bench_row(engine, c, common.prompts_for(h, engine), h, common.row_args(h, c).strategy)
-    return common.finish_rows([r], ctx.get("copy_bw"))[0], engine
+    engine = engine or harness.load_row_engine(h, c)
+    prompts = harness.prompts_for(engine, h.num_samples, h.prompts, h.prompt_length)
+    r = harness.bench_row(engine, c, prompts, h, harness.row_config(h, c).strategy)
+    return harness.finish_rows([r], ctx.get("copy_bw"))[0], engine
 
 
 def stage_decode(ctx):
@@ -251,7 +254,7 @@ def stage_quantization(ctx):
         torch.cuda.empty_cache()
     h = harness_args(ctx, ctx["quant_layers"] if device.type == "cuda" else None)
     base_row, quant_rows = preset_rows(ctx)[0], preset_rows(ctx)[2:]
-    res, rows, base = {"layers": h.checkpoint_path}, [], None
+    res, rows, base = {"layers": h.checkpoint}, [], None
     for c in [dict(base_row, compile=quant_rows[0]["compile"]), *quant_rows]:
         r, _ = measured(ctx, h, c)
         torch._dynamo.reset()
@@ -260,7 +263,7 @@ def stage_quantization(ctx):
         name = c["quantize"] if c["quantize"] != "none" else c["dtype"]
         res[name] = {"tokens_per_s": tps, "compile_s": r["compile_s"], "ratio": tps / base}
         target = {"int8": 1.8, "int4-g128": 3.0}.get(name)
-        rows.append((f"{name} decode ({h.checkpoint_path})", f"{tps:.1f} tokens/s = {tps / base:.2f}x",
+        rows.append((f"{name} decode ({h.checkpoint})", f"{tps:.1f} tokens/s = {tps / base:.2f}x",
                      f">= {target}x" if target else "", (tps / base >= target) if target and device.type == "cuda"
                      else None))
     return res, rows

@@ -14,17 +14,21 @@ Two ways to score the same tokens:
 """
 import argparse
 import math
+import sys
+from pathlib import Path
 
-import common  # noqa: F401 -- puts the engine's modules on the path
-import torch
-import torch.nn.functional as F
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the engine's modules
 
-import cpu_kernels
-import quantized
-from checkpoint import load_model
-from tokenizer import load_tokenizer
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-CHECKPOINT = common.REPO / "checkpoints" / "SmolLM2-135M-Instruct"
+import cpu_kernels  # noqa: E402
+import quantized  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+CHECKPOINT = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
 
 
 def humaneval_text(n_problems: int) -> str:

@@ -19,12 +19,16 @@ directly), not the rest of a decode step. Threads: torch.get_num_threads().
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import common  # noqa: F401 -- puts the engine's modules on the path
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 
-import cpu_kernels
+import torch  # noqa: E402
+
+import cpu_kernels  # noqa: E402
+import timing  # noqa: E402
 
 # name: (N, K) of SmolLM2-135M's linears, and how many a decode step calls
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
@@ -82,7 +86,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     assert cpu_kernels.load(), cpu_kernels.reason()
     torch.manual_seed(0)
-    read_bw, copy_bw = read_bandwidth_gbs(), common.copy_bandwidth_gbs(torch.device("cpu"))
+    read_bw, copy_bw = read_bandwidth_gbs(), timing.copy_bandwidth_gbs(torch.device("cpu"))
     print(f"kernels: {cpu_kernels.isa()}, threads {torch.get_num_threads()}, default activations "
           f"{cpu_kernels.ACTIVATIONS}; read bandwidth {read_bw:.1f} GB/s, copy bandwidth {copy_bw:.1f} GB/s\n")
     results = {}  # (shape, rows, kind) -> (seconds per call, bytes per call)

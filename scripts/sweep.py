@@ -14,7 +14,7 @@ interrupted sweep keeps every finished row): draft_quantize, exit_layer, num_spe
 acceptance_rate, tokens_per_round, tokens_per_second, time_per_token, speedup (tokens_per_second /
 the baseline's, measured in this run), decode_speedup (the same for decoding alone, prefill left
 out), the step costs (draft, verify, catch-up, in full decode steps) and predicted_speedup (the cost
-model, common.ideal_speedup, on the measured tokens per round), rouge1/2/L. At the end, or on
+model, timing.ideal_speedup, on the measured tokens per round), rouge1/2/L. At the end, or on
 Ctrl-C, it draws OUTPUT_DIR/sweep_heatmap.png (speed-up per cell, one panel per precision) and
 prints the best cell.
 """
@@ -22,13 +22,17 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules (common adds them too)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the engine's modules
 import cli  # noqa: E402
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
-import common  # noqa: E402
+import evaluation  # noqa: E402
+import output  # noqa: E402
+from samples import add_dataset_options, check_dataset_options, dataset_samples  # noqa: E402
+import timing  # noqa: E402
 from engine import init_distributed, load_engine  # noqa: E402
 import options  # noqa: E402
 from decoding import Strategy  # noqa: E402
@@ -36,6 +40,13 @@ from decoding import Strategy  # noqa: E402
 COLUMNS = ["draft_quantize", "exit_layer", "num_speculations", "acceptance_rate", "tokens_per_round",
            "tokens_per_second", "time_per_token", "speedup", "decode_speedup", "draft_cost", "verify_cost",
            "catch_up_cost", "predicted_speedup", "rouge1", "rouge2", "rougeL"]
+
+
+class Grid(NamedTuple):
+    """The cells swept: draft precisions ("none": the model's own layers) x exit layers x ks."""
+    precisions: list
+    exit_layers: list
+    ks: list
 
 
 def grid(first, last, step, what):
@@ -85,21 +96,22 @@ def parse_args(argv=None):
     options.add_model_options(p)
     options.add_decoding_options(p, strategies=None)
     options.add_sampling_options(p)
-    p.add_argument("--generation_strategy", choices=["self_speculative"], default="self_speculative",
+    p.add_argument("--generation_strategy", dest="swept_strategy", choices=["self_speculative"],
+                   default="self_speculative",
                    help="the strategy swept (accepted for the LayerSkip reference's command line)")
-    common.add_dataset_options(p)
+    add_dataset_options(p)
     p.add_argument("--exit_layer_first", type=int, default=4)
     p.add_argument("--exit_layer_last", type=int, default=28)
     p.add_argument("--exit_layer_step", type=int, default=4)
     p.add_argument("--num_speculations_first", type=int, default=1)
     p.add_argument("--num_speculations_last", type=int, default=6)
     p.add_argument("--num_speculations_step", type=int, default=1)
-    p.add_argument("--draft_quantize", default="none",
+    p.add_argument("--draft_quantize", dest="draft_precisions", default="none",
                    help="comma-separated draft precisions: none (the model's own early layers, E < layers) and/or "
                         "int8, int4, int4-g<N> (a quantized copy of layers [0, E), E up to every layer)")
-    common.add_output_option(p, "sweep_out", file_option=False)
+    output.add_output_option(p, "sweep_out", file_option=False)
     a = p.parse_args(argv)
-    options.check_options(p, a)
+    config = options.check_options(p, a)
     try:
         exit_layers = grid(a.exit_layer_first, a.exit_layer_last, a.exit_layer_step, "exit_layer")
         ks = grid(a.num_speculations_first, a.num_speculations_last, a.num_speculations_step, "num_speculations")
@@ -107,23 +119,21 @@ def parse_args(argv=None):
         p.error(str(e))
     if min(exit_layers) < 1 or min(ks) < 1:
         p.error("exit layers and num_speculations must be >= 1")
-    a.precisions = list(dict.fromkeys(x.strip() for x in a.draft_quantize.split(",")))
+    precisions = list(dict.fromkeys(x.strip() for x in a.draft_precisions.split(",")))
     try:
-        for scheme in a.precisions:
+        for scheme in precisions:
             if scheme != "none":
                 options.parse_quantize(scheme)
     except ValueError as e:
         p.error(f"--draft_quantize: {e}")
-    common.check_dataset_options(p, a)
-    a.exit_layers, a.ks = exit_layers, ks
-    return a
+    check_dataset_options(p, a)
+    return a, config, Grid(precisions, exit_layers, ks)
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    exit_layers, ks = a.exit_layers, a.ks
-    common.check_output(a, "sweep.csv")
-    samples = common.dataset_samples(a)
+    a, config, (precisions, exit_layers, ks) = parse_args(argv)
+    output.check_output(a, "sweep.csv")
+    samples = dataset_samples(a)
 
     def check(meta, tokenizer):
         n = meta["args"].n_layers
@@ -132,14 +142,19 @@ def main(argv=None):
         if bad:
             raise ValueError(f"exit layer(s) {bad} out of range [1, {top}] for this {n}-layer model")
     # the quantized drafts, each of every layer: each E drafts from the first E of one copy
-    schemes = [x for x in a.precisions if x != "none"]
-    engine = load_engine(a, *init_distributed(a), check=check, draft_schemes=schemes)
-    common.setup_caches_for(engine, samples, a.max_new_tokens, max_k=max(ks))
+    schemes = [x for x in precisions if x != "none"]
+    rank, world_size, config = init_distributed(config)
+    engine = load_engine(config, rank, world_size, check=check, draft_schemes=schemes)
+    # every cell, in order; LayerSkip self-speculation (no quantized draft) needs layers left to verify
+    cells = [(precision, Strategy("self_speculative", E, k, None if precision == "none" else precision))
+             for precision in precisions for E in exit_layers for k in ks
+             if precision != "none" or E < engine.model.args.n_layers]
+    evaluation.setup_caches_for(engine, samples, a.max_new_tokens, strategies=[engine.strategy] + [s for _, s in cells])
 
     a.output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = a.output_dir / "sweep.csv", a.output_dir / "sweep_heatmap.png"
-    common.warm_up(engine, samples, a)
-    _, base = common.evaluate(engine, samples, a)
+    evaluation.warm_up(engine, samples, a)
+    _, base = evaluation.evaluate(engine, samples, a)
     print(json.dumps({"autoregressive": base}), file=sys.stderr)
     rows = []
     with open(csv_path, "w", newline="") as f:
@@ -147,31 +162,26 @@ def main(argv=None):
         writer.writeheader()
         f.flush()
         try:
-            for precision in a.precisions:
-                draft = None if precision == "none" else precision
-                for E in exit_layers:
-                    if draft is None and E >= engine.model.args.n_layers:
-                        continue  # LayerSkip self-speculation needs layers left to verify
-                    for k in ks:
-                        strategy = Strategy("self_speculative", E, k, draft)
-                        common.warm_up(engine, samples, a, strategy)
-                        _, agg = common.evaluate(engine, samples, a, strategy=strategy)
-                        costs = common.step_costs(engine.model, engine.steps, E, k, engine.device,
-                                                  draft_model=engine.draft_for(strategy))
-                        row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
-                               "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
-                               "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
-                               "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
-                               "decode_speedup": agg["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-                               "draft_cost": costs["draft"] / costs["full"],
-                               "verify_cost": costs["verify"] / costs["full"],
-                               "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
-                               "predicted_speedup": common.ideal_speedup(agg["tokens_per_round"], k, costs,
-                                                                          agg["catch_up_rate"]),
-                               "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
-                        writer.writerow(row)
-                        f.flush()
-                        rows.append(row)
+            for precision, strategy in cells:
+                E, k = strategy.exit_layer, strategy.num_speculations
+                evaluation.warm_up(engine, samples, a, strategy)
+                _, agg = evaluation.evaluate(engine, samples, a, strategy=strategy)
+                costs = timing.step_costs(engine.model, engine.steps, E, k, engine.device,
+                                          draft_model=engine.draft_for(strategy))
+                row = {"draft_quantize": precision, "exit_layer": E, "num_speculations": k,
+                       "acceptance_rate": agg["acceptance_rate"], "tokens_per_round": agg["tokens_per_round"],
+                       "tokens_per_second": agg["tokens_per_s"], "time_per_token": agg["time_per_token_s"],
+                       "speedup": agg["tokens_per_s"] / base["tokens_per_s"],
+                       "decode_speedup": agg["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                       "draft_cost": costs["draft"] / costs["full"],
+                       "verify_cost": costs["verify"] / costs["full"],
+                       "catch_up_cost": costs["catch_up"] / costs["full"] if "catch_up" in costs else None,
+                       "predicted_speedup": timing.ideal_speedup(agg["tokens_per_round"], k, costs,
+                                                                  agg["catch_up_rate"]),
+                       "rouge1": agg["rouge1"], "rouge2": agg["rouge2"], "rougeL": agg["rougeL"]}
+                writer.writerow(row)
+                f.flush()
+                rows.append(row)
         except KeyboardInterrupt:
             print(f"interrupted: {len(rows)} finished rows kept in {csv_path}", file=sys.stderr)
     if not rows:

@@ -365,6 +365,6 @@ def test_tensor_parallel_shardability_is_checked_from_metadata(files, monkeypatc
     import generate
     import tp
     monkeypatch.setattr(engine, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
-    args = generate.parse_args(["--checkpoint_path", files["tiny"]])
+    _, config, *_ = generate.parse_args(["--checkpoint_path", files["tiny"]])
     with pytest.raises(tp.ShardingError, match="cannot shard this model over 3 ranks: 4 attention heads"):
-        engine.load_engine(args, rank=0, world_size=3)
+        engine.load_engine(config, rank=0, world_size=3)

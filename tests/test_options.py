@@ -44,53 +44,58 @@ REFERENCE_COMMANDS = [
 @pytest.mark.parametrize("module, reference, ours", REFERENCE_COMMANDS,
                          ids=[f"{m.__name__}:{i}" for i, (m, _, _) in enumerate(REFERENCE_COMMANDS)])
 def test_layerskip_reference_commands_parse_to_our_options(module, reference, ours):
-    theirs, mine = module.parse_args(reference.split()), module.parse_args(ours.split())
-    raw = ("sample", "temperature")  # the spellings; what they resolve to is `sampling`
+    (theirs, their_config, *their_rest), (mine, my_config, *my_rest) = (module.parse_args(reference.split()),
+                                                                        module.parse_args(ours.split()))
+    raw = ("sample", "temperature")  # the spellings; what they resolve to is the config's `sampling`
     assert {k: v for k, v in vars(theirs).items() if k not in raw} == {k: v for k, v in vars(mine).items() if k not in raw}
-    assert str(theirs.checkpoint_path) == MODEL
+    assert their_config == my_config and their_rest == my_rest
+    assert their_config.checkpoint == MODEL
     if "--exit_layer 8" in reference:
-        assert theirs.strategy == Strategy("self_speculative", 8, 6)
+        assert their_config.strategy == Strategy("self_speculative", 8, 6)
 
 
 def test_sample_and_top_k_spellings():
-    parse = lambda *argv: generate.parse_args(list(argv)).sampling  # noqa: E731
+    parse = lambda *argv: generate.parse_args(list(argv))[1].sampling  # noqa: E731
     assert parse() == SamplingParams(0.8, 200)  # generate.py samples by default
     assert parse("--sample", "False") == SamplingParams(0.0, 200)
     assert parse("--sample", "True", "--temperature", "0.6", "--top_k", "0", "--top_p", "0.9") == \
         SamplingParams(0.6, None, 0.9)  # LayerSkip's defaults; top_k 0 = no top-k
-    greedy = benchmark.parse_args([]).sampling
-    assert greedy.greedy and benchmark.parse_args(["--sample", "True"]).sampling.temperature == 0.8
+    greedy = benchmark.parse_args([])[1].sampling
+    assert greedy.greedy and benchmark.parse_args(["--sample", "True"])[1].sampling.temperature == 0.8
 
 
 def test_every_command_has_the_same_defaults():
     """The shared options mean and default the same in every entry point."""
     parsed = [generate.parse_args([]), benchmark.parse_args([]), correctness.parse_args(["--exit_layer", "4"]),
               sweep.parse_args([]), eval_script.parse_args(["--tasks", "x"])]
-    for key in ("checkpoint_path", "device", "dtype", "max_new_tokens", "quantize_mode", "compile", "top_k", "seed"):
-        assert len({str(getattr(a, key)) for a in parsed}) == 1, key
-    assert parsed[0].max_new_tokens == 200 and parsed[0].device == "auto" and parsed[0].dtype == "auto"
+    for key in ("checkpoint", "device", "dtype", "quantize_mode", "compile"):
+        assert len({str(getattr(config, key)) for _, config, *_ in parsed}) == 1, key
+    for key in ("max_new_tokens", "top_k", "seed"):
+        assert len({str(vars(a)[key]) for a, *_ in parsed}) == 1, key
+    a, config, *_ = parsed[0]
+    assert a.max_new_tokens == 200 and config.device == "auto" and config.dtype == "auto"
 
 
 def test_quantize_option():
-    assert generate.parse_args(["--quantize", "int4-g32"]).quantize_mode == ("int4", 32)
-    assert generate.parse_args([]).quantize_mode is None
+    assert generate.parse_args(["--quantize", "int4-g32"])[1].quantize_mode == ("int4", 32)
+    assert generate.parse_args([])[1].quantize_mode is None
 
 
 def test_speed_presets_are_grids_of_shared_options():
-    rows = speed.parse_args(["--preset", "speculative"]).rows
+    rows = speed.parse_args(["--preset", "speculative"])[2]
     assert rows[0] == {"dtype": "float32", "quantize": "none", "compile": "true", "layers_per_graph": "",
                        "generation_strategy": "autoregressive", "exit_layer": "", "num_speculations": "3",
                        "draft_quantize": "none", "world_size": "1"}
     assert [(r["exit_layer"], r["num_speculations"]) for r in rows[1:]] == [
         (E, k) for E in ("10", "20", "26", "29") for k in ("2", "4")]
     # a flag replaces the preset's value in every grid; lists are cross products
-    rows = speed.parse_args(["--preset", "quantize", "--dtype", "bfloat16", "--quantize", "int8,int4-g32"]).rows
+    rows = speed.parse_args(["--preset", "quantize", "--dtype", "bfloat16", "--quantize", "int8,int4-g32"])[2]
     assert [(r["dtype"], r["quantize"]) for r in rows] == [("bfloat16", "int8"), ("bfloat16", "int4-g32")]
-    assert speed.parse_args(["--preset", "gpu"]).checkpoint_path == "random:llama2-7b"
-    rows = speed.parse_args(["--preset", "quantized_draft"]).rows
+    assert speed.parse_args(["--preset", "gpu"])[1].checkpoint == "random:llama2-7b"
+    rows = speed.parse_args(["--preset", "quantized_draft"])[2]
     assert [(r["draft_quantize"], r["num_speculations"]) for r in rows[1:]] == [
         (d, k) for d in ("int8", "int4-g32") for k in ("4", "6", "8")]
-    rows = speed.parse_args(["--preset", "compile"]).rows
+    rows = speed.parse_args(["--preset", "compile"])[2]
     assert [(r["quantize"], r["layers_per_graph"]) for r in rows] == [(q, n) for q in ("none", "int8") for n in "06"]
 
 

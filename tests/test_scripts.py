@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import benchmark
-import common
 import correctness
 import engine
 import sweep
-from common import load_samples
+import evaluation
+from samples import load_samples
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def dataset_args(smollm2_dir, jsonl, n=2, tokens=8):
 
 
 def test_rouge_and_stop_strings():
-    assert common.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
+    assert evaluation.rouge("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(
         {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
-    assert common.rouge("completely different words", "the cat sat")["rouge1"] == 0.0
-    assert common.cut_at_stop("abc\ndef\nghi", ["\nd", "gh"]) == ("abc", True)
-    assert common.cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert evaluation.rouge("completely different words", "the cat sat")["rouge1"] == 0.0
+    assert evaluation.cut_at_stop("abc\ndef\nghi", ["\nd", "gh"]) == ("abc", True)
+    assert evaluation.cut_at_stop("abc", ["x"]) == ("abc", False)
 
 
 def test_datasets_offline(jsonl):
@@ -61,7 +61,7 @@ def test_benchmark_json(smollm2_dir, jsonl, tmp_path):
     assert agg["tokens_per_s"] == pytest.approx(agg["new_tokens"] / agg["seconds"])
     assert 0 <= agg["acceptance_rate"] <= 1 and 1 <= agg["tokens_per_round"] <= 3
     for s in doc["samples"]:
-        assert s["rouge1"] == pytest.approx(common.rouge(s["generated"], s["reference"])["rouge1"])
+        assert s["rouge1"] == pytest.approx(evaluation.rouge(s["generated"], s["reference"])["rouge1"])
         assert "\n\n" not in s["generated"]
     assert agg["rouge1"] == pytest.approx(sum(s["rouge1"] for s in doc["samples"]) / 2)
 
@@ -133,7 +133,7 @@ def test_correctness_reports_no_difference_in_float32(smollm2_dir, jsonl, tmp_pa
     (sweep, ["--draft_quantize", "none,int9"], "--draft_quantize: unknown quantization 'int9'"),
 ], ids=lambda x: getattr(x, "__name__", None))
 def test_bad_arguments_fail_before_loading(script, argv, message, monkeypatch, capsys):
-    for module in (common, sweep):  # where the scripts load their engine
+    for module in (evaluation, sweep):  # where the scripts load their engine
         monkeypatch.setattr(module, "load_engine", lambda *a, **k: pytest.fail("model loaded before the arguments "
                                                                              "were checked"))
     with pytest.raises(SystemExit):

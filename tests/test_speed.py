@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-import common
+import harness
+import timing
 import speed
 
 
@@ -60,18 +61,18 @@ def test_compiled_rows_report_compile_time(tmp_path):
 def test_the_baseline_row(capsys):
     rows = [{"engine": "ours", "config": "float32 eager", "tokens_per_s": 10.0},
             {"engine": "transformers", "config": "float32 eager", "tokens_per_s": 5.0}]
-    assert [r["vs_baseline"] for r in common.finish_rows(rows, None)] == [1.0, 0.5]
-    assert [r["vs_baseline"] for r in common.finish_rows(rows, None, "transformers float32")] == [2.0, 1.0]
-    assert [r["vs_baseline"] for r in common.finish_rows(rows, None, "llama.cpp")] == [1.0, 0.5]
+    assert [r["vs_baseline"] for r in harness.finish_rows(rows, None)] == [1.0, 0.5]
+    assert [r["vs_baseline"] for r in harness.finish_rows(rows, None, "transformers float32")] == [2.0, 1.0]
+    assert [r["vs_baseline"] for r in harness.finish_rows(rows, None, "llama.cpp")] == [1.0, 0.5]
     assert "--baseline 'llama.cpp' matches no row" in capsys.readouterr().err
 
 
 def test_the_timing_method():
     """measure(): tokens/s is the median pass's rate; peers report (tokens, seconds)."""
     import torch
-    r = common.measure(lambda prompt, on_tokens: (10, 0.5), [1, 2], repeats=3, device=torch.device("cpu"))
+    r = timing.measure(lambda prompt, on_tokens: (10, 0.5), [1, 2], repeats=3, device=torch.device("cpu"))
     assert r["tokens_per_s"] == pytest.approx(20) and r["ms_per_token_p50"] == pytest.approx(50)
-    assert common.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9
+    assert timing.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == 9
 
 
 def test_interleaved_passes_take_turns():
@@ -81,7 +82,7 @@ def test_interleaved_passes_take_turns():
 
     def fn(name):
         return lambda prompt, on_tokens: calls.append((name, prompt)) or (10, 0.5 if name == "a" else 0.25)
-    rows = common.measure_interleaved([fn("a"), fn("b")], [1, 2], repeats=2, device=torch.device("cpu"))
+    rows = timing.measure_interleaved([fn("a"), fn("b")], [1, 2], repeats=2, device=torch.device("cpu"))
     assert [r["tokens_per_s"] for r in rows] == pytest.approx([20, 40])
     assert [c[0] for c in calls] == ["a", "b"] + ["a", "a", "b", "b"] * 2
 
