@@ -275,34 +275,56 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
-class FixedPolicy:
-    """k drafts from exit layer E every round (the flags as given); adaptive.AdaptivePolicy chooses
-    them per round instead. The loop asks a policy: choose() -> (E, k) for the round (k = 0: the
-    full model's token only), taps(E), bucket(n) -> the verify pass's fixed number of drafts for n
-    made, keep_drafting(E, confidence, made) when early_stop, observe(...) and observe_times(...)
-    after each round, and probe_row(a) -> a verified row to probe (observe_probe), or None."""
+class Policy:
+    """What speculative_generate asks its policy, documented once here; the defaults are a fixed
+    policy's (the same E and k every round, no early stop, no probes). FixedPolicy is these
+    defaults with the flags' E and k; adaptive.AdaptivePolicy chooses per round instead.
+
+    Attributes: exit_layer, the draft source's E, checked up front and used by a draft model's
+    prefill (None: all of a draft model's layers); max_k, the most drafts any round makes (the
+    cache positions a round may write past what it keeps); early_stop, whether keep_drafting is
+    asked after each draft."""
+    exit_layer: int | None
+    max_k: int
     early_stop = False
+
+    def choose(self) -> tuple:
+        """(E, k) for the round. k = 0, drafting from the model's own layers only: a plain round,
+        the full model's token alone (the verify pass still taps the exits for the probes)."""
+        return self.exit_layer, self.max_k
+
+    def taps(self, exit_layer) -> tuple:
+        """The model's own layers whose entering states the verify pass returns, for a probe."""
+        return ()
+
+    def keep_drafting(self, exit_layer, confidence: float, made: int) -> bool:
+        """Asked after each draft when early_stop, `made` drafts so far, the last one's probability
+        of its own token `confidence`: whether to draft another."""
+        return True
+
+    def bucket(self, n: int) -> int:
+        """The verify pass's fixed number of drafts for a round that made n (the rest is padding)."""
+        return self.max_k
+
+    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s, round_s):
+        """Seconds the round's draft phase, its verify pass and the whole round took."""
+
+    def observe(self, exit_layer, k, made, accepted, confidences):
+        """The round's outcome; confidences: its drafts' when early_stop, else empty."""
+
+    def probe_row(self, accepted) -> int | None:
+        """A verified row (0 .. accepted) whose tapped states to probe this round, or None."""
+        return None
+
+    def observe_probe(self, exit_layer, taps, tokens, target):
+        """A probe's greedy token from each tapped layer, and the full model's token there."""
+
+
+class FixedPolicy(Policy):
+    """k drafts from exit layer E every round: the flags as given."""
 
     def __init__(self, exit_layer: int | None, k: int):
         self.exit_layer, self.max_k = exit_layer, k
-
-    def choose(self):
-        return self.exit_layer, self.max_k
-
-    def taps(self, exit_layer):
-        return ()
-
-    def bucket(self, n: int) -> int:
-        return self.max_k
-
-    def observe(self, exit_layer, k, made, accepted, confidences):
-        pass
-
-    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s, round_s):
-        pass
-
-    def probe_row(self, accepted):
-        return None
 
 
 @torch.no_grad()
@@ -320,7 +342,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     - draft_model, with its own KV cache (a separate model, or a quantized copy of `model`'s own
       weights, quantized.quantized_copy): the verify pass runs every layer of `model`.
     With `policy` (adaptive.AdaptivePolicy), E and k are chosen per round instead and drafting
-    may stop early (FixedPolicy explains the protocol).
+    may stop early (Policy explains the protocol).
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
