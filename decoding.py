@@ -1,7 +1,8 @@
 """Decoding loops for one sequence: autoregressive (optionally early-exit), self-speculative
 (LayerSkip) and two-model speculative, the `Strategy` that names them and `run`, which puts a
 prompt through one; their statistics. Each loop is a short function over the step functions of
-steps.py (batching.py runs many sequences at once)."""
+steps.py; the speculative loop runs one round function per draft source (Speculation) and asks a
+Policy for each round's exit layer and drafts (batching.py runs many sequences at once)."""
 import resource
 import time
 from collections import Counter
