@@ -377,7 +377,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     while len(out) < max_new_tokens and out[-1] not in stop:
         round_start = time.perf_counter()
         E, k = policy.choose()
-        r = one_round(cur, pos, E, k, min(k, max_new_tokens - len(out) - 1))  # r tokens to go: r - 1 drafts suffice
+        # n tokens to go: n - 1 drafts and the full model's token suffice
+        r = one_round(cur, pos, E, k, min(k, max_new_tokens - len(out) - 1))
         spec.observe(r, E, k, stats, round_start)
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
@@ -443,7 +444,8 @@ class Speculation:
         self.offsets = torch.arange(policy.max_k + 1, device=device)
         self.rows = torch.arange(policy.max_k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
         self.zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
-        self.lag = 1 if device.type == "cuda" else 0  # early stop reads a confidence one step late, not waiting for the GPU
+        # early stop reads a confidence one draft step late on CUDA, not waiting for the GPU
+        self.lag = 1 if device.type == "cuda" else 0
         self.seen = set()
         self.behind = None  # own-cache draft: the last round's last draft, which the draft model has not seen
 
