@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from decoding import Policy
 from steps import synchronize
 from sampling import SamplingParams
 
@@ -276,8 +277,8 @@ class Survival:
         return 1.0 + sum(self.alive(j, alpha) for j in range(1, k + 1))
 
 
-class AdaptivePolicy:
-    """Chooses (E, k) per round and when to stop drafting (decoding.FixedPolicy: the protocol).
+class AdaptivePolicy(Policy):
+    """Chooses (E, k) per round and when to stop drafting (decoding.Policy: the protocol).
 
     exits: candidate exit layers (one, or None, when E is fixed); ks: candidate numbers of drafts
     (one when k is fixed, which also turns early stop off); shared: drafts from the model's own

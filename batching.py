@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from adaptive import StepCosts
-from decoding import GenerationStats, describe_choices, check_draft_source, check_exit_layer, check_fits, check_num_speculations
+from decoding import (GenerationStats, check_draft_source, check_exit_layer, check_fits, check_num_speculations,
+                      describe_choices, read_round)
 from steps import Steps, check_finite, synchronize
 from model import Transformer
 from sampling import SamplingParams
@@ -261,14 +262,13 @@ class Batch:
         draft_probs = None if self.params.greedy else torch.stack(probs, 1)
         n, nxt = self.steps.batch_verify(model, tokens, None if own else torch.cat(states, 1), draft_probs,
                                          pos + self.offsets[:k + 1], limit, self.params, None if own else E)
-        host = torch.cat([tokens[:, 1:], nxt, n[:, None]], 1).tolist()  # the round's one host synchronisation
+        verdicts = read_round(tokens, nxt, n)  # the round's one host synchronisation
         prev.copy_(tokens.gather(1, n[:, None]))
         cur.copy_(nxt)
         pos.add_(n[:, None] + 1).mul_(live)
         produced, self.judged = [], [0, 0]
-        for row, seq in enumerate(self.rows[:b]):
-            a = host[row][-1]
-            produced.append(host[row][:a] + [host[row][k]])
+        for row, (seq, (a, kept)) in enumerate(zip(self.rows[:b], verdicts)):
+            produced.append(kept)
             if seq is not None:
                 seq.stats.accepted_per_round.append(a)
                 seq.stats.drafted += limits[row]

@@ -1,7 +1,8 @@
 """Decoding loops for one sequence: autoregressive (optionally early-exit), self-speculative
 (LayerSkip) and two-model speculative, the `Strategy` that names them and `run`, which puts a
 prompt through one; their statistics. Each loop is a short function over the step functions of
-steps.py (batching.py runs many sequences at once)."""
+steps.py; the speculative loop runs one round function per draft source (Speculation) and asks a
+Policy for each round's exit layer and drafts (batching.py runs many sequences at once)."""
 import resource
 import time
 from collections import Counter
@@ -297,52 +298,73 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
-class FixedPolicy:
-    """k drafts from exit layer E every round (the flags as given); adaptive.AdaptivePolicy chooses
-    them per round instead. The loop asks a policy: choose() -> (E, k) for the round (k = 0: the
-    full model's token only), taps(E), bucket(n) -> the verify pass's fixed number of drafts for n
-    made, keep_drafting(E, confidence, made) when early_stop, observe(...) and observe_times(...)
-    after each round, and probe_row(a) -> a verified row to probe (observe_probe), or None."""
+class Policy:
+    """What speculative_generate asks its policy, documented once here; the defaults are a fixed
+    policy's (the same E and k every round, no early stop, no probes). FixedPolicy is these
+    defaults with the flags' E and k; adaptive.AdaptivePolicy chooses per round instead.
+
+    Attributes: exit_layer, the draft source's E, checked up front and used by a draft model's
+    prefill (None: all of a draft model's layers); max_k, the most drafts any round makes (the
+    cache positions a round may write past what it keeps); early_stop, whether keep_drafting is
+    asked after each draft."""
+    exit_layer: int | None
+    max_k: int
     early_stop = False
+
+    def choose(self) -> tuple:
+        """(E, k) for the round. k = 0, drafting from the model's own layers only: a plain round,
+        the full model's token alone (the verify pass still taps the exits for the probes)."""
+        return self.exit_layer, self.max_k
+
+    def taps(self, exit_layer) -> tuple:
+        """The model's own layers whose entering states the verify pass returns, for a probe."""
+        return ()
+
+    def keep_drafting(self, exit_layer, confidence: float, made: int) -> bool:
+        """Asked after each draft when early_stop, `made` drafts so far, the last one's probability
+        of its own token `confidence`: whether to draft another."""
+        return True
+
+    def bucket(self, n: int) -> int:
+        """The verify pass's fixed number of drafts for a round that made n (the rest is padding)."""
+        return self.max_k
+
+    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s, round_s):
+        """Seconds the round's draft phase, its verify pass and the whole round took."""
+
+    def observe(self, exit_layer, k, made, accepted, confidences):
+        """The round's outcome; confidences: its drafts' when early_stop, else empty."""
+
+    def probe_row(self, accepted) -> int | None:
+        """A verified row (0 .. accepted) whose tapped states to probe this round, or None."""
+        return None
+
+    def observe_probe(self, exit_layer, taps, tokens, target):
+        """A probe's greedy token from each tapped layer, and the full model's token there."""
+
+
+class FixedPolicy(Policy):
+    """k drafts from exit layer E every round: the flags as given."""
 
     def __init__(self, exit_layer: int | None, k: int):
         self.exit_layer, self.max_k = exit_layer, k
-
-    def choose(self):
-        return self.exit_layer, self.max_k
-
-    def taps(self, exit_layer):
-        return ()
-
-    def bucket(self, n: int) -> int:
-        return self.max_k
-
-    def observe(self, exit_layer, k, made, accepted, confidences):
-        pass
-
-    def observe_times(self, exit_layer, made, bucket, draft_s, verify_s, round_s):
-        pass
-
-    def probe_row(self, accepted):
-        return None
 
 
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
-                         stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy=None):
+                         stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
     output has the same distribution.
 
     The drafts come from layers [0, exit_layer) (all if None) and the final norm and LM head of:
-    - `model` itself, without draft_model (LayerSkip self-speculation): the draft shares the one KV
-      cache and the verify pass resumes the drafted positions at layer E;
+    - `model` itself, without draft_model (LayerSkip self-speculation, Speculation.shared_round);
     - draft_model, with its own KV cache (a separate model, or a quantized copy of `model`'s own
-      weights, quantized.quantized_copy): the verify pass runs every layer of `model`.
+      weights, quantized.quantized_copy; Speculation.own_round).
     With `policy` (adaptive.AdaptivePolicy), E and k are chosen per round instead and drafting
-    may stop early (FixedPolicy explains the protocol).
+    may stop early (Policy explains the protocol).
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
@@ -353,127 +375,223 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     check_num_speculations(num_speculations if policy is None else policy.max_k)
     policy = policy or FixedPolicy(exit_layer, min(num_speculations, max_new_tokens))
     check_draft_source(model, draft_model, policy.exit_layer)
-    k = policy.max_k  # the most drafts a round makes
-    shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
             raise ValueError("speculative decoding runs one sequence at a time (batch size 1)")
         prompt = prompt[0]
     T = len(prompt)
-    check_fits(model, T, max_new_tokens, lookahead=k)
-    drafter = model if draft_model is None else draft_model
-    if draft_model is not None:
-        check_fits(draft_model, T, max_new_tokens, lookahead=k)
-    device, clock = prompt.device, _Clock(prompt.device)
+    for m in (model, draft_model):
+        if m is not None:
+            check_fits(m, T, max_new_tokens, lookahead=policy.max_k)
+    spec = Speculation(model, draft_model, params, steps, policy, prompt.device)
+    one_round = spec.shared_round if draft_model is None else spec.own_round
     stop = set(stop_ids)
-    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=k, adaptive=not isinstance(policy, FixedPolicy))
+    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=policy.max_k,
+                            adaptive=not isinstance(policy, FixedPolicy))
 
     t0 = time.perf_counter()
-    positions = torch.arange(T, device=device)
-    cur, finite = steps.prefill(model, prompt[None], positions, params)
-    check_finite(finite)
-    if draft_model is not None:
-        check_finite(steps.prefill(draft_model, prompt[None], positions, params, policy.exit_layer)[1])
-        if T >= 2 and steps.catch_up is not catch_up_draft_step:
-            # compiles the catch-up graph now rather than at the first fully accepted round, inside
-            # the timed loop; it rewrites the prompt's last two draft-cache positions with themselves
-            steps.catch_up(draft_model, prompt[-2:].view(1, 2), positions[-2:], params, policy.exit_layer)
+    cur = spec.prefill(prompt)
     out = [int(cur)]
     t1 = time.perf_counter()
     if on_tokens:
         on_tokens(out[:])
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
-    catch_up = None  # own-cache draft: the draft model has not seen the previous round's last draft
-    offsets = torch.arange(k + 1, device=device)
-    rows = torch.arange(k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
-    zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
-    lag = 1 if device.type == "cuda" else 0  # early stop reads a confidence one step late, not waiting for the GPU
-    seen = set()
-
-    def stance(*graph):
-        """Every call of a compiled step after its first in this generation has the same model,
-        shapes and settings, so its guards (about 1 ms for ~300 weight tensors) need not be
-        evaluated again; the first call evaluates them (and compiles, if the graph is new)."""
-        skip = graph in seen
-        seen.add(graph)
-        return torch.compiler.set_stance(skip_guard_eval_unsafe=skip)
-
     while len(out) < max_new_tokens and out[-1] not in stop:
         round_start = time.perf_counter()
-        E, k_round = policy.choose()
-        taps = policy.taps(E) if shared else ()
-        below = tuple(c for c in taps if c < E)
-        start = clock.now()
-        base = torch.tensor(pos, device=device)
-        x, drafts, states, probs, confidences, tapped = cur, [], [], [], [], []
-        want = min(k_round, max_new_tokens - len(out) - 1)  # r tokens to go: r - 1 drafts suffice
-        for j in range(want):
-            if j == 0 and catch_up is not None:
-                stats.catch_ups += 1
-                with stance("catch_up", E):
-                    step = steps.catch_up(drafter, torch.cat([catch_up, x], dim=1), base - 1 + offsets[:2],
-                                          params, E)
-            else:
-                with stance("draft", E):
-                    step = steps.draft(drafter, x, (base + j).view(1), params, E, below)
-            x, h, q, c, t = (v.clone() if v is not None else None for v in step)
-            drafts.append(x)
-            states.append(h[:, -1:])
-            probs.append(q)
-            confidences.append(c)
-            tapped.append(t)
-            i = j - lag
-            if policy.early_stop and i >= 0 and j + 1 < want and not policy.keep_drafting(E, float(confidences[i]), j + 1):
-                stats.early_stops += 1
-                break
-        made = len(drafts)
-        b = policy.bucket(made) if k_round else 0  # the verify pass's fixed shape: b drafts
-        pad = b - made  # the padded rows are never kept (limit), only computed
-        tokens = torch.cat([cur] + drafts + [x] * pad, dim=1)
-        exit_states = torch.cat(states + [zero_state] * (pad + 1), dim=1) if shared else None
-        if params.greedy:
-            draft_probs = None
-        elif made:
-            draft_probs = torch.stack(probs + [probs[-1]] * pad)
-        else:  # no draft counts (limit 0); the rows only hold the shape
-            draft_probs = torch.zeros(b, model.args.vocab_size, device=device)
-        mid = clock.now()
-        last = rows[made]  # one tensor for both: the compiled graph guards on whether they alias
-        with stance("verify", E, b):
-            n, nxt, verified_taps = steps.verify(model, tokens, exit_states, draft_probs, base + offsets[:b + 1],
-                                                 last, params, E if shared else None, taps, last)
-        end = clock.now()
-        host = torch.cat([tokens[0, 1:], nxt, n.view(1)]).tolist()  # the round's one synchronisation
-        a = host[-1]
-        stats.accepted_per_round.append(a)
-        stats.drafted += made
-        draft_s, verify_s = clock.seconds(start, mid), clock.seconds(mid, end)
-        stats.draft_s += draft_s
-        stats.verify_s += verify_s
-        stats.trace.append((E, k_round, made))
-        policy.observe_times(E, made, b, draft_s, verify_s, time.perf_counter() - round_start)
-        policy.observe(E, k_round, made, a, torch.stack(confidences).tolist() if policy.early_stop and made else [])
-        row = policy.probe_row(a) if taps else None
-        if row is not None:
-            policy.observe_probe(E, taps, probe(steps, model, taps, E, row, tapped, verified_taps),
-                                 host[row] if row < a else host[b])
-        kept = host[:a] + [host[b]]
-        for i, t in enumerate(kept):  # truncate at a stop token or the token budget
-            if t in stop or len(out) + i + 1 == max_new_tokens:
-                kept = kept[:i + 1]
-                break
+        E, k = policy.choose()
+        # n tokens to go: n - 1 drafts and the full model's token suffice
+        r = one_round(cur, pos, E, k, min(k, max_new_tokens - len(out) - 1))
+        spec.observe(r, E, k, stats, round_start)
+        kept = r.kept[:max_new_tokens - len(out)]
+        kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         out += kept
         if on_tokens:
             on_tokens(kept)
-        pos += a + 1
-        cur = nxt.view(1, 1).clone()
-        # the last draft, whose input the draft model has not seen; strides (1, 1) as the draft
-        # step's usual input (tokens[:, -1:] has (k + 1, 1): a guard failure, i.e. a recompile)
-        catch_up = drafts[-1] if draft_model is not None and made and a == made else None
-    synchronize(device)
+        pos += r.accepted + 1
+        cur = r.nxt
+    synchronize(prompt.device)
     stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     stats.new_tokens = len(out)
-    return torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype, device=device)])[None], stats
+    return torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype, device=prompt.device)])[None], stats
+
+
+class Drafts:
+    """One round's drafts, as its draft steps made them."""
+
+    def __init__(self, cur: torch.Tensor):
+        self.cur = self.last = cur  # the round's first token; the newest token, the next draft step's input
+        self.tokens, self.states, self.probs, self.confidences, self.taps = [], [], [], [], []
+        self.stopped = False  # drafting stopped at a draft the policy was not confident in
+
+    @property
+    def made(self) -> int:
+        return len(self.tokens)
+
+    def add(self, step):
+        # cloned: with CUDA graphs the next replay overwrites a step's output buffers
+        x, h, q, c, t = (v.clone() if v is not None else None for v in step)
+        self.last = x
+        self.tokens.append(x)
+        self.states.append(h[:, -1:])
+        self.probs.append(q)
+        self.confidences.append(c)
+        self.taps.append(t)
+
+
+@dataclass
+class Round:
+    """What a round hands the loop, read to the host in the round's one synchronisation."""
+    drafts: Drafts
+    bucket: int  # the verify pass's fixed number of drafts (those made, padded)
+    accepted: int
+    kept: list  # the accepted drafts and the full model's token after them
+    nxt: torch.Tensor  # that token [1, 1] on the device: the next round's first
+    draft_s: float
+    verify_s: float
+    taps: tuple = ()  # the layers the verify pass tapped for a probe
+    verified_taps: tuple | None = None
+    caught_up: bool = False  # own-cache draft: the first draft step also took the last round's last draft
+
+
+class Speculation:
+    """What the rounds of one speculative generation share: the models, steps, policy, the tensors
+    every round reuses, and which compiled steps have run. shared_round and own_round run one round
+    each (draft, verify, accept); observe records it."""
+
+    def __init__(self, model: Transformer, draft_model: Transformer | None, params: SamplingParams, steps: Steps,
+                 policy: Policy, device: torch.device):
+        self.model, self.draft_model, self.params, self.steps, self.policy = model, draft_model, params, steps, policy
+        self.shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
+        self.device, self.clock = device, _Clock(device)
+        self.offsets = torch.arange(policy.max_k + 1, device=device)
+        self.rows = torch.arange(policy.max_k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
+        self.zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
+        # early stop reads a confidence one draft step late on CUDA, not waiting for the GPU
+        self.lag = 1 if device.type == "cuda" else 0
+        self.seen = set()
+        self.behind = None  # own-cache draft: the last round's last draft, which the draft model has not seen
+
+    def stance(self, *graph):
+        """Every call of a compiled step after its first in this generation has the same model,
+        shapes and settings, so its guards (about 1 ms for ~300 weight tensors) need not be
+        evaluated again; the first call evaluates them (and compiles, if the graph is new)."""
+        skip = graph in self.seen
+        self.seen.add(graph)
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=skip)
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The prompt [T] into the model's cache (and the draft model's); the first token [1, 1]."""
+        positions = torch.arange(len(prompt), device=self.device)
+        cur, finite = self.steps.prefill(self.model, prompt[None], positions, self.params)
+        check_finite(finite)
+        if self.draft_model is not None:
+            E = self.policy.exit_layer
+            check_finite(self.steps.prefill(self.draft_model, prompt[None], positions, self.params, E)[1])
+            if len(prompt) >= 2 and self.steps.catch_up is not catch_up_draft_step:
+                # compiles the catch-up graph now rather than at the first fully accepted round, inside
+                # the timed loop; it rewrites the prompt's last two draft-cache positions with themselves
+                self.steps.catch_up(self.draft_model, prompt[-2:].view(1, 2), positions[-2:], self.params, E)
+        return cur
+
+    def shared_round(self, cur, pos: int, E: int, k: int, want: int) -> Round:
+        """LayerSkip self-speculation: layers [0, E) of the model draft into the one KV cache, and
+        the verify pass resumes the drafted positions at layer E (only the newest token, which no
+        layer has seen, runs layers [0, E) there). k = 0 is a plain round: no drafts, the verify
+        pass a decode step that still taps the candidate exits for the probes."""
+        taps = self.policy.taps(E)
+        below = tuple(c for c in taps if c < E)
+        start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+        return self.verify(self.draft(self.model, cur, base, E, want, below), start, base, E, k, taps)
+
+    def own_round(self, cur, pos: int, E: int | None, k: int, want: int) -> Round:
+        """A draft model with its own KV cache (a separate model, or the quantized self-draft)
+        drafts from its layers [0, E) (all if None); the verify pass runs every layer of the model.
+        After a round that kept every draft the draft model has not seen the last one, so the next
+        round's first draft step takes it too (catch-up)."""
+        start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+        behind, self.behind = self.behind, None
+        first = None if behind is None else (lambda x: self.catch_up(behind, x, base, E))
+        r = self.verify(self.draft(self.draft_model, cur, base, E, want, first=first), start, base, E, k)
+        r.caught_up = behind is not None and r.drafts.made > 0
+        if r.drafts.made and r.accepted == r.drafts.made:
+            # the last draft itself, strides (1, 1) as the draft step's usual input (tokens[:, -1:]
+            # has (k + 1, 1): a guard failure, i.e. a recompile)
+            self.behind = r.drafts.tokens[-1]
+        return r
+
+    def catch_up(self, behind, x, base, E):
+        """The draft step over [behind, x] at positions [base - 1, base]: one pass for both."""
+        with self.stance("catch_up", E):
+            return self.steps.catch_up(self.draft_model, torch.cat([behind, x], dim=1), base - 1 + self.offsets[:2],
+                                       self.params, E)
+
+    def draft(self, drafter: Transformer, cur, base, E, want: int, below=(), first=None) -> Drafts:
+        """Up to `want` drafts from drafter's layers [0, E) at positions base, base + 1, ... (the
+        first by `first`, if given), stopping early at a draft the policy is not confident in."""
+        d = Drafts(cur)
+        for j in range(want):
+            if j == 0 and first is not None:
+                step = first(d.last)
+            else:
+                with self.stance("draft", E):
+                    step = self.steps.draft(drafter, d.last, (base + j).view(1), self.params, E, below)
+            d.add(step)
+            i = j - self.lag
+            if self.policy.early_stop and i >= 0 and j + 1 < want and \
+                    not self.policy.keep_drafting(E, float(d.confidences[i]), j + 1):
+                d.stopped = True
+                break
+        return d
+
+    def verify(self, d: Drafts, start, base, E, k: int, taps=()) -> Round:
+        """The full model's verify pass over the round's first token and its drafts, padded to the
+        policy's bucket (k = 0: the first token alone), then the round's one host synchronisation.
+        The padded rows are computed, never kept (`last` limits the acceptance)."""
+        b = self.policy.bucket(d.made) if k else 0
+        pad = b - d.made
+        tokens = torch.cat([d.cur] + d.tokens + [d.last] * pad, dim=1)
+        exit_states = torch.cat(d.states + [self.zero_state] * (pad + 1), dim=1) if self.shared else None
+        if self.params.greedy:
+            draft_probs = None
+        elif d.made:
+            draft_probs = torch.stack(d.probs + [d.probs[-1]] * pad)
+        else:  # no draft counts (limit 0); the rows only hold the shape
+            draft_probs = torch.zeros(b, self.model.args.vocab_size, device=self.device)
+        mid = self.clock.now()
+        last = self.rows[d.made]  # one tensor for both: the compiled graph guards on whether they alias
+        with self.stance("verify", E, b):
+            n, nxt, verified_taps = self.steps.verify(self.model, tokens, exit_states, draft_probs,
+                                                      base + self.offsets[:b + 1], last, self.params,
+                                                      E if self.shared else None, taps, last)
+        end = self.clock.now()
+        [(a, kept)] = read_round(tokens, nxt, n)
+        return Round(d, b, a, kept, nxt.view(1, 1).clone(), self.clock.seconds(start, mid),
+                     self.clock.seconds(mid, end), taps, verified_taps)
+
+    def observe(self, r: Round, E, k: int, stats: GenerationStats, round_start: float):
+        """The round into the stats and the policy: its timings, its acceptance, now and then a probe."""
+        d, a, policy = r.drafts, r.accepted, self.policy
+        stats.accepted_per_round.append(a)
+        stats.drafted += d.made
+        stats.draft_s += r.draft_s
+        stats.verify_s += r.verify_s
+        stats.catch_ups += r.caught_up
+        stats.early_stops += d.stopped
+        stats.trace.append((E, k, d.made))
+        policy.observe_times(E, d.made, r.bucket, r.draft_s, r.verify_s, time.perf_counter() - round_start)
+        policy.observe(E, k, d.made, a, torch.stack(d.confidences).tolist() if policy.early_stop and d.made else [])
+        row = policy.probe_row(a) if r.taps else None
+        if row is not None:  # the full model's token after row `row` is kept[row] (row <= a)
+            policy.observe_probe(E, r.taps, probe(self.steps, self.model, r.taps, E, row, d.taps, r.verified_taps),
+                                 r.kept[row])
+
+
+def read_round(tokens: torch.Tensor, nxt: torch.Tensor, n: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """A verify pass's verdict on the host, in one synchronisation, per row of tokens [B, 1 + k]
+    (the last kept token, then the drafts): (accepted a, kept tokens: the first a drafts and the
+    full model's token nxt after them [B] or [B, 1]); n: a per row [B], or 0-dim for one row."""
+    host = torch.cat([tokens[:, 1:], nxt.view(-1, 1), n.view(-1, 1)], 1).tolist()
+    return [(row[-1], row[:row[-1]] + [row[-2]]) for row in host]
 
 
 def probe(steps: Steps, model: Transformer, taps, exit_layer: int, row: int, draft_taps, verified_taps) -> list:

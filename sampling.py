@@ -55,6 +55,20 @@ def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return sample_from_probs(logits_to_probs(logits, params))
 
 
+def accepted_prefix(accept: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Drafts kept: the leading run of accepted ones (accept [..., k] booleans), at most limit."""
+    return torch.minimum(torch.cumprod(accept, -1).sum(-1), limit)
+
+
+def greedy_accept(drafts: torch.Tensor, target_logits: torch.Tensor, limit: torch.Tensor):
+    """Greedy acceptance of one sequence's drafts [k] (target_logits [k+1, V], limit 0-dim) or a
+    batch's [B, k] ([B, k+1, V], [B]): the longest prefix equal to the full model's argmax, at most
+    limit, and the argmax after it ([1] or [B, 1]); gather keeps n on the device (no .item())."""
+    target = target_logits.argmax(-1)
+    n = accepted_prefix(drafts == target[..., :-1], limit)
+    return n, target.gather(-1, n.unsqueeze(-1))
+
+
 def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
                        params: SamplingParams, limit: torch.Tensor | None = None):
     """How many of the k drafted tokens to keep, and the token that follows them.
@@ -72,16 +86,14 @@ def speculative_accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, t
     k = drafts.shape[0]
     limit = torch.tensor(k, device=drafts.device) if limit is None else limit
     if params.greedy:
-        target = target_logits.argmax(-1)
-        n = torch.minimum(torch.cumprod(drafts == target[:k], 0).sum(), limit)
-        return n, target.index_select(0, n.view(1))  # index_select keeps n on the device (no .item())
+        return greedy_accept(drafts, target_logits, limit)
     p = logits_to_probs(target_logits, params)
     if k == 0:  # a round without drafts: the full model's own token
         return torch.zeros((), dtype=torch.long, device=drafts.device), sample_from_probs(p[0])
     rows = torch.arange(k, device=drafts.device)
     p_x, q_x = p[rows, drafts], draft_probs[rows, drafts]
     keep = torch.rand(k, device=drafts.device) * q_x < p_x  # u < p/q without dividing by q
-    n = torch.minimum(torch.cumprod(keep, 0).sum(), limit)
+    n = accepted_prefix(keep, limit)
     p_n = p.index_select(0, n.view(1))[0]
     # Draft n+1 was rejected: draw from max(0, p - q) there; every counted draft was kept: a bonus from p.
     residual = (p[:k] - draft_probs).clamp_min(0).index_select(0, n.clamp(max=k - 1).view(1))[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Transformer, layer_graph, run_blocks
-from sampling import SamplingParams, logits_to_probs, sample, sample_from_probs, speculative_accept
+from sampling import SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs, speculative_accept
 
 
 def prefill(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
@@ -135,9 +135,7 @@ def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, inpu
         logits = model.head(h)
     drafts = tokens[:, 1:]
     if params.greedy:
-        target = logits.argmax(-1)
-        n = torch.minimum(torch.cumprod(drafts == target[:, :-1], 1).sum(1), limit)
-        return n, target.gather(1, n[:, None])
+        return greedy_accept(drafts, logits, limit)
     rows = [speculative_accept(drafts[b], draft_probs[b], logits[b], params, limit[b]) for b in range(len(tokens))]
     return torch.stack([n for n, _ in rows]), torch.stack([t for _, t in rows])
 

@@ -16,7 +16,7 @@ import torch
 import adaptive
 from adaptive import AdaptivePolicy, StepCosts
 from conftest import REPO, assert_varied, block_graphs
-from decoding import Strategy, generate, speculative_generate
+from decoding import Policy, Strategy, generate, speculative_generate
 from steps import Steps, compile_steps
 from quantized import quantized_copy
 from sampling import SamplingParams
@@ -28,7 +28,7 @@ def run_cli(args, cache):
                           timeout=600, env={**os.environ, "LAYERSKIP_CACHE": str(cache)})
 
 
-class RandomPolicy:
+class RandomPolicy(Policy):
     """Chooses E, k (0 included: plain rounds), early stops and probed rows at random, and records
     what the loop reports, so that the tests can check it."""
     early_stop = True
