@@ -214,3 +214,18 @@ def test_rank_failure_ends_every_rank(tiny_tp_checkpoint, tmp_path):
     assert r.returncode != 0
     assert "rank 1 failed on purpose" in r.stderr
     assert [rank.keys() for rank in ranks] == [{"logits"}, {"logits"}]  # neither rank finished its jobs
+
+
+@pytest.mark.slow
+def test_batched_adaptive_speculation_under_tensor_parallelism_equals_single_process_greedy(tiny_smol_dir, tmp_path):
+    """auto over batched rounds: rank 0's round costs per bucket of rows decide and the clocks do
+    not (no timing under tensor parallelism), so every rank runs the same (E, k) each round."""
+    common = ["--checkpoint_path", tiny_smol_dir, "--prompt", "Hello", "--prompt", "The sea is", "--max_new_tokens",
+              "10", "--temperature", "0", "--num_samples", "1"]
+    r = torchrun(2, "generate.py", *common, "--generation_strategy", "self_speculative", "--exit_layer", "auto",
+                 "--num_speculations", "auto", "--batch_size", "2", env={"LAYERSKIP_CACHE": str(tmp_path)}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 rows at once; step costs measured" in r.stderr and ", rounds " in r.stderr
+    single = subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, common), "--batch_size", "1"],
+                            capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0 and r.stdout == single.stdout and r.stdout.count("--- prompt") == 2
