@@ -2,14 +2,18 @@
 this script (the shared options choose it), greedy; total output tokens/s, and whether every
 prompt's output equals its batch-1 output. Then, with --exactness, what exact batching costs: a
 batched verify's linears over more than EXACT_ROWS rows in fixed-order kernel chunks against
-one BLAS call (which would not be row-invariant).
+one BLAS call (which would not be row-invariant). With --transformers ROWS, transformers `generate` on
+the same prompts in left-padded batches of ROWS (eager, and its static cache under torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
+256 (a step reads the caches only up to the longest live row).
 
     python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
     python scripts/batch_speed.py --compile --quantize int8 --generation_strategy self_speculative \\
         --draft_quantize int8 --num_speculations 4 --plot batch_speed.png
+    python scripts/batch_speed.py --compile --batch_sizes 1,8,16 --transformers 8 --long_cache 4096
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,8 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 import timing  # noqa: E402
 import cpu_kernels  # noqa: E402
+from checkpoint import is_random  # noqa: E402
+from decoding import peak_memory_gb  # noqa: E402
 from engine import cache_size, device_name, load_engine  # noqa: E402
 import options  # noqa: E402
 
@@ -36,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default="mixed", choices=harness.PROMPT_SETS)
     p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: kernel "
                    "chunks against one BLAS call")
+    p.add_argument("--transformers", type=int, default=None, metavar="ROWS", help="also time transformers generate "
+                   "on the same prompts in left-padded batches of ROWS (one of --batch_sizes), eager and static "
+                   "cache + compile")
+    p.add_argument("--long_cache", type=int, default=None, metavar="N", help="also time a step near position 128 "
+                   "with caches of N positions against 256")
     p.add_argument("--results", type=Path, default=None, help="append this run's rows to this JSON-lines file")
     p.add_argument("--plot", type=Path, default=None, help="draw decode tokens/s against rows at once to this PNG: "
                    "every run in --results (one line each), else this run")
@@ -51,6 +62,13 @@ def parse_args(argv=None):
         p.error("--batch_sizes must be >= 1")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
+    if a.long_cache is not None and a.long_cache < 256:
+        p.error(f"--long_cache must be at least 256 (it is compared with 256), got {a.long_cache}")
+    if a.transformers is not None:
+        if is_random(config.checkpoint):
+            p.error("--transformers needs a real checkpoint (random weights have no Hugging Face folder)")
+        if a.transformers not in batch_sizes:
+            p.error(f"--transformers {a.transformers} must be one of --batch_sizes {a.batch_sizes}")
     for path, what in ((a.plot, "--plot"), (a.results, "--results")):
         if path is not None:
             cli.check_output_file(path, what)
@@ -81,6 +99,57 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
             t_chunks = timing.time_call(chunked, engine.device, repeats=5)
             t_blas = timing.time_call(blas, engine.device, repeats=5)
         out.append({"rows": rows, "chunks_ms": t_chunks * 1e3, "blas_ms": t_blas * 1e3})
+    return out
+
+
+def kv_bytes_per_row(engine) -> int:
+    """Bytes of KV cache one row holds, over every model the engine decodes with (a quantized
+    self-draft's and a draft model's caches included)."""
+    models = (engine.model, engine.draft_model, *engine.drafts.values())
+    return sum(b.numel() * b.element_size() // b.shape[0] for m in models if m is not None
+               for name, b in m.named_buffers() if name.endswith(("k_cache", "v_cache")))
+
+
+def transformers_rows(a, prompts, rows: int, reference) -> list[dict]:
+    """transformers generate over the same prompts, `rows` at a time (left-padded), after one
+    untimed batch (the compiled variant's compilation): tokens/s with prefills, and how many
+    prompts' greedy text equals ours."""
+    from hf_peer import hf_generate_batch, hf_model
+    out = []
+    n = a.max_new_tokens
+    for compiled in (False, True):
+        hf = hf_model(a.checkpoint_path, torch.float32, compiled)
+        t0 = time.perf_counter()
+        width = max(len(p) for p in prompts)  # every batch padded alike: one shape for the compiled variant
+        hf_generate_batch(hf, prompts[:rows], n, width)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = [t for i in range(0, len(prompts), rows) for t in hf_generate_batch(hf, prompts[i:i + rows], n, width)]
+        wall = time.perf_counter() - t0
+        same = sum(t == r for t, r in zip(texts, reference))
+        out.append({"config": "static cache + compile" if compiled else "eager", "rows": rows,
+                    "tokens_per_s": len(prompts) * n / wall, "same": same, "warm_s": warm})
+        print(f"  transformers {out[-1]['config']}, {rows} rows: {out[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        del hf
+        torch._dynamo.reset()
+    return out
+
+
+def long_cache_rows(engine, rows_list, long: int, repeats: int = 3) -> list[dict]:
+    """ms per step of the same generation (prompts of 128 tokens, 64 more each) with caches of 256
+    and of `long` positions, the two sizes in turn `repeats` times (the median of each): a step
+    reads the caches only up to the longest live row, so the two should match."""
+    prompts = [p.tolist() for p in harness.prompts_for(engine, max(rows_list), length=128)]
+    out = []
+    for rows in rows_list:
+        ms = {256: [], long: []}
+        for size in ms:
+            run_batch(engine, prompts[:rows], rows, 4, size)  # compiles this size's graphs
+        for _ in range(repeats):
+            for size in ms:
+                _, stats = run_batch(engine, prompts[:rows], rows, 64, size)
+                ms[size].append((stats.wall_s - stats.prefill_s) / stats.steps * 1e3)
+        out.append({"rows": rows, "short_ms": statistics.median(ms[256]), "long_ms": statistics.median(ms[long])})
     return out
 
 
@@ -127,6 +196,11 @@ def main(argv=None):
                         "acceptance": stats.acceptance_rate, "same": outputs == reference, "warm_s": warm})
         print(f"  {rows} rows: {stats.tokens_per_s:.1f} tokens/s, decode {stats.decode_tokens_per_s:.1f}",
               file=sys.stderr)
+    # before any other table: the peak resident memory of this engine's runs alone
+    peak_gb = peak_memory_gb(engine.device)
+    kv_row = kv_bytes_per_row(engine)
+    hf = transformers_rows(a, prompts, a.transformers, reference) if a.transformers else []
+    long = long_cache_rows(engine, sorted({1, batch_sizes[-1]}), a.long_cache) if a.long_cache else []
     base = results[0]["decode"]
     print(f"\n{engine.strategy.describe()}, {a.quantize or 'float'} weights, {device_name(engine.device)}, "
           f"{torch.get_num_threads()} threads\n")
@@ -138,6 +212,23 @@ def main(argv=None):
         print(f"| {r['rows']} | {r['decode']:.1f} | {r['decode'] / base:.2f}x | {r['tokens_per_s']:.1f} | "
               f"{r['prefill_s']:.1f} | {r['steps']} | {r['ms_per_step']:.1f} | {acc} | "
               f"{'yes' if r['same'] else '**no**'} | {r['warm_s']:.1f} |")
+    print(f"\nKV cache: {kv_row / 1e6:.1f} MB per row ({cache} positions); peak resident memory after "
+          f"{batch_sizes[-1]} rows: {peak_gb:.2f} GB")
+    if hf:
+        mine = next(r for r in results if r["rows"] == a.transformers)
+        ours = mine["tokens_per_s"]
+        print(f"\n| {a.transformers} rows at once, with prefills | tokens/s | ours vs it | same greedy text as ours "
+              "| first batch s |")
+        print("|---|---|---|---|---|")
+        print(f"| this engine | {ours:.1f} | 1.00x | - | {mine['warm_s']:.1f} |")
+        for r in hf:
+            print(f"| transformers {r['config']} | {r['tokens_per_s']:.1f} | {ours / r['tokens_per_s']:.2f}x | "
+                  f"{r['same']} of {len(prompts)} | {r['warm_s']:.1f} |")
+    if long:
+        print(f"\n| rows at once | ms per step, cache 256 | cache {a.long_cache} | ratio |")
+        print("|---|---|---|---|")
+        for r in long:
+            print(f"| {r['rows']} | {r['short_ms']:.2f} | {r['long_ms']:.2f} | {r['long_ms'] / r['short_ms']:.2f}x |")
     if a.exactness and engine.device.type == "cpu" and cpu_kernels.load(quiet=True):
         print("\n| rows of a batched step | kernel chunks of 16 ms | one BLAS call ms | cost of exactness |")
         print("|---|---|---|---|")

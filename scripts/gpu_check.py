@@ -19,12 +19,15 @@ table is printed at the end.
 3. decode: Llama-2-7B shape (32 layers, dim 4096, MLP 11008, vocab 32000), bfloat16, random
    weights, compiled: tokens/s, ms/token, weight bandwidth and its share of the copy bandwidth
    (target >= 85%; gpt-fast: 59% on an H100), compile time (target < 60 s; gpt-fast: 131 s), peak memory.
-4. speculation, same model: draft step (E=8) and verify pass (k=6) as fractions of a decode step,
+4. batched, same model: B = 1, 4, 16, 64 rows decoding at once (batching.generate_many, compiled,
+   greedy): total decode tokens/s, its ratio to one row, and the weights' bandwidth (each step
+   reads every weight once, whatever B) as a share of the copy bandwidth.
+5. speculation, same model: draft step (E=8) and verify pass (k=6) as fractions of a decode step,
    the ideal speed-up they predict at LayerSkip's published acceptance for Llama2-7B (79.5%), and
    the loop's measured speed-up against the ideal for the acceptance it measured (target >= 95%).
-5. quantization, same shape with --quant_layers layers (compile time): int8 and int4 (group 128)
+6. quantization, same shape with --quant_layers layers (compile time): int8 and int4 (group 128)
    compiled decode tokens/s against bfloat16 (targets 1.8x and 3x; gpt-fast on A100: 1.48x, 1.88x).
-6. tensor_parallel: torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU) runs the small model
+7. tensor_parallel: torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU) runs the small model
    with its all-reduces in place, compiled; its greedy tokens equal the single-process ones.
 
 With --device cpu (the dry run CI does) the "7B" stages use a small shape and only the decode
@@ -48,6 +51,7 @@ import timing  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoint import RANDOM_SHAPES  # noqa: E402
+from engine import weight_bytes  # noqa: E402
 from decoding import generate, speculative_generate  # noqa: E402
 from steps import Steps, compile_steps, synchronize  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -59,10 +63,11 @@ GREEDY = SamplingParams()
 SMALL = dict(RANDOM_SHAPES["small"], n_layers=4)
 LAYERSKIP_ACCEPTANCE = 0.795  # Llama2-7B, E=8, k=6 (LayerSkip paper, CNN/DM)
 # Seconds each stage is expected to take (compiles included), for the budget.
-ESTIMATES = {"cuda": {"environment": 15, "exactness": 100, "decode": 150, "speculation": 150,
+ESTIMATES = {"cuda": {"environment": 15, "exactness": 100, "decode": 150, "batched": 120, "speculation": 150,
                       "quantization": 150, "tensor_parallel": 60},
-             "cpu": {"environment": 5, "exactness": 60, "decode": 30, "speculation": 40, "quantization": 40,
-                     "tensor_parallel": 60}}
+             "cpu": {"environment": 5, "exactness": 60, "decode": 30, "batched": 20, "speculation": 40,
+                     "quantization": 40, "tensor_parallel": 60}}
+BATCH_SIZES = {"cuda": (1, 4, 16, 64), "cpu": (1, 4)}
 
 
 # --- models ---
@@ -218,6 +223,35 @@ def stage_decode(ctx):
                ("peak memory", f"{r['peak_memory_gb']:.1f} GB", "", None)]
 
 
+def stage_batched(ctx):
+    device, engine = ctx["device"], ctx.get("engine")
+    if engine is None:
+        raise RuntimeError("needs the decode stage's model, which did not run")
+    if not ctx["compile_all"]:  # the CPU dry run: the same loop, eagerly
+        engine.steps = Steps()
+    h = harness_args(ctx)
+    sizes = BATCH_SIZES[device.type]
+    prompts = [p.tolist() for p in harness.prompts_for(engine, max(sizes), length=h.prompt_length)]
+    n = h.max_new_tokens
+    step_bytes = weight_bytes(engine.model, per_token=True)
+    res, rows, base = {}, [], None
+    for b in sizes:
+        engine.setup_caches(h.prompt_length + n + 8, b)
+        engine.run_many(prompts[:b], 4, stop_ids=())  # this bucket's graphs compile here, untimed
+        seqs, stats = engine.run_many(prompts[:b], n, stop_ids=())
+        tps = stats.decode_tokens_per_s
+        base = base or tps
+        gbs = step_bytes * stats.steps / (stats.wall_s - stats.prefill_s) / 1e9
+        share = gbs / ctx["copy_bw"] if ctx.get("copy_bw") else float("nan")
+        res[b] = {"decode_tokens_per_s": tps, "vs_1_row": tps / base, "weight_gbs": gbs, "copy_share": share,
+                  "ms_per_step": (stats.wall_s - stats.prefill_s) / stats.steps * 1e3}
+        rows.append((f"{b} rows at once: decode tokens/s in all", f"{tps:.1f} = {tps / base:.2f}x 1 row "
+                     f"({res[b]['ms_per_step']:.1f} ms/step)", "", None))
+        rows.append((f"{b} rows: weight bandwidth / copy bandwidth", f"{gbs:.0f} GB/s = {share:.0%}", "", None))
+    engine.setup_caches(h.prompt_length + n + 8, 1)  # the next stage times one row again
+    return res, rows
+
+
 def stage_speculation(ctx):
     device, engine = ctx["device"], ctx.get("engine")
     if engine is None:
@@ -308,7 +342,7 @@ def tp_worker(device_type: str, output_dir: Path):
 
 
 STAGES = [("environment", stage_environment), ("exactness", stage_exactness), ("decode", stage_decode),
-          ("speculation", stage_speculation), ("quantization", stage_quantization),
+          ("batched", stage_batched), ("speculation", stage_speculation), ("quantization", stage_quantization),
           ("tensor_parallel", stage_tensor_parallel)]
 
 

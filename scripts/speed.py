@@ -41,6 +41,7 @@ import harness  # noqa: E402
 import options  # noqa: E402
 import output  # noqa: E402
 import timing  # noqa: E402
+from hf_peer import hf_model, hf_weight_bytes  # noqa: E402
 import torch  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import RANDOM_SHAPES, is_random, random_args  # noqa: E402
@@ -136,28 +137,6 @@ def parse_args(argv=None):
     return a, h, rows
 
 
-def hf_model(h, dtype, compiled: bool):
-    from transformers import AutoModelForCausalLM
-    folder = Path(h.checkpoint)
-    hf = AutoModelForCausalLM.from_pretrained(folder if folder.is_dir() else folder.parent, dtype=dtype).eval()
-    hf.generation_config.eos_token_id = None  # always max_new_tokens tokens, like our rows
-    hf.config.eos_token_id = None
-    if compiled:
-        hf.generation_config.cache_implementation = "static"
-        hf.forward = torch.compile(hf.forward, fullgraph=True)
-    return hf
-
-
-def hf_weight_bytes(hf) -> int:
-    """Counted as ours (engine.weight_bytes, per_token): every weight once, a tied head once, an
-    untied embedding not at all (a step reads one of its rows)."""
-    params = {p.data_ptr(): p for p in hf.parameters()}.values()
-    total = sum(p.numel() * p.element_size() for p in params)
-    emb = hf.get_input_embeddings().weight
-    tied = hf.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
-    return total if tied else total - emb.numel() * emb.element_size()
-
-
 def peer_rows(a, h, dtypes, exit_layers, prompts, device) -> list[dict]:
     import time
     n, rows = h.max_new_tokens, []
@@ -187,13 +166,13 @@ def peer_rows(a, h, dtypes, exit_layers, prompts, device) -> list[dict]:
     for dname in dtypes:
         dtype = options.pick_dtype(dname, device)
         if "transformers" in h.peers or "transformers_early_exit" in h.peers:
-            hf = hf_model(h, dtype, False).to(device)
+            hf = hf_model(h.checkpoint, dtype, False).to(device)
             if "transformers" in h.peers:
                 row("transformers", f"{dname} eager", hf_fn(hf), hf)
             for E in exit_layers if "transformers_early_exit" in h.peers else []:
                 row("transformers", f"{dname} assistant_early_exit={E}", hf_fn(hf, assistant_early_exit=E))
         if "transformers_compile" in h.peers:
-            hf = hf_model(h, dtype, True).to(device)
+            hf = hf_model(h.checkpoint, dtype, True).to(device)
             row("transformers", f"{dname} static cache + compile", hf_fn(hf), hf)
             torch._dynamo.reset()
     if "llama_cpp" in h.peers:

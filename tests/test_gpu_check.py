@@ -23,6 +23,10 @@ def test_every_stage_runs_on_cpu(tmp_path, capsys):
     assert decode["tokens_per_s"] > 0 and decode["gbs"] == pytest.approx(
         decode["copy_share"] * report["stages"]["environment"]["results"]["copy_bandwidth_gbs"])
     assert decode["engine"] == "ours" and decode["config"] == "bfloat16 compiled"  # the harness's gpu preset row
+    batched = report["stages"]["batched"]["results"]
+    assert list(batched) == [str(b) for b in gpu_check.BATCH_SIZES["cpu"]]
+    assert batched["1"]["vs_1_row"] == 1 and all(r["decode_tokens_per_s"] > 0 and r["copy_share"] > 0
+                                                 for r in batched.values())
     quant = report["stages"]["quantization"]["results"]
     assert quant["bfloat16"]["ratio"] == 1 and quant["int8"]["tokens_per_s"] > 0 and quant["int4-g128"]["tokens_per_s"] > 0
     out = capsys.readouterr().out

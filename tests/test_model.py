@@ -88,6 +88,22 @@ def test_bad_configs_are_refused(bad, match):
         ModelArgs.from_hf_config(tiny_hf_config(**bad))
 
 
+def test_a_prefill_in_chunks_into_a_long_cache_reads_every_written_position(tiny_checkpoint):
+    """An eager prefill of more than FIXED_ORDER_ROWS tokens attends over the positions written so
+    far only (run_layers narrows the mask, the attention the keys): a second chunk must still see
+    the first, and a cache far longer than the prompt changes nothing."""
+    model, hf = tiny_checkpoint()
+    torch.manual_seed(2)
+    ids = torch.randint(0, 96, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        model.setup_caches(1, model.args.max_position_embeddings)
+        first = model(ids[:, :20], torch.arange(20))
+        second = model(ids[:, 20:], torch.arange(20, 40))
+    assert model.max_seq_length >= 3 * 40
+    assert rel_err(first, ref[:, :20]) < 1e-4 and rel_err(second, ref[:, 20:]) < 1e-4
+
+
 def test_layer_ranges_compose_to_the_full_model(tiny_checkpoint):
     model, _ = tiny_checkpoint()
     ids = torch.randint(0, 96, (1, 10))
