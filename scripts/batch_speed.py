@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--transformers", type=int, default=None, metavar="ROWS", help="also time transformers generate "
                    "on the same prompts in left-padded batches of ROWS (one of --batch_sizes), eager and static "
                    "cache + compile")
+    p.add_argument("--transformers_eager_only", action="store_true", help="with --transformers, leave out its "
+                   "static cache + compile variant (compiling it takes a minute or more)")
     p.add_argument("--long_cache", type=int, default=None, metavar="N", help="also time a step near position 128 "
                    "with caches of N positions against 256")
     p.add_argument("--results", type=Path, default=None, help="append this run's rows to this JSON-lines file")
@@ -117,7 +119,7 @@ def transformers_rows(a, prompts, rows: int, reference) -> list[dict]:
     from hf_peer import hf_generate_batch, hf_model
     out = []
     n = a.max_new_tokens
-    for compiled in (False, True):
+    for compiled in (False,) if a.transformers_eager_only else (False, True):
         hf = hf_model(a.checkpoint_path, torch.float32, compiled)
         t0 = time.perf_counter()
         width = max(len(p) for p in prompts)  # every batch padded alike: one shape for the compiled variant
