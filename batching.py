@@ -348,10 +348,19 @@ class BatchStats:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
     @property
+    def decode_s(self) -> float:
+        """Seconds of decoding: the wall time less the prefills."""
+        return self.wall_s - self.prefill_s
+
+    @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens after each prompt's first, per second of decoding (wall time less the prefills)."""
-        busy = self.wall_s - self.prefill_s
-        return (self.new_tokens - self.sequences) / busy if busy > 0 else float("nan")
+        """Tokens after each prompt's first, per second of decoding."""
+        return (self.new_tokens - self.sequences) / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def ms_per_step(self) -> float:
+        """Milliseconds of decoding per step or round of the whole batch."""
+        return self.decode_s / self.steps * 1e3 if self.steps else float("nan")
 
     @property
     def acceptance_rate(self) -> float:

@@ -2,8 +2,9 @@
 this script (the shared options choose it), greedy; total output tokens/s, and whether every
 prompt's output equals its batch-1 output. Then, with --exactness, what exact batching costs: a
 batched verify's linears over more than EXACT_ROWS rows in fixed-order kernel chunks against
-one BLAS call (which would not be row-invariant). With --transformers ROWS, transformers `generate` on
-the same prompts in left-padded batches of ROWS (eager, and its static cache under torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
+one BLAS call (which would not be row-invariant). With --transformers ROWS, transformers
+`generate` on the same prompts in left-padded batches of ROWS (eager, and its static cache under
+torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
 256 (a step reads the caches only up to the longest live row).
 
     python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
@@ -71,6 +72,8 @@ def parse_args(argv=None):
             p.error("--transformers needs a real checkpoint (random weights have no Hugging Face folder)")
         if a.transformers not in batch_sizes:
             p.error(f"--transformers {a.transformers} must be one of --batch_sizes {a.batch_sizes}")
+    elif a.transformers_eager_only:
+        p.error("--transformers_eager_only needs --transformers ROWS")
     for path, what in ((a.plot, "--plot"), (a.results, "--results")):
         if path is not None:
             cli.check_output_file(path, what)
@@ -119,10 +122,10 @@ def transformers_rows(a, prompts, rows: int, reference) -> list[dict]:
     from hf_peer import hf_generate_batch, hf_model
     out = []
     n = a.max_new_tokens
+    width = max(len(p) for p in prompts)  # every batch padded alike: one shape for the compiled variant
     for compiled in (False,) if a.transformers_eager_only else (False, True):
         hf = hf_model(a.checkpoint_path, torch.float32, compiled)
         t0 = time.perf_counter()
-        width = max(len(p) for p in prompts)  # every batch padded alike: one shape for the compiled variant
         hf_generate_batch(hf, prompts[:rows], n, width)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -150,7 +153,7 @@ def long_cache_rows(engine, rows_list, long: int, repeats: int = 3) -> list[dict
         for _ in range(repeats):
             for size in ms:
                 _, stats = run_batch(engine, prompts[:rows], rows, 64, size)
-                ms[size].append((stats.wall_s - stats.prefill_s) / stats.steps * 1e3)
+                ms[size].append(stats.ms_per_step)
         out.append({"rows": rows, "short_ms": statistics.median(ms[256]), "long_ms": statistics.median(ms[long])})
     return out
 
@@ -194,7 +197,7 @@ def main(argv=None):
         reference = reference or outputs
         results.append({"rows": rows, "tokens_per_s": stats.tokens_per_s, "decode": stats.decode_tokens_per_s,
                         "prefill_s": stats.prefill_s, "steps": stats.steps,
-                        "ms_per_step": (stats.wall_s - stats.prefill_s) / stats.steps * 1e3,
+                        "ms_per_step": stats.ms_per_step,
                         "acceptance": stats.acceptance_rate, "same": outputs == reference, "warm_s": warm})
         print(f"  {rows} rows: {stats.tokens_per_s:.1f} tokens/s, decode {stats.decode_tokens_per_s:.1f}",
               file=sys.stderr)

@@ -215,7 +215,8 @@ def test_batch_speed_against_transformers_and_a_long_cache(tiny_smol_dir, capsys
 
 
 @pytest.mark.parametrize("argv, message", [(["--transformers", "4"], "must be one of --batch_sizes"),
-                                           (["--long_cache", "100"], "at least 256")])
+                                           (["--long_cache", "100"], "at least 256"),
+                                           (["--transformers_eager_only"], "needs --transformers")])
 def test_batch_speed_refuses_bad_peer_flags(argv, message, capsys):
     import batch_speed
     with pytest.raises(SystemExit) as e:
