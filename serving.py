@@ -1,0 +1,261 @@
+"""The engine loop behind serve.py: requests wait in a bounded queue and run by continuous batching
+over `batching.Batch` (one row of the KV cache per running request), with no HTTP in sight.
+
+The loop runs in the command's main thread (so that torch.compile and Ctrl-C behave as in every
+other command); the HTTP layer calls `submit` and `cancel` from its own thread and receives each
+request's tokens through the request's `deliver` callback, called from the loop's thread.
+
+Between steps: cancelled sequences leave their rows, then queued requests take the free rows, in
+arrival order. A Batch samples with one SamplingParams, so rows that run together share their
+sampling settings: a request whose settings differ from the running rows' waits at the head of
+the queue until those rows end (first come, first served: nothing overtakes it), and a sampled
+request with a `seed` runs alone, after torch.manual_seed(seed), so that it repeats exactly.
+Greedy requests all share one group, whatever their other settings.
+"""
+import bisect
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import batching
+from sampling import SamplingParams
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation asked for over HTTP. deliver(ids, finish_reason, error) gets its new tokens
+    as they come (finish_reason "stop" or "length" with the last ones; error: a message, once)."""
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    deliver: Callable
+    seed: int | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    seq: batching.Sequence | None = None
+
+    @property
+    def group(self):
+        """What the rows of one Batch must share (see the module's docstring)."""
+        if self.sampling.greedy:
+            return SamplingParams()
+        return (self.sampling, id(self)) if self.seed is not None else self.sampling
+
+
+HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Histogram:
+    def __init__(self):
+        self.counts, self.sum, self.n = [0] * (len(HISTOGRAM_BUCKETS) + 1), 0.0, 0
+
+    def observe(self, v: float):
+        self.counts[bisect.bisect_left(HISTOGRAM_BUCKETS, v)] += 1
+        self.sum += v
+        self.n += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for le, c in zip([*map(str, HISTOGRAM_BUCKETS), "+Inf"], self.counts):
+            total += c
+            out.append(f'{name}_bucket{{le="{le}"}} {total}')
+        return out + [f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
+
+
+class Metrics:
+    """Counters, gauges and latency histograms, written in Prometheus' text format by `render`."""
+    WINDOW_S = 10.0  # tokens/s is measured over the last this many seconds
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}  # by outcome: finish reason, "cancelled" or the HTTP status of an error
+        self.prompt_tokens = self.generated_tokens = self.rounds = self.drafted = self.accepted = 0
+        self.steps = 0
+        self.recent = deque()  # (time, tokens) of the last WINDOW_S seconds
+        self.ttft, self.latency, self.itl = Histogram(), Histogram(), Histogram()
+
+    def count(self, outcome: str):
+        with self.lock:
+            self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def tokens(self, n: int):
+        now = time.perf_counter()
+        with self.lock:
+            self.generated_tokens += n
+            self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - self.WINDOW_S:
+                self.recent.popleft()
+
+    def finished(self, req: Request, first_token_s: float | None, total_s: float):
+        """A request's prompt, tokens and speculation, and its latencies (once, when it ends)."""
+        seq = req.seq
+        with self.lock:
+            self.prompt_tokens += len(req.prompt)
+            if seq is not None and seq.stats is not None:
+                self.rounds += seq.stats.rounds
+                self.drafted += seq.stats.drafted
+                self.accepted += sum(seq.stats.accepted_per_round)
+            if first_token_s is not None:
+                self.ttft.observe(first_token_s)
+                self.latency.observe(total_s)
+                if seq is not None and len(seq.tokens) > 1:
+                    self.itl.observe((total_s - first_token_s) / (len(seq.tokens) - 1))
+
+    def render(self, queue_length: int, running: int, rows: int) -> str:
+        now = time.perf_counter()
+        with self.lock:
+            recent = sum(n for t, n in self.recent if t >= now - self.WINDOW_S)
+            lines = ["# TYPE layerskip_requests_total counter"]
+            lines += [f'layerskip_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
+            for name, kind, value, what in [
+                ("queue_length", "gauge", queue_length, "requests waiting for a free row"),
+                ("running_rows", "gauge", running, "rows of the batch generating now"),
+                ("batch_rows", "gauge", rows, "rows of the KV cache (--max_batch_size)"),
+                ("prompt_tokens_total", "counter", self.prompt_tokens, "prompt tokens of finished requests"),
+                ("generation_tokens_total", "counter", self.generated_tokens, "tokens generated"),
+                ("generation_tokens_per_second", "gauge", recent / self.WINDOW_S,
+                 f"tokens generated per second over the last {self.WINDOW_S:.0f} s, all rows together"),
+                ("batch_steps_total", "counter", self.steps, "steps (or speculative rounds) of the whole batch"),
+                ("sequence_rounds_total", "counter", self.rounds, "speculative rounds of finished requests"),
+                ("drafted_tokens_total", "counter", self.drafted, "draft tokens verified, finished requests"),
+                ("accepted_tokens_total", "counter", self.accepted, "draft tokens accepted, finished requests"),
+                ("acceptance_rate", "gauge", self.accepted / self.drafted if self.drafted else 0.0,
+                 "accepted / drafted tokens"),
+                ("tokens_per_round", "gauge", self.accepted / self.rounds + 1 if self.rounds else 0.0,
+                 "tokens a speculative round yields, accepted drafts and the verifier's own"),
+            ]:
+                lines += [f"# HELP layerskip_{name} {what}", f"# TYPE layerskip_{name} {kind}",
+                          f"layerskip_{name} {value}"]
+            for name, h, what in [("time_to_first_token_seconds", self.ttft, "arrival to first token"),
+                                  ("request_duration_seconds", self.latency, "arrival to last token"),
+                                  ("inter_token_latency_seconds", self.itl, "mean time between tokens, per request")]:
+                lines += [f"# HELP layerskip_{name} {what}", f"# TYPE layerskip_{name} histogram",
+                          *h.lines(f"layerskip_{name}")]
+        return "\n".join(lines) + "\n"
+
+
+class EngineLoop:
+    """Continuous batching of requests over the engine's model (caches set up with max_batch_size
+    rows), with the engine's strategy: autoregressive, early exit, self-speculative (fixed or
+    adaptive), the quantized self-draft or a draft model."""
+
+    def __init__(self, engine, max_queue: int, metrics: Metrics | None = None):
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics or Metrics()
+        strategy = engine.strategy
+        self.k = 0 if strategy.name == "autoregressive" else strategy.num_speculations
+        self.draft = engine.draft_for(strategy)
+        self.policy = engine.batch_policy_for(strategy) if strategy.adaptive else None
+        self.stop_ids = frozenset(engine.stops())
+        self.cond = threading.Condition()
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # by id(sequence)
+        self.batch, self.group = None, None
+
+    @property
+    def rows(self) -> int:
+        return self.engine.model.max_batch_size
+
+    @property
+    def context(self) -> int:
+        return self.engine.model.max_seq_length
+
+    def room(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt can ask for (a speculative round writes up to k
+        positions past the last token it keeps)."""
+        return self.context - prompt_len - self.k
+
+    def submit(self, req: Request):
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a row); retry later")
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def cancel(self, req: Request):
+        """The client went away (or its stop string came): its row is freed before the next step."""
+        with self.cond:
+            req.cancelled = True
+            self.cond.notify()
+
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    def running_rows(self) -> int:
+        return len(self.running)
+
+    def serve_forever(self, keep_going=lambda: True):
+        while keep_going():
+            with self.cond:
+                if not self.waiting and not self.running:
+                    self.cond.wait(0.25)
+                    continue
+                gone = [r for r in self.running.values() if r.cancelled]
+                admit = self._admissible()
+            for req in gone:
+                self.batch.remove(req.seq)
+                del self.running[id(req.seq)]
+                self.metrics.count("cancelled")
+            for req in admit:
+                self._add(req)
+            if self.running:
+                self._step()
+
+    def _admissible(self) -> list[Request]:
+        """Queued requests that take free rows now (under the lock), in arrival order."""
+        while self.waiting and self.waiting[0].cancelled:
+            self.waiting.popleft()
+            self.metrics.count("cancelled")
+        if not self.waiting:
+            return []
+        if not self.running and self.waiting[0].group != self.group:  # the head's turn: a new Batch
+            head = self.waiting[0]
+            self.group = head.group
+            if head.seed is not None and not head.sampling.greedy:
+                torch.manual_seed(head.seed)
+            e = self.engine
+            self.batch = batching.Batch(e.model, head.sampling, e.steps, e.strategy.exit_layer, self.k, self.draft,
+                                        self.policy)
+        free = self.rows - len(self.running)
+        taken = []
+        while self.waiting and len(taken) < free and self.waiting[0].group == self.group:
+            req = self.waiting.popleft()
+            if not req.cancelled:
+                taken.append(req)
+        return taken
+
+    def _add(self, req: Request):
+        req.seq = batching.Sequence(req.prompt, req.max_tokens, self.stop_ids)
+        try:
+            kept = self.batch.add(req.seq)
+        except ValueError as e:  # checked before it was queued; a refusal here names what does not fit
+            req.deliver([], None, str(e))
+            return
+        self.metrics.tokens(len(kept))
+        if not req.seq.done:
+            self.running[id(req.seq)] = req
+        req.deliver(kept, req.seq.finish_reason, None)
+
+    def _step(self):
+        try:
+            produced = self.batch.step()
+        except Exception as e:  # a bug must not take the server down: fail the rows it hit, start afresh
+            for req in self.running.values():
+                req.deliver([], None, f"the engine failed in a step: {type(e).__name__}: {e}")
+            self.running.clear()
+            self.batch, self.group = None, None
+            return
+        self.metrics.steps += 1
+        for seq, kept in produced:
+            req = self.running[id(seq)]
+            self.metrics.tokens(len(kept))
+            if seq.done:
+                del self.running[id(seq)]
+            req.deliver(kept, seq.finish_reason, None)
