@@ -316,3 +316,18 @@ def test_smollm2_chat_streams_its_greedy_reply(smollm2_dir):
         assert parts[-1].choices[0].finish_reason == ("stop" if len(tokens[0]) - len(ids) < 24 else "length")
     finally:
         assert s.stop() == 130
+
+
+def test_load_script_reports_each_level_and_checks_against_solo(server, tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "load.py"), "--url", server.url, "--api_key", KEY,
+                        "--concurrency", "1", "3", "--requests", "3", "--max_tokens", "6", "--check",
+                        "--pid", str(server.proc.pid), "--output_dir", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert [(row["concurrency"], row["requests"], row["failed"]) for row in rows] == [(1, 3, 0), (3, 3, 0)]
+    assert all(row["same_as_solo"] == 3 and row["output_tokens"] == 18 and row["tokens_per_s"] > 0 for row in rows)
+    assert (tmp_path / "load.png").is_file() and "resident memory after the warm-up" in r.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "load.py"), "--url", "http://example.com:80"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "localhost" in bad.stderr
