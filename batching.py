@@ -3,7 +3,8 @@
 Each sequence owns one row of the cache (`model.max_batch_size` rows) from its prefill to its last
 token, with its own positions, length and stop state. Its prompt is prefilled alone into its row
 (`model.cache_rows`), so prompts of any lengths mix without padding and the prefill computes
-exactly what a batch-1 prefill does. Then one decode step advances every row together, each at its
+exactly what a batch-1 prefill does (a long one may be prefilled in chunks between steps, its row
+riding along the steps as padding past what it has filled: `add(seq, chunk)`, `fill`). Then one decode step advances every row together, each at its
 own position (input_pos [B, 1]). A step runs the first b rows only, b a power of two (or all
 rows) holding every running one: a free row among them rides along as padding at position 0 of
 its own row, which the next prefill there overwrites. Between steps a sequence that ended leaves
@@ -105,11 +106,12 @@ class Batch:
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
         self.choices = Counter()  # with a policy: rounds by (E, k)
         self.behind = [0] * B  # own-cache draft: plain steps its cache has not seen, per row
+        self.filling = {}  # row -> (sequence, prompt tokens prefilled, seconds): a prompt prefilled in chunks
         self.steps_run, self.last_shape = 0, None
 
     @property
     def free_rows(self) -> int:
-        return self.rows.count(None)
+        return self.rows.count(None) - len(self.filling)
 
     @property
     def running(self) -> list[Sequence]:
@@ -122,25 +124,56 @@ class Batch:
                 check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
 
     @torch.no_grad()
-    def add(self, seq: Sequence) -> list[int]:
+    def add(self, seq: Sequence, chunk: int | None = None) -> list[int]:
         """Prefills seq into a free row and returns its first token(s) (a one-token budget or a stop
-        token ends it here, freeing the row again)."""
+        token ends it here, freeing the row again). With chunk, a prompt longer than chunk tokens is
+        prefilled chunk tokens at a time: this call prefills the first chunk and returns [], and
+        `fill` the next ones, between steps, so that a long prompt does not stall the rows already
+        decoding (its row is taken meanwhile)."""
         self.check(seq)
-        row = self.rows.index(None)  # ValueError if none: the caller checks free_rows
+        row = next((i for i, s in enumerate(self.rows) if s is None and i not in self.filling), None)
+        if row is None:
+            raise ValueError("no free row: the caller checks free_rows")
+        seq.row = row
+        self.filling[row] = (seq, 0, 0.0)
+        return self._fill(row, chunk)
+
+    @torch.no_grad()
+    def fill(self, chunk: int | None = None) -> list[tuple[Sequence, list[int]]]:
+        """The next chunk of every prompt still being prefilled: [(sequence, its first tokens)] for
+        those whose prefill ended."""
+        out = []
+        for row in list(self.filling):
+            seq = self.filling[row][0]
+            kept = self._fill(row, chunk)
+            if kept:
+                out.append((seq, kept))
+        return out
+
+    def _fill(self, row: int, chunk: int | None) -> list[int]:
+        """Prefills the next chunk (all the rest without chunk) of the prompt filling row; once the
+        prompt is done, the row starts decoding and its first token(s) are returned ([] before)."""
+        seq, done, spent = self.filling[row]
+        end = len(seq.prompt) if not chunk else min(done + chunk, len(seq.prompt))
         t0 = time.perf_counter()
-        prompt = torch.tensor(seq.prompt, dtype=torch.long, device=self.device)
-        positions = torch.arange(len(prompt), device=self.device)
+        part = torch.tensor(seq.prompt[done:end], dtype=torch.long, device=self.device)[None]
+        positions = torch.arange(done, end, device=self.device)
         with self.model.cache_rows(row, row + 1):
-            first, finite = self.steps.prefill(self.model, prompt[None], positions, self.params,
+            first, finite = self.steps.prefill(self.model, part, positions, self.params,
                                                None if self.k else self.exit_layer)
-        check_finite(finite)
         if self.draft_model is not None:
             with self.draft_model.cache_rows(row, row + 1):
-                check_finite(self.steps.prefill(self.draft_model, prompt[None], positions, self.params,
-                                                self.exit_layer)[1])
+                check_finite(self.steps.prefill(self.draft_model, part, positions, self.params, self.exit_layer)[1])
+        if end < len(seq.prompt):
+            synchronize(self.device)  # a chunk's time is its own, not the next step's
+            self.filling[row] = (seq, end, spent + time.perf_counter() - t0)
+            return []
+        del self.filling[row]
+        seq.row = None
+        check_finite(finite)
         kept = seq.take(first[0].tolist())
         seq.started = time.perf_counter()
-        seq.stats = GenerationStats(len(seq.prompt), 0, seq.started - t0, 0.0, num_speculations=self.k,
+        seq.stats = GenerationStats(len(seq.prompt), 0, spent + seq.started - t0, 0.0, num_speculations=self.k,
                                     adaptive=self.policy is not None)
         if seq.done:
             self._finish(seq)
@@ -148,8 +181,8 @@ class Batch:
             seq.row = row
             self.rows[row] = seq
             self.cur[row] = first[0]
-            self.pos[row] = len(prompt)
-            self.prev[row] = prompt[-1]
+            self.pos[row] = len(seq.prompt)
+            self.prev[row] = seq.prompt[-1]
             self.live[row] = 1
         return kept
 
@@ -163,6 +196,11 @@ class Batch:
         E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
         if k and any(self.behind[:b]):
             self._catch_up(b)
+        for row, (seq, done, _) in self.filling.items():
+            # A row still prefilling rides along as padding, written past what its prompt has filled
+            # (a draft with its own cache writes one position earlier), where its next chunk writes.
+            if row < b:
+                self.pos[row] = done + 1
         t0 = time.perf_counter()
         # While the rows stepped and (E, k) stay the same, the shapes and settings never change
         # (rows join by prefill, between steps): the compiled steps' guards need not be evaluated
@@ -281,6 +319,10 @@ class Batch:
 
     def remove(self, seq: Sequence):
         """Frees seq's row now (it ended, or its client went away); its row becomes padding."""
+        if seq.row in self.filling and self.filling[seq.row][0] is seq:
+            del self.filling[seq.row]
+            self.pos[seq.row] = 0
+            seq.row = None
         if seq.row is not None:
             self.rows[seq.row] = None
             self.cur[seq.row] = 0
@@ -377,11 +419,13 @@ class BatchStats:
 @torch.no_grad()
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
-                  num_speculations: int = 0, draft_model: Transformer | None = None, policy=None):
+                  num_speculations: int = 0, draft_model: Transformer | None = None, policy=None,
+                  prefill_chunk: int | None = None):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
     num_speculations, or an adaptive.BatchPolicy, speculative): a prompt waits in order for a free
-    row. on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt
-    order, BatchStats)."""
+    row; with prefill_chunk, a longer prompt is prefilled that many tokens between steps.
+    on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt order,
+    BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
     batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy)
     for s in seqs:  # refuse before any work
@@ -389,11 +433,14 @@ def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     index = {id(s): i for i, s in enumerate(seqs)}
     queue = list(seqs)
     t0 = time.perf_counter()
-    while queue or batch.running:
+    while queue or batch.running or batch.filling:
+        for seq, kept in batch.fill(prefill_chunk):
+            if on_tokens:
+                on_tokens(index[id(seq)], kept)
         while queue and batch.free_rows:
             seq = queue.pop(0)
-            kept = batch.add(seq)
-            if on_tokens:
+            kept = batch.add(seq, prefill_chunk)
+            if on_tokens and kept:
                 on_tokens(index[id(seq)], kept)
         for seq, kept in batch.step():
             if on_tokens and kept:

@@ -41,6 +41,7 @@ import tp  # noqa: E402
 API_KEY_ENV = "LAYERSKIP_API_KEY"
 MAX_BODY_BYTES = 1 << 20
 MAX_STOPS = 4
+DEFAULT_PREFILL_CHUNK = 256
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Fields a client may send that this server cannot honour, with the value that asks for nothing.
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
@@ -328,8 +329,9 @@ class Reply:
         while True:
             ids, finish, error = await self.events.get()
             if error is not None:
-                raise ApiError(500 if "failed" in error else 400, error, None, "engine_error",
-                               "server_error" if "failed" in error else "invalid_request_error")
+                status, message = error
+                raise ApiError(status, message, None, "engine_error",
+                               "server_error" if status >= 500 else "invalid_request_error")
             if self.first_token_s is None and ids:
                 self.first_token_s = time.perf_counter() - self.req.arrived
             text = self.add(ids)
@@ -448,6 +450,9 @@ def parse_args(argv=None):
                    help="requests that may wait for a free row; beyond them a request gets 429")
     p.add_argument("--max_seq_length", type=int, default=None,
                    help="positions per row: prompt plus max_tokens (default: the model's context, at most 2048)")
+    p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="a longer prompt is prefilled this many tokens at a time, between the running rows' steps, "
+                        "so that it does not stall them (0: whole prompts)")
     p.add_argument("--api_key", default=None, help=f"clients must send it as a bearer token (default: ${API_KEY_ENV}; "
                                                    "none: no key)")
     p.add_argument("--served_model_name", default=None, help="the model's id in the API (default: the checkpoint's "
@@ -463,6 +468,8 @@ def parse_args(argv=None):
         p.error(f"--port must be in [0, 65535], got {args.port}")
     if args.max_seq_length is not None and args.max_seq_length < 2:
         p.error("--max_seq_length must be >= 2")
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill_chunk must be >= 0 (0: whole prompts), got {args.prefill_chunk}")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     return args, config
 
@@ -494,7 +501,7 @@ def main(argv=None):
         if size > context:
             raise ValueError(f"--max_seq_length {size} exceeds this model's context of {context}")
         engine.setup_caches(size, args.max_batch_size)
-        loop = EngineLoop(engine, args.max_queue)
+        loop = EngineLoop(engine, args.max_queue, args.prefill_chunk)
         if config.compile:
             warm_up(engine, loop)
         name = args.served_model_name or engine.path.parent.name

@@ -32,7 +32,8 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Request:
     """One generation asked for over HTTP. deliver(ids, finish_reason, error) gets its new tokens
-    as they come (finish_reason "stop" or "length" with the last ones; error: a message, once)."""
+    as they come (finish_reason "stop" or "length" with the last ones; error, once: (HTTP status,
+    message), 400 for a request the engine refused, 500 where it failed)."""
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams
@@ -147,8 +148,9 @@ class EngineLoop:
     rows), with the engine's strategy: autoregressive, early exit, self-speculative (fixed or
     adaptive), the quantized self-draft or a draft model."""
 
-    def __init__(self, engine, max_queue: int, metrics: Metrics | None = None):
+    def __init__(self, engine, max_queue: int, prefill_chunk: int | None = None, metrics: Metrics | None = None):
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics or Metrics()
+        self.prefill_chunk = prefill_chunk or None  # a longer prompt is prefilled this many tokens between steps
         strategy = engine.strategy
         self.k = 0 if strategy.name == "autoregressive" else strategy.num_speculations
         self.draft = engine.draft_for(strategy)
@@ -203,6 +205,9 @@ class EngineLoop:
                 self.batch.remove(req.seq)
                 del self.running[id(req.seq)]
                 self.metrics.count("cancelled")
+            if self.batch is not None and self.batch.filling:
+                for seq, kept in self._guarded(self.batch.fill, self.prefill_chunk):
+                    self._produced(seq, kept)
             for req in admit:
                 self._add(req)
             if self.running:
@@ -234,28 +239,41 @@ class EngineLoop:
     def _add(self, req: Request):
         req.seq = batching.Sequence(req.prompt, req.max_tokens, self.stop_ids)
         try:
-            kept = self.batch.add(req.seq)
+            kept = self.batch.add(req.seq, self.prefill_chunk)
         except ValueError as e:  # checked before it was queued; a refusal here names what does not fit
-            req.deliver([], None, str(e))
+            req.deliver([], None, (400, str(e)))
             return
+        except Exception as e:
+            self._failed(e, [req, *self.running.values()])
+            return
+        self.running[id(req.seq)] = req
+        if kept:  # else its prompt is prefilled in chunks, the next ones between the coming steps
+            self._produced(req.seq, kept)
+
+    def _produced(self, seq: batching.Sequence, kept: list[int]):
+        req = self.running[id(seq)]
         self.metrics.tokens(len(kept))
-        if not req.seq.done:
-            self.running[id(req.seq)] = req
-        req.deliver(kept, req.seq.finish_reason, None)
+        if seq.done:
+            del self.running[id(seq)]
+        req.deliver(kept, seq.finish_reason, None)
+
+    def _guarded(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # a bug must not take the server down: fail the rows it hit, start afresh
+            self._failed(e, list(self.running.values()))
+            return []
+
+    def _failed(self, e: Exception, reqs: list[Request]):
+        for req in reqs:
+            req.deliver([], None, (500, f"the engine failed: {type(e).__name__}: {e}"))
+        self.running.clear()
+        self.batch, self.group = None, None
 
     def _step(self):
-        try:
-            produced = self.batch.step()
-        except Exception as e:  # a bug must not take the server down: fail the rows it hit, start afresh
-            for req in self.running.values():
-                req.deliver([], None, f"the engine failed in a step: {type(e).__name__}: {e}")
-            self.running.clear()
-            self.batch, self.group = None, None
+        produced = self._guarded(self.batch.step)
+        if self.batch is None:
             return
         self.metrics.steps += 1
         for seq, kept in produced:
-            req = self.running[id(seq)]
-            self.metrics.tokens(len(kept))
-            if seq.done:
-                del self.running[id(seq)]
-            req.deliver(kept, seq.finish_reason, None)
+            self._produced(seq, kept)

@@ -26,8 +26,8 @@ def packed_model(weights=None, n_layers=4):
     return pack_model(model)
 
 
-def batch1_reference(model, prompts, max_new_tokens, stop_ids=(), steps=None, exit_layer=None):
-    model.setup_caches(1, 64)
+def batch1_reference(model, prompts, max_new_tokens, stop_ids=(), steps=None, exit_layer=None, size=64):
+    model.setup_caches(1, size)
     kw = {"steps": steps} if steps else {}
     return [generate(model, torch.tensor(p), max_new_tokens, GREEDY, stop_ids=stop_ids, exit_layer=exit_layer,
                      **kw)[0][0, len(p):].tolist() for p in prompts]
@@ -391,3 +391,32 @@ def test_compiled_policy_rounds_never_recompile():
         real = BatchPolicy(costs, (1, 3), (2,), True)
         seqs, _ = generate_many(model, prompts, 12, GREEDY, steps=steps, policy=real)
         assert [s.tokens for s in seqs] == ref
+
+
+@pytest.mark.parametrize("draft", [None, "int8 self-draft"])
+@pytest.mark.parametrize("strategy", [(None, 0), (1, 3)], ids=["autoregressive", "self_spec_E1_k3"])
+def test_prompts_prefilled_in_chunks_between_steps_equal_batch1_greedy(strategy, draft):
+    """Long prompts prefilled a chunk at a time while the other rows decode (a server's chunked
+    prefill): every row's tokens are still its batch-1 greedy decoding (whole-prompt prefill), the
+    rows still prefilling ride along the steps as padding without touching what they have filled,
+    including a draft model's own cache."""
+    exit_layer, k = strategy
+    if draft and not k:
+        pytest.skip("a draft model drafts for speculative decoding")
+    model = packed_model()
+    draft_model = quantized_copy(model, "int8", None, n_layers=2) if draft else None
+    lengths = (3, 45, 9, 60, 21, 2, 37)
+    prompts = [rand_prompt(n, seed=100 + n).tolist() for n in lengths]
+    ref = batch1_reference(model, prompts, 16, exit_layer=None if k else exit_layer, size=96)
+    assert_varied(sum(ref, []), 0.1)
+    for m in (model, draft_model):
+        if m is not None:
+            m.setup_caches(3, 96)
+    streamed = {}
+    seqs, stats = generate_many(model, prompts, 16, GREEDY, exit_layer=exit_layer, num_speculations=k,
+                                draft_model=draft_model, prefill_chunk=8,
+                                on_tokens=lambda i, ids: streamed.setdefault(i, []).extend(ids))
+    assert [s.tokens for s in seqs] == ref
+    assert [streamed[i] for i in range(len(prompts))] == ref
+    # the long prompts took several chunks, each between steps of the rows already running
+    assert stats.steps < sum(16 - 1 for _ in prompts)

@@ -94,7 +94,7 @@ def reference(tiny_smol_dir):
 @pytest.fixture(scope="module")
 def server(tiny_smol_dir):
     s = ServerProcess("--checkpoint_path", str(tiny_smol_dir), "--max_batch_size", "4", "--max_seq_length", "512",
-                      "--temperature", "0", env_key=KEY)
+                      "--temperature", "0", "--prefill_chunk", "64", env_key=KEY)
     yield s
     assert s.stop() == 130
 
@@ -106,6 +106,7 @@ def text_of(reference, ids):
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):", "Paris is the capital of",
            "1, 2, 3, 4,", "Dear reader,", "import torch", "The weather today"]
+LONG = " ".join(f"item {i} of the list, then" for i in range(40))  # prefilled in chunks (--prefill_chunk 64)
 
 
 def test_completions_and_chat_equal_batch1_greedy(server, reference, tiny_smol_dir):
@@ -164,19 +165,21 @@ def test_stop_strings_cut_the_text_and_are_never_sent(server, reference, tiny_sm
 def test_eight_concurrent_clients_each_equal_their_solo_greedy_output(server, reference, tiny_smol_dir):
     client, tok, name = server.client(), reference.tokenizer, tiny_smol_dir.name
     lengths = [20, 7, 33, 12, 25, 9, 40, 16]  # rows end at different steps; 8 clients over 4 rows queue
+    prompts = PROMPTS[:7] + [LONG]
+    assert len(tok.encode(LONG)) > 3 * 64
 
     def ask(i):
         if i % 2:
-            chunks = client.completions.create(model=name, prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0,
+            chunks = client.completions.create(model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
                                                stream=True)
             return "".join(c.choices[0].text for c in chunks)
-        return client.completions.create(model=name, prompt=PROMPTS[i], max_tokens=lengths[i],
+        return client.completions.create(model=name, prompt=prompts[i], max_tokens=lengths[i],
                                          temperature=0).choices[0].text
     steps = server.metrics()["layerskip_batch_steps_total"]
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, range(8)))
     for i, text in enumerate(got):
-        assert text == text_of(reference, reference(tok.encode(PROMPTS[i]), lengths[i])), PROMPTS[i]
+        assert text == text_of(reference, reference(tok.encode(prompts[i]), lengths[i])), prompts[i]
     m = server.metrics()
     assert m["layerskip_running_rows"] == 0
     # rows shared steps: fewer steps than one client after another would take (a token each, the first from the prefill)
