@@ -3,9 +3,9 @@
 Each sequence owns one row of the cache (`model.max_batch_size` rows) from its prefill to its last
 token, with its own positions, length and stop state. Its prompt is prefilled alone into its row
 (`model.cache_rows`), so prompts of any lengths mix without padding and the prefill computes
-exactly what a batch-1 prefill does (a long one may be prefilled in chunks between steps, its row
-riding along the steps as padding past what it has filled: `add(seq, chunk)`, `fill`). Then one decode step advances every row together, each at its
-own position (input_pos [B, 1]). A step runs the first b rows only, b a power of two (or all
+exactly what a batch-1 prefill does (a long one may be prefilled in chunks between steps, its
+row riding along the steps as padding past what it has filled: `add(seq, chunk)`, `fill`). Then
+one decode step advances every row together, each at its own position (input_pos [B, 1]). A step runs the first b rows only, b a power of two (or all
 rows) holding every running one: a free row among them rides along as padding at position 0 of
 its own row, which the next prefill there overwrites. Between steps a sequence that ended leaves
 and a queued one takes the lowest free row: the step shapes are those few buckets, so compiled
