@@ -5,6 +5,7 @@
     python serve.py --generation_strategy self_speculative --exit_layer 8 --num_speculations 4 --compile
     python serve.py --port 0                                     # any free port (printed)
     LAYERSKIP_API_KEY=secret python serve.py --host 0.0.0.0      # clients then send the key
+    torchrun --standalone --nproc_per_node=2 serve.py --compile  # tensor parallel: rank 0 serves
 
 Endpoints: POST /v1/completions and /v1/chat/completions (stream, max_tokens, temperature, top_p,
 seed, stop, usage, finish_reason; the chat template is the checkpoint's), GET /v1/models,
@@ -26,6 +27,7 @@ import cli
 
 cli.start(__name__)  # first: a Ctrl-C during the imports below is `interrupted` too (cli.py)
 
+import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
@@ -300,7 +302,7 @@ class Reply:
         self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.ids, self.sent, self.text_so_far = [], 0, ""
-        self.tokens, self.finish, self.first_token_s = 0, None, None
+        self.tokens, self.finish, self.first_token_s, self.counted = 0, None, None, False
 
     def add(self, ids: list[int]) -> str:
         """The text that may be sent after these new tokens."""
@@ -359,6 +361,10 @@ class Reply:
         return out
 
     def done(self, outcome: str):
+        """Counts the request's outcome (its finish reason, an error status or "cancelled"), once."""
+        if self.counted:
+            return
+        self.counted = True
         self.server.metrics.count(outcome)
         self.server.metrics.finished(self.req, self.first_token_s, time.perf_counter() - self.req.arrived)
 
@@ -418,6 +424,7 @@ class Reply:
         finally:
             if self.finish is None:  # the client disconnected (the response was cancelled) or an error
                 self.server.loop.cancel(self.req)
+                self.done("cancelled")
 
 
 async def wait_disconnect(request):
@@ -491,8 +498,6 @@ def main(argv=None):
     args, config = parse_args(argv)
     try:
         rank, world_size, config = init_distributed(config)
-        if world_size > 1:
-            raise ValueError("serve.py does not run under torchrun yet; serve from one process")
         engine = load_engine(config, rank, world_size)
         if engine.tokenizer is None:
             raise ValueError("serve.py needs a checkpoint with a tokenizer (random weights have none)")
@@ -501,9 +506,13 @@ def main(argv=None):
         if size > context:
             raise ValueError(f"--max_seq_length {size} exceeds this model's context of {context}")
         engine.setup_caches(size, args.max_batch_size)
+        torch.manual_seed(args.seed)  # under torchrun every rank draws the same samples
         loop = EngineLoop(engine, args.max_queue, args.prefill_chunk)
         if config.compile:
             warm_up(engine, loop)
+        if rank != 0:  # the other ranks step with rank 0, which serves
+            loop.serve_forever()
+            return
         name = args.served_model_name or engine.path.parent.name
         server = Server(loop, engine.tokenizer, [name, config.checkpoint], config.sampling, args.api_key,
                         config.strategy.describe())
@@ -514,16 +523,21 @@ def main(argv=None):
         while not http.started and thread.is_alive():
             time.sleep(0.05)
         if not http.started:
+            loop.serve_forever(keep_going=lambda: False)  # the other ranks stop too
             raise OSError(f"cannot listen on {args.host}:{args.port} (--host/--port; is the port in use?)")
         port = http.servers[0].sockets[0].getsockname()[1]
         key = ", API key required" if args.api_key else ""
-        print(f"Serving {name} ({config.strategy.describe()}, {args.max_batch_size} rows of {size} positions{key}) "
-              f"on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+        shards = f", tensor parallel over {world_size} ranks" if world_size > 1 else ""
+        print(f"Serving {name} ({config.strategy.describe()}, {args.max_batch_size} rows of {size} positions{key}"
+              f"{shards}) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
         try:
             loop.serve_forever(keep_going=thread.is_alive)
         finally:
             http.should_exit = True
             thread.join(timeout=3)
+    except torch.distributed.DistError as e:
+        raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
+                              f"{e}") from e
     finally:
         tp.shutdown()
 

@@ -13,6 +13,7 @@ request with a `seed` runs alone, after torch.manual_seed(seed), so that it repe
 Greedy requests all share one group, whatever their other settings.
 """
 import bisect
+import itertools
 import threading
 import time
 from collections import deque
@@ -22,11 +23,16 @@ from typing import Callable
 import torch
 
 import batching
+import tp
 from sampling import SamplingParams
 
 
 class QueueFull(Exception):
     pass
+
+
+def _nowhere(*_):
+    """Where the tokens of a rank other than 0 go: rank 0 answers the clients."""
 
 
 @dataclass(eq=False)
@@ -39,6 +45,7 @@ class Request:
     sampling: SamplingParams
     deliver: Callable
     seed: int | None = None
+    rid: int = -1  # its id in the engine loop (the same on every rank)
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     seq: batching.Sequence | None = None
@@ -160,6 +167,7 @@ class EngineLoop:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # by id(sequence)
         self.batch, self.group = None, None
+        self.ids, self.submitted = itertools.count(), {}  # request ids; submitted requests by id until they run
 
     @property
     def rows(self) -> int:
@@ -178,6 +186,8 @@ class EngineLoop:
         with self.cond:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests wait for a row); retry later")
+            req.rid = next(self.ids)
+            self.submitted[req.rid] = req
             self.waiting.append(req)
             self.cond.notify()
 
@@ -194,47 +204,75 @@ class EngineLoop:
         return len(self.running)
 
     def serve_forever(self, keep_going=lambda: True):
-        while keep_going():
-            with self.cond:
-                if not self.waiting and not self.running:
-                    self.cond.wait(0.25)
-                    continue
-                gone = [r for r in self.running.values() if r.cancelled]
-                admit = self._admissible()
-            for req in gone:
-                self.batch.remove(req.seq)
-                del self.running[id(req.seq)]
-                self.metrics.count("cancelled")
-            if self.batch is not None and self.batch.filling:
-                for seq, kept in self._guarded(self.batch.fill, self.prefill_chunk):
-                    self._produced(seq, kept)
-            for req in admit:
-                self._add(req)
-            if self.running:
-                self._step()
+        """Steps until keep_going() turns false (on rank 0). Under torchrun every rank runs this
+        loop: rank 0 decides what each iteration does (`_plan`: which rows leave, which requests
+        join) and broadcasts it, and all ranks then do the same (`_apply`) and step together."""
+        rank, world_size = tp.world()
+        while True:
+            plan = self._plan(keep_going) if rank == 0 else None
+            if world_size > 1:
+                box = [plan]
+                torch.distributed.broadcast_object_list(box, src=0)
+                plan = box[0]
+            if plan is None:
+                return
+            self._apply(plan)
 
-    def _admissible(self) -> list[Request]:
-        """Queued requests that take free rows now (under the lock), in arrival order."""
+    def _plan(self, keep_going):
+        """What this iteration does: {"gone": request ids, "batch": a new Batch's (sampling, seed)
+        or None, "admit": [(id, prompt, max_tokens)]}; None to stop. Waits a moment when idle."""
+        if not keep_going():
+            return None
+        with self.cond:
+            if not self.waiting and not self.running:
+                self.cond.wait(0.25)
+                return {"gone": [], "batch": None, "admit": []}
+            gone = [r.rid for r in self.running.values() if r.cancelled]
+            new, admit = self._admissible()
+        return {"gone": gone, "batch": new, "admit": [(r.rid, r.prompt, r.max_tokens) for r in admit]}
+
+    def _apply(self, plan: dict):
+        for rid in plan["gone"]:
+            req = next(r for r in self.running.values() if r.rid == rid)
+            self.batch.remove(req.seq)
+            del self.running[id(req.seq)]
+        if plan["batch"] is not None:
+            sampling, seed = plan["batch"]
+            if seed is not None:
+                torch.manual_seed(seed)
+            e = self.engine
+            self.batch = batching.Batch(e.model, sampling, e.steps, e.strategy.exit_layer, self.k, self.draft,
+                                        self.policy)
+        if self.batch is not None and self.batch.filling:
+            for seq, kept in self._guarded(self.batch.fill, self.prefill_chunk):
+                self._produced(seq, kept)
+        for rid, prompt, max_tokens in plan["admit"]:
+            # rank 0 delivers to its clients; the other ranks only compute the same rows
+            self._add(self.submitted.pop(rid, None) or Request(prompt, max_tokens, self.batch.params, _nowhere, rid=rid))
+        if self.running:
+            self._step()
+
+    def _admissible(self):
+        """(the new Batch's (sampling, seed) when the queue's head starts one, else None; the queued
+        requests that take free rows now, in arrival order). Under the lock."""
         while self.waiting and self.waiting[0].cancelled:
-            self.waiting.popleft()
-            self.metrics.count("cancelled")
+            self.submitted.pop(self.waiting.popleft().rid, None)
         if not self.waiting:
-            return []
+            return None, []
+        new = None
         if not self.running and self.waiting[0].group != self.group:  # the head's turn: a new Batch
             head = self.waiting[0]
             self.group = head.group
-            if head.seed is not None and not head.sampling.greedy:
-                torch.manual_seed(head.seed)
-            e = self.engine
-            self.batch = batching.Batch(e.model, head.sampling, e.steps, e.strategy.exit_layer, self.k, self.draft,
-                                        self.policy)
+            new = (head.sampling, head.seed if not head.sampling.greedy else None)
         free = self.rows - len(self.running)
         taken = []
         while self.waiting and len(taken) < free and self.waiting[0].group == self.group:
             req = self.waiting.popleft()
-            if not req.cancelled:
+            if req.cancelled:
+                self.submitted.pop(req.rid, None)
+            else:
                 taken.append(req)
-        return taken
+        return new, taken
 
     def _add(self, req: Request):
         req.seq = batching.Sequence(req.prompt, req.max_tokens, self.stop_ids)

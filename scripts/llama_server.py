@@ -5,8 +5,9 @@ the llama-cpp-python sdist on PyPI (no other network), cached outside the reposi
     python scripts/llama_server.py --port 8081 --parallel 8    # serves the default model's Q4_1 GGUF
 
 The build is CMake's Release build of the `llama-server` target with the CPU's own instruction sets
-(GGML_NATIVE), without libcurl (no downloads). On a CPU with AMX, ggml's AMX path is left out: that
-build segfaulted in decode on this project's Xeon (BENCHMARKS.md). scripts/load.py drives it with
+(GGML_NATIVE), without libcurl (no downloads). On a CPU with AMX, ggml's AMX path is left out (the
+AVX-512 sets are named instead of native): with it, llama-server segfaults in ggml_backend_amx_mul_mat
+at its first decode on this project's Xeon. scripts/load.py drives it with
 the same client as serve.py.
 """
 import os
@@ -42,7 +43,8 @@ def has_amx() -> bool:
 def build(root: Path | None = None, jobs: int | None = None) -> Path:
     """The llama-server binary, built on first use; its path."""
     root = root or cache_dir()
-    binary = root / "build" / "bin" / "llama-server"
+    out = root / ("build-no-amx" if has_amx() else "build")
+    binary = out / "bin" / "llama-server"
     if binary.is_file():
         return binary
     for tool in ("cmake", "c++"):
@@ -60,13 +62,16 @@ def build(root: Path | None = None, jobs: int | None = None) -> Path:
         shutil.rmtree(src, ignore_errors=True)
         next(p for p in root.glob("llama_cpp_python-*") if p.is_dir()).rename(src)
     flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
-             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"]
-    if has_amx():
-        flags += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
-    print(f"building llama-server into {root / 'build'} (about 12 minutes on 2 cores) ...", file=sys.stderr, flush=True)
-    subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(root / "build"), *flags], check=True,
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]
+    if has_amx():  # GGML_NATIVE would turn AMX on (-march=native): the AVX-512 instruction sets one by one instead
+        flags += ["-DGGML_NATIVE=OFF", *(f"-DGGML_{x}=ON" for x in ("AVX", "AVX2", "FMA", "F16C", "AVX512",
+                                                                  "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"))]
+    else:
+        flags += ["-DGGML_NATIVE=ON"]
+    print(f"building llama-server into {out} (about 12 minutes on 2 cores) ...", file=sys.stderr, flush=True)
+    subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(out), *flags], check=True,
                    stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
+    subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j", str(jobs or os.cpu_count())],
                    check=True)
     if not binary.is_file():
         raise FileNotFoundError(f"the build finished without {binary}")

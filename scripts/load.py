@@ -104,6 +104,62 @@ def run_level(url: str, model: str, key: str, texts: list[str], concurrency: int
     return results, time.perf_counter() - t0, failed[0]
 
 
+def server_model(url: str, key: str) -> str:
+    import openai
+    try:
+        return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list().data[0].id
+    except openai.APIConnectionError:
+        raise ConnectionError(f"--url {url}: no server answers there") from None
+
+
+def measure(url: str, model: str | None, key: str, levels: list[int], requests: int | None, time_limit: float,
+            max_tokens: int, check: bool = False, pid: int | None = None, label: str | None = None):
+    """(a row per concurrency level, the server's RSS in MB after the warm-up, the model id)."""
+    url = url.rstrip("/")
+    model = model or server_model(url, key)
+    most = max(levels)
+    texts = prompts(max(requests or 0, 2 * most, 8))
+    print(f"warming up {url} ({model}) ...", file=sys.stderr, flush=True)
+    run_level(url, model, key, texts, 1, 1, time_limit, 8)
+    rss0 = rss_mb(pid)
+    solo = {}
+    if check:  # every prompt alone first: the answers the loaded runs must repeat
+        n = max(requests or 0, 2 * most, 8)
+        for r in run_level(url, model, key, texts, 1, n, time_limit * 4, max_tokens)[0]:
+            solo[r["prompt"]] = r["text"]
+    rows = []
+    for c in levels:
+        n = requests or max(2 * c, 8)
+        print(f"{c} concurrent clients, {n} requests ...", file=sys.stderr, flush=True)
+        results, wall, failed = run_level(url, model, key, texts, c, n, time_limit, max_tokens)
+        tokens = sum(r["tokens"] for r in results)
+        ttft = [r["ttft"] for r in results]
+        tpot = [r["tpot"] for r in results if r["tpot"] is not None]
+        row = {"server": label or url, "concurrency": c, "requests": len(results), "failed": failed,
+               "wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+               "ttft_p50_s": percentile(ttft, 0.5) if ttft else None, "ttft_p99_s": percentile(ttft, 0.99) if ttft else None,
+               "tpot_p50_ms": percentile(tpot, 0.5) * 1e3 if tpot else None,
+               "tpot_p99_ms": percentile(tpot, 0.99) * 1e3 if tpot else None, "rss_mb": rss_mb(pid)}
+        if check:
+            row["same_as_solo"] = sum(solo.get(r["prompt"]) == r["text"] for r in results)
+        rows.append(row)
+    return rows, rss0, model
+
+
+def print_table(rows: list[dict]):
+    check, pid = "same_as_solo" in rows[0], rows[0]["rss_mb"] is not None
+    print(f"\n{'server':<28} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9} {'TPOT p99':>9}" + (" same as solo" if check else "") + ("  RSS MB" if pid else ""))
+
+    def fmt(v, unit=""):
+        return f"{v:.{0 if unit == 'ms' else 2}f}{unit}" if v is not None else "-"
+    for r in rows:
+        print(f"{r['server'][:28]:<28} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
+              f"{fmt(r['ttft_p50_s'], 's'):>9} {fmt(r['ttft_p99_s'], 's'):>9} {fmt(r['tpot_p50_ms'], 'ms'):>9} "
+              f"{fmt(r['tpot_p99_ms'], 'ms'):>9}" + (f" {r['same_as_solo']:>5} of {r['requests']}" if check else "")
+              + (f"  {r['rss_mb']:.0f}" if pid else ""))
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (localhost only)")
@@ -126,48 +182,9 @@ def main(argv=None):
     if a.pid is not None and not Path(f"/proc/{a.pid}").is_dir():
         p.error(f"--pid {a.pid}: no such process")
     out = check_output(a, "load.json")
-    import openai
-    url = a.url.rstrip("/")
-    try:
-        model = a.model or openai.OpenAI(base_url=url + "/v1", api_key=a.api_key, max_retries=0).models.list().data[0].id
-    except openai.APIConnectionError:
-        raise ConnectionError(f"--url {a.url}: no server answers there") from None
-    most = max(a.concurrency)
-    texts = prompts(max(a.requests or 0, 2 * most, 8))
-    print(f"warming up {a.url} ({model}) ...", file=sys.stderr, flush=True)
-    run_level(url, model, a.api_key, texts, 1, 1, a.time_limit, 8)
-    rss0 = rss_mb(a.pid)
-    solo = {}
-    if a.check:  # every prompt alone first: the answers the loaded runs must repeat
-        n = max(a.requests or 0, 2 * most, 8)
-        for r in run_level(url, model, a.api_key, texts, 1, n, a.time_limit * 4, a.max_tokens)[0]:
-            solo[r["prompt"]] = r["text"]
-    rows = []
-    for c in a.concurrency:
-        n = a.requests or max(2 * c, 8)
-        print(f"{c} concurrent clients, {n} requests ...", file=sys.stderr, flush=True)
-        results, wall, failed = run_level(url, model, a.api_key, texts, c, n, a.time_limit, a.max_tokens)
-        tokens = sum(r["tokens"] for r in results)
-        ttft = [r["ttft"] for r in results]
-        tpot = [r["tpot"] for r in results if r["tpot"] is not None]
-        row = {"server": a.label or a.url, "concurrency": c, "requests": len(results), "failed": failed,
-               "wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
-               "ttft_p50_s": percentile(ttft, 0.5) if ttft else None, "ttft_p99_s": percentile(ttft, 0.99) if ttft else None,
-               "tpot_p50_ms": percentile(tpot, 0.5) * 1e3 if tpot else None,
-               "tpot_p99_ms": percentile(tpot, 0.99) * 1e3 if tpot else None, "rss_mb": rss_mb(a.pid)}
-        if a.check:
-            row["same_as_solo"] = sum(solo.get(r["prompt"]) == r["text"] for r in results)
-        rows.append(row)
-    print(f"\n{'server':<28} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9}" + (" same as solo" if a.check else "") + ("  RSS MB" if a.pid else ""))
-
-    def fmt(v, scale=1.0, unit=""):
-        return f"{v * scale:.{0 if unit == 'ms' else 2}f}{unit}" if v is not None else "-"
-    for r in rows:
-        print(f"{r['server'][:28]:<28} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
-              f"{fmt(r['ttft_p50_s'], 1, 's'):>9} {fmt(r['ttft_p99_s'], 1, 's'):>9} {fmt(r['tpot_p50_ms'], 1, 'ms'):>9} "
-              f"{fmt(r['tpot_p99_ms'], 1, 'ms'):>9}" + (f" {r['same_as_solo']:>5} of {r['requests']}" if a.check else "")
-              + (f"  {r['rss_mb']:.0f}" if a.pid else ""))
+    rows, rss0, model = measure(a.url, a.model, a.api_key, a.concurrency, a.requests, a.time_limit, a.max_tokens,
+                                a.check, a.pid, a.label)
+    print_table(rows)
     if rss0 is not None:
         print(f"resident memory after the warm-up {rss0:.0f} MB, after the last level {rows[-1]['rss_mb']:.0f} MB "
               f"({rows[-1]['rss_mb'] / rss0 - 1:+.1%})")

@@ -39,12 +39,12 @@ def raw(url, method, path, body=None, headers=None):
 
 
 class ServerProcess:
-    def __init__(self, *flags, env_key=None):
+    def __init__(self, *flags, env_key=None, launcher=()):
         env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
         if env_key:
             env["LAYERSKIP_API_KEY"] = env_key
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--port", "0", *flags], cwd=REPO,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, *launcher, str(REPO / "serve.py"), "--port", "0", *flags],
+                                     cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
         self.log = []
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -299,6 +299,27 @@ def test_disconnect_frees_the_row_and_a_full_queue_gives_429(tiny_smol_dir):
 def test_bad_flags_are_one_line(flags, message):
     r = subprocess.run([sys.executable, str(REPO / "serve.py"), *flags], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_tensor_parallel_server_answers_from_rank_0_with_single_process_output(tiny_smol_dir, reference):
+    """torchrun over 2 gloo ranks: rank 0 serves, both ranks step together on the requests it
+    broadcasts; every client's greedy text is the single-process one."""
+    s = ServerProcess("--checkpoint_path", str(tiny_smol_dir), "--max_batch_size", "2", "--max_seq_length", "256",
+                      "--temperature", "0", "--prefill_chunk", "16",
+                      launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    try:
+        assert any("tensor parallel over 2 ranks" in line for line in s.log)
+        client, tok = s.client(), reference.tokenizer
+        lengths = [12, 5, 20]
+        prompts = [PROMPTS[0], LONG[:200], PROMPTS[3]]  # three clients over two rows, one prefilled in chunks
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda i: client.completions.create(
+                model=tiny_smol_dir.name, prompt=prompts[i], max_tokens=lengths[i]).choices[0].text, range(3)))
+        assert got == [text_of(reference, reference(tok.encode(p), n)) for p, n in zip(prompts, lengths)]
+    finally:
+        s.stop()
+    assert s.proc.returncode is not None
 
 
 def test_smollm2_chat_streams_its_greedy_reply(smollm2_dir):

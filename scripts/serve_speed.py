@@ -1,0 +1,146 @@
+"""Our server against llama.cpp's llama-server, one after the other on the same machine, with the
+same client, prompts and load (scripts/load.py: HumanEval chat prompts, greedy, streaming).
+
+    python scripts/serve_speed.py --ours "--quantize int8 --compile" --ours "--quantize int4 --compile" \\
+        --llama_server "" --llama_server "--spec-type ngram-simple" --concurrency 1 4 8 16
+
+Each --ours is one serve.py command line (flags after serve.py; --max_batch_size is added), each
+--llama_server one llama-server configuration on the default model's Q4_1 GGUF (scripts/llama_server.py
+builds it), with as many slots as our rows. Every response is compared with the same server's
+answer to the prompt alone (same as solo). Prints every row, then each of ours against the first
+llama-server configuration at each concurrency (output tokens/s and p99 time to first token, as
+ratios); --output_dir writes serve_speed.json and serve_speed.png.
+"""
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import cli  # noqa: E402
+
+cli.start(__name__)
+
+import llama_server  # noqa: E402
+from load import measure, print_table  # noqa: E402
+from output import add_output_option, check_output, write_json  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, url: str, timeout: float = 900):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready after {timeout:.0f} s")
+
+
+def start_ours(flags: str, rows: int, ctx: int):
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "serve.py"), "--port", str(port), "--max_batch_size", str(rows),
+           "--max_seq_length", str(ctx), "--temperature", "0", *shlex.split(flags)]
+    return subprocess.Popen(cmd, cwd=REPO), f"http://127.0.0.1:{port}", f"ours {flags}".strip()
+
+
+def start_llama(flags: str, rows: int, ctx: int, gguf: Path):
+    port = free_port()
+    binary = llama_server.build()
+    cmd = llama_server.command(binary, gguf, port, rows, ctx, os.cpu_count(), shlex.split(flags))
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", \
+        f"llama-server {flags}".strip()
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__)
+    p.add_argument("--ours", action="append", default=None, help="serve.py flags (repeatable)")
+    p.add_argument("--llama_server", action="append", default=None, help="llama-server flags (repeatable; \"\" plain)")
+    p.add_argument("--gguf", type=Path, default=None, help="llama-server's model (default: the default model's GGUF)")
+    p.add_argument("--rows", type=int, default=8, help="our --max_batch_size and llama-server's --parallel")
+    p.add_argument("--ctx", type=int, default=1024, help="positions per row / slot")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default: 2 per client, >= 8)")
+    p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--time_limit", type=float, default=300, help="seconds per level at most")
+    add_output_option(p, None, file_option=False)
+    a = p.parse_args(argv)
+    ours, theirs = a.ours or ["--quantize int8 --compile"], a.llama_server if a.llama_server is not None else [""]
+    if any(c < 1 for c in a.concurrency) or a.rows < 1 or a.max_tokens < 1:
+        p.error("--concurrency, --rows and --max_tokens must be positive")
+    out = check_output(a, "serve_speed.json")
+    gguf = a.gguf or llama_server.default_gguf()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"--gguf {gguf} does not exist")
+    rows = []
+    starts = [lambda f=f: start_llama(f, a.rows, a.ctx, gguf) for f in theirs] + \
+             [lambda f=f: start_ours(f, a.rows, a.ctx) for f in ours]
+    for start in starts:
+        proc, url, label = start()
+        try:
+            wait_ready(proc, url)
+            got, rss0, _ = measure(url, None, "none", a.concurrency, a.requests, a.time_limit, a.max_tokens, True,
+                                   proc.pid, label)
+            for r in got:
+                r["rss_after_warmup_mb"] = rss0
+            rows += got
+        finally:
+            stop(proc)
+    print_table(rows)
+    peer = theirs[0] if theirs else None
+    if peer is not None:
+        base = {r["concurrency"]: r for r in rows if r["server"] == f"llama-server {peer}".strip()}
+        print(f"\nours / llama-server {peer or '(plain)'}: output tokens/s and p99 time to first token (lower is better)")
+        for r in rows:
+            if r["server"].startswith("ours"):
+                b = base[r["concurrency"]]
+                print(f"{r['server'][:40]:<40} {r['concurrency']:>3} clients: {r['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+                      f"tokens/s, TTFT p99 {r['ttft_p99_s']:.2f} s vs {b['ttft_p99_s']:.2f} s")
+    write_json(out, {"gguf": str(gguf), "rows_per_server": a.rows, "max_tokens": a.max_tokens, "rows": rows})
+    if out is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label in dict.fromkeys(r["server"] for r in rows):
+            mine = [r for r in rows if r["server"] == label]
+            ax.plot([r["concurrency"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=label)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("output tokens/s (all clients)")
+        ax.set_title(re.sub(r"\s+", " ", f"SmolLM2-135M, greedy, {a.max_tokens} tokens per request"))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)
