@@ -302,6 +302,27 @@ def test_bad_flags_are_one_line(flags, message):
 
 
 @pytest.mark.slow
+def test_compiled_server_compiles_before_listening_and_never_again(tiny_smol_dir, reference):
+    """--compile: the warm-up compiles the steps of every row count before the server listens;
+    requests joining and leaving at 1 and 2 rows then compile nothing (no line on stderr)."""
+    s = ServerProcess("--checkpoint_path", str(tiny_smol_dir), "--max_batch_size", "2", "--max_seq_length", "256",
+                      "--temperature", "0", "--compile")
+    try:
+        assert any("compiling the graph of" in line for line in s.log)
+        before = len(s.log)
+        client, tok = s.client(), reference.tokenizer
+        lengths = [9, 14, 4]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda i: client.completions.create(
+                model=tiny_smol_dir.name, prompt=PROMPTS[i], max_tokens=lengths[i]).choices[0].text, range(3)))
+        assert got == [text_of(reference, reference(tok.encode(PROMPTS[i]), n)) for i, n in enumerate(lengths)]
+        time.sleep(0.5)
+        assert not any("compil" in line for line in s.log[before:]), s.log[before:]
+    finally:
+        assert s.stop() == 130
+
+
+@pytest.mark.slow
 def test_tensor_parallel_server_answers_from_rank_0_with_single_process_output(tiny_smol_dir, reference):
     """torchrun over 2 gloo ranks: rank 0 serves, both ranks step together on the requests it
     broadcasts; every client's greedy text is the single-process one."""
