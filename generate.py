@@ -268,7 +268,7 @@ def chat_loop(args, engine):
 
 def main(argv=None):
     args, config, prompts, batch_size = parse_args(argv)
-    try:
+    with tp.command_scope():
         rank, world_size, config = init_distributed(config)
         engine = load_engine(config, rank, world_size, check=lambda meta, tokenizer: check_prompt(
             args, prompts, config.strategy, tokenizer, meta["args"]))
@@ -276,11 +276,6 @@ def main(argv=None):
             chat_loop(args, engine)
         else:
             run_samples(args, engine, prompts, batch_size)
-    except torch.distributed.DistError as e:
-        raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
-                              f"{e}") from e
-    finally:
-        tp.shutdown()
 
 
 if __name__ == "__main__":

@@ -496,7 +496,7 @@ def warm_up(engine, loop: EngineLoop):
 
 def main(argv=None):
     args, config = parse_args(argv)
-    try:
+    with tp.command_scope():
         rank, world_size, config = init_distributed(config)
         engine = load_engine(config, rank, world_size)
         if engine.tokenizer is None:
@@ -535,11 +535,6 @@ def main(argv=None):
         finally:
             http.should_exit = True
             thread.join(timeout=3)
-    except torch.distributed.DistError as e:
-        raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
-                              f"{e}") from e
-    finally:
-        tp.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ local input width of a row-parallel layer must be a whole number of groups), bef
 The model code knows nothing of processes: row-parallel layers are wrapped in `AllReduce`, which
 uses functional collectives that torch.compile traces without graph breaks.
 """
+import contextlib
 import datetime
 import os
 
@@ -77,6 +78,19 @@ def init_from_env(device_name: str = "auto", timeout_s: float = 300) -> tuple[in
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def command_scope():
+    """A command's work under torchrun: a collective that fails says why, and the process group is
+    left at the end, whatever happened."""
+    try:
+        yield
+    except dist.DistError as e:
+        raise ConnectionError(f"a collective failed, most likely because another rank exited or timed out: "
+                              f"{e}") from e
+    finally:
+        shutdown()
 
 
 def check_shardable(args: ModelArgs, world_size: int, int4_groupsize: int | None = None):
