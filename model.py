@@ -191,12 +191,19 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.rows = None  # None: every row
+        self.use_rows(None)
+
+    def use_rows(self, rows: slice | None):
+        """The rows passes read and write from now on (Transformer.cache_rows): all (None) or a slice.
+        The slices are views taken here, outside any compiled graph, which then takes them as its
+        inputs: a graph that sliced the cache itself and wrote into the slice would copy the whole
+        cache back at every call (8 ms a 1-row SmolLM2 step in an 8 x 2048 cache)."""
+        self.rows = rows
+        self.k_rows, self.v_rows = (None, None) if rows is None else (self.k_cache[rows], self.v_cache[rows])
 
     def update(self, input_pos, k, v):
         """input_pos [T] (the same positions for every row) or [B, T] (each row its own)."""
-        k_cache, v_cache = (self.k_cache, self.v_cache) if self.rows is None else \
-            (self.k_cache[self.rows], self.v_cache[self.rows])
+        k_cache, v_cache = (self.k_cache, self.v_cache) if self.k_rows is None else (self.k_rows, self.v_rows)
         if input_pos.dim() == 1:
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
@@ -432,8 +439,8 @@ class _CacheRows:
 
     def __enter__(self):
         for c in self.caches:
-            c.rows = self.rows
+            c.use_rows(self.rows)
 
     def __exit__(self, *exc):
         for c in self.caches:
-            c.rows = None
+            c.use_rows(None)
