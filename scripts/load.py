@@ -11,6 +11,7 @@ with --check, how many responses equal the same prompt's answer at concurrency 1
 the server's resident memory after the warm-up and after each level (leaked rows or caches grow
 it). Prints one table; --output_dir writes it as JSON and a PNG.
 """
+import json
 import sys
 import threading
 import time
@@ -47,12 +48,12 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
+def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first, last, chunks, text, usage, finish = None, None, 0, [], None, None
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                             max_tokens=max_tokens, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+                                            stream_options={"include_usage": True}, extra_body=extra)
     for c in stream:
         if c.usage is not None:
             usage = c.usage.completion_tokens
@@ -74,7 +75,7 @@ def one_request(client, model: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_level(url: str, model: str, key: str, texts: list[str], concurrency: int, requests: int, time_limit: float,
-              max_tokens: int) -> tuple[list[dict], float, int]:
+              max_tokens: int, extra: dict | None = None) -> tuple[list[dict], float, int]:
     """Each client takes the next prompt until `requests` are done or time_limit has passed."""
     import openai
     lock, nxt, results, failed = threading.Lock(), [0], [], [0]
@@ -89,7 +90,7 @@ def run_level(url: str, model: str, key: str, texts: list[str], concurrency: int
                 i = nxt[0]
                 nxt[0] += 1
             try:
-                r = one_request(client, model, texts[i % len(texts)], max_tokens)
+                r = one_request(client, model, texts[i % len(texts)], max_tokens, extra)
             except openai.OpenAIError as e:
                 print(f"request {i} failed: {type(e).__name__}: {e}", file=sys.stderr)
                 with lock:
@@ -113,25 +114,27 @@ def server_model(url: str, key: str) -> str:
 
 
 def measure(url: str, model: str | None, key: str, levels: list[int], requests: int | None, time_limit: float,
-            max_tokens: int, check: bool = False, pid: int | None = None, label: str | None = None):
-    """(a row per concurrency level, the server's RSS in MB after the warm-up, the model id)."""
+            max_tokens: int, check: bool = False, pid: int | None = None, label: str | None = None,
+            extra: dict | None = None):
+    """(a row per concurrency level, the server's RSS in MB after the warm-up, the model id); extra:
+    fields added to every request (a server's own extensions)."""
     url = url.rstrip("/")
     model = model or server_model(url, key)
     most = max(levels)
     texts = prompts(max(requests or 0, 2 * most, 8))
     print(f"warming up {url} ({model}) ...", file=sys.stderr, flush=True)
-    run_level(url, model, key, texts, 1, 1, time_limit, 8)
+    run_level(url, model, key, texts, 1, 1, time_limit, 8, extra)
     rss0 = rss_mb(pid)
     solo = {}
     if check:  # every prompt alone first: the answers the loaded runs must repeat
         n = max(requests or 0, 2 * most, 8)
-        for r in run_level(url, model, key, texts, 1, n, time_limit * 4, max_tokens)[0]:
+        for r in run_level(url, model, key, texts, 1, n, time_limit * 4, max_tokens, extra)[0]:
             solo[r["prompt"]] = r["text"]
     rows = []
     for c in levels:
         n = requests or max(2 * c, 8)
         print(f"{c} concurrent clients, {n} requests ...", file=sys.stderr, flush=True)
-        results, wall, failed = run_level(url, model, key, texts, c, n, time_limit, max_tokens)
+        results, wall, failed = run_level(url, model, key, texts, c, n, time_limit, max_tokens, extra)
         tokens = sum(r["tokens"] for r in results)
         ttft = [r["ttft"] for r in results]
         tpot = [r["tpot"] for r in results if r["tpot"] is not None]
@@ -171,6 +174,8 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--check", action="store_true", help="compare every response with its solo (concurrency 1) one")
     p.add_argument("--pid", type=int, default=None, help="the server's process id, for its resident memory")
+    p.add_argument("--extra_body", type=json.loads, default=None,
+                   help='JSON fields added to every request, e.g. \'{"cache_prompt": false}\' for llama-server')
     p.add_argument("--label", default=None, help="the server's name in the table (default: the URL)")
     add_output_option(p, None, file_option=False)
     a = p.parse_args(argv)
@@ -183,7 +188,7 @@ def main(argv=None):
         p.error(f"--pid {a.pid}: no such process")
     out = check_output(a, "load.json")
     rows, rss0, model = measure(a.url, a.model, a.api_key, a.concurrency, a.requests, a.time_limit, a.max_tokens,
-                                a.check, a.pid, a.label)
+                                a.check, a.pid, a.label, a.extra_body)
     print_table(rows)
     if rss0 is not None:
         print(f"resident memory after the warm-up {rss0:.0f} MB, after the last level {rows[-1]['rss_mb']:.0f} MB "

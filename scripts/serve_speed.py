@@ -6,7 +6,8 @@ same client, prompts and load (scripts/load.py: HumanEval chat prompts, greedy, 
 
 Each --ours is one serve.py command line (flags after serve.py; --max_batch_size is added), each
 --llama_server one llama-server configuration on the default model's Q4_1 GGUF (scripts/llama_server.py
-builds it), with as many slots as our rows. Every response is compared with the same server's
+builds it), with as many slots as our rows and its prompt cache off (requests say "cache_prompt":
+false): the load repeats its prompts, and a cached prompt's prefill would be skipped. Every response is compared with the same server's
 answer to the prompt alone (same as solo). Prints every row, then each of ours against the first
 llama-server configuration at each concurrency (output tokens/s and p99 time to first token, as
 ratios); --output_dir writes serve_speed.json and serve_speed.png.
@@ -60,15 +61,17 @@ def start_ours(flags: str, rows: int, ctx: int):
     port = free_port()
     cmd = [sys.executable, str(REPO / "serve.py"), "--port", str(port), "--max_batch_size", str(rows),
            "--max_seq_length", str(ctx), "--temperature", "0", *shlex.split(flags)]
-    return subprocess.Popen(cmd, cwd=REPO), f"http://127.0.0.1:{port}", f"ours {flags}".strip()
+    return subprocess.Popen(cmd, cwd=REPO), f"http://127.0.0.1:{port}", f"ours {flags}".strip(), None
 
 
 def start_llama(flags: str, rows: int, ctx: int, gguf: Path):
     port = free_port()
     binary = llama_server.build()
     cmd = llama_server.command(binary, gguf, port, rows, ctx, os.cpu_count(), shlex.split(flags))
+    # its prompt cache off: the load repeats prompts, whose cached keys would skip their prefill
+    # (and make its answers depend on what ran before); ours has none
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", \
-        f"llama-server {flags}".strip()
+        f"llama-server {flags}".strip(), {"cache_prompt": False}
 
 
 def stop(proc):
@@ -104,11 +107,11 @@ def main(argv=None):
     starts = [lambda f=f: start_llama(f, a.rows, a.ctx, gguf) for f in theirs] + \
              [lambda f=f: start_ours(f, a.rows, a.ctx) for f in ours]
     for start in starts:
-        proc, url, label = start()
+        proc, url, label, extra = start()
         try:
             wait_ready(proc, url)
             got, rss0, _ = measure(url, None, "none", a.concurrency, a.requests, a.time_limit, a.max_tokens, True,
-                                   proc.pid, label)
+                                   proc.pid, label, extra)
             for r in got:
                 r["rss_after_warmup_mb"] = rss0
             rows += got
