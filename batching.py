@@ -30,7 +30,7 @@ from decoding import (GenerationStats, check_draft_source, check_exit_layer, che
                       describe_choices, read_round)
 from steps import Steps, check_finite, synchronize
 from model import Transformer
-from sampling import SamplingParams
+from sampling import RowParams, SamplingParams
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Sequence:
     tokens: list = field(default_factory=list)  # generated so far (a stop token, if any, kept last)
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens), once ended
     stats: GenerationStats | None = None
+    sampling: SamplingParams | None = None  # its own sampling settings (None: the batch's)
     row: int | None = None  # its cache row while it runs
     started: float = 0.0  # when its decoding began (after its prefill)
 
@@ -74,7 +75,9 @@ class Batch:
     model's layers [0, exit_layer) (all if None) with its own cache (a separate model, or the
     quantized copy of the model's own layers). `add` prefills a sequence into a free row; `step`
     runs one step (or round) of every running sequence and returns what each produced; sequences
-    that end leave their rows at once."""
+    that end leave their rows at once. A sequence may bring sampling settings of its own
+    (Sequence.sampling, else params): rows with different settings, greedy ones among them, share
+    the steps (sampling.RowParams)."""
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
                  exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None,
@@ -107,6 +110,7 @@ class Batch:
         self.choices = Counter()  # with a policy: rounds by (E, k)
         self.behind = [0] * B  # own-cache draft: plain steps its cache has not seen, per row
         self.filling = {}  # row -> (sequence, prompt tokens prefilled, seconds): a prompt prefilled in chunks
+        self.sampling = [params] * B  # each row's sampling settings (a free row: the batch's)
         self.steps_run, self.last_shape = 0, None
 
     @property
@@ -159,7 +163,7 @@ class Batch:
         part = torch.tensor(seq.prompt[done:end], dtype=torch.long, device=self.device)[None]
         positions = torch.arange(done, end, device=self.device)
         with self.model.cache_rows(row, row + 1):
-            first, finite = self.steps.prefill(self.model, part, positions, self.params,
+            first, finite = self.steps.prefill(self.model, part, positions, seq.sampling or self.params,
                                                None if self.k else self.exit_layer)
         if self.draft_model is not None:
             with self.draft_model.cache_rows(row, row + 1):
@@ -180,6 +184,8 @@ class Batch:
         else:
             seq.row = row
             self.rows[row] = seq
+            own = seq.sampling or self.params
+            self.sampling[row] = SamplingParams() if own.greedy else own  # greedy is greedy, whatever its top-k
             self.cur[row] = first[0]
             self.pos[row] = len(seq.prompt)
             self.prev[row] = seq.prompt[-1]
@@ -229,6 +235,14 @@ class Batch:
         top = max(i for i, s in enumerate(self.rows) if s is not None) + 1
         return next(b for b in self.buckets if b >= top)
 
+    def row_params(self, b: int):
+        """The sampling settings of the first b rows: one SamplingParams when every running row has
+        the same (a free row rides along with a running row's), else RowParams."""
+        live = {self.sampling[i] for i, s in enumerate(self.rows[:b]) if s is not None}
+        if len(live) <= 1:
+            return live.pop() if live else self.params
+        return RowParams(tuple(self.sampling[i] if s is not None else self.params for i, s in enumerate(self.rows[:b])))
+
     def cache_rows(self, b: int):
         """The models' caches narrowed to their first b rows for a step (all of them: no narrowing)."""
         if b == len(self.rows):
@@ -241,7 +255,7 @@ class Batch:
 
     def _decode(self, b: int, exit_layer: int | None) -> list[list[int]]:
         cur, pos, live = self.cur[:b], self.pos[:b], self.live[:b]
-        nxt = self.steps.decode(self.model, cur, pos, self.params, exit_layer).clone()
+        nxt = self.steps.decode(self.model, cur, pos, self.row_params(b), exit_layer).clone()
         self.prev[:b].copy_(cur)  # a draft model's next round starts from [prev, cur]
         cur.copy_(nxt)
         pos.add_(1).mul_(live)
@@ -284,6 +298,7 @@ class Batch:
         cur, pos, prev, live = self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b]
         limits = [min(k, s.max_new_tokens - len(s.tokens) - 1) if s is not None else 0 for s in self.rows[:b]]
         limit = torch.tensor(limits, device=self.device)
+        params = self.row_params(b)
         drafts, states, probs = [], [], []
         if own:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
             x, x_pos = torch.cat([prev, cur], 1), (pos - 1 + self.offsets[:2]).clamp_min(0)
@@ -291,15 +306,15 @@ class Batch:
             x, x_pos = cur, pos
         for j in range(k):
             x, h, q = (v.clone() if v is not None else None
-                       for v in self.steps.batch_draft(drafter, x, x_pos, self.params, E))
+                       for v in self.steps.batch_draft(drafter, x, x_pos, params, E))
             x_pos = pos + j + 1
             drafts.append(x)
             states.append(h[:, -1:])
             probs.append(q)
         tokens = torch.cat([cur, *drafts], 1)
-        draft_probs = None if self.params.greedy else torch.stack(probs, 1)
+        draft_probs = None if params.greedy else torch.stack(probs, 1)
         n, nxt = self.steps.batch_verify(model, tokens, None if own else torch.cat(states, 1), draft_probs,
-                                         pos + self.offsets[:k + 1], limit, self.params, None if own else E)
+                                         pos + self.offsets[:k + 1], limit, params, None if own else E)
         verdicts = read_round(tokens, nxt, n)  # the round's one host synchronisation
         prev.copy_(tokens.gather(1, n[:, None]))
         cur.copy_(nxt)
@@ -325,6 +340,7 @@ class Batch:
             seq.row = None
         if seq.row is not None:
             self.rows[seq.row] = None
+            self.sampling[seq.row] = self.params
             self.cur[seq.row] = 0
             self.pos[seq.row] = 0
             self.prev[seq.row] = 0

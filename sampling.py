@@ -24,8 +24,40 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, then top-k, then top-p (the order transformers applies them)."""
+@dataclass(frozen=True)
+class RowParams:
+    """A batch whose rows sample with settings of their own: rows[b] is row b's (greedy or not).
+    sample and logits_to_probs take it in place of one SamplingParams for logits [B, ..., V]; rows
+    with the same settings are drawn together (a server's batch holds a few kinds)."""
+    rows: tuple
+
+    @property
+    def greedy(self) -> bool:
+        return all(p.greedy for p in self.rows)
+
+    def groups(self, device) -> list[tuple[SamplingParams, torch.Tensor]]:
+        """(settings, the rows with them as an index tensor on device), each kind once."""
+        by = {}
+        for b, p in enumerate(self.rows):
+            by.setdefault(p, []).append(b)
+        return [(p, torch.tensor(rows, device=device)) for p, rows in by.items()]
+
+    @classmethod
+    def of(cls, rows: list[SamplingParams]):
+        """One SamplingParams where every row has the same, else RowParams."""
+        return rows[0] if len(set(rows)) == 1 else cls(tuple(rows))
+
+
+def logits_to_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """Probabilities after temperature, then top-k, then top-p (the order transformers applies them).
+    With RowParams, each row's own (a greedy row's: all mass on its argmax)."""
+    if isinstance(params, RowParams):
+        probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for p, rows in params.groups(logits.device):
+            part = logits.index_select(0, rows)
+            probs[rows] = (torch.nn.functional.one_hot(part.argmax(-1), part.shape[-1]).float() if p.greedy
+                           else logits_to_probs(part, p))
+        return probs
     # Shifted by the maximum first: a tiny temperature then sends the other logits to -inf (the
     # greedy limit) instead of overflowing them all to inf, which softmax turns into NaN.
     logits = logits.float()
@@ -48,8 +80,13 @@ def sample_from_probs(probs: torch.Tensor) -> torch.Tensor:
     return torch.argmax(probs / noise, dim=-1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Next token ids [..., 1] from logits [..., vocab]."""
+def sample(logits: torch.Tensor, params) -> torch.Tensor:
+    """Next token ids [..., 1] from logits [..., vocab] (with RowParams: [B, ..., vocab], each row its own)."""
+    if isinstance(params, RowParams):
+        out = torch.empty((*logits.shape[:-1], 1), dtype=torch.long, device=logits.device)
+        for p, rows in params.groups(logits.device):
+            out[rows] = sample(logits.index_select(0, rows), p)
+        return out
     if params.greedy:
         return torch.argmax(logits, dim=-1, keepdim=True)
     return sample_from_probs(logits_to_probs(logits, params))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Transformer, layer_graph, run_blocks
-from sampling import SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs, speculative_accept
+from sampling import RowParams, SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs, speculative_accept
 
 
 def prefill(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):
@@ -105,11 +105,12 @@ def verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos,
     return n, nxt, ((low, high) if taps else None)
 
 
-def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None):
+def batch_draft_step(model: Transformer, x, input_pos, params, exit_layer: int | None):
     """One draft token for each of B sequences: x [B, T] at their own positions input_pos [B, T]
     through layers [0, exit_layer) (all if None) and the head; the token follows x's last column
     (T = 2: a draft model's catch-up, batching.Batch). Returns (tokens [B, 1], layer-E states
-    [B, T, dim], the draft distributions [B, V] when sampling, else None)."""
+    [B, T, dim], the draft distributions [B, V] when sampling, else None). params: a SamplingParams
+    or, rows with their own, sampling.RowParams (here and in batch_verify_step and decode)."""
     h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
     logits = model.head(h[:, -1:])[:, -1]
     if params.greedy:
@@ -118,8 +119,8 @@ def batch_draft_step(model: Transformer, x, input_pos, params: SamplingParams, e
     return sample_from_probs(probs), h, probs
 
 
-def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit,
-                      params: SamplingParams, exit_layer: int | None):
+def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, input_pos, limit, params,
+                      exit_layer: int | None):
     """verify_step for B sequences at once, each at its own positions: tokens [B, k+1] = [last
     kept, d1..dk], draft_probs [B, k, V] or None (greedy), input_pos [B, k+1], limit [B] (drafts
     that count per row). Self-speculative (exit_layer E): exit_states [B, k, dim] are the drafted
@@ -136,7 +137,8 @@ def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, inpu
     drafts = tokens[:, 1:]
     if params.greedy:
         return greedy_accept(drafts, logits, limit)
-    rows = [speculative_accept(drafts[b], draft_probs[b], logits[b], params, limit[b]) for b in range(len(tokens))]
+    each = params.rows if isinstance(params, RowParams) else [params] * len(tokens)
+    rows = [speculative_accept(drafts[b], draft_probs[b], logits[b], each[b], limit[b]) for b in range(len(tokens))]
     return torch.stack([n for n, _ in rows]), torch.stack([t for _, t in rows])
 
 

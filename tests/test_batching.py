@@ -420,3 +420,34 @@ def test_prompts_prefilled_in_chunks_between_steps_equal_batch1_greedy(strategy,
     assert [streamed[i] for i in range(len(prompts))] == ref
     # the long prompts took several chunks, each between steps of the rows already running
     assert stats.steps < sum(16 - 1 for _ in prompts)
+
+
+@pytest.mark.parametrize("k", [0, 2], ids=["autoregressive", "self_spec_E1_k2"])
+def test_rows_with_their_own_sampling_settings_share_the_steps(k):
+    """Rows sampling with different settings in one batch (a server's requests): the greedy rows
+    give exactly their batch-1 greedy tokens, and a sampled row draws its second token from its
+    own batch-1 distribution, whatever its neighbours sample with."""
+    V = 8
+    model = pack_model(random_model(n_layers=3, vocab=V, dim=32, seed=3, scale=0.35))
+    mine, hot = SamplingParams(0.8, top_k=3), SamplingParams(1.5, top_p=0.9)
+    prompt, greedy_prompts = [1, 5, 2], [[3, 3], [7, 1, 4, 6]]
+    with torch.no_grad():
+        full = torch.cat([torch.tensor(prompt).expand(V, 3), torch.arange(V)[:, None]], 1)
+        expected = logits_to_probs(model(torch.tensor([prompt]))[0, -1], mine) @ \
+            logits_to_probs(model(full)[:, -1], mine)
+    ref = batch1_reference(model, greedy_prompts, 6, size=16)
+    model.setup_caches(4, 16)
+    counts = torch.zeros(V)
+    torch.manual_seed(0)
+    for _ in range(300):
+        batch = Batch(model, GREEDY, exit_layer=1 if k else None, num_speculations=k)
+        seqs = [Sequence(prompt, 2, sampling=mine), Sequence(greedy_prompts[0], 6),
+                Sequence([2, 6, 1], 6, sampling=hot), Sequence(greedy_prompts[1], 6, sampling=SamplingParams(0.0, 50))]
+        for s in seqs:
+            batch.add(s)
+        while batch.running:
+            batch.step()
+        assert [seqs[1].tokens, seqs[3].tokens] == ref
+        counts[seqs[0].tokens[1]] += 1
+    stat, df = chi2(counts, expected)
+    assert stat < _chi2_critical(df), stat
