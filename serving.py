@@ -6,11 +6,13 @@ other command); the HTTP layer calls `submit` and `cancel` from its own thread a
 request's tokens through the request's `deliver` callback, called from the loop's thread.
 
 Between steps: cancelled sequences leave their rows, then queued requests take the free rows, in
-arrival order. A Batch samples with one SamplingParams, so rows that run together share their
-sampling settings: a request whose settings differ from the running rows' waits at the head of
-the queue until those rows end (first come, first served: nothing overtakes it), and a sampled
-request with a `seed` runs alone, after torch.manual_seed(seed), so that it repeats exactly.
-Greedy requests all share one group, whatever their other settings.
+arrival order. Each row samples with its request's own settings (Batch's per-row sampling), greedy
+and sampled rows side by side, except in two cases where requests run in groups: a sampled request
+with a `seed` runs alone, after torch.manual_seed(seed), so that it repeats exactly; and with
+whole-step compiled graphs (`--layers_per_graph 0`, the CUDA default), whose sampling is inside the
+graph, rows that run together share their settings (each mix would be a graph of its own). A
+request that cannot join the running rows waits at the head of the queue until they end (first
+come, first served: nothing overtakes it).
 """
 import bisect
 import itertools
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 
 import batching
+from steps import Steps
 import tp
 from sampling import SamplingParams
 
@@ -50,12 +53,14 @@ class Request:
     cancelled: bool = False
     seq: batching.Sequence | None = None
 
-    @property
-    def group(self):
-        """What the rows of one Batch must share (see the module's docstring)."""
+    def group(self, mix: bool):
+        """What the rows of one Batch must share (see the module's docstring); mix: rows may sample
+        with settings of their own."""
         if self.sampling.greedy:
-            return SamplingParams()
-        return (self.sampling, id(self)) if self.seed is not None else self.sampling
+            return "any" if mix else SamplingParams()
+        if self.seed is not None:
+            return id(self)
+        return "any" if mix else self.sampling
 
 
 HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -163,6 +168,8 @@ class EngineLoop:
         self.draft = engine.draft_for(strategy)
         self.policy = engine.batch_policy_for(strategy) if strategy.adaptive else None
         self.stop_ids = frozenset(engine.stops())
+        # regional or eager steps sample outside any graph: rows may mix their settings
+        self.mix = engine.steps.decode is Steps.decode or hasattr(engine.steps.decode, "layer_graph")
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # by id(sequence)
@@ -220,7 +227,8 @@ class EngineLoop:
 
     def _plan(self, keep_going):
         """What this iteration does: {"gone": request ids, "batch": a new Batch's (sampling, seed)
-        or None, "admit": [(id, prompt, max_tokens)]}; None to stop. Waits a moment when idle."""
+        or None, "admit": [(id, prompt, max_tokens, sampling)]}; None to stop. Waits a moment when
+        idle."""
         if not keep_going():
             return None
         with self.cond:
@@ -229,7 +237,7 @@ class EngineLoop:
                 return {"gone": [], "batch": None, "admit": []}
             gone = [r.rid for r in self.running.values() if r.cancelled]
             new, admit = self._admissible()
-        return {"gone": gone, "batch": new, "admit": [(r.rid, r.prompt, r.max_tokens) for r in admit]}
+        return {"gone": gone, "batch": new, "admit": [(r.rid, r.prompt, r.max_tokens, r.sampling) for r in admit]}
 
     def _apply(self, plan: dict):
         for rid in plan["gone"]:
@@ -246,9 +254,9 @@ class EngineLoop:
         if self.batch is not None and self.batch.filling:
             for seq, kept in self._guarded(self.batch.fill, self.prefill_chunk):
                 self._produced(seq, kept)
-        for rid, prompt, max_tokens in plan["admit"]:
+        for rid, prompt, max_tokens, sampling in plan["admit"]:
             # rank 0 delivers to its clients; the other ranks only compute the same rows
-            self._add(self.submitted.pop(rid, None) or Request(prompt, max_tokens, self.batch.params, _nowhere, rid=rid))
+            self._add(self.submitted.pop(rid, None) or Request(prompt, max_tokens, sampling, _nowhere, rid=rid))
         if self.running:
             self._step()
 
@@ -260,13 +268,13 @@ class EngineLoop:
         if not self.waiting:
             return None, []
         new = None
-        if not self.running and self.waiting[0].group != self.group:  # the head's turn: a new Batch
+        if not self.running and self.waiting[0].group(self.mix) != self.group:  # the head's turn: a new Batch
             head = self.waiting[0]
-            self.group = head.group
+            self.group = head.group(self.mix)
             new = (head.sampling, head.seed if not head.sampling.greedy else None)
         free = self.rows - len(self.running)
         taken = []
-        while self.waiting and len(taken) < free and self.waiting[0].group == self.group:
+        while self.waiting and len(taken) < free and self.waiting[0].group(self.mix) == self.group:
             req = self.waiting.popleft()
             if req.cancelled:
                 self.submitted.pop(req.rid, None)
@@ -275,7 +283,7 @@ class EngineLoop:
         return new, taken
 
     def _add(self, req: Request):
-        req.seq = batching.Sequence(req.prompt, req.max_tokens, self.stop_ids)
+        req.seq = batching.Sequence(req.prompt, req.max_tokens, self.stop_ids, sampling=req.sampling)
         try:
             kept = self.batch.add(req.seq, self.prefill_chunk)
         except ValueError as e:  # checked before it was queued; a refusal here names what does not fit

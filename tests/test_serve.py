@@ -209,6 +209,21 @@ def test_speculative_server_gives_each_client_its_greedy_output(tiny_smol_dir, r
         assert s.stop() == 130
 
 
+def test_greedy_and_sampled_requests_share_the_batch(server, reference, tiny_smol_dir):
+    """Requests with different sampling settings run in the same steps; the greedy ones still give
+    their batch-1 greedy text."""
+    client, tok, name = server.client(), reference.tokenizer, tiny_smol_dir.name
+    settings = [{"temperature": 0}, {"temperature": 0.7}, {"temperature": 0}, {"temperature": 1.0, "top_p": 0.9}]
+    steps = server.metrics()["layerskip_batch_steps_total"]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: client.completions.create(model=name, prompt=PROMPTS[i], max_tokens=24,
+                                                                **settings[i]), range(4)))
+    for i in (0, 2):
+        assert got[i].choices[0].text == text_of(reference, reference(tok.encode(PROMPTS[i]), 24))
+    assert all(r.usage.completion_tokens == 24 for r in got)
+    assert server.metrics()["layerskip_batch_steps_total"] - steps < 2 * 23  # one after another: 4 x 23
+
+
 def test_seeded_sampling_repeats(server, tiny_smol_dir):
     client, name = server.client(), tiny_smol_dir.name
     runs = [client.completions.create(model=name, prompt=PROMPTS[5], max_tokens=20, temperature=1.0, seed=seed)
