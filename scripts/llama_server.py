@@ -10,6 +10,7 @@ AVX-512 sets are named instead of native): with it, llama-server segfaults in gg
 at its first decode on this project's Xeon. scripts/load.py drives it with
 the same client as serve.py.
 """
+import argparse
 import os
 import shutil
 import subprocess
@@ -103,8 +104,9 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=8, help="slots (llama-server's rows)")
     p.add_argument("--ctx_per_slot", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("extra", nargs="*", help="more llama-server flags, after --")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more llama-server flags, after --")
     a = p.parse_args(argv)
+    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
     binary = build()
     if a.build:
         print(binary)
@@ -112,7 +114,7 @@ def main(argv=None):
     gguf = a.gguf or default_gguf()
     if not gguf.is_file():
         raise FileNotFoundError(f"--gguf {gguf} does not exist")
-    os.execv(str(binary), command(binary, gguf, a.port, a.parallel, a.ctx_per_slot, a.threads, a.extra))
+    os.execv(str(binary), command(binary, gguf, a.port, a.parallel, a.ctx_per_slot, a.threads, extra))
 
 
 if __name__ == "__main__":

@@ -151,13 +151,13 @@ def measure(url: str, model: str | None, key: str, levels: list[int], requests: 
 
 def print_table(rows: list[dict]):
     check, pid = "same_as_solo" in rows[0], rows[0]["rss_mb"] is not None
-    print(f"\n{'server':<28} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+    print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9} {'TPOT p99':>9}" + (" same as solo" if check else "") + ("  RSS MB" if pid else ""))
 
     def fmt(v, unit=""):
         return f"{v:.{0 if unit == 'ms' else 2}f}{unit}" if v is not None else "-"
     for r in rows:
-        print(f"{r['server'][:28]:<28} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
+        print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
               f"{fmt(r['ttft_p50_s'], 's'):>9} {fmt(r['ttft_p99_s'], 's'):>9} {fmt(r['tpot_p50_ms'], 'ms'):>9} "
               f"{fmt(r['tpot_p99_ms'], 'ms'):>9}" + (f" {r['same_as_solo']:>5} of {r['requests']}" if check else "")
               + (f"  {r['rss_mb']:.0f}" if pid else ""))

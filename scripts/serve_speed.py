@@ -12,6 +12,7 @@ answer to the prompt alone (same as solo). Prints every row, then each of ours a
 llama-server configuration at each concurrency (output tokens/s and p99 time to first token, as
 ratios); --output_dir writes serve_speed.json and serve_speed.png.
 """
+import json
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,9 +33,9 @@ import cli  # noqa: E402
 
 cli.start(__name__)
 
-import llama_server  # noqa: E402
-from load import measure, print_table  # noqa: E402
 from output import add_output_option, check_output, write_json  # noqa: E402
+
+SCRIPTS = REPO / "scripts"  # the commands this one composes: llama_server.py, load.py
 
 
 def free_port() -> int:
@@ -64,14 +66,39 @@ def start_ours(flags: str, rows: int, ctx: int):
     return subprocess.Popen(cmd, cwd=REPO), f"http://127.0.0.1:{port}", f"ours {flags}".strip(), None
 
 
-def start_llama(flags: str, rows: int, ctx: int, gguf: Path):
+def start_llama(flags: str, rows: int, ctx: int, gguf: Path | None):
     port = free_port()
-    binary = llama_server.build()
-    cmd = llama_server.command(binary, gguf, port, rows, ctx, os.cpu_count(), shlex.split(flags))
+    cmd = [sys.executable, str(SCRIPTS / "llama_server.py"), "--port", str(port), "--parallel", str(rows),
+           "--ctx_per_slot", str(ctx), "--threads", str(os.cpu_count()), *(["--gguf", str(gguf)] if gguf else []),
+           "--", *shlex.split(flags)]  # it execs llama-server: the same process
     # its prompt cache off: the load repeats prompts, whose cached keys would skip their prefill
     # (and make its answers depend on what ran before); ours has none
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", \
         f"llama-server {flags}".strip(), {"cache_prompt": False}
+
+
+def measure(url: str, label: str, pid: int, extra: dict | None, a) -> list[dict]:
+    """load.py's rows for this server (every response checked against its solo answer)."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, str(SCRIPTS / "load.py"), "--url", url, "--label", label, "--pid", str(pid), "--check",
+               "--concurrency", *map(str, a.concurrency), "--max_tokens", str(a.max_tokens), "--time_limit",
+               str(a.time_limit), "--output_dir", d, *(["--requests", str(a.requests)] if a.requests else []),
+               *(["--extra_body", json.dumps(extra)] if extra else [])]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        doc = json.loads((Path(d) / "load.json").read_text())
+    for r in doc["rows"]:
+        r["rss_after_warmup_mb"] = doc["rss_after_warmup_mb"]
+    return doc["rows"]
+
+
+def print_table(rows: list[dict]):
+    print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9} {'TPOT p99':>9} {'same as solo':>12} {'RSS MB':>7}")
+    for r in rows:
+        ms = [f"{r[k]:.0f}ms" if r[k] is not None else "-" for k in ("tpot_p50_ms", "tpot_p99_ms")]
+        print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} "
+              f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s {ms[0]:>9} {ms[1]:>9} "
+              f"{r['same_as_solo']:>5} of {r['requests']:<3} {r['rss_mb']:>7.0f}")
 
 
 def stop(proc):
@@ -100,9 +127,12 @@ def main(argv=None):
     if any(c < 1 for c in a.concurrency) or a.rows < 1 or a.max_tokens < 1:
         p.error("--concurrency, --rows and --max_tokens must be positive")
     out = check_output(a, "serve_speed.json")
-    gguf = a.gguf or llama_server.default_gguf()
-    if not gguf.is_file():
-        raise FileNotFoundError(f"--gguf {gguf} does not exist")
+    if a.gguf is not None and not a.gguf.is_file():
+        raise FileNotFoundError(f"--gguf {a.gguf} does not exist")
+    if theirs:  # built (once) before anything is timed
+        subprocess.run([sys.executable, str(SCRIPTS / "llama_server.py"), "--build"], check=True,
+                       stdout=subprocess.DEVNULL)
+    gguf = a.gguf
     rows = []
     starts = [lambda f=f: start_llama(f, a.rows, a.ctx, gguf) for f in theirs] + \
              [lambda f=f: start_ours(f, a.rows, a.ctx) for f in ours]
@@ -110,11 +140,7 @@ def main(argv=None):
         proc, url, label, extra = start()
         try:
             wait_ready(proc, url)
-            got, rss0, _ = measure(url, None, "none", a.concurrency, a.requests, a.time_limit, a.max_tokens, True,
-                                   proc.pid, label, extra)
-            for r in got:
-                r["rss_after_warmup_mb"] = rss0
-            rows += got
+            rows += measure(url, label, proc.pid, extra, a)
         finally:
             stop(proc)
     print_table(rows)
@@ -127,7 +153,7 @@ def main(argv=None):
                 b = base[r["concurrency"]]
                 print(f"{r['server'][:40]:<40} {r['concurrency']:>3} clients: {r['tokens_per_s'] / b['tokens_per_s']:.2f}x "
                       f"tokens/s, TTFT p99 {r['ttft_p99_s']:.2f} s vs {b['ttft_p99_s']:.2f} s")
-    write_json(out, {"gguf": str(gguf), "rows_per_server": a.rows, "max_tokens": a.max_tokens, "rows": rows})
+    write_json(out, {"gguf": str(gguf or "the default model's Q4_1"), "rows_per_server": a.rows, "max_tokens": a.max_tokens, "rows": rows})
     if out is not None:
         import matplotlib
         matplotlib.use("Agg")
