@@ -451,3 +451,23 @@ def test_rows_with_their_own_sampling_settings_share_the_steps(k):
         counts[seqs[0].tokens[1]] += 1
     stat, df = chi2(counts, expected)
     assert stat < _chi2_critical(df), stat
+
+
+def test_a_sequence_removed_while_its_prompt_is_prefilled_frees_its_row():
+    """A request cancelled halfway through its chunked prefill leaves at once; the next sequence
+    takes its row and decodes exactly as alone."""
+    model = packed_model()
+    long, short = rand_prompt(50, seed=7).tolist(), rand_prompt(6, seed=8).tolist()
+    ref = batch1_reference(model, [short], 10, size=96)
+    model.setup_caches(1, 96)
+    batch = Batch(model, GREEDY)
+    gone = Sequence(long, 10)
+    assert batch.add(gone, chunk=16) == [] and batch.free_rows == 0
+    batch.fill(16)
+    batch.remove(gone)
+    assert batch.free_rows == 1 and not batch.filling and not gone.tokens
+    seq = Sequence(short, 10)
+    batch.add(seq, chunk=16)
+    while batch.running:
+        batch.step()
+    assert seq.tokens == ref[0]
