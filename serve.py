@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -496,6 +497,9 @@ def warm_up(engine, loop: EngineLoop):
 
 def main(argv=None):
     args, config = parse_args(argv)
+    # SIGTERM (a service manager, docker, torchrun passing it on): stop between two steps and exit 0
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with tp.command_scope():
         rank, world_size, config = init_distributed(config)
         engine = load_engine(config, rank, world_size)
@@ -531,10 +535,12 @@ def main(argv=None):
         print(f"Serving {name} ({config.strategy.describe()}, {args.max_batch_size} rows of {size} positions{key}"
               f"{shards}) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
         try:
-            loop.serve_forever(keep_going=thread.is_alive)
+            loop.serve_forever(keep_going=lambda: thread.is_alive() and not stopping.is_set())
         finally:
             http.should_exit = True
             thread.join(timeout=3)
+        if stopping.is_set():
+            print("stopped (SIGTERM)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ clients of the official `openai` package, bounded in requests and in time, on lo
     python scripts/load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 100000 --time_limit 300 --pid PID
 
 Prompts: HumanEval's problems as chat messages ("Complete this Python function"), greedy, the same
-for every server. Per concurrency level: total output tokens/s (all clients together, over the
-level's wall time), time to first token and time per output token after the first (p50, p99), and,
-with --check, how many responses equal the same prompt's answer at concurrency 1 (solo). --pid:
-the server's resident memory after the warm-up and after each level (leaked rows or caches grow
-it). Prints one table; --output_dir writes it as JSON and a PNG.
+for every server, each level's new to the server (while the 164 problems last). Per concurrency
+level: total output tokens/s (all clients together, over the level's wall time), time to first token, time per output token after the first (TPOT: a
+request's mean) and inter-token latency (ITL: every gap between two streamed chunks; a
+speculative round's chunk may hold several tokens), each p50 and p99; with --check, how many
+responses equal the same prompt's answer alone (asked after all levels); with --pid, the server's
+resident memory after the warm-up and after each level (leaked rows or caches grow it). Prints one
+table; --output_dir writes it as JSON and a PNG.
 """
 import json
 import sys
@@ -50,7 +52,7 @@ def rss_mb(pid: int | None) -> float | None:
 
 def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    first, last, chunks, text, usage, finish = None, None, 0, [], None, None
+    first, last, chunks, text, usage, finish, gaps = None, None, 0, [], None, None, []
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                             max_tokens=max_tokens, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body=extra)
@@ -64,6 +66,8 @@ def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict | 
         piece = c.choices[0].delta.content
         if piece:
             now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
             first = first or now
             last = now
             chunks += 1
@@ -71,7 +75,8 @@ def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict | 
     tokens = usage if usage is not None else chunks
     ttft = (first or time.perf_counter()) - t0
     tpot = (last - first) / (tokens - 1) if first is not None and tokens > 1 else None
-    return {"prompt": prompt, "text": "".join(text), "tokens": tokens, "ttft": ttft, "tpot": tpot, "finish": finish}
+    return {"prompt": prompt, "text": "".join(text), "tokens": tokens, "ttft": ttft, "tpot": tpot, "gaps": gaps,
+            "finish": finish}
 
 
 def run_level(url: str, model: str, key: str, texts: list[str], concurrency: int, requests: int, time_limit: float,
@@ -117,49 +122,58 @@ def measure(url: str, model: str | None, key: str, levels: list[int], requests: 
             max_tokens: int, check: bool = False, pid: int | None = None, label: str | None = None,
             extra: dict | None = None):
     """(a row per concurrency level, the server's RSS in MB after the warm-up, the model id); extra:
-    fields added to every request (a server's own extensions)."""
+    fields added to every request (a server's own extensions). Each level sends prompts the server
+    has not seen in this run (while there are enough), so that a server's prompt cache only reuses
+    what prompts really share (the chat template's opening); with check, every prompt is then sent
+    again alone, after all levels, and each loaded answer compared with its solo one."""
     url = url.rstrip("/")
     model = model or server_model(url, key)
-    most = max(levels)
-    texts = prompts(max(requests or 0, 2 * most, 8))
+    counts = [requests or max(2 * c, 8) for c in levels]
+    texts = prompts(sum(counts) + 1)
     print(f"warming up {url} ({model}) ...", file=sys.stderr, flush=True)
-    run_level(url, model, key, texts, 1, 1, time_limit, 8, extra)
+    run_level(url, model, key, texts[-1:], 1, 1, time_limit, 8, extra)
     rss0 = rss_mb(pid)
-    solo = {}
-    if check:  # every prompt alone first: the answers the loaded runs must repeat
-        n = max(requests or 0, 2 * most, 8)
-        for r in run_level(url, model, key, texts, 1, n, time_limit * 4, max_tokens, extra)[0]:
-            solo[r["prompt"]] = r["text"]
-    rows = []
-    for c in levels:
-        n = requests or max(2 * c, 8)
+    rows, runs, start = [], [], 0
+    for c, n in zip(levels, counts):
         print(f"{c} concurrent clients, {n} requests ...", file=sys.stderr, flush=True)
-        results, wall, failed = run_level(url, model, key, texts, c, n, time_limit, max_tokens, extra)
+        mine = texts[start:start + n] if start + n < len(texts) else texts[:-1]
+        start += n
+        results, wall, failed = run_level(url, model, key, mine, c, n, time_limit, max_tokens, extra)
+        runs.append(results)
         tokens = sum(r["tokens"] for r in results)
         ttft = [r["ttft"] for r in results]
         tpot = [r["tpot"] for r in results if r["tpot"] is not None]
-        row = {"server": label or url, "concurrency": c, "requests": len(results), "failed": failed,
-               "wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
-               "ttft_p50_s": percentile(ttft, 0.5) if ttft else None, "ttft_p99_s": percentile(ttft, 0.99) if ttft else None,
-               "tpot_p50_ms": percentile(tpot, 0.5) * 1e3 if tpot else None,
-               "tpot_p99_ms": percentile(tpot, 0.99) * 1e3 if tpot else None, "rss_mb": rss_mb(pid)}
-        if check:
+        itl = [g for r in results for g in r["gaps"]]
+        rows.append({"server": label or url, "concurrency": c, "requests": len(results), "failed": failed,
+                     "wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall if wall else 0.0,
+                     "ttft_p50_s": percentile(ttft, 0.5) if ttft else None,
+                     "ttft_p99_s": percentile(ttft, 0.99) if ttft else None,
+                     "tpot_p50_ms": percentile(tpot, 0.5) * 1e3 if tpot else None,
+                     "tpot_p99_ms": percentile(tpot, 0.99) * 1e3 if tpot else None,
+                     "itl_p50_ms": percentile(itl, 0.5) * 1e3 if itl else None,
+                     "itl_p99_ms": percentile(itl, 0.99) * 1e3 if itl else None, "rss_mb": rss_mb(pid)})
+    if check:
+        asked = list(dict.fromkeys(r["prompt"] for results in runs for r in results))
+        print(f"each of the {len(asked)} prompts alone ...", file=sys.stderr, flush=True)
+        solo = {r["prompt"]: r["text"] for r in run_level(url, model, key, asked, 1, len(asked), time_limit * 4,
+                                                          max_tokens, extra)[0]}
+        for row, results in zip(rows, runs):
             row["same_as_solo"] = sum(solo.get(r["prompt"]) == r["text"] for r in results)
-        rows.append(row)
     return rows, rss0, model
 
 
 def print_table(rows: list[dict]):
     check, pid = "same_as_solo" in rows[0], rows[0]["rss_mb"] is not None
     print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9}" + (" same as solo" if check else "") + ("  RSS MB" if pid else ""))
+          f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}" + (" same as solo" if check else "") + ("  RSS MB" if pid else ""))
 
     def fmt(v, unit=""):
         return f"{v:.{0 if unit == 'ms' else 2}f}{unit}" if v is not None else "-"
     for r in rows:
         print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
               f"{fmt(r['ttft_p50_s'], 's'):>9} {fmt(r['ttft_p99_s'], 's'):>9} {fmt(r['tpot_p50_ms'], 'ms'):>9} "
-              f"{fmt(r['tpot_p99_ms'], 'ms'):>9}" + (f" {r['same_as_solo']:>5} of {r['requests']}" if check else "")
+              f"{fmt(r['tpot_p99_ms'], 'ms'):>9} {fmt(r['itl_p50_ms'], 'ms'):>8} {fmt(r['itl_p99_ms'], 'ms'):>8}"
+              + (f" {r['same_as_solo']:>5} of {r['requests']}" if check else "")
               + (f"  {r['rss_mb']:.0f}" if pid else ""))
 
 

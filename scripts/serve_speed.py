@@ -6,8 +6,8 @@ same client, prompts and load (scripts/load.py: HumanEval chat prompts, greedy, 
 
 Each --ours is one serve.py command line (flags after serve.py; --max_batch_size is added), each
 --llama_server one llama-server configuration on the default model's Q4_1 GGUF (scripts/llama_server.py
-builds it), with as many slots as our rows and its prompt cache off (requests say "cache_prompt":
-false): the load repeats its prompts, and a cached prompt's prefill would be skipped. Every response is compared with the same server's
+builds it), with as many slots as our rows and its defaults otherwise (its prompt cache on: the load
+sends each level prompts new to the server, so it reuses only what prompts share). Every response is compared with the same server's
 answer to the prompt alone (same as solo). Prints every row, then each of ours against the first
 llama-server configuration at each concurrency (output tokens/s and p99 time to first token, as
 ratios); --output_dir writes serve_speed.json and serve_speed.png.
@@ -71,10 +71,8 @@ def start_llama(flags: str, rows: int, ctx: int, gguf: Path | None):
     cmd = [sys.executable, str(SCRIPTS / "llama_server.py"), "--port", str(port), "--parallel", str(rows),
            "--ctx_per_slot", str(ctx), "--threads", str(os.cpu_count()), *(["--gguf", str(gguf)] if gguf else []),
            "--", *shlex.split(flags)]  # it execs llama-server: the same process
-    # its prompt cache off: the load repeats prompts, whose cached keys would skip their prefill
-    # (and make its answers depend on what ran before); ours has none
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", \
-        f"llama-server {flags}".strip(), {"cache_prompt": False}
+        f"llama-server {flags}".strip(), None
 
 
 def measure(url: str, label: str, pid: int, extra: dict | None, a) -> list[dict]:
@@ -93,11 +91,13 @@ def measure(url: str, label: str, pid: int, extra: dict | None, a) -> list[dict]
 
 def print_table(rows: list[dict]):
     print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9} {'same as solo':>12} {'RSS MB':>7}")
+          f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'same as solo':>12} {'RSS MB':>7}")
     for r in rows:
-        ms = [f"{r[k]:.0f}ms" if r[k] is not None else "-" for k in ("tpot_p50_ms", "tpot_p99_ms")]
+        ms = [f"{r[k]:.0f}ms" if r[k] is not None else "-" for k in ("tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
+                                                                       "itl_p99_ms")]
         print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} "
               f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s {ms[0]:>9} {ms[1]:>9} "
+              f"{ms[2]:>8} {ms[3]:>8} "
               f"{r['same_as_solo']:>5} of {r['requests']:<3} {r['rss_mb']:>7.0f}")
 
 

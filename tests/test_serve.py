@@ -43,8 +43,10 @@ class ServerProcess:
         env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
         if env_key:
             env["LAYERSKIP_API_KEY"] = env_key
+        # Ctrl-C as at a terminal, even where the suite itself runs with SIGINT ignored (nohup, a background job)
         self.proc = subprocess.Popen([sys.executable, *launcher, str(REPO / "serve.py"), "--port", "0", *flags],
-                                     cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+                                     cwd=REPO, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.log = []
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -58,7 +60,8 @@ class ServerProcess:
                 break
         else:
             raise RuntimeError("the server did not start:\n" + "".join(self.log))
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
 
     def client(self, key=KEY, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
@@ -67,13 +70,17 @@ class ServerProcess:
         text = raw(self.url, "GET", "/metrics")[2]
         return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(layerskip_\S+) (\S+)$", text, re.M)}
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, sig=signal.SIGINT):
+        """Ctrl-C (or sig); the exit status (None: it had to be killed)."""
+        self.proc.send_signal(sig)
         try:
-            self.proc.wait(timeout=30)
+            status = self.proc.wait(timeout=30)
+            self.reader.join(timeout=10)  # the last lines of its stderr
+            return status
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        return self.proc.returncode
+            self.proc.wait()
+            return None
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +310,8 @@ def test_disconnect_frees_the_row_and_a_full_queue_gives_429(tiny_smol_dir):
         assert m['layerskip_requests_total{outcome="cancelled"}'] == 1 and m["layerskip_running_rows"] == 0
         assert m["layerskip_generation_tokens_total"] < 4000
     finally:
-        assert s.stop() == 130
+        assert s.stop(signal.SIGTERM) == 0  # a service manager's stop: between two steps, exit status 0
+    assert any("stopped (SIGTERM)" in line for line in s.log)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -387,6 +395,7 @@ def test_load_script_reports_each_level_and_checks_against_solo(server, tmp_path
     rows = json.loads((tmp_path / "load.json").read_text())["rows"]
     assert [(row["concurrency"], row["requests"], row["failed"]) for row in rows] == [(1, 3, 0), (3, 3, 0)]
     assert all(row["same_as_solo"] == 3 and row["output_tokens"] == 18 and row["tokens_per_s"] > 0 for row in rows)
+    assert all(0 < row["itl_p50_ms"] <= row["itl_p99_ms"] and 0 < row["tpot_p50_ms"] for row in rows)
     assert (tmp_path / "load.png").is_file() and "resident memory after the warm-up" in r.stdout
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "load.py"), "--url", "http://example.com:80"],
                          cwd=REPO, capture_output=True, text=True)
