@@ -199,9 +199,13 @@ class EngineLoop:
             self.cond.notify()
 
     def cancel(self, req: Request):
-        """The client went away (or its stop string came): its row is freed before the next step."""
+        """The client went away (or its stop string came): a queued request leaves the queue now, a
+        running one's row is freed before the next step."""
         with self.cond:
             req.cancelled = True
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self.submitted.pop(req.rid, None)
             self.cond.notify()
 
     def queue_length(self) -> int:
@@ -262,9 +266,8 @@ class EngineLoop:
 
     def _admissible(self):
         """(the new Batch's (sampling, seed) when the queue's head starts one, else None; the queued
-        requests that take free rows now, in arrival order). Under the lock."""
-        while self.waiting and self.waiting[0].cancelled:
-            self.submitted.pop(self.waiting.popleft().rid, None)
+        requests that take free rows now, in arrival order). Under the lock (cancel has taken
+        cancelled requests out of the queue)."""
         if not self.waiting:
             return None, []
         new = None
@@ -275,11 +278,7 @@ class EngineLoop:
         free = self.rows - len(self.running)
         taken = []
         while self.waiting and len(taken) < free and self.waiting[0].group(self.mix) == self.group:
-            req = self.waiting.popleft()
-            if req.cancelled:
-                self.submitted.pop(req.rid, None)
-            else:
-                taken.append(req)
+            taken.append(self.waiting.popleft())
         return new, taken
 
     def _add(self, req: Request):

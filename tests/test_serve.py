@@ -293,11 +293,21 @@ def test_disconnect_frees_the_row_and_a_full_queue_gives_429(tiny_smol_dir):
             conn.request("POST", "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
             r = conn.getresponse()
             assert r.status == 200 and r.readline().startswith(b"data: ")  # the row is taken and streaming
+
+            def queue_length_becomes(n):
+                deadline = time.time() + 30
+                while s.metrics()["layerskip_queue_length"] != n and time.time() < deadline:
+                    time.sleep(0.05)
+                return s.metrics()["layerskip_queue_length"] == n
+            # a client that leaves while its request waits gives its place in the queue back at once
+            queued = http.client.HTTPConnection(host, int(port), timeout=60)
+            queued.request("POST", "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+            assert queue_length_becomes(1)
+            queued.close()
+            assert queue_length_becomes(0)
             waiting = ThreadPoolExecutor(1).submit(lambda: s.client().completions.create(
                 model=name, prompt="Hi", max_tokens=3, temperature=0))
-            deadline = time.time() + 30
-            while s.metrics()["layerskip_queue_length"] < 1 and time.time() < deadline:
-                time.sleep(0.05)
+            assert queue_length_becomes(1)
             status, headers, full = raw(s.url, "POST", "/v1/completions", {**body, "stream": False})
             assert status == 429 and headers["retry-after"]
             assert full["error"]["code"] == "rate_limit_exceeded"
@@ -307,7 +317,7 @@ def test_disconnect_frees_the_row_and_a_full_queue_gives_429(tiny_smol_dir):
         # the client went away mid-stream: its row is freed and the waiting request runs
         assert waiting.result(timeout=60).choices[0].finish_reason == "length"
         m = s.metrics()
-        assert m['layerskip_requests_total{outcome="cancelled"}'] == 1 and m["layerskip_running_rows"] == 0
+        assert m['layerskip_requests_total{outcome="cancelled"}'] == 2 and m["layerskip_running_rows"] == 0
         assert m["layerskip_generation_tokens_total"] < 4000
     finally:
         assert s.stop(signal.SIGTERM) == 0  # a service manager's stop: between two steps, exit status 0
