@@ -5,11 +5,11 @@ token, with its own positions, length and stop state. Its prompt is prefilled al
 (`model.cache_rows`), so prompts of any lengths mix without padding and the prefill computes
 exactly what a batch-1 prefill does (a long one may be prefilled in chunks between steps, its
 row riding along the steps as padding past what it has filled: `add(seq, chunk)`, `fill`). Then
-one decode step advances every row together, each at its own position (input_pos [B, 1]). A step runs the first b rows only, b a power of two (or all
-rows) holding every running one: a free row among them rides along as padding at position 0 of
-its own row, which the next prefill there overwrites. Between steps a sequence that ended leaves
-and a queued one takes the lowest free row: the step shapes are those few buckets, so compiled
-steps compile each once and never recompile.
+one decode step advances every row together, each at its own position (input_pos [B, 1]). A step
+runs the first b rows only, b a power of two (or all rows) holding every running one: a free row
+among them rides along as padding at position 0 of its own row, which the next prefill there
+overwrites. Between steps a sequence that ended leaves and a queued one takes the lowest free row:
+the step shapes are those few buckets, so compiled steps compile each once and never recompile.
 
 Each row's greedy output equals that prompt's batch-1 greedy output token for token: every kernel
 a step runs reduces each row in an order independent of the other rows (cpu_kernels: up to
@@ -241,7 +241,8 @@ class Batch:
         live = {self.sampling[i] for i, s in enumerate(self.rows[:b]) if s is not None}
         if len(live) <= 1:
             return live.pop() if live else self.params
-        return RowParams(tuple(self.sampling[i] if s is not None else self.params for i, s in enumerate(self.rows[:b])))
+        return RowParams(tuple(self.sampling[i] if s is not None else self.params
+                               for i, s in enumerate(self.rows[:b])))
 
     def cache_rows(self, b: int):
         """The models' caches narrowed to their first b rows for a step (all of them: no narrowing)."""

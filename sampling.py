@@ -42,11 +42,6 @@ class RowParams:
             by.setdefault(p, []).append(b)
         return [(p, torch.tensor(rows, device=device)) for p, rows in by.items()]
 
-    @classmethod
-    def of(cls, rows: list[SamplingParams]):
-        """One SamplingParams where every row has the same, else RowParams."""
-        return rows[0] if len(set(rows)) == 1 else cls(tuple(rows))
-
 
 def logits_to_probs(logits: torch.Tensor, params) -> torch.Tensor:
     """Probabilities after temperature, then top-k, then top-p (the order transformers applies them).

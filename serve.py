@@ -60,9 +60,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self, headers=None) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, self.status, headers=headers)
+        return JSONResponse(self.body(), self.status, headers=headers)
 
 
 # --- reading a request ---------------------------------------------------------------------------
@@ -302,7 +304,7 @@ class Reply:
         self.server, self.req, self.events, self.stops, self.chat = server, req, events, stops, chat
         self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.ids, self.sent, self.text_so_far = [], 0, ""
+        self.ids, self.sent = [], 0
         self.tokens, self.finish, self.first_token_s, self.counted = 0, None, None, False
 
     def add(self, ids: list[int]) -> str:
@@ -328,7 +330,8 @@ class Reply:
         return out
 
     async def events_text(self):
-        """(text, done) as the tokens come; raises ApiError if the engine refused or failed the request."""
+        """The text to send as the tokens come, until the answer ends (self.finish set); raises
+        ApiError if the engine refused or failed the request."""
         while True:
             ids, finish, error = await self.events.get()
             if error is not None:
@@ -340,13 +343,13 @@ class Reply:
             text = self.add(ids)
             if self.finish == "stop":  # a stop string: the row is not needed any more
                 self.server.loop.cancel(self.req)
-                yield text, True
+                yield text
                 return
             if finish is not None:
                 self.finish = finish
-                yield text + self.rest(), True
+                yield text + self.rest()
                 return
-            yield text, False
+            yield text
 
     def usage(self) -> dict:
         n = len(self.req.prompt)
@@ -386,7 +389,7 @@ class Reply:
         gone = asyncio.create_task(wait_disconnect(request))
         parts = []
         try:
-            async for text, _ in aiter_until(self.events_text(), gone):
+            async for text in aiter_until(self.events_text(), gone):
                 parts.append(text)
         except ApiError as e:
             self.done(str(e.status))
@@ -409,7 +412,7 @@ class Reply:
                 yield sse({**self.envelope(True), "choices": [{"index": 0, "delta": {"role": "assistant",
                                                                                      "content": ""},
                                                                "logprobs": None, "finish_reason": None}]})
-            async for text, done in self.events_text():
+            async for text in self.events_text():
                 if text:
                     yield sse({**self.envelope(True), "choices": [self.choice(text, None, True)]})
             yield sse({**self.envelope(True), "choices": [self.choice(None, self.finish, True)],
@@ -420,7 +423,7 @@ class Reply:
             self.done(self.finish)
         except ApiError as e:  # the status line has gone: the error goes in the stream, as OpenAI's does
             self.done(str(e.status))
-            yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+            yield sse(e.body())
             yield "data: [DONE]\n\n"
         finally:
             if self.finish is None:  # the client disconnected (the response was cancelled) or an error

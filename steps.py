@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from model import Transformer, layer_graph, run_blocks
-from sampling import RowParams, SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs, speculative_accept
+from sampling import (RowParams, SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs,
+                      speculative_accept)
 
 
 def prefill(model: Transformer, x, input_pos, params: SamplingParams, exit_layer: int | None = None):

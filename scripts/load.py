@@ -2,16 +2,18 @@
 clients of the official `openai` package, bounded in requests and in time, on localhost only.
 
     python scripts/load.py --url http://127.0.0.1:8000 --concurrency 1 4 8 16
-    python scripts/load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 100000 --time_limit 300 --pid PID
+    python scripts/load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 100000 \\
+        --time_limit 300 --pid PID
 
 Prompts: HumanEval's problems as chat messages ("Complete this Python function"), greedy, the same
 for every server, each level's new to the server (while the 164 problems last). Per concurrency
-level: total output tokens/s (all clients together, over the level's wall time), time to first token, time per output token after the first (TPOT: a
-request's mean) and inter-token latency (ITL: every gap between two streamed chunks; a
-speculative round's chunk may hold several tokens), each p50 and p99; with --check, how many
-responses equal the same prompt's answer alone (asked after all levels); with --pid, the server's
-resident memory after the warm-up and after each level (leaked rows or caches grow it). Prints one
-table; --output_dir writes it as JSON and a PNG.
+level: total output tokens/s (all clients together, over the level's wall time), time to first
+token, time per output token after the first (TPOT: a request's mean) and inter-token latency
+(ITL: every gap between two streamed chunks; a speculative round's chunk may hold several
+tokens), each p50 and p99; with --check, how many responses equal the same prompt's answer alone
+(asked after all levels); with --pid, the server's resident memory after the warm-up and after
+each level (leaked rows or caches grow it). Prints one table; --output_dir writes it as JSON and a
+PNG.
 """
 import json
 import sys
@@ -29,7 +31,7 @@ import cli  # noqa: E402
 
 cli.start(__name__)
 
-from output import add_output_option, check_output, write_json  # noqa: E402
+from output import add_output_option, check_output, plot_load, print_load_table, write_json  # noqa: E402
 from timing import percentile  # noqa: E402
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -162,21 +164,6 @@ def measure(url: str, model: str | None, key: str, levels: list[int], requests: 
     return rows, rss0, model
 
 
-def print_table(rows: list[dict]):
-    check, pid = "same_as_solo" in rows[0], rows[0]["rss_mb"] is not None
-    print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}" + (" same as solo" if check else "") + ("  RSS MB" if pid else ""))
-
-    def fmt(v, unit=""):
-        return f"{v:.{0 if unit == 'ms' else 2}f}{unit}" if v is not None else "-"
-    for r in rows:
-        print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} {r['tokens_per_s']:>8.1f} "
-              f"{fmt(r['ttft_p50_s'], 's'):>9} {fmt(r['ttft_p99_s'], 's'):>9} {fmt(r['tpot_p50_ms'], 'ms'):>9} "
-              f"{fmt(r['tpot_p99_ms'], 'ms'):>9} {fmt(r['itl_p50_ms'], 'ms'):>8} {fmt(r['itl_p99_ms'], 'ms'):>8}"
-              + (f" {r['same_as_solo']:>5} of {r['requests']}" if check else "")
-              + (f"  {r['rss_mb']:.0f}" if pid else ""))
-
-
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (localhost only)")
@@ -203,24 +190,14 @@ def main(argv=None):
     out = check_output(a, "load.json")
     rows, rss0, model = measure(a.url, a.model, a.api_key, a.concurrency, a.requests, a.time_limit, a.max_tokens,
                                 a.check, a.pid, a.label, a.extra_body)
-    print_table(rows)
+    print_load_table(rows)
     if rss0 is not None:
         print(f"resident memory after the warm-up {rss0:.0f} MB, after the last level {rows[-1]['rss_mb']:.0f} MB "
               f"({rows[-1]['rss_mb'] / rss0 - 1:+.1%})")
     write_json(out, {"url": a.url, "model": model, "max_tokens": a.max_tokens, "rss_after_warmup_mb": rss0, "rows": rows})
     if out is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=a.label or a.url)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("output tokens/s (all clients)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"))
+        plot_load(rows, out.with_suffix(".png"), f"{model}, greedy, {a.max_tokens} tokens per request")
         print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
-
 
 if __name__ == "__main__":
     cli.run(main)

@@ -5,16 +5,16 @@ same client, prompts and load (scripts/load.py: HumanEval chat prompts, greedy, 
         --llama_server "" --llama_server "--spec-type ngram-simple" --concurrency 1 4 8 16
 
 Each --ours is one serve.py command line (flags after serve.py; --max_batch_size is added), each
---llama_server one llama-server configuration on the default model's Q4_1 GGUF (scripts/llama_server.py
-builds it), with as many slots as our rows and its defaults otherwise (its prompt cache on: the load
-sends each level prompts new to the server, so it reuses only what prompts share). Every response is compared with the same server's
-answer to the prompt alone (same as solo). Prints every row, then each of ours against the first
-llama-server configuration at each concurrency (output tokens/s and p99 time to first token, as
-ratios); --output_dir writes serve_speed.json and serve_speed.png.
+--llama_server one llama-server configuration on the default model's Q4_1 GGUF
+(scripts/llama_server.py builds it), with as many slots as our rows and its defaults otherwise (its
+prompt cache on: the load sends each level prompts new to the server, so it reuses only what
+prompts share). Every response is compared with the same server's answer to the prompt alone
+(same as solo). Prints every row, then each of ours against the first llama-server configuration
+at each concurrency (output tokens/s and p99 time to first token, as ratios); --output_dir writes
+serve_speed.json and serve_speed.png.
 """
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -33,7 +33,7 @@ import cli  # noqa: E402
 
 cli.start(__name__)
 
-from output import add_output_option, check_output, write_json  # noqa: E402
+from output import add_output_option, check_output, plot_load, print_load_table, write_json  # noqa: E402
 
 SCRIPTS = REPO / "scripts"  # the commands this one composes: llama_server.py, load.py
 
@@ -89,18 +89,6 @@ def measure(url: str, label: str, pid: int, extra: dict | None, a) -> list[dict]
     return doc["rows"]
 
 
-def print_table(rows: list[dict]):
-    print(f"\n{'server':<44} {'clients':>7} {'reqs':>5} {'fail':>4} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'same as solo':>12} {'RSS MB':>7}")
-    for r in rows:
-        ms = [f"{r[k]:.0f}ms" if r[k] is not None else "-" for k in ("tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
-                                                                       "itl_p99_ms")]
-        print(f"{r['server'][:44]:<44} {r['concurrency']:>7} {r['requests']:>5} {r['failed']:>4} "
-              f"{r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s {r['ttft_p99_s']:>8.2f}s {ms[0]:>9} {ms[1]:>9} "
-              f"{ms[2]:>8} {ms[3]:>8} "
-              f"{r['same_as_solo']:>5} of {r['requests']:<3} {r['rss_mb']:>7.0f}")
-
-
 def stop(proc):
     proc.send_signal(signal.SIGINT)
     try:
@@ -143,7 +131,7 @@ def main(argv=None):
             rows += measure(url, label, proc.pid, extra, a)
         finally:
             stop(proc)
-    print_table(rows)
+    print_load_table(rows)
     peer = theirs[0] if theirs else None
     if peer is not None:
         base = {r["concurrency"]: r for r in rows if r["server"] == f"llama-server {peer}".strip()}
@@ -155,21 +143,8 @@ def main(argv=None):
                       f"tokens/s, TTFT p99 {r['ttft_p99_s']:.2f} s vs {b['ttft_p99_s']:.2f} s")
     write_json(out, {"gguf": str(gguf or "the default model's Q4_1"), "rows_per_server": a.rows, "max_tokens": a.max_tokens, "rows": rows})
     if out is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label in dict.fromkeys(r["server"] for r in rows):
-            mine = [r for r in rows if r["server"] == label]
-            ax.plot([r["concurrency"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=label)
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("output tokens/s (all clients)")
-        ax.set_title(re.sub(r"\s+", " ", f"SmolLM2-135M, greedy, {a.max_tokens} tokens per request"))
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"))
+        plot_load(rows, out.with_suffix(".png"), f"greedy, {a.max_tokens} tokens per request, {a.rows} rows / slots")
         print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
-
 
 if __name__ == "__main__":
     cli.run(main)
