@@ -328,6 +328,8 @@ def test_disconnect_frees_the_row_and_a_full_queue_gives_429(tiny_smol_dir):
     (["--max_batch_size", "0"], "--max_batch_size must be >= 1"),
     (["--port", "70000"], "--port must be in"),
     (["--max_queue", "-1"], "--max_queue must be >= 0"),
+    (["--prefill_chunk", "-5"], "--prefill_chunk must be >= 0"),
+    (["--max_seq_length", "1"], "--max_seq_length must be >= 2"),
 ])
 def test_bad_flags_are_one_line(flags, message):
     r = subprocess.run([sys.executable, str(REPO / "serve.py"), *flags], cwd=REPO, capture_output=True, text=True)
