@@ -3,7 +3,7 @@ layer E and the number of drafts k per round from its own step costs and from ac
 estimates read off the generation, and stops drafting at a draft it is not confident in.
 
 - Step costs: a decode step, a draft step at each candidate E and a verify pass for each number
-  of drafts in BUCKETS, timed once per (checkpoint, device, dtype, quantization, draft, compile,
+  of drafts in decoding.BUCKETS, timed once per (checkpoint, device, dtype, quantization, draft, compile,
   cache length) and kept in a JSON file (`cache_dir()`), measured again when older than
   STALE_DAYS or on request. Timing them also compiles every graph the policy can use, so the
   generation itself never compiles.
@@ -43,7 +43,6 @@ from decoding import Policy
 from steps import synchronize
 from sampling import SamplingParams
 
-BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that drafts n pads to the next
 STALE_DAYS = 30
 HYSTERESIS = 0.05
 MIN_DWELL = 4  # rounds
@@ -57,10 +56,6 @@ def exit_candidates(n_layers: int, count: int = 4) -> tuple:
     """count exit layers spread evenly over [1, n_layers): the draft steps' and verify passes'
     graphs are compiled per exit layer, so the set stays small."""
     return tuple(sorted({min(n_layers - 1, max(1, round(n_layers * i / (count + 1)))) for i in range(1, count + 1)}))
-
-
-def buckets_up_to(k: int) -> tuple:
-    return tuple(b for b in BUCKETS if b < k) + (k,)
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from adaptive import StepCosts
-from decoding import (GenerationStats, check_draft_source, check_exit_layer, check_fits, check_num_speculations,
-                      describe_choices, read_round)
+from decoding import (GenerationStats, buckets_up_to, check_draft_source, check_exit_layer, check_fits,
+                      check_num_speculations, describe_choices, describe_sources, read_round)
+from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from steps import Steps, check_finite, synchronize
 from model import Transformer
 from sampling import RowParams, SamplingParams
@@ -81,7 +82,13 @@ class Batch:
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
                  exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None,
-                 policy=None):
+                 policy=None, draft_source: str = "model", ngram_tokens: int = 8):
+        check_source_name(draft_source)
+        if draft_source == "ngram" and (num_speculations or draft_model is not None or policy is not None
+                                        or exit_layer is not None):
+            raise ValueError("draft_source ngram drafts from the text alone: no exit layer, draft model or k")
+        if draft_source == "auto" and not num_speculations and policy is None:
+            raise ValueError("draft_source auto chooses between the text and a model's drafts: give num_speculations")
         if model.max_batch_size < 1:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_length) before decoding")
         if policy is not None:  # adaptive.BatchPolicy: (E, k) per round, k at most its largest
@@ -104,7 +111,15 @@ class Batch:
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # and its position
         self.prev = torch.zeros(B, 1, dtype=torch.long, device=device)  # the token before it (draft model)
         self.live = torch.zeros(B, 1, dtype=torch.long, device=device)  # 1 for a running row: a free one stays at 0
-        self.offsets = torch.arange(self.k + 1, device=device)
+        self.ngram = ngram_tokens if draft_source != "model" else 0  # the most tokens a text proposal drafts
+        self.ngram_buckets = buckets_up_to(self.ngram) if self.ngram else ()
+        self.lookahead = max(self.k, self.ngram)
+        self.offsets = torch.arange(self.lookahead + 1, device=device)
+        self.texts = [None] * B  # each running row's NgramIndex (with n-gram drafts)
+        # the alternative to a proposal round: a plain step (ngram) or the model's round (auto;
+        # without clocks, k drafts of about half a step and the verify pass)
+        self.chooser = SourceChooser(1.0 if draft_source == "ngram" else 1.0 + 0.5 * self.k,
+                                     clocks=params.greedy) if self.ngram else None
         self.device = device
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
         self.choices = Counter()  # with a policy: rounds by (E, k)
@@ -125,7 +140,7 @@ class Batch:
         """Refuses a sequence whose prompt, budget and lookahead do not fit the caches."""
         for m in (self.model, self.draft_model):
             if m is not None:
-                check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.k)
+                check_fits(m, len(seq.prompt), seq.max_new_tokens, lookahead=self.lookahead)
 
     @torch.no_grad()
     def add(self, seq: Sequence, chunk: int | None = None) -> list[int]:
@@ -177,8 +192,8 @@ class Batch:
         check_finite(finite)
         kept = seq.take(first[0].tolist())
         seq.started = time.perf_counter()
-        seq.stats = GenerationStats(len(seq.prompt), 0, spent + seq.started - t0, 0.0, num_speculations=self.k,
-                                    adaptive=self.policy is not None)
+        seq.stats = GenerationStats(len(seq.prompt), 0, spent + seq.started - t0, 0.0,
+                                    num_speculations=self.lookahead, adaptive=self.policy is not None)
         if seq.done:
             self._finish(seq)
         else:
@@ -190,6 +205,8 @@ class Batch:
             self.pos[row] = len(seq.prompt)
             self.prev[row] = seq.prompt[-1]
             self.live[row] = 1
+            if self.ngram:
+                self.texts[row] = NgramIndex(seq.prompt + seq.tokens)
         return kept
 
     @torch.no_grad()
@@ -199,8 +216,14 @@ class Batch:
         if not self.running:
             return []
         b = self.bucket()
-        E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
-        if k and any(self.behind[:b]):
+        proposals = self._proposals(b) if self.ngram else None
+        if proposals is not None:
+            source, key = "ngram", ("ngram", b, self.ngram_bucket(proposals))
+            E, k = None, self.ngram_bucket(proposals)
+        else:
+            source, key = ("plain", ("plain", b)) if not self.k and not self.policy else ("model", ("model", b))
+            E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
+        if k and any(self.behind[:b]) and source == "model":
             self._catch_up(b)
         for row, (seq, done, _) in self.filling.items():
             # A row still prefilling rides along as padding, written past what its prompt has filled
@@ -211,10 +234,13 @@ class Batch:
         # While the rows stepped and (E, k) stay the same, the shapes and settings never change
         # (rows join by prefill, between steps): the compiled steps' guards need not be evaluated
         # again. A new shape's first step evaluates them (and compiles, the first time).
-        shape = (b, E, k)
+        shape = (b, source, E, k)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=shape == self.last_shape), self.cache_rows(b):
-            produced = self._round(b, E, k) if k else self._decode(b, E if not self.k else None)
-        if self.policy:
+            if source == "ngram":
+                produced = self._ngram_round(b, proposals, k)
+            else:
+                produced = self._round(b, E, k) if k else self._decode(b, E if not self.k else None)
+        if self.policy and source == "model":
             self.policy.observe(b, E, k, *self.judged, time.perf_counter() - t0)
             self.choices[(E, k)] += 1
         self.last_shape = shape
@@ -223,10 +249,71 @@ class Batch:
         for row, seq in enumerate(self.rows):
             if seq is None:
                 continue
-            out.append((seq, seq.take(produced[row])))
+            kept = seq.take(produced[row])
+            out.append((seq, kept))
+            if self.texts[row] is not None:
+                self.texts[row].extend(kept)
             if seq.done:
                 self.remove(seq)
+        if self.chooser:
+            self.chooser.observe_round(key, time.perf_counter() - t0, sum(len(kept) for _, kept in out))
         return out
+
+    def ngram_bucket(self, proposals) -> int:
+        """The verify pass's fixed number of drafts for a round of these proposals (their longest)."""
+        longest = max(len(ids) for ids, _ in proposals)
+        return next(b for b in self.ngram_buckets if b >= longest)
+
+    def _proposals(self, b: int):
+        """Each of the first b rows' proposal from its text, (ids, match length) ([], 0 for a free
+        row or none), if verifying them is expected to pay; else None (the alternative round)."""
+        proposals, expected = [], 0.0
+        for row, seq in enumerate(self.rows[:b]):
+            if seq is None:
+                proposals.append(([], 0))
+                continue
+            ids, n = self.texts[row].propose(min(self.ngram, seq.max_new_tokens - len(seq.tokens) - 1))
+            proposals.append((ids, n))
+            expected += self.chooser.expected(n, len(ids)) if ids else 1.0
+        if not any(ids for ids, _ in proposals):
+            return None
+        other = ("plain", b) if not self.k and not self.policy else ("model", b)
+        return proposals if self.chooser.use_ngram(expected, ("ngram", b, self.ngram_bucket(proposals)), other) \
+            else None
+
+    def _ngram_round(self, b: int, proposals, K: int) -> list[list[int]]:
+        """Every row's proposal from its text (padded to K drafts; none: padding alone, a decode
+        step for that row), verified over every layer in one pass, as a draft model's drafts are;
+        each row keeps its accepted prefix and the full model's token after it. Sampling, a
+        proposal's draft distribution is one-hot (see decoding.Speculation.ngram_round)."""
+        cur, pos, prev, live = self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b]
+        host, limits = [], []
+        for seq, (ids, _) in zip(self.rows[:b], proposals):
+            last = seq.tokens[-1] if seq is not None else 0
+            host.append([last] + ids + (ids[-1:] or [last]) * (K - len(ids)))
+            limits.append(len(ids))
+        tokens = torch.tensor(host, device=self.device)
+        params = self.row_params(b)
+        draft_probs = None if params.greedy else torch.zeros(b, K, self.model.args.vocab_size, device=self.device) \
+            .scatter_(2, tokens[:, 1:, None], 1.0)
+        n, nxt = self.steps.batch_verify(self.model, tokens, None, draft_probs, pos + self.offsets[:K + 1],
+                                         torch.tensor(limits, device=self.device), params, None)
+        verdicts = read_round(tokens, nxt, n)  # the round's one host synchronisation
+        prev.copy_(tokens.gather(1, n[:, None]))
+        cur.copy_(nxt)
+        pos.add_(n[:, None] + 1).mul_(live)
+        produced = []
+        for row, (seq, (a, kept), (ids, match)) in enumerate(zip(self.rows[:b], verdicts, proposals)):
+            produced.append(kept)
+            if seq is None:
+                continue
+            seq.stats.accepted_per_round.append(a)
+            seq.stats.drafted += limits[row]
+            seq.stats.count("ngram", limits[row], a)
+            if ids:
+                self.chooser.observe_ngram(match, len(ids), a)
+            self.behind[row] += (a + 1) * (self.draft_model is not None)  # the draft's cache falls behind
+        return produced
 
     def bucket(self) -> int:
         """The rows a step runs: the first b, b the smallest of 1, 2, 4, ... (and max_batch_size)
@@ -261,6 +348,8 @@ class Batch:
         cur.copy_(nxt)
         pos.add_(1).mul_(live)
         for row, seq in enumerate(self.rows[:b]):
+            if seq is not None and self.chooser:
+                seq.stats.count("plain" if not self.k else "model", 0, 0)
             if seq is not None and self.policy:  # a plain round of the policy's
                 seq.stats.accepted_per_round.append(0)
                 seq.stats.trace.append((exit_layer, 0, 0))
@@ -326,6 +415,8 @@ class Batch:
             if seq is not None:
                 seq.stats.accepted_per_round.append(a)
                 seq.stats.drafted += limits[row]
+                if self.chooser:
+                    seq.stats.count("model", limits[row], a)
                 if self.policy:
                     seq.stats.trace.append((E, k, limits[row]))
                 # the drafts the verify pass judged: the accepted ones and the first rejected
@@ -347,6 +438,7 @@ class Batch:
             self.prev[seq.row] = 0
             self.live[seq.row] = 0
             self.behind[seq.row] = 0
+            self.texts[seq.row] = None
             seq.row = None
         self._finish(seq)
 
@@ -401,6 +493,7 @@ class BatchStats:
     drafted: int = 0  # and drafts that counted (within each row's budget)
     prefill_s: float = 0.0  # of wall_s, the prompts' prefills (each alone, between steps)
     chosen: str = ""  # with a policy: the rounds' (E, k) by share ("E=all k=4 70%, plain 30%")
+    sources: str = ""  # with n-gram drafts: rows' rounds and accepted drafts per source (GenerationStats.sources)
 
     @property
     def tokens_per_s(self) -> float:
@@ -428,23 +521,27 @@ class BatchStats:
     @classmethod
     def of(cls, seqs: list[Sequence], wall_s: float, steps: int, max_rows: int) -> "BatchStats":
         done = [s.stats for s in seqs if s.stats is not None]
+        by_source = {}
+        for st in done:
+            for name, counts in st.by_source.items():
+                by_source[name] = [a + b for a, b in zip(by_source.get(name, [0, 0, 0]), counts)]
         return cls(len(seqs), sum(len(s.tokens) for s in seqs), wall_s, steps, max_rows,
                    sum(sum(st.accepted_per_round) for st in done), sum(st.drafted for st in done),
-                   sum(st.prefill_s for st in done))
+                   sum(st.prefill_s for st in done), sources=describe_sources(by_source))
 
 
 @torch.no_grad()
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
                   num_speculations: int = 0, draft_model: Transformer | None = None, policy=None,
-                  prefill_chunk: int | None = None):
+                  prefill_chunk: int | None = None, draft_source: str = "model", ngram_tokens: int = 8):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
     num_speculations, or an adaptive.BatchPolicy, speculative): a prompt waits in order for a free
     row; with prefill_chunk, a longer prompt is prefilled that many tokens between steps.
     on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt order,
     BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
-    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy)
+    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy, draft_source, ngram_tokens)
     for s in seqs:  # refuse before any work
         batch.check(s)
     index = {id(s): i for i, s in enumerate(seqs)}

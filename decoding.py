@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import Transformer
+from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from quantized import SchemeError, parse_quantize
 from sampling import SamplingParams
 from steps import Steps, catch_up_draft_step, check_finite, synchronize
@@ -32,6 +33,18 @@ class GenerationStats:
     early_stops: int = 0  # rounds whose drafting stopped at a draft the policy was not confident in
     trace: list = field(default_factory=list)  # per round: (exit layer, k chosen, drafts made)
     adaptive: bool = False  # a policy chose (E, k) per round
+    # per draft source ("model", "ngram", "plain"): [rounds, drafts, accepted drafts]
+    by_source: dict = field(default_factory=dict)
+
+    def count(self, source: str, drafted: int, accepted: int):
+        rounds, made, kept = self.by_source.get(source, (0, 0, 0))
+        self.by_source[source] = [rounds + 1, made + drafted, kept + accepted]
+
+    @property
+    def sources(self) -> str:
+        """Rounds and accepted drafts per draft source: "ngram 40 rounds 96/120 accepted, model 12
+        rounds 20/48 accepted" ("" when every round drafted from the model)."""
+        return describe_sources(self.by_source)
 
     @property
     def total_s(self) -> float:
@@ -86,6 +99,13 @@ def describe_choices(counts: Counter) -> str:
     return ", ".join(f"{name(E, k)} {n / total:.0%}" for (E, k), n in counts.most_common())
 
 
+def describe_sources(by_source: dict) -> str:
+    if set(by_source) <= {"model"}:
+        return ""
+    return ", ".join(f"{name} {rounds} rounds" + (f" {kept}/{made} accepted" if made else "")
+                     for name, (rounds, made, kept) in sorted(by_source.items(), key=lambda kv: -kv[1][0]))
+
+
 def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahead: int = 0):
     """lookahead: positions a speculative round may write past the last token it keeps."""
     if max_new_tokens < 1:
@@ -101,6 +121,11 @@ def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahe
 
 
 MAX_SPECULATIONS = 64
+BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that drafts n pads to the next
+
+
+def buckets_up_to(k: int) -> tuple:
+    return tuple(b for b in BUCKETS if b < k) + (k,)
 
 
 def check_num_speculations(k: int):
@@ -150,10 +175,25 @@ class Strategy:
     draft_quantize: str | None = None  # int8, int4, int4-g<N>: the scheme of the self-draft's copy
     auto_exit: bool = False  # --exit_layer auto: the adaptive policy chooses E per round (adaptive.py)
     auto_k: bool = False  # --num_speculations auto: it chooses k <= num_speculations and stops drafting early
+    # model: the drafts above; ngram: from the text alone (ngram.py); auto: per round, the text's
+    # proposal or the model's draft, whichever is expected to yield more tokens per second
+    draft_source: str = "model"
+    ngram_tokens: int = 8  # the most tokens a proposal from the text drafts (--ngram_tokens)
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown --generation_strategy {self.name!r}; choose from {', '.join(STRATEGIES)}")
+        check_source_name(self.draft_source)
+        if self.draft_source != "model":
+            if self.name == "autoregressive":
+                raise ValueError(f"--draft_source {self.draft_source} drafts for speculative decoding: add "
+                                 "--generation_strategy self_speculative")
+            if self.draft_source == "ngram" and (self.exit_layer is not None or self.draft_quantize or self.auto_exit
+                                                 or self.name == "speculative"):
+                raise ValueError("--draft_source ngram drafts from the text alone; a model's draft (--exit_layer, "
+                                 "--draft_quantize, a draft model) takes part with --draft_source auto")
+            if not 1 <= self.ngram_tokens <= MAX_SPECULATIONS:
+                raise ValueError(f"--ngram_tokens must be in [1, {MAX_SPECULATIONS}], got {self.ngram_tokens}")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ValueError(f"--exit_layer must be >= 1, got {self.exit_layer}")
         if self.draft_quantize is not None:
@@ -171,8 +211,9 @@ class Strategy:
         if self.auto_exit and self.exit_layer is not None:
             raise ValueError("--exit_layer is either a number or auto")
         if self.name == "self_speculative" and self.exit_layer is None and self.draft_quantize is None \
-                and not self.auto_exit:
-            raise ValueError("--generation_strategy self_speculative needs --exit_layer (or --draft_quantize)")
+                and not self.auto_exit and self.draft_source != "ngram":
+            raise ValueError("--generation_strategy self_speculative needs --exit_layer (or --draft_quantize, or "
+                             "--draft_source ngram)")
         if self.name == "speculative" and self.exit_layer is not None:
             raise ValueError("--exit_layer does not apply to --generation_strategy speculative (the draft model "
                              "drafts)")
@@ -195,12 +236,24 @@ class Strategy:
     def adaptive(self) -> bool:
         return self.auto_exit or self.auto_k
 
+    @property
+    def model_drafts(self) -> bool:
+        """Some rounds draft from a model (not --draft_source ngram)."""
+        return self.draft_source != "ngram"
+
+    @property
+    def max_drafts(self) -> int:
+        """The most drafts any round verifies: k, or a proposal from the text."""
+        k = self.num_speculations if self.model_drafts else 0
+        return max(k, self.ngram_tokens) if self.draft_source != "model" else k
+
     def lookahead(self, max_new_tokens: int) -> int:
         """Cache positions a round may write beyond the tokens it keeps (k; capped at max_new_tokens
         for a fixed k, whose verify pass then shrinks; an adaptive one keeps its compiled shapes)."""
         if self.name == "autoregressive":
             return 0
-        return self.num_speculations if self.auto_k else min(self.num_speculations, max_new_tokens)
+        return self.max_drafts if self.auto_k or self.draft_source != "model" else \
+            min(self.num_speculations, max_new_tokens)
 
     def describe(self) -> str:
         if self.name == "autoregressive":
@@ -209,7 +262,10 @@ class Strategy:
         exit_layer = f" E={self.exit_layer}" if self.exit_layer else (" E=auto" if self.auto_exit else
                                                                      " E=all" if draft else "")
         k = f"auto (<= {self.num_speculations})" if self.auto_k else self.num_speculations
-        return f"{self.name}{draft}{exit_layer} k={k}"
+        text = f" n-gram drafts (<= {self.ngram_tokens})"
+        if self.draft_source == "ngram":
+            return f"{self.name}{text}"
+        return f"{self.name}{draft}{exit_layer} k={k}" + (f" or{text}" if self.draft_source == "auto" else "")
 
 
 def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
@@ -230,7 +286,8 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
                         exit_layer=strategy.exit_layer)
     return speculative_generate(model, prompt, max_new_tokens, params, strategy.num_speculations,
                                 exit_layer=strategy.exit_layer, draft_model=draft_model, stop_ids=stop_ids,
-                                on_tokens=on_tokens, steps=steps, policy=policy)
+                                on_tokens=on_tokens, steps=steps, policy=policy, draft_source=strategy.draft_source,
+                                ngram_tokens=strategy.ngram_tokens)
 
 
 @torch.no_grad()
@@ -353,7 +410,8 @@ class FixedPolicy(Policy):
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
-                         stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None):
+                         stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None,
+                         draft_source: str = "model", ngram_tokens: int = 8):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
@@ -366,6 +424,12 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     With `policy` (adaptive.AdaptivePolicy), E and k are chosen per round instead and drafting
     may stop early (Policy explains the protocol).
 
+    draft_source "ngram": the drafts come from the text instead (ngram.NgramIndex: up to
+    ngram_tokens tokens that followed the latest earlier occurrence of the newest n-gram),
+    verified over every layer (Speculation.ngram_round); a round without a proposal, or whose
+    proposal is not expected to pay, is a plain decode step. "auto": per round, the text's
+    proposal or the model's draft round (ngram.SourceChooser decides).
+
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
     No round drafts past the token budget: with r tokens still to produce, r - 1 drafts and the
@@ -373,20 +437,31 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     on_tokens(list of ids) is called with each round's kept tokens. Returns (tokens [1, T + n], stats).
     """
     check_num_speculations(num_speculations if policy is None else policy.max_k)
-    policy = policy or FixedPolicy(exit_layer, min(num_speculations, max_new_tokens))
-    check_draft_source(model, draft_model, policy.exit_layer)
+    check_source_name(draft_source)
+    models = draft_source != "ngram"  # some rounds draft from a model
+    policy = policy or FixedPolicy(exit_layer, min(num_speculations, max_new_tokens) if models else 0)
+    if models:
+        check_draft_source(model, draft_model, policy.exit_layer)
+    elif draft_model is not None:
+        raise ValueError("draft_source ngram drafts from the text alone: no draft model")
     if prompt.dim() == 2:
         if prompt.shape[0] != 1:
             raise ValueError("speculative decoding runs one sequence at a time (batch size 1)")
         prompt = prompt[0]
     T = len(prompt)
+    ngram_tokens = ngram_tokens if draft_source != "model" else 0
+    lookahead = max(policy.max_k, ngram_tokens)
     for m in (model, draft_model):
         if m is not None:
-            check_fits(m, T, max_new_tokens, lookahead=policy.max_k)
-    spec = Speculation(model, draft_model, params, steps, policy, prompt.device)
+            check_fits(m, T, max_new_tokens, lookahead=lookahead)
+    spec = Speculation(model, draft_model, params, steps, policy, prompt.device, ngram_tokens)
     one_round = spec.shared_round if draft_model is None else spec.own_round
+    text = NgramIndex(prompt.tolist()) if ngram_tokens else None
+    # the alternative to a proposal: a plain step (ngram), or the model's round (auto; its cost
+    # where clocks do not decide: k drafts of about half a step and the verify pass)
+    chooser = SourceChooser(1.0 if not models else 1.0 + 0.5 * policy.max_k, clocks=params.greedy) if text else None
     stop = set(stop_ids)
-    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=policy.max_k,
+    stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=lookahead,
                             adaptive=not isinstance(policy, FixedPolicy))
 
     t0 = time.perf_counter()
@@ -395,15 +470,37 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     t1 = time.perf_counter()
     if on_tokens:
         on_tokens(out[:])
+    if text:
+        text.extend(out)
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
     while len(out) < max_new_tokens and out[-1] not in stop:
         round_start = time.perf_counter()
-        E, k = policy.choose()
-        # n tokens to go: n - 1 drafts and the full model's token suffice
-        r = one_round(cur, pos, E, k, min(k, max_new_tokens - len(out) - 1))
-        spec.observe(r, E, k, stats, round_start)
+        left = max_new_tokens - len(out) - 1  # n tokens to go: n - 1 drafts and the full model's token suffice
+        proposal, n = text.propose(min(ngram_tokens, left)) if text else ([], 0)
+        other = "plain" if not models else "model"
+        if proposal and chooser.use_ngram(chooser.expected(n, len(proposal)), ("ngram", spec.ngram_bucket(
+                len(proposal))), other):
+            source, key = "ngram", ("ngram", spec.ngram_bucket(len(proposal)))
+            r = spec.ngram_round(out[-1], pos, proposal)
+            chooser.observe_ngram(n, len(proposal), r.accepted)
+        elif not models:
+            source, key = "plain", other
+            r = spec.plain_round(cur, pos)
+        else:
+            source, key = "model", other
+            E, k = policy.choose()
+            r = one_round(cur, pos, E, k, min(k, left))
+            spec.observe(r, E, k, stats, round_start)
+        if source != "model":
+            stats.accepted_per_round.append(r.accepted)
+            stats.drafted += r.drafts.made
+            stats.verify_s += r.verify_s
+        stats.count(source, r.drafts.made, r.accepted)
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
+        if chooser:
+            chooser.observe_round(key, time.perf_counter() - round_start, len(kept))
+            text.extend(kept)
         out += kept
         if on_tokens:
             on_tokens(kept)
@@ -451,6 +548,7 @@ class Round:
     taps: tuple = ()  # the layers the verify pass tapped for a probe
     verified_taps: tuple | None = None
     caught_up: bool = False  # own-cache draft: the first draft step also took the last round's last draft
+    first: int | None = None  # the round's first token's id, where the round knows it on the host
 
 
 class Speculation:
@@ -459,17 +557,21 @@ class Speculation:
     each (draft, verify, accept); observe records it."""
 
     def __init__(self, model: Transformer, draft_model: Transformer | None, params: SamplingParams, steps: Steps,
-                 policy: Policy, device: torch.device):
+                 policy: Policy, device: torch.device, ngram_tokens: int = 0):
         self.model, self.draft_model, self.params, self.steps, self.policy = model, draft_model, params, steps, policy
         self.shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
         self.device, self.clock = device, _Clock(device)
-        self.offsets = torch.arange(policy.max_k + 1, device=device)
-        self.rows = torch.arange(policy.max_k + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
+        most = max(policy.max_k, ngram_tokens)
+        self.offsets = torch.arange(most + 1, device=device)
+        self.rows = torch.arange(most + 1, device=device)  # rows[n]: the verify pass's `last` for n drafts
+        self.ngram_buckets = buckets_up_to(ngram_tokens) if ngram_tokens else ()
         self.zero_state = torch.zeros(1, 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
         # early stop reads a confidence one draft step late on CUDA, not waiting for the GPU
         self.lag = 1 if device.type == "cuda" else 0
         self.seen = set()
         self.behind = None  # own-cache draft: the last round's last draft, which the draft model has not seen
+        self.behind_id = None  # and its id
+        self.pending = []  # own-cache draft: the ids before the round's first token it has not seen (n-gram rounds)
 
     def stance(self, *graph):
         """Every call of a compiled step after its first in this generation has the same model,
@@ -509,6 +611,8 @@ class Speculation:
         After a round that kept every draft the draft model has not seen the last one, so the next
         round's first draft step takes it too (catch-up)."""
         start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+        if self.pending and want:
+            self.catch_up_pending(pos, E)
         behind, self.behind = self.behind, None
         first = None if behind is None else (lambda x: self.catch_up(behind, x, base, E))
         r = self.verify(self.draft(self.draft_model, cur, base, E, want, first=first), start, base, E, k)
@@ -516,8 +620,64 @@ class Speculation:
         if r.drafts.made and r.accepted == r.drafts.made:
             # the last draft itself, strides (1, 1) as the draft step's usual input (tokens[:, -1:]
             # has (k + 1, 1): a guard failure, i.e. a recompile)
-            self.behind = r.drafts.tokens[-1]
+            self.behind, self.behind_id = r.drafts.tokens[-1], r.kept[-2]
+        elif not r.drafts.made:  # a plain round: the draft model has not seen its first token
+            r.first = int(cur)
+            self.fall_behind(r, [] if behind is None else [self.behind_id])
         return r
+
+    def fall_behind(self, r: "Round", before: list[int]):
+        """After a round the draft model did not draft (n-gram, plain): the ids it has not seen."""
+        if self.draft_model is not None:
+            self.pending += before + [r.first] + r.kept[:r.accepted]
+            self.behind = None
+
+    def catch_up_pending(self, pos: int, E):
+        """The draft model's cache gets the positions before `pos` that rounds it did not draft
+        skipped, in one prefill (eager: its length varies; rare, at switches of source)."""
+        ids, self.pending = self.pending, []
+        self.steps.prefill(self.draft_model, torch.tensor([ids], device=self.device),
+                torch.arange(pos - len(ids), pos, device=self.device), self.params, E)
+
+    def ngram_bucket(self, m: int) -> int:
+        """The verify pass's fixed number of drafts for a proposal of m tokens."""
+        return next(b for b in self.ngram_buckets if b >= m)
+
+    def ngram_round(self, last: int, pos: int, proposal: list[int]) -> "Round":
+        """Drafts from the text (ngram.NgramIndex): no model call. The verify pass runs every layer
+        over [last, proposal] (padded), as a draft model's does, so every layer's cache holds the
+        kept positions whatever drafts the next round. Sampling, a proposal is a draft distribution
+        that puts all its mass on the proposed token (one-hot): speculative_accept keeps it with
+        the full model's probability of it, so the output keeps the model's distribution."""
+        start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+        m = len(proposal)
+        b = self.ngram_bucket(m)
+        tokens = torch.tensor([[last] + proposal + proposal[-1:] * (b - m)], device=self.device)
+        draft_probs = None if self.params.greedy else torch.zeros(b, self.model.args.vocab_size, device=self.device) \
+            .scatter_(1, tokens[0, 1:, None], 1.0)
+        d = Drafts(tokens[:, :1])
+        d.tokens = [None] * m  # made: m (their values are in `tokens`)
+        mid = self.clock.now()
+        last_row = self.rows[m]
+        with self.stance("verify", None, b):
+            n, nxt, _ = self.steps.verify(self.model, tokens, None, draft_probs, base + self.offsets[:b + 1],
+                                          last_row, self.params, None, (), last_row)
+        end = self.clock.now()
+        [(a, kept)] = read_round(tokens, nxt, n)
+        r = Round(d, b, a, kept, nxt.view(1, 1).clone(), self.clock.seconds(start, mid),
+                  self.clock.seconds(mid, end), first=last)
+        self.fall_behind(r, [self.behind_id] if self.behind is not None else [])
+        return r
+
+    def plain_round(self, cur, pos: int) -> "Round":
+        """A decode step of the full model (--draft_source ngram, when the text proposes nothing
+        worth verifying)."""
+        start = self.clock.now()
+        with self.stance("decode"):
+            nxt = self.steps.decode(self.model, cur, torch.tensor([pos], device=self.device), self.params).clone()
+        end = self.clock.now()
+        kept = nxt[0].tolist()  # the round's one host synchronisation
+        return Round(Drafts(cur), 0, 0, kept, nxt, 0.0, self.clock.seconds(start, end))
 
     def catch_up(self, behind, x, base, E):
         """The draft step over [behind, x] at positions [base - 1, base]: one pass for both."""

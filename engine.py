@@ -15,7 +15,7 @@ import batching
 import hub
 import tp
 from checkpoint import is_random, load_model, read_metadata, resolve_checkpoint_path
-from decoding import Strategy, check_draft_vocab, check_exit_layer, run
+from decoding import Strategy, buckets_up_to, check_draft_vocab, check_exit_layer, run
 from steps import Steps, compile_steps
 from options import EngineConfig, pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
@@ -84,10 +84,12 @@ class Engine:
         stops = self.stops(stop_ids)
         rows = self.model.max_batch_size
         if rows > 1 or not strategy.adaptive:  # one row and auto: the one-sequence loop (probes, early stop)
-            k = 0 if strategy.name == "autoregressive" else min(strategy.num_speculations, max_new_tokens)
+            k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else \
+                min(strategy.num_speculations, max_new_tokens)
             policy = self.batch_policy_for(strategy) if strategy.adaptive else None
             return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
-                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy), policy)
+                                          strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy), policy,
+                                          draft_source=strategy.draft_source, ngram_tokens=strategy.ngram_tokens)
         t0, seqs = time.perf_counter(), []  # one at a time
         for i, p in enumerate(prompts):
             seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
@@ -131,7 +133,7 @@ class Engine:
         """(draft model or None, candidate exit layers, candidate k, exit layers the probes tap)."""
         draft = self.draft_for(strategy)
         exits = adaptive.exit_candidates(self.model.args.n_layers) if strategy.auto_exit else (strategy.exit_layer,)
-        ks = adaptive.buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
+        ks = buckets_up_to(strategy.num_speculations) if strategy.auto_k else (strategy.num_speculations,)
         return draft, exits, ks, exits if draft is None else ()
 
     def costs(self, strategy: Strategy, what: dict, measure, kind=adaptive.StepCosts):

@@ -173,7 +173,8 @@ def speculation_summary(stats) -> str:
             f"{stats.rounds} rounds, accepted-length histogram {stats.accepted_histogram}, "
             f"draft {stats.draft_share:.0%} / verify {1 - stats.draft_share:.0%} of round time"
             + (f"; chosen per round: {stats.chosen}, drafting stopped early in {stats.early_stops} rounds"
-               if stats.adaptive else ""))
+               if stats.adaptive else "")
+            + (f"; draft sources: {stats.sources}" if stats.sources else ""))
 
 
 def printable(tokenizer, ids: list[int]) -> str:

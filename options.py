@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-import adaptive
 import hub
-from decoding import STRATEGIES, Strategy
+from decoding import BUCKETS, STRATEGIES, Strategy
+from ngram import SOURCES
 from quantized import SchemeError, parse_quantize
 from sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO_MAX_SPECULATIONS = adaptive.BUCKETS[-1]
+AUTO_MAX_SPECULATIONS = BUCKETS[-1]
 GENERATION_TEMPERATURE = 0.8  # generate.py samples; measuring commands decode greedily (as the paper's results)
 
 
@@ -62,7 +62,8 @@ def add_decoding_options(p, strategies=STRATEGIES):
     g = p.add_argument_group("decoding")
     # what a command does not offer takes the engine's default (check_options reads every one)
     p.set_defaults(generation_strategy=Strategy.name, exit_layer=None, num_speculations=Strategy.num_speculations,
-                   recalibrate=False, draft_quantize=None, draft_checkpoint_path=None)
+                   recalibrate=False, draft_quantize=None, draft_checkpoint_path=None, draft_source="model",
+                   ngram_tokens=Strategy.ngram_tokens)
     if strategies:
         g.add_argument("--generation_strategy", default=strategies[0], choices=strategies,
                        help="autoregressive (with --exit_layer: early-exit inference), self_speculative (LayerSkip: "
@@ -81,6 +82,13 @@ def add_decoding_options(p, strategies=STRATEGIES):
                        help="self_speculative: draft from a quantized copy (int8, int4 or int4-g<N>) of this model's "
                             "own layers [0, --exit_layer) (all layers without --exit_layer), made at load with its own "
                             "KV cache; the full-precision model verifies over all layers")
+        g.add_argument("--draft_source", default="model", choices=SOURCES,
+                       help="self_speculative / speculative: model (the drafts above), ngram (prompt lookup: the "
+                            "tokens that followed the newest n-gram's latest earlier occurrence in the prompt or "
+                            "output, verified over every layer; no draft model) or auto (per round, that proposal "
+                            "or the model's drafts, whichever is expected to yield more tokens per second)")
+        g.add_argument("--ngram_tokens", type=int, default=Strategy.ngram_tokens, metavar="N",
+                       help="with --draft_source ngram or auto: the most tokens a proposal from the text drafts")
     if strategies and "speculative" in strategies:
         g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                        help="draft model for --generation_strategy speculative (same tokenizer)")
@@ -160,7 +168,8 @@ def check_options(p, a) -> EngineConfig:
         auto_exit, auto_k = a.exit_layer == "auto", a.num_speculations == "auto"
         strategy = Strategy(a.generation_strategy, None if auto_exit else a.exit_layer,
                             AUTO_MAX_SPECULATIONS if auto_k else a.num_speculations, a.draft_quantize,
-                            auto_exit=auto_exit and a.draft_quantize is None, auto_k=auto_k)
+                            auto_exit=auto_exit and a.draft_quantize is None, auto_k=auto_k,
+                            draft_source=a.draft_source, ngram_tokens=a.ngram_tokens)
         if auto_exit and a.draft_quantize is not None:
             note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
                  "would lack the layers a smaller E skipped, so E cannot move during a generation)")

@@ -241,8 +241,8 @@ class Server:
             asked = max_tokens if max_tokens is not None else 1
             raise ApiError(400, f"this server's context is {self.loop.context} tokens (--max_seq_length), but the "
                                 f"prompt ({len(prompt)} tokens) plus {name} ({asked})"
-                                f"{f' and {self.loop.k} of speculation lookahead' if self.loop.k else ''} needs "
-                                f"{len(prompt) + asked + self.loop.k}", name, "context_length_exceeded")
+                                f"{f' and {self.loop.lookahead} of speculation lookahead' if self.loop.lookahead else ''} needs "
+                                f"{len(prompt) + asked + self.loop.lookahead}", name, "context_length_exceeded")
         if max_tokens is None:
             max_tokens = room if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
         d = self.defaults
@@ -489,12 +489,14 @@ def warm_up(engine, loop: EngineLoop):
     """With --compile: one short batch at each row count a step can run (Batch.buckets), so that
     compilation happens before the first request, not during it."""
     e = engine
-    batch = batching.Batch(e.model, SamplingParams(), e.steps, e.strategy.exit_layer, loop.k, loop.draft, loop.policy)
+    batch = loop.new_batch(SamplingParams())
     t0 = time.perf_counter()
     for b in batch.buckets:
         print(f"Warming up: compiling the steps for {b} row{'s' if b > 1 else ''} ...", file=sys.stderr, flush=True)
-        batching.generate_many(e.model, [[1] * 4] * b, 2 + loop.k, SamplingParams(), e.steps, e.strategy.exit_layer,
-                               (), None, loop.k, loop.draft, loop.policy)
+        # a repeated token: n-gram drafts, where on, propose at every length up to the budget's end
+        batching.generate_many(e.model, [[1] * 4] * b, 2 + loop.lookahead, SamplingParams(), e.steps,
+                               e.strategy.exit_layer, (), None, loop.k, loop.draft, loop.policy,
+                               draft_source=e.strategy.draft_source, ngram_tokens=e.strategy.ngram_tokens)
     print(f"Warm-up done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 

@@ -164,7 +164,8 @@ class EngineLoop:
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics or Metrics()
         self.prefill_chunk = prefill_chunk or None  # a longer prompt is prefilled this many tokens between steps
         strategy = engine.strategy
-        self.k = 0 if strategy.name == "autoregressive" else strategy.num_speculations
+        self.k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else strategy.num_speculations
+        self.lookahead = 0 if strategy.name == "autoregressive" else strategy.max_drafts  # positions past the kept
         self.draft = engine.draft_for(strategy)
         self.policy = engine.batch_policy_for(strategy) if strategy.adaptive else None
         self.stop_ids = frozenset(engine.stops())
@@ -175,6 +176,12 @@ class EngineLoop:
         self.running: dict[int, Request] = {}  # by id(sequence)
         self.batch, self.group = None, None
         self.ids, self.submitted = itertools.count(), {}  # request ids; submitted requests by id until they run
+
+    def new_batch(self, sampling) -> batching.Batch:
+        """A Batch over the engine's caches with its strategy (and draft source), sampling by default as given."""
+        e = self.engine
+        return batching.Batch(e.model, sampling, e.steps, e.strategy.exit_layer, self.k, self.draft, self.policy,
+                              e.strategy.draft_source, e.strategy.ngram_tokens)
 
     @property
     def rows(self) -> int:
@@ -187,7 +194,7 @@ class EngineLoop:
     def room(self, prompt_len: int) -> int:
         """The most tokens a request with this prompt can ask for (a speculative round writes up to k
         positions past the last token it keeps)."""
-        return self.context - prompt_len - self.k
+        return self.context - prompt_len - self.lookahead
 
     def submit(self, req: Request):
         with self.cond:
@@ -252,9 +259,7 @@ class EngineLoop:
             sampling, seed = plan["batch"]
             if seed is not None:
                 torch.manual_seed(seed)
-            e = self.engine
-            self.batch = batching.Batch(e.model, sampling, e.steps, e.strategy.exit_layer, self.k, self.draft,
-                                        self.policy)
+            self.batch = self.new_batch(sampling)
         if self.batch is not None and self.batch.filling:
             for seq, kept in self._guarded(self.batch.fill, self.prefill_chunk):
                 self._produced(seq, kept)

@@ -16,13 +16,9 @@ serve_speed.json and serve_speed.png.
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,29 +30,9 @@ import cli  # noqa: E402
 cli.start(__name__)
 
 from output import add_output_option, check_output, plot_load, print_load_table, write_json  # noqa: E402
+from servers import free_port, stop, wait_ready  # noqa: E402
 
 SCRIPTS = REPO / "scripts"  # the commands this one composes: llama_server.py, load.py
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc, url: str, timeout: float = 900):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready after {timeout:.0f} s")
 
 
 def start_ours(flags: str, rows: int, ctx: int):
@@ -87,15 +63,6 @@ def measure(url: str, label: str, pid: int, extra: dict | None, a) -> list[dict]
     for r in doc["rows"]:
         r["rss_after_warmup_mb"] = doc["rss_after_warmup_mb"]
     return doc["rows"]
-
-
-def stop(proc):
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main(argv=None):
@@ -145,6 +112,7 @@ def main(argv=None):
     if out is not None:
         plot_load(rows, out.with_suffix(".png"), f"greedy, {a.max_tokens} tokens per request, {a.rows} rows / slots")
         print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+
 
 if __name__ == "__main__":
     cli.run(main)

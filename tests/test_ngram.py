@@ -47,3 +47,206 @@ def test_a_copied_span_is_proposed_and_the_longest_match_wins():
     assert NgramIndex([]).propose(4) == ([], 0)
     with pytest.raises(ValueError, match="min_n"):
         NgramIndex([], max_n=2, min_n=3)
+
+
+# ---------------------------------------------------------------- n-gram drafts in the rounds
+
+import torch  # noqa: E402
+
+from decoding import Strategy, generate, speculative_generate  # noqa: E402
+from ngram import SourceChooser  # noqa: E402
+from sampling import SamplingParams, logits_to_probs  # noqa: E402
+from test_decoding import _chi2_critical, chi2, rand_prompt, random_model  # noqa: E402
+
+GREEDY = SamplingParams()
+
+
+def repeating_prompt(n, seed):
+    """A random span, then the same span again: the second copy's n-grams all occurred before."""
+    span = rand_prompt(n, seed=seed).tolist()
+    return torch.tensor(span + span[:n // 2])
+
+
+@pytest.mark.parametrize("source, draft", [("ngram", {}), ("auto", {"exit_layer": 2}), ("auto", {"two_model": True})])
+@pytest.mark.parametrize("ngram_tokens", [1, 3, 8])
+def test_greedy_equals_autoregressive_with_every_source(source, draft, ngram_tokens):
+    """Prompts built to repeat and prompts that never do, through n-gram-only and mixed rounds
+    (self-speculative from the shared cache, and a draft model with its own cache, which must
+    catch up on what n-gram rounds kept): the output is plain greedy decoding's."""
+    model = random_model()
+    model.setup_caches(1, 160)
+    kw = dict(draft)
+    if kw.pop("two_model", False):
+        kw["draft_model"] = random_model(n_layers=2, seed=1)
+        kw["draft_model"].setup_caches(1, 160)
+    totals = {}
+    for seed in range(4):
+        prompt = repeating_prompt(16, seed) if seed % 2 == 0 else rand_prompt(9, seed=seed)
+        ref, _ = generate(model, prompt, 48, GREEDY)
+        out, stats = speculative_generate(model, prompt, 48, GREEDY, 3, draft_source=source,
+                                          ngram_tokens=ngram_tokens, **kw)
+        assert out.tolist() == ref.tolist(), seed
+        assert stats.new_tokens == 48
+        for name, counts in stats.by_source.items():
+            totals[name] = [a + b for a, b in zip(totals.get(name, [0, 0, 0]), counts)]
+    rounds, made, kept = totals["ngram"]
+    assert rounds > 0 and 0 < kept < made  # proposals were verified, some kept and some rejected
+    if source == "auto":
+        assert totals["model"][0] > 0  # the model drafted too
+
+
+def test_stops_and_budgets_inside_a_proposal():
+    model = random_model()
+    model.setup_caches(1, 128)
+    prompt = repeating_prompt(20, 3)
+    ref, _ = generate(model, prompt, 40, GREEDY)
+    for budget in range(1, 14):
+        out, stats = speculative_generate(model, prompt, budget, GREEDY, 3, draft_source="ngram")
+        assert out[0].tolist() == ref[0, :len(prompt) + budget].tolist() and stats.new_tokens == budget
+    stop = ref[0, len(prompt) + 9].item()
+    expected = ref[0, :len(prompt) + ref[0, len(prompt):].tolist().index(stop) + 1].tolist()
+    out, _ = speculative_generate(model, prompt, 40, GREEDY, 3, draft_source="auto", exit_layer=3, stop_ids={stop})
+    assert out[0].tolist() == expected
+
+
+def test_a_draft_model_catches_up_on_what_ngram_rounds_kept():
+    """An identical twin drafting with its own cache accepts every draft only if each of its
+    rounds sees every position before it: those n-gram rounds kept included."""
+    import copy
+    model = random_model()
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        m.setup_caches(1, 160)
+    prompt = repeating_prompt(16, 0)
+    ref, _ = generate(model, prompt, 48, GREEDY)
+    out, stats = speculative_generate(model, prompt, 48, GREEDY, 3, draft_model=twin, draft_source="auto")
+    assert out.tolist() == ref.tolist()
+    rounds, made, kept = stats.by_source["model"]
+    assert stats.by_source["ngram"][0] > 0 and rounds > 0 and kept == made > 0
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.8, top_k=3)])
+def test_sampling_keeps_the_model_distribution(params):
+    """A repeating prompt makes every round propose; the 2nd and 3rd sampled tokens are distributed
+    as under autoregressive sampling (a one-hot draft distribution in the acceptance rule)."""
+    model = random_model(n_layers=3, vocab=8, dim=32, seed=3, scale=0.35)
+    model.setup_caches(1, 24)
+    V, n = 8, 1000
+    prompt = torch.tensor([1, 5, 2, 1, 5, 2, 1, 5])
+    seqs = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
+    full = torch.cat([prompt.expand(len(seqs), len(prompt)), seqs], 1)
+    T = len(prompt)
+    with torch.no_grad():
+        p = logits_to_probs(model(full)[:, T - 1:T + 2], params)
+    joint = p[:, 0].gather(1, seqs[:, :1])[:, 0] * p[:, 1].gather(1, seqs[:, 1:2])[:, 0] * \
+        p[:, 2].gather(1, seqs[:, 2:])[:, 0]
+    counts = torch.zeros(2, V)
+    torch.manual_seed(1234)
+    made = kept = 0
+    for _ in range(n):
+        out, stats = speculative_generate(model, prompt, 3, params, 3, draft_source="ngram", ngram_tokens=2)
+        counts[0, out[0, T + 1]] += 1
+        counts[1, out[0, T + 2]] += 1
+        _, m, a = stats.by_source.get("ngram", (0, 0, 0))
+        made, kept = made + m, kept + a
+    assert 0 < kept < made
+    for pos in (0, 1):
+        marginal = torch.zeros(V).index_add_(0, seqs[:, pos + 1], joint)
+        stat, df = chi2(counts[pos], marginal)
+        assert stat < _chi2_critical(df), (pos, stat)
+
+
+def test_the_chooser_prefers_what_yields_more_per_second():
+    c = SourceChooser()
+    assert c.use_ngram(2.0, ("ngram", 4), "model")  # nothing timed yet: try the proposal
+    for _ in range(3):
+        c.observe_round(("ngram", 4), 0.010, 3)
+    assert not c.use_ngram(2.0, ("ngram", 4), "model")  # the model's round not timed yet: try it
+    for _ in range(3):
+        c.observe_round("model", 0.030, 3)  # 100 tokens/s
+    assert c.use_ngram(1.5, ("ngram", 4), "model")  # 150 tokens/s expected
+    assert not c.use_ngram(0.9, ("ngram", 4), "model")
+    for _ in range(50):  # matches of length 1 never accepted, of length 4 always
+        c.observe_ngram(1, 4, 0)
+        c.observe_ngram(4, 4, 4)
+    assert c.rate(1) < 0.05 and c.rate(4) > 0.95
+    assert c.expected(4, 4) > 4.5 and c.expected(1, 4) < 1.1
+
+
+def test_flags_that_contradict_are_refused():
+    with pytest.raises(ValueError, match="drafts for speculative decoding"):
+        Strategy("autoregressive", draft_source="ngram")
+    with pytest.raises(ValueError, match="text alone"):
+        Strategy("self_speculative", exit_layer=2, draft_source="ngram")
+    with pytest.raises(ValueError, match="unknown --draft_source"):
+        Strategy("self_speculative", exit_layer=2, draft_source="suffix")
+    with pytest.raises(ValueError, match="--ngram_tokens must be in"):
+        Strategy("self_speculative", draft_source="ngram", ngram_tokens=0)
+    assert Strategy("self_speculative", draft_source="ngram").lookahead(100) == 8
+    assert Strategy("self_speculative", exit_layer=2, draft_source="auto", ngram_tokens=5).lookahead(100) == 5
+
+
+# ---------------------------------------------------------------- batched
+
+
+@pytest.mark.parametrize("source, kw", [("ngram", {}), ("auto", {"num_speculations": 3, "exit_layer": 2}),
+                                        ("auto", {"num_speculations": 2, "two_model": True})])
+def test_batched_rows_equal_their_batch1_greedy_output(source, kw):
+    """Repeating and non-repeating prompts of different lengths, more prompts than rows (rows join
+    and leave between rounds): each row's text is that prompt's plain greedy output."""
+    from batching import generate_many
+    kw = dict(kw)
+    model = random_model()
+    model.setup_caches(1, 160)
+    prompts = [repeating_prompt(12 + 2 * i, i) if i % 2 == 0 else rand_prompt(5 + i, seed=i) for i in range(6)]
+    refs = [generate(model, p, 30, GREEDY)[0][0, len(p):].tolist() for p in prompts]
+    model.setup_caches(4, 160)
+    if kw.pop("two_model", False):
+        kw["draft_model"] = random_model(n_layers=2, seed=1)
+        kw["draft_model"].setup_caches(4, 160)
+    seqs, stats = generate_many(model, [p.tolist() for p in prompts], 30, GREEDY, draft_source=source,
+                                ngram_tokens=4, **kw)
+    assert [s.tokens for s in seqs] == refs
+    assert "ngram" in stats.sources and stats.accepted > 0
+    if source == "auto":
+        assert "model" in stats.sources
+
+
+def test_compiled_ngram_rounds_equal_plain_decoding_and_never_recompile():
+    """Regional graphs: the n-gram verify passes (one per padded proposal length) are the two-model
+    verify graphs; one sequence and a batch give plain greedy output, and a second run compiles
+    nothing new."""
+    from batching import generate_many
+    from steps import compile_steps
+    from test_batching import batch1_reference, packed_model
+    model = packed_model()
+    steps = compile_steps(torch.device("cpu"))
+    prompts = [repeating_prompt(14, 0).tolist(), rand_prompt(6, seed=1).tolist(), repeating_prompt(10, 2).tolist()]
+    ref = batch1_reference(model, prompts, 24, steps=steps, size=96)
+
+    def run():
+        model.setup_caches(1, 96)
+        for p, r in zip(prompts, ref):
+            for kw in (dict(draft_source="ngram"), dict(draft_source="auto", exit_layer=2)):
+                out, _ = speculative_generate(model, torch.tensor(p), 24, GREEDY, 3, steps=steps, ngram_tokens=4, **kw)
+                assert out[0, len(p):].tolist() == r, kw
+        model.setup_caches(2, 96)
+        seqs, stats = generate_many(model, prompts, 24, GREEDY, steps=steps, draft_source="ngram", ngram_tokens=4)
+        assert [s.tokens for s in seqs] == ref and "ngram" in stats.sources
+    run()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run()
+
+
+def test_batched_sampling_with_ngram_drafts_repeats_with_its_seed():
+    from batching import generate_many
+    model = random_model()
+    model.setup_caches(3, 96)
+    prompts = [repeating_prompt(12, i).tolist() for i in range(3)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        seqs, stats = generate_many(model, prompts, 20, SamplingParams(0.8), draft_source="ngram", ngram_tokens=4)
+        runs.append([s.tokens for s in seqs])
+        assert all(len(s.tokens) == 20 and all(0 <= t < 96 for t in s.tokens) for s in seqs)
+    assert runs[0] == runs[1] and "ngram" in stats.sources
