@@ -116,10 +116,8 @@ class Batch:
         self.lookahead = max(self.k, self.ngram)
         self.offsets = torch.arange(self.lookahead + 1, device=device)
         self.texts = [None] * B  # each running row's NgramIndex (with n-gram drafts)
-        # the alternative to a proposal round: a plain step (ngram) or the model's round (auto;
-        # without clocks, k drafts of about half a step and the verify pass)
-        self.chooser = SourceChooser(1.0 if draft_source == "ngram" else 1.0 + 0.5 * self.k,
-                                     clocks=params.greedy) if self.ngram else None
+        # without clocks a model round costs k drafts of about half a step and the verify pass
+        self.chooser = SourceChooser(1.0 + 0.5 * self.k, clocks=params.greedy) if self.ngram else None
         self.device = device
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
         self.choices = Counter()  # with a policy: rounds by (E, k)
@@ -216,12 +214,15 @@ class Batch:
         if not self.running:
             return []
         b = self.bucket()
-        proposals = self._proposals(b) if self.ngram else None
-        if proposals is not None:
-            source, key = "ngram", ("ngram", b, self.ngram_bucket(proposals))
-            E, k = None, self.ngram_bucket(proposals)
+        source, key, proposals = "model", None, None
+        if self.ngram:  # the rows' proposals from their texts, a plain step, or the model's round (auto)
+            key, proposals = self._choose(b)
+            source = key[0]
+        if source == "ngram":
+            E, k = None, key[-1]
+        elif source == "plain":
+            E, k = None, 0
         else:
-            source, key = ("plain", ("plain", b)) if not self.k and not self.policy else ("model", ("model", b))
             E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
         if k and any(self.behind[:b]) and source == "model":
             self._catch_up(b)
@@ -238,8 +239,14 @@ class Batch:
         with torch.compiler.set_stance(skip_guard_eval_unsafe=shape == self.last_shape), self.cache_rows(b):
             if source == "ngram":
                 produced = self._ngram_round(b, proposals, k)
+            elif source == "plain":
+                produced = self._decode(b, None)
             else:
                 produced = self._round(b, E, k) if k else self._decode(b, E if not self.k else None)
+        if self.chooser and not k:  # a decode step: the plain step chosen, or the policy's plain round
+            for seq in self.rows[:b]:
+                if seq is not None:
+                    seq.stats.count(source, 0, 0)
         if self.policy and source == "model":
             self.policy.observe(b, E, k, *self.judged, time.perf_counter() - t0)
             self.choices[(E, k)] += 1
@@ -259,27 +266,51 @@ class Batch:
             self.chooser.observe_round(key, time.perf_counter() - t0, sum(len(kept) for _, kept in out))
         return out
 
-    def ngram_bucket(self, proposals) -> int:
-        """The verify pass's fixed number of drafts for a round of these proposals (their longest)."""
-        longest = max(len(ids) for ids, _ in proposals)
-        return next(b for b in self.ngram_buckets if b >= longest)
-
-    def _proposals(self, b: int):
-        """Each of the first b rows' proposal from its text, (ids, match length) ([], 0 for a free
-        row or none), if verifying them is expected to pay; else None (the alternative round)."""
-        proposals, expected = [], 0.0
+    def _choose(self, b: int):
+        """The kind of round for the first b rows (SourceChooser) and, for an n-gram round, each
+        row's proposal from its text: (ids, match length), ([], 0) for a free row or none."""
+        proposals = []
         for row, seq in enumerate(self.rows[:b]):
-            if seq is None:
-                proposals.append(([], 0))
-                continue
-            ids, n = self.texts[row].propose(min(self.ngram, seq.max_new_tokens - len(seq.tokens) - 1))
-            proposals.append((ids, n))
-            expected += self.chooser.expected(n, len(ids)) if ids else 1.0
-        if not any(ids for ids, _ in proposals):
-            return None
-        other = ("plain", b) if not self.k and not self.policy else ("model", b)
-        return proposals if self.chooser.use_ngram(expected, ("ngram", b, self.ngram_bucket(proposals)), other) \
-            else None
+            budget = seq.max_new_tokens - len(seq.tokens) - 1 if seq is not None else 0
+            proposals.append(self.texts[row].propose(min(self.ngram, budget)) if seq is not None else ([], 0))
+        running = float(sum(s is not None for s in self.rows[:b]))
+        options = {}
+        longest = max(len(ids) for ids, _ in proposals)
+        for K in self.ngram_buckets:  # every padded length up to the longest's: a shorter verify pass costs less
+            if longest and K <= next(c for c in self.ngram_buckets if c >= longest):
+                # a row without a proposal yields its one token all the same
+                options[("ngram", b, K)] = running + sum(self.chooser.expected(n, min(len(ids), K)) - 1.0
+                                                         for ids, n in proposals if ids)
+        options.update({("plain", b): running, **({("model", b): None} if self.k or self.policy else {})})
+        key = self.chooser.choose(options)
+        if key[0] == "ngram":  # the proposals cut to the chosen length
+            proposals = [(ids[:key[-1]], n) for ids, n in proposals]
+        return key, proposals
+
+    @torch.no_grad()
+    def compile_ngram_rounds(self):
+        """Runs every shape an n-gram round can take (each bucket of rows x each padded proposal
+        length) once on stand-in rows, so that compiled steps compile them all now rather than
+        at their first use inside a generation (serve.py's warm-up, the benchmarks). Needs every
+        row free; leaves the chooser as it was."""
+        assert not self.running and not self.filling, "compile before adding sequences"
+        chooser, self.chooser = self.chooser, SourceChooser()
+        try:
+            for b in self.buckets:
+                for K in self.ngram_buckets:
+                    for row in range(b):
+                        self.rows[row] = Sequence([5], 1 << 30, stats=GenerationStats(1, 0, 0.0, 0.0))
+                        self.rows[row].tokens = [5]
+                    self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, 1, 5, 1
+                    with self.cache_rows(b):
+                        self._ngram_round(b, [([5] * K, 1)] * b, K)
+        finally:
+            self.chooser = chooser
+            for row, seq in enumerate(self.rows):
+                if seq is not None:
+                    self.rows[row] = None
+                    self.cur[row] = self.pos[row] = self.prev[row] = self.live[row] = 0
+                    self.behind[row] = 0
 
     def _ngram_round(self, b: int, proposals, K: int) -> list[list[int]]:
         """Every row's proposal from its text (padded to K drafts; none: padding alone, a decode
@@ -348,11 +379,12 @@ class Batch:
         cur.copy_(nxt)
         pos.add_(1).mul_(live)
         for row, seq in enumerate(self.rows[:b]):
-            if seq is not None and self.chooser:
-                seq.stats.count("plain" if not self.k else "model", 0, 0)
-            if seq is not None and self.policy:  # a plain round of the policy's
+            if seq is None:
+                continue
+            if self.policy or self.chooser:  # a plain round among speculative ones
                 seq.stats.accepted_per_round.append(0)
-                seq.stats.trace.append((exit_layer, 0, 0))
+                if self.policy:
+                    seq.stats.trace.append((exit_layer, 0, 0))
                 self.behind[row] += self.draft_model is not None  # the draft's cache falls behind
         self.judged = [0, 0]
         return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation

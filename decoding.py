@@ -457,9 +457,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     spec = Speculation(model, draft_model, params, steps, policy, prompt.device, ngram_tokens)
     one_round = spec.shared_round if draft_model is None else spec.own_round
     text = NgramIndex(prompt.tolist()) if ngram_tokens else None
-    # the alternative to a proposal: a plain step (ngram), or the model's round (auto; its cost
-    # where clocks do not decide: k drafts of about half a step and the verify pass)
-    chooser = SourceChooser(1.0 if not models else 1.0 + 0.5 * policy.max_k, clocks=params.greedy) if text else None
+    # without clocks a model round costs k drafts of about half a step and the verify pass
+    chooser = SourceChooser(1.0 + 0.5 * policy.max_k, clocks=params.greedy) if text else None
     stop = set(stop_ids)
     stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=lookahead,
                             adaptive=not isinstance(policy, FixedPolicy))
@@ -476,18 +475,22 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     while len(out) < max_new_tokens and out[-1] not in stop:
         round_start = time.perf_counter()
         left = max_new_tokens - len(out) - 1  # n tokens to go: n - 1 drafts and the full model's token suffice
-        proposal, n = text.propose(min(ngram_tokens, left)) if text else ([], 0)
-        other = "plain" if not models else "model"
-        if proposal and chooser.use_ngram(chooser.expected(n, len(proposal)), ("ngram", spec.ngram_bucket(
-                len(proposal))), other):
-            source, key = "ngram", ("ngram", spec.ngram_bucket(len(proposal)))
+        source = "model"
+        if text:  # the text's proposal, a plain step, or the model's round (auto)
+            proposal, n = text.propose(min(ngram_tokens, left))
+            # every padded length up to the proposal's: a shorter verify pass costs less
+            options = {("ngram", K): chooser.expected(n, min(K, len(proposal))) for K in spec.ngram_buckets
+                       if proposal and K <= spec.ngram_bucket(len(proposal))}
+            options.update({("plain",): 1.0, **({("model",): None} if models else {})})
+            key = chooser.choose(options)
+            source = key[0]
+        if source == "ngram":
+            proposal = proposal[:key[-1]]
             r = spec.ngram_round(out[-1], pos, proposal)
             chooser.observe_ngram(n, len(proposal), r.accepted)
-        elif not models:
-            source, key = "plain", other
-            r = spec.plain_round(cur, pos)
+        elif source == "plain":
+            r = spec.plain_round(cur, out[-1], pos)
         else:
-            source, key = "model", other
             E, k = policy.choose()
             r = one_round(cur, pos, E, k, min(k, left))
             spec.observe(r, E, k, stats, round_start)
@@ -498,7 +501,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         stats.count(source, r.drafts.made, r.accepted)
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
-        if chooser:
+        if text:
             chooser.observe_round(key, time.perf_counter() - round_start, len(kept))
             text.extend(kept)
         out += kept
@@ -669,15 +672,17 @@ class Speculation:
         self.fall_behind(r, [self.behind_id] if self.behind is not None else [])
         return r
 
-    def plain_round(self, cur, pos: int) -> "Round":
-        """A decode step of the full model (--draft_source ngram, when the text proposes nothing
-        worth verifying)."""
+    def plain_round(self, cur, last: int, pos: int) -> "Round":
+        """A decode step of the full model (with n-gram drafts, when neither the text's proposal
+        nor the model's drafts are expected to pay); `last`: cur's id."""
         start = self.clock.now()
         with self.stance("decode"):
             nxt = self.steps.decode(self.model, cur, torch.tensor([pos], device=self.device), self.params).clone()
         end = self.clock.now()
         kept = nxt[0].tolist()  # the round's one host synchronisation
-        return Round(Drafts(cur), 0, 0, kept, nxt, 0.0, self.clock.seconds(start, end))
+        r = Round(Drafts(cur), 0, 0, kept, nxt, 0.0, self.clock.seconds(start, end), first=last)
+        self.fall_behind(r, [self.behind_id] if self.behind is not None else [])
+        return r
 
     def catch_up(self, behind, x, base, E):
         """The draft step over [behind, x] at positions [base - 1, base]: one pass for both."""

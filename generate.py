@@ -229,7 +229,9 @@ def run_samples(args, engine, texts: list[str], batch_size: int):
                   f"{batch.wall_s:.2f} s: {batch.tokens_per_s:.2f} tokens/s in all"
                   f"{f' over {batch.steps} steps' if batch.max_rows > 1 else ''}"
                   f"{f', acceptance rate {batch.acceptance_rate:.1%}' if batch.drafted else ''}"
-                  f"{f', rounds {batch.chosen}' if batch.chosen else ''}, peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+                  f"{f', rounds {batch.chosen}' if batch.chosen else ''}"
+                  f"{f', draft sources: {batch.sources}' if batch.sources else ''}, peak memory {peak_memory_gb(device):.2f} GB",
+                  file=sys.stderr)
 
 
 def chat_loop(args, engine):

@@ -50,60 +50,77 @@ def check_draft_source(source: str):
         raise ValueError(f"unknown --draft_source {source!r}; choose from {', '.join(SOURCES)}")
 
 
+EXPLORE_EVERY = 64  # rounds: a kind of round not run for this long is tried again
+
+
 class SourceChooser:
-    """Per round (per batch round, in batching.Batch): whether to verify the text's proposal or
-    run the alternative round, which is the model's own draft round under --draft_source auto and
-    a plain decode step under --draft_source ngram. The proposal's expected yield comes from the
-    acceptance seen per match length n (longer matches copy more reliably); each kind of round's
-    seconds and the alternative's tokens per round are moving averages of what the rounds took.
-    A kind not yet timed is tried (its first round, which may compile, is not timed).
+    """Per round (per batch round, in batching.Batch), which kind of round to run: verify the
+    text's proposal ("ngram"), a plain decode step ("plain"), or, under --draft_source auto, the
+    model's own draft round ("model"): the one expected to yield the most tokens per second.
+
+    A proposal's expected yield comes from the share of proposed tokens kept so far per match
+    length n (longer matches copy more reliably; a copy tends to be kept whole or lost at its
+    first token, so the share, not a per-token chance, predicts how many of m proposed tokens a
+    round keeps); a plain step yields one token a row; a model round, the moving average of what
+    its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
+    what its rounds took. A kind not yet timed is tried first (its first round, which may compile,
+    is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
+    changed with the text).
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
-    random numbers, do). There the seconds are fixed estimates in units of a decode step, and only
-    tokens decide."""
+    random numbers, do). There the seconds are fixed estimates in decode steps (a proposal round
+    1 + 0.05 a padded draft, a model round `model_cost`), and only tokens decide."""
 
-    def __init__(self, alternative_cost: float = 1.0, clocks: bool = True, prior: float = 0.5, weight: float = 2.0,
+    def __init__(self, model_cost: float = 1.0, clocks: bool = True, prior: float = 0.5, weight: float = 2.0,
                  decay: float = 0.98):
         import torch.distributed as dist
         self.timing = clocks and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-        self.alternative_cost = alternative_cost  # decode steps per alternative round (without timing)
+        self.model_cost = model_cost  # decode steps per model round (without clocks)
         self.prior, self.weight, self.decay = prior, weight, decay
-        self.hits = {}  # match length n -> [accepted, judged] drafts, decaying
-        self.seconds, self.tokens, self.seen = {}, {}, set()
+        self.hits = {}  # match length n -> [accepted, proposed] drafts, decaying
+        self.seconds, self.tokens, self.seen, self.last = {}, {}, set(), {}
+        self.rounds = 0
 
     def rate(self, n: int) -> float:
-        """Estimated chance that a proposed token from a match of length n is accepted, given the
-        ones before it were."""
-        accepted, judged = self.hits.get(n, (0.0, 0.0))
-        return (accepted + self.prior * self.weight) / (judged + self.weight)
+        """Estimated share of a proposal from a match of length n that is accepted."""
+        accepted, proposed = self.hits.get(n, (0.0, 0.0))
+        return (accepted + self.prior * self.weight) / (proposed + self.weight)
 
     def expected(self, n: int, m: int) -> float:
         """Tokens an n-gram round yields with m proposed tokens from a match of length n (the
         full model's own token included)."""
-        p = self.rate(n)
-        return sum(p ** i for i in range(m + 1))
+        return 1.0 + m * self.rate(n)
 
-    def use_ngram(self, expected: float, ngram_key, other_key) -> bool:
-        """expected: the proposal round's tokens (summed over a batch's rows); the keys name the
-        two kinds of round as `observe_round` was told them (their shapes)."""
-        if not self.timing:
-            return expected / (1.0 + 0.05 * ngram_key[-1]) >= self.tokens.get(other_key, 1.0) / self.alternative_cost
-        t_ngram, t_other = self.seconds.get(ngram_key), self.seconds.get(other_key)
-        if t_ngram is None:
-            return True
-        if t_other is None:
-            return False
-        return expected / t_ngram >= self.tokens[other_key] / t_other
+    def cost(self, key) -> float:
+        """Decode steps a round of this kind takes, where clocks do not decide."""
+        if key[0] == "ngram":
+            return 1.0 + 0.05 * key[-1]
+        return 1.0 if key[0] == "plain" else self.model_cost
+
+    def choose(self, options: dict):
+        """options: {kind of round (a tuple whose first item is "ngram", "plain" or "model"):
+        its expected tokens, or None for the moving average of that kind's rounds}. Returns the
+        kind to run."""
+        self.rounds += 1
+
+        def rate(key):
+            tokens = options[key] if options[key] is not None else self.tokens.get(key, 1.0)
+            return tokens / (self.seconds[key] if self.timing else self.cost(key))
+        if self.timing:
+            for key in options:
+                if key not in self.seconds or self.rounds - self.last.get(key, 0) > EXPLORE_EVERY:
+                    return key
+        return max(options, key=rate)
 
     def observe_ngram(self, n: int, proposed: int, accepted: int):
-        """An n-gram round's verdict: the proposal's accepted tokens and the first rejected one."""
-        judged = accepted + (accepted < proposed)
-        a, j = self.hits.get(n, (0.0, 0.0))
-        self.hits[n] = [a * self.decay + accepted, j * self.decay + judged]
+        """An n-gram round's verdict: how many of the proposed tokens it kept."""
+        a, m = self.hits.get(n, (0.0, 0.0))
+        self.hits[n] = [a * self.decay + accepted, m * self.decay + proposed]
 
     def observe_round(self, key, seconds: float, tokens: int):
-        """A round of kind `key` took `seconds` and yielded `tokens` (its first round not timed)."""
+        """A round of this kind took `seconds` and yielded `tokens` (its first round not timed)."""
+        self.last[key] = self.rounds
         self.tokens[key] = tokens if key not in self.tokens else 0.9 * self.tokens[key] + 0.1 * tokens
         if key not in self.seen:
             self.seen.add(key)

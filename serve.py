@@ -491,6 +491,9 @@ def warm_up(engine, loop: EngineLoop):
     e = engine
     batch = loop.new_batch(SamplingParams())
     t0 = time.perf_counter()
+    if batch.ngram:
+        print("Warming up: compiling the n-gram verify passes ...", file=sys.stderr, flush=True)
+        batch.compile_ngram_rounds()
     for b in batch.buckets:
         print(f"Warming up: compiling the steps for {b} row{'s' if b > 1 else ''} ...", file=sys.stderr, flush=True)
         # a repeated token: n-gram drafts, where on, propose at every length up to the budget's end

@@ -54,7 +54,7 @@ def test_a_copied_span_is_proposed_and_the_longest_match_wins():
 import torch  # noqa: E402
 
 from decoding import Strategy, generate, speculative_generate  # noqa: E402
-from ngram import SourceChooser  # noqa: E402
+from ngram import EXPLORE_EVERY, SourceChooser  # noqa: E402
 from sampling import SamplingParams, logits_to_probs  # noqa: E402
 from test_decoding import _chi2_critical, chi2, rand_prompt, random_model  # noqa: E402
 
@@ -158,19 +158,36 @@ def test_sampling_keeps_the_model_distribution(params):
 
 def test_the_chooser_prefers_what_yields_more_per_second():
     c = SourceChooser()
-    assert c.use_ngram(2.0, ("ngram", 4), "model")  # nothing timed yet: try the proposal
+    ngram, model, plain = ("ngram", 4), ("model",), ("plain",)
+    assert c.choose({ngram: 2.0, plain: 1.0, model: None}) == ngram  # nothing timed yet: try in order
     for _ in range(3):
-        c.observe_round(("ngram", 4), 0.010, 3)
-    assert not c.use_ngram(2.0, ("ngram", 4), "model")  # the model's round not timed yet: try it
+        c.observe_round(ngram, 0.010, 3)
+    assert c.choose({ngram: 2.0, plain: 1.0, model: None}) == plain
     for _ in range(3):
-        c.observe_round("model", 0.030, 3)  # 100 tokens/s
-    assert c.use_ngram(1.5, ("ngram", 4), "model")  # 150 tokens/s expected
-    assert not c.use_ngram(0.9, ("ngram", 4), "model")
+        c.observe_round(plain, 0.008, 1)  # 125 tokens/s
+    assert c.choose({ngram: 2.0, plain: 1.0, model: None}) == model
+    for _ in range(3):
+        c.observe_round(model, 0.030, 3)  # 100 tokens/s
+    assert c.choose({ngram: 1.5, plain: 1.0, model: None}) == ngram  # 150 tokens/s expected
+    assert c.choose({ngram: 1.1, plain: 1.0, model: None}) == plain  # 110
+    assert c.choose({plain: 1.0, model: None}) == plain
     for _ in range(50):  # matches of length 1 never accepted, of length 4 always
         c.observe_ngram(1, 4, 0)
         c.observe_ngram(4, 4, 4)
     assert c.rate(1) < 0.05 and c.rate(4) > 0.95
-    assert c.expected(4, 4) > 4.5 and c.expected(1, 4) < 1.1
+    assert c.expected(4, 4) > 4.5 and c.expected(1, 4) < 1.2
+    for _ in range(50):  # half the proposals kept whole, half lost at once: half of what is proposed
+        c.observe_ngram(2, 8, 8)
+        c.observe_ngram(2, 8, 0)
+    assert abs(c.expected(2, 8) - 5.0) < 0.3
+    for _ in range(EXPLORE_EVERY + 1):  # the model's round not run for a while: tried again
+        c.choose({plain: 1.0, model: None})
+        c.observe_round(plain, 0.008, 1)
+    assert c.choose({plain: 1.0, model: None}) == model
+    fixed = SourceChooser(model_cost=3.0, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
+    fixed.observe_round(model, 0.0, 4)
+    assert fixed.choose({("ngram", 4): 2.0, plain: 1.0, model: None}) == ("ngram", 4)
+    assert fixed.choose({plain: 1.0, model: None}) == model
 
 
 def test_flags_that_contradict_are_refused():
@@ -250,3 +267,29 @@ def test_batched_sampling_with_ngram_drafts_repeats_with_its_seed():
         runs.append([s.tokens for s in seqs])
         assert all(len(s.tokens) == 20 and all(0 <= t < 96 for t in s.tokens) for s in seqs)
     assert runs[0] == runs[1] and "ngram" in stats.sources
+
+
+def test_compiling_every_ngram_shape_first_leaves_the_batch_as_it_was():
+    """compile_ngram_rounds (serve.py's warm-up) runs stand-in rows through every (rows, padded
+    proposal) shape; the batch then decodes exactly, its chooser untouched, its rows free."""
+    from batching import Batch, Sequence
+    model = random_model()
+    prompts = [repeating_prompt(12, 0).tolist(), rand_prompt(7, seed=3).tolist()]
+    model.setup_caches(1, 96)
+    refs = [generate(model, torch.tensor(p), 20, GREEDY)[0][0, len(p):].tolist() for p in prompts]
+    model.setup_caches(2, 96)
+    twin = random_model(n_layers=2, seed=1)
+    twin.setup_caches(2, 96)
+    batch = Batch(model, GREEDY, num_speculations=2, draft_model=twin, draft_source="auto", ngram_tokens=4)
+    shapes = []
+    original = batch._ngram_round
+    batch._ngram_round = lambda b, proposals, K: shapes.append((b, K)) or original(b, proposals, K)
+    batch.compile_ngram_rounds()
+    assert sorted(shapes) == [(b, K) for b in (1, 2) for K in (1, 2, 4)]
+    assert batch.free_rows == 2 and not batch.chooser.hits and not any(batch.behind)
+    seqs = [Sequence(p, 20) for p in prompts]
+    for s in seqs:
+        batch.add(s)
+    while batch.running:
+        batch.step()
+    assert [s.tokens for s in seqs] == refs

@@ -222,3 +222,18 @@ def test_batch_speed_refuses_bad_peer_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         batch_speed.parse_args(["--batch_sizes", "1,2", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ngram_speed_table_plot_and_equal_outputs(tiny_smol_dir, tmp_path, capsys):
+    """Every workload's prompts (pydoc_data topics, HumanEval code and completions, chat) through
+    each of our rows and transformers' prompt lookup: each row's greedy text equals our
+    autoregressive text (tiny random weights, eager)."""
+    import ngram_speed
+    ngram_speed.main(["--checkpoint_path", str(tiny_smol_dir), "--prompts", "1", "--max_new_tokens", "10",
+                      "--transformers", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in ngram_speed.WORKLOADS]
+    assert len(rows) == 4 * 5 and all(line.endswith(" 1/1") for line in rows), out
+    doc = json.loads((tmp_path / "ngram_speed.json").read_text())
+    assert {r["row"] for r in doc["rows"]} >= {"autoregressive", "ngram", "auto (n-gram or self-draft)"}
+    assert (tmp_path / "ngram_speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

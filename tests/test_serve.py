@@ -196,7 +196,12 @@ def test_eight_concurrent_clients_each_equal_their_solo_greedy_output(server, re
 @pytest.mark.parametrize("flags", [["--generation_strategy", "self_speculative", "--exit_layer", "2",
                                     "--num_speculations", "3"],
                                    ["--generation_strategy", "self_speculative", "--draft_quantize", "int8",
-                                    "--num_speculations", "2"]], ids=["layerskip", "int8_self_draft"])
+                                    "--num_speculations", "2"],
+                                   ["--generation_strategy", "self_speculative", "--draft_source", "ngram",
+                                    "--ngram_tokens", "4"],
+                                   ["--generation_strategy", "self_speculative", "--exit_layer", "2",
+                                    "--num_speculations", "3", "--draft_source", "auto"]],
+                         ids=["layerskip", "int8_self_draft", "ngram", "ngram_or_layerskip"])
 def test_speculative_server_gives_each_client_its_greedy_output(tiny_smol_dir, reference, flags):
     s = ServerProcess("--checkpoint_path", str(tiny_smol_dir), "--max_batch_size", "4", "--max_seq_length", "512",
                       "--temperature", "0", *flags)
