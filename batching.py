@@ -82,7 +82,7 @@ class Batch:
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
                  exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None,
-                 policy=None, draft_source: str = "model", ngram_tokens: int = 8):
+                 policy=None, draft_source: str = "model", ngram_tokens: int = 8, chooser=None):
         check_source_name(draft_source)
         if draft_source == "ngram" and (num_speculations or draft_model is not None or policy is not None
                                         or exit_layer is not None):
@@ -117,7 +117,7 @@ class Batch:
         self.offsets = torch.arange(self.lookahead + 1, device=device)
         self.texts = [None] * B  # each running row's NgramIndex (with n-gram drafts)
         # without clocks a model round costs k drafts of about half a step and the verify pass
-        self.chooser = SourceChooser(1.0 + 0.5 * self.k, clocks=params.greedy) if self.ngram else None
+        self.chooser = (chooser or SourceChooser(1.0 + 0.5 * self.k, clocks=params.greedy)) if self.ngram else None
         self.device = device
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
         self.choices = Counter()  # with a policy: rounds by (E, k)
@@ -566,14 +566,16 @@ class BatchStats:
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
                   num_speculations: int = 0, draft_model: Transformer | None = None, policy=None,
-                  prefill_chunk: int | None = None, draft_source: str = "model", ngram_tokens: int = 8):
+                  prefill_chunk: int | None = None, draft_source: str = "model", ngram_tokens: int = 8,
+                  chooser=None):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
     num_speculations, or an adaptive.BatchPolicy, speculative): a prompt waits in order for a free
     row; with prefill_chunk, a longer prompt is prefilled that many tokens between steps.
     on_tokens(index, ids) streams each prompt's new tokens. Returns ([Sequence] in prompt order,
     BatchStats)."""
     seqs = [Sequence(list(p), max_new_tokens, frozenset(stop_ids)) for p in prompts]
-    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy, draft_source, ngram_tokens)
+    batch = Batch(model, params, steps, exit_layer, num_speculations, draft_model, policy, draft_source, ngram_tokens,
+                  chooser)
     for s in seqs:  # refuse before any work
         batch.check(s)
     index = {id(s): i for i, s in enumerate(seqs)}

@@ -270,9 +270,10 @@ class Strategy:
 
 def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
         strategy: Strategy = Strategy(), draft_model: Transformer | None = None, stop_ids=(), on_tokens=None,
-        steps: Steps = Steps(), policy=None):
+        steps: Steps = Steps(), policy=None, chooser=None):
     """Runs prompt [T] through the chosen strategy; on_tokens(list of ids) streams the output.
-    policy: an adaptive strategy's adaptive.AdaptivePolicy. Returns (tokens [1, T + n], stats)."""
+    policy: an adaptive strategy's adaptive.AdaptivePolicy; chooser: with n-gram drafts, a
+    SourceChooser kept across generations (its timings and acceptance carry over). Returns (tokens [1, T + n], stats)."""
     if strategy.adaptive and policy is None:
         raise ValueError("an adaptive strategy (exit_layer or num_speculations auto) needs its policy "
                          "(engine.Engine makes it)")
@@ -287,7 +288,7 @@ def run(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: S
     return speculative_generate(model, prompt, max_new_tokens, params, strategy.num_speculations,
                                 exit_layer=strategy.exit_layer, draft_model=draft_model, stop_ids=stop_ids,
                                 on_tokens=on_tokens, steps=steps, policy=policy, draft_source=strategy.draft_source,
-                                ngram_tokens=strategy.ngram_tokens)
+                                ngram_tokens=strategy.ngram_tokens, chooser=chooser)
 
 
 @torch.no_grad()
@@ -411,7 +412,7 @@ class FixedPolicy(Policy):
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
                          stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None,
-                         draft_source: str = "model", ngram_tokens: int = 8):
+                         draft_source: str = "model", ngram_tokens: int = 8, chooser: SourceChooser | None = None):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled
@@ -428,7 +429,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     ngram_tokens tokens that followed the latest earlier occurrence of the newest n-gram),
     verified over every layer (Speculation.ngram_round); a round without a proposal, or whose
     proposal is not expected to pay, is a plain decode step. "auto": per round, the text's
-    proposal or the model's draft round (ngram.SourceChooser decides).
+    proposal or the model's draft round (ngram.SourceChooser decides: `chooser`, or a new one).
 
     A round writes at most k positions past the last token it keeps; they are never read: the next
     round overwrites them before any position after them attends (the causal mask hides them).
@@ -458,7 +459,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     one_round = spec.shared_round if draft_model is None else spec.own_round
     text = NgramIndex(prompt.tolist()) if ngram_tokens else None
     # without clocks a model round costs k drafts of about half a step and the verify pass
-    chooser = SourceChooser(1.0 + 0.5 * policy.max_k, clocks=params.greedy) if text else None
+    if text and chooser is None:
+        chooser = SourceChooser(1.0 + 0.5 * policy.max_k, clocks=params.greedy)
     stop = set(stop_ids)
     stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=lookahead,
                             adaptive=not isinstance(policy, FixedPolicy))
@@ -513,6 +515,18 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1
     stats.new_tokens = len(out)
     return torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype, device=prompt.device)])[None], stats
+
+
+@torch.no_grad()
+def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParams, ngram_tokens: int,
+                         draft_model: Transformer | None = None):
+    """Runs an n-gram round's verify pass at every padded proposal length once, at positions from
+    0 (the next prefill overwrites them), so that compiled steps compile them all now rather than
+    inside a generation (Engine.chooser_for, at a strategy's first use)."""
+    spec = Speculation(model, draft_model, params, steps, FixedPolicy(None, 0), model.norm.weight.device,
+                       ngram_tokens)
+    for K in spec.ngram_buckets:
+        spec.ngram_round(5, 0, [5] * K)
 
 
 class Drafts:

@@ -15,7 +15,8 @@ import batching
 import hub
 import tp
 from checkpoint import is_random, load_model, read_metadata, resolve_checkpoint_path
-from decoding import Strategy, buckets_up_to, check_draft_vocab, check_exit_layer, run
+from decoding import Strategy, buckets_up_to, check_draft_vocab, check_exit_layer, compile_ngram_rounds, run
+from ngram import SourceChooser
 from steps import Steps, compile_steps
 from options import EngineConfig, pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
@@ -37,7 +38,9 @@ class Engine:
     path: Path
     drafts: dict = field(default_factory=dict)  # quantized self-drafts by scheme (--draft_quantize)
     recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
-    policies: dict = field(default_factory=dict)  # adaptive policy per strategy (and rows), made at its first run
+    # adaptive policy per strategy (and rows), n-gram source chooser per strategy, rows and sampling
+    # kind; each made at its first run
+    policies: dict = field(default_factory=dict)
     calibration_s: float = 0.0  # the last step-cost measurement's seconds (0: read from the cache)
 
     def setup_caches(self, size: int, rows: int = 1):
@@ -69,8 +72,10 @@ class Engine:
         the tokenizer's stop tokens unless stop_ids is given (() never stops early). Returns
         (tokens [1, T + n], stats)."""
         strategy = strategy or self.strategy
-        return run(self.model, prompt, max_new_tokens, sampling or self.sampling, strategy, self.draft_for(strategy),
-                   self.stops(stop_ids), on_tokens, self.steps, self.policy_for(strategy))
+        sampling = sampling or self.sampling
+        return run(self.model, prompt, max_new_tokens, sampling, strategy, self.draft_for(strategy),
+                   self.stops(stop_ids), on_tokens, self.steps, self.policy_for(strategy),
+                   self.chooser_for(strategy, sampling))
 
     def stops(self, stop_ids=None):
         return self.tokenizer.stop_ids if stop_ids is None and self.tokenizer else stop_ids or ()
@@ -87,9 +92,11 @@ class Engine:
             k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else \
                 min(strategy.num_speculations, max_new_tokens)
             policy = self.batch_policy_for(strategy) if strategy.adaptive else None
-            return batching.generate_many(self.model, prompts, max_new_tokens, sampling or self.sampling, self.steps,
+            sampling = sampling or self.sampling
+            return batching.generate_many(self.model, prompts, max_new_tokens, sampling, self.steps,
                                           strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy), policy,
-                                          draft_source=strategy.draft_source, ngram_tokens=strategy.ngram_tokens)
+                                          draft_source=strategy.draft_source, ngram_tokens=strategy.ngram_tokens,
+                                          chooser=self.chooser_for(strategy, sampling, rows))
         t0, seqs = time.perf_counter(), []  # one at a time
         for i, p in enumerate(prompts):
             seq = batching.Sequence(list(p), max_new_tokens, frozenset(stops))
@@ -113,6 +120,27 @@ class Engine:
             self.policies[strategy] = adaptive.AdaptivePolicy(costs, exits, ks, draft is None)
             self.policies[strategy].calibration_s = self.calibration_s
         return self.policies[strategy]
+
+    def chooser_for(self, strategy: Strategy, sampling: SamplingParams, rows: int = 1):
+        """With n-gram drafts, the strategy's SourceChooser for this many rows, kept across
+        generations (its timings and acceptance per match length carry over, decaying); None
+        without. One per sampling kind: clocks decide only greedy choices (ngram.SourceChooser).
+        With compiled steps, made after compiling every shape an n-gram round can take."""
+        if strategy.draft_source == "model" or strategy.name == "autoregressive":
+            return None
+        key = ("chooser", strategy, rows, sampling.greedy)
+        if key not in self.policies:
+            k = strategy.num_speculations if strategy.model_drafts else 0
+            if self.steps.verify is not Steps.verify:  # compiled: every n-gram verify shape now, not mid-generation
+                print(f"Compiling the n-gram verify passes ({rows} row{'s' if rows > 1 else ''}) ...", file=sys.stderr)
+                if rows == 1:
+                    compile_ngram_rounds(self.model, self.steps, sampling, strategy.ngram_tokens,
+                                         self.draft_for(strategy))
+                else:
+                    batching.Batch(self.model, sampling, self.steps, None, k, self.draft_for(strategy), None,
+                                   strategy.draft_source, strategy.ngram_tokens).compile_ngram_rounds()
+            self.policies[key] = SourceChooser(1.0 + 0.5 * k, clocks=sampling.greedy)
+        return self.policies[key]
 
     def batch_policy_for(self, strategy: Strategy):
         """The adaptive policy over batched rounds at the caches' rows (adaptive.BatchPolicy), its

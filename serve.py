@@ -360,8 +360,12 @@ class Reply:
         out = {"strategy": self.server.strategy}
         st = self.req.seq.stats if self.req.seq is not None else None
         if st is not None and st.rounds:
-            out |= {"rounds": st.rounds, "acceptance_rate": round(st.acceptance_rate, 4),
+            # null, not NaN (not JSON), when no round drafted (plain steps only)
+            out |= {"rounds": st.rounds, "acceptance_rate": round(st.acceptance_rate, 4) if st.drafted else None,
                     "tokens_per_round": round(st.tokens_per_round, 3)}
+            if st.sources:  # n-gram drafts: [rounds, drafts, accepted drafts] per source
+                out["draft_sources"] = {name: dict(zip(("rounds", "drafted", "accepted"), counts))
+                                        for name, counts in st.by_source.items()}
         return out
 
     def done(self, outcome: str):
@@ -491,9 +495,6 @@ def warm_up(engine, loop: EngineLoop):
     e = engine
     batch = loop.new_batch(SamplingParams())
     t0 = time.perf_counter()
-    if batch.ngram:
-        print("Warming up: compiling the n-gram verify passes ...", file=sys.stderr, flush=True)
-        batch.compile_ngram_rounds()
     for b in batch.buckets:
         print(f"Warming up: compiling the steps for {b} row{'s' if b > 1 else ''} ...", file=sys.stderr, flush=True)
         # a repeated token: n-gram drafts, where on, propose at every length up to the budget's end

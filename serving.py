@@ -181,7 +181,8 @@ class EngineLoop:
         """A Batch over the engine's caches with its strategy (and draft source), sampling by default as given."""
         e = self.engine
         return batching.Batch(e.model, sampling, e.steps, e.strategy.exit_layer, self.k, self.draft, self.policy,
-                              e.strategy.draft_source, e.strategy.ngram_tokens)
+                              e.strategy.draft_source, e.strategy.ngram_tokens,
+                              e.chooser_for(e.strategy, sampling, self.rows))
 
     @property
     def rows(self) -> int:

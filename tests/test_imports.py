@@ -7,7 +7,7 @@ from conftest import REPO
 
 ENGINE = {p.stem for p in REPO.glob("*.py")}
 SCRIPTS = {p.stem for p in (REPO / "scripts").glob("*.py")}
-SHARED = {"samples", "output", "evaluation", "timing", "harness", "hf_peer"}  # what the scripts share, by concept
+SHARED = {"samples", "output", "evaluation", "timing", "harness", "hf_peer", "servers"}  # what the scripts share, by concept
 
 
 def imported(path: Path) -> set[str]:

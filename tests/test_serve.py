@@ -217,6 +217,9 @@ def test_speculative_server_gives_each_client_its_greedy_output(tiny_smol_dir, r
         m = s.metrics()
         assert m["layerskip_sequence_rounds_total"] > 0 and m["layerskip_drafted_tokens_total"] > 0
         assert got[4].model_extra["layerskip"]["rounds"] > 0
+        if "--draft_source" in flags:  # the extension says which source drafted what
+            assert all("ngram" in r.model_extra["layerskip"]["draft_sources"] or
+                       "plain" in r.model_extra["layerskip"]["draft_sources"] for r in got)
     finally:
         assert s.stop() == 130
 
