@@ -122,6 +122,7 @@ def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahe
 
 MAX_SPECULATIONS = 64
 BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that drafts n pads to the next
+CATCH_UP_BUCKETS = (2, 4, 8, 16)  # positions a draft model's catch-up pass is compiled for (padded to the next)
 
 
 def buckets_up_to(k: int) -> tuple:
@@ -527,6 +528,10 @@ def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParam
                        ngram_tokens)
     for K in spec.ngram_buckets:
         spec.ngram_round(5, 0, [5] * K)
+    if draft_model is not None:  # and the draft model's catch-up passes after n-gram rounds
+        for T in CATCH_UP_BUCKETS:
+            spec.pending = [5] * T
+            spec.catch_up_pending(T, None)
 
 
 class Drafts:
@@ -651,10 +656,22 @@ class Speculation:
 
     def catch_up_pending(self, pos: int, E):
         """The draft model's cache gets the positions before `pos` that rounds it did not draft
-        skipped, in one prefill (eager: its length varies; rare, at switches of source)."""
+        skipped: a fixed-shape pass of the draft step over them (its compiled catch-up graph,
+        one per padded length, CATCH_UP_BUCKETS), at most the largest length at a time. The
+        padding rows write positions from `pos` on, which the round's draft steps write again
+        before anything reads them."""
         ids, self.pending = self.pending, []
-        self.steps.prefill(self.draft_model, torch.tensor([ids], device=self.device),
-                torch.arange(pos - len(ids), pos, device=self.device), self.params, E)
+        start = pos - len(ids)
+        while ids:
+            part, ids = ids[:CATCH_UP_BUCKETS[-1]], ids[CATCH_UP_BUCKETS[-1]:]
+            T = next(b for b in CATCH_UP_BUCKETS if b >= len(part))
+            x = torch.tensor([part + part[-1:] * (T - len(part))], device=self.device)
+            if start + T > self.draft_model.max_seq_length:  # no room for the padding: the exact length, eagerly
+                x, T = x[:, :len(part)], len(part)
+            with self.stance("catch_up", E, T):
+                self.steps.catch_up(self.draft_model, x, torch.arange(start, start + T, device=self.device),
+                                    self.params, E)
+            start += len(part)
 
     def ngram_bucket(self, m: int) -> int:
         """The verify pass's fixed number of drafts for a proposal of m tokens."""
