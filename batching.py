@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from adaptive import StepCosts
-from decoding import (GenerationStats, buckets_up_to, check_draft_source, check_exit_layer, check_fits,
-                      check_num_speculations, describe_choices, describe_sources, read_round)
+from decoding import (CATCH_UP_BUCKETS, GenerationStats, buckets_up_to, catch_up, check_draft_source,
+                      check_exit_layer, check_fits, check_num_speculations, describe_choices, describe_sources,
+                      read_round)
 from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from steps import Steps, check_finite, synchronize
 from model import Transformer
@@ -304,6 +305,10 @@ class Batch:
                     self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, 1, 5, 1
                     with self.cache_rows(b):
                         self._ngram_round(b, [([5] * K, 1)] * b, K)
+            if self.draft_model is not None:  # a row's catch-up of its draft cache, at each padded length
+                with self.draft_model.cache_rows(0, 1):
+                    for T in CATCH_UP_BUCKETS:
+                        catch_up(self.draft_model, self.steps, [5] * T, 0, self.params, self.exit_layer)
         finally:
             self.chooser = chooser
             for row, seq in enumerate(self.rows):
@@ -390,8 +395,8 @@ class Batch:
         return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation
 
     def _catch_up(self, b: int):
-        """Before a round, a draft model's cache gets the positions its rows' plain steps skipped
-        (prefilled per row, as a prompt is: rare, at the policy's switches from plain steps). A row
+        """Before a round, a draft model's cache gets the positions its rows' plain steps and n-gram
+        rounds skipped (per row, decoding.catch_up: at switches of source). A row
         at position p holds its tokens up to p - 1 in the model's cache; the round's first draft
         step writes p - 1 and p, so the draft needs [p - 2 - behind, p - 1)."""
         for row, seq in enumerate(self.rows[:b]):
@@ -401,8 +406,7 @@ class Batch:
             p = len(ids) - 1  # the row's position: its newest token's
             start = max(p - 2 - self.behind[row], 0)
             with self.draft_model.cache_rows(row, row + 1):
-                self.steps.prefill(self.draft_model, torch.tensor([ids[start:p - 1]], device=self.device),
-                                   torch.arange(start, p - 1, device=self.device), self.params, self.exit_layer)
+                catch_up(self.draft_model, self.steps, ids[start:p - 1], start, self.params, self.exit_layer)
             self.behind[row] = 0
 
     def _round(self, b: int, E: int | None, k: int) -> list[list[int]]:

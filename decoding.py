@@ -505,7 +505,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         if text:
-            chooser.observe_round(key, time.perf_counter() - round_start, len(kept))
+            # the catch-up is the cost of the rounds that skipped the draft model, not of this one's
+            chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))
             text.extend(kept)
         out += kept
         if on_tokens:
@@ -532,6 +533,23 @@ def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParam
         for T in CATCH_UP_BUCKETS:
             spec.pending = [5] * T
             spec.catch_up_pending(T, None)
+
+
+def catch_up(draft_model: Transformer, steps: Steps, ids: list[int], start: int, params: SamplingParams, E):
+    """Writes ids at positions start, start + 1, ... into draft_model's cache (what rounds it did
+    not draft kept): fixed-shape passes of its catch-up step, each over at most the largest of
+    CATCH_UP_BUCKETS positions, padded to the next bucket (one compiled graph each). The padding
+    writes the positions after the ids, which the round's draft steps write again before anything
+    reads them (where the cache has no room for it, the exact length runs)."""
+    device = draft_model.norm.weight.device
+    while ids:
+        part, ids = ids[:CATCH_UP_BUCKETS[-1]], ids[CATCH_UP_BUCKETS[-1]:]
+        T = next(b for b in CATCH_UP_BUCKETS if b >= len(part))
+        if start + T > draft_model.max_seq_length:
+            T = len(part)
+        x = torch.tensor([part + part[-1:] * (T - len(part))], device=device)
+        steps.catch_up(draft_model, x, torch.arange(start, start + T, device=device), params, E)
+        start += len(part)
 
 
 class Drafts:
@@ -571,6 +589,7 @@ class Round:
     verified_taps: tuple | None = None
     caught_up: bool = False  # own-cache draft: the first draft step also took the last round's last draft
     first: int | None = None  # the round's first token's id, where the round knows it on the host
+    pending_s: float = 0.0  # own-cache draft: seconds of catching up on what rounds without it kept
 
 
 class Speculation:
@@ -632,13 +651,16 @@ class Speculation:
         drafts from its layers [0, E) (all if None); the verify pass runs every layer of the model.
         After a round that kept every draft the draft model has not seen the last one, so the next
         round's first draft step takes it too (catch-up)."""
-        start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+        caught = 0.0
         if self.pending and want:
+            t = time.perf_counter()
             self.catch_up_pending(pos, E)
+            caught = time.perf_counter() - t
+        start, base = self.clock.now(), torch.tensor(pos, device=self.device)
         behind, self.behind = self.behind, None
         first = None if behind is None else (lambda x: self.catch_up(behind, x, base, E))
         r = self.verify(self.draft(self.draft_model, cur, base, E, want, first=first), start, base, E, k)
-        r.caught_up = behind is not None and r.drafts.made > 0
+        r.caught_up, r.pending_s = behind is not None and r.drafts.made > 0, caught
         if r.drafts.made and r.accepted == r.drafts.made:
             # the last draft itself, strides (1, 1) as the draft step's usual input (tokens[:, -1:]
             # has (k + 1, 1): a guard failure, i.e. a recompile)
@@ -656,22 +678,10 @@ class Speculation:
 
     def catch_up_pending(self, pos: int, E):
         """The draft model's cache gets the positions before `pos` that rounds it did not draft
-        skipped: a fixed-shape pass of the draft step over them (its compiled catch-up graph,
-        one per padded length, CATCH_UP_BUCKETS), at most the largest length at a time. The
-        padding rows write positions from `pos` on, which the round's draft steps write again
-        before anything reads them."""
+        skipped (`catch_up`)."""
         ids, self.pending = self.pending, []
-        start = pos - len(ids)
-        while ids:
-            part, ids = ids[:CATCH_UP_BUCKETS[-1]], ids[CATCH_UP_BUCKETS[-1]:]
-            T = next(b for b in CATCH_UP_BUCKETS if b >= len(part))
-            x = torch.tensor([part + part[-1:] * (T - len(part))], device=self.device)
-            if start + T > self.draft_model.max_seq_length:  # no room for the padding: the exact length, eagerly
-                x, T = x[:, :len(part)], len(part)
-            with self.stance("catch_up", E, T):
-                self.steps.catch_up(self.draft_model, x, torch.arange(start, start + T, device=self.device),
-                                    self.params, E)
-            start += len(part)
+        # guards evaluated (no stance): one call may run several shapes, and it is rare
+        catch_up(self.draft_model, self.steps, ids, pos - len(ids), self.params, E)
 
     def ngram_bucket(self, m: int) -> int:
         """The verify pass's fixed number of drafts for a proposal of m tokens."""

@@ -50,7 +50,8 @@ def check_draft_source(source: str):
         raise ValueError(f"unknown --draft_source {source!r}; choose from {', '.join(SOURCES)}")
 
 
-EXPLORE_EVERY = 64  # rounds: a kind of round not run for this long is tried again
+EXPLORE_EVERY = 64  # rounds: a kind of round not run for this long is tried again ...
+EXPLORE_WITHIN = 0.8  # ... if its last estimate was at least this share of the best's tokens per second
 
 
 class SourceChooser:
@@ -63,9 +64,12 @@ class SourceChooser:
     first token, so the share, not a per-token chance, predicts how many of m proposed tokens a
     round keeps); a plain step yields one token a row; a model round, the moving average of what
     its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
-    what its rounds took. A kind not yet timed is tried first (its first round, which may compile,
+    what its rounds took (a round is counted as at most twice the estimate, so that one stall
+    does not make a kind look slow for long). A kind not yet timed is tried first (its first round, which may compile,
     is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
-    changed with the text).
+    changed with the text) if its last estimate came within EXPLORE_WITHIN of the best: trying a
+    model round costs more than the round when its draft has fallen far behind (it catches up
+    first), so a kind that lost clearly is left alone.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -107,11 +111,15 @@ class SourceChooser:
         def rate(key):
             tokens = options[key] if options[key] is not None else self.tokens.get(key, 1.0)
             return tokens / (self.seconds[key] if self.timing else self.cost(key))
-        if self.timing:
-            for key in options:
-                if key not in self.seconds or self.rounds - self.last.get(key, 0) > EXPLORE_EVERY:
-                    return key
-        return max(options, key=rate)
+        if not self.timing:
+            return max(options, key=rate)
+        untimed = [key for key in options if key not in self.seconds]
+        if untimed:
+            return untimed[0]
+        best = max(options, key=rate)
+        stale = [key for key in options if self.rounds - self.last.get(key, 0) > EXPLORE_EVERY
+                 and rate(key) >= EXPLORE_WITHIN * rate(best)]
+        return stale[0] if stale else best
 
     def observe_ngram(self, n: int, proposed: int, accepted: int):
         """An n-gram round's verdict: how many of the proposed tokens it kept."""
@@ -125,4 +133,6 @@ class SourceChooser:
         if key not in self.seen:
             self.seen.add(key)
             return
-        self.seconds[key] = seconds if key not in self.seconds else 0.9 * self.seconds[key] + 0.1 * seconds
+        if key in self.seconds:  # a stall (the collector, the machine's neighbours) counts as twice the estimate at most
+            seconds = 0.9 * self.seconds[key] + 0.1 * min(seconds, 2 * self.seconds[key])
+        self.seconds[key] = seconds
