@@ -117,8 +117,7 @@ class Batch:
         self.lookahead = max(self.k, self.ngram)
         self.offsets = torch.arange(self.lookahead + 1, device=device)
         self.texts = [None] * B  # each running row's NgramIndex (with n-gram drafts)
-        # without clocks a model round costs k drafts of about half a step and the verify pass
-        self.chooser = (chooser or SourceChooser(1.0 + 0.5 * self.k, clocks=params.greedy)) if self.ngram else None
+        self.chooser = (chooser or SourceChooser(self.k, clocks=params.greedy)) if self.ngram else None
         self.device = device
         self.buckets = sorted({1 << i for i in range(B.bit_length()) if 1 << i < B} | {B})
         self.choices = Counter()  # with a policy: rounds by (E, k)
@@ -299,10 +298,7 @@ class Batch:
         try:
             for b in self.buckets:
                 for K in self.ngram_buckets:
-                    for row in range(b):
-                        self.rows[row] = Sequence([5], 1 << 30, stats=GenerationStats(1, 0, 0.0, 0.0))
-                        self.rows[row].tokens = [5]
-                    self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, 1, 5, 1
+                    self._stand_ins(b, 1)
                     with self.cache_rows(b):
                         self._ngram_round(b, [([5] * K, 1)] * b, K)
             if self.draft_model is not None:  # a row's catch-up of its draft cache, at each padded length
@@ -311,11 +307,22 @@ class Batch:
                         catch_up(self.draft_model, self.steps, [5] * T, 0, self.params, self.exit_layer)
         finally:
             self.chooser = chooser
-            for row, seq in enumerate(self.rows):
-                if seq is not None:
-                    self.rows[row] = None
-                    self.cur[row] = self.pos[row] = self.prev[row] = self.live[row] = 0
-                    self.behind[row] = 0
+            self._clear_stand_ins()
+
+    def _stand_ins(self, b: int, at: int):
+        """The first b rows taken by stand-in sequences (a long budget, a token at position `at`)
+        for measure_costs and compile_ngram_rounds; _clear_stand_ins frees them."""
+        for row in range(b):
+            self.rows[row] = Sequence([5] * at, 1 << 30, stats=GenerationStats(at, 0, 0.0, 0.0))
+            self.rows[row].tokens = [5]
+        self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, at, 5, 1
+
+    def _clear_stand_ins(self):
+        for row, seq in enumerate(self.rows):
+            if seq is not None:
+                self.rows[row] = None
+                self.cur[row] = self.pos[row] = self.prev[row] = self.live[row] = 0
+                self.behind[row] = 0
 
     def _ngram_round(self, b: int, proposals, K: int) -> list[list[int]]:
         """Every row's proposal from its text (padded to K drafts; none: padding alone, a decode
@@ -493,21 +500,14 @@ class Batch:
             for rnd in tqdm(range(2 + repeats), desc="Batched step costs (compiling the graphs, if compiled)",
                             disable=not progress, file=sys.stderr):
                 for b, E, k in shapes:
-                    for row in range(b):  # stand-ins: a long budget, a token at `at`
-                        self.rows[row] = Sequence([5] * at, 1 << 30, stats=GenerationStats(at, 0, 0.0, 0.0))
-                        self.rows[row].tokens = [5]
-                    self.cur[:b], self.pos[:b], self.prev[:b], self.live[:b] = 5, at, 5, 1
+                    self._stand_ins(b, at)
                     t0 = time.perf_counter()
                     with self.cache_rows(b):
                         self._round(b, E, k) if k else self._decode(b, None if self.k else E)
                     if rnd >= 2:  # the first two compile and warm
                         times[(b, E, k)].append(time.perf_counter() - t0)
         finally:
-            for row, seq in enumerate(self.rows):
-                if seq is not None:
-                    self.rows[row] = None
-                    self.cur[row] = self.pos[row] = self.prev[row] = self.live[row] = 0
-                    self.behind[row] = 0
+            self._clear_stand_ins()
         med = {shape: statistics.median(t) for shape, t in times.items()}
         return {b: StepCosts(med[(b, exits[0], 0)], {}, {(E, k): med[(b, E, k)] for E in exits for k in ks})
                 for b in self.buckets}

@@ -459,9 +459,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     spec = Speculation(model, draft_model, params, steps, policy, prompt.device, ngram_tokens)
     one_round = spec.shared_round if draft_model is None else spec.own_round
     text = NgramIndex(prompt.tolist()) if ngram_tokens else None
-    # without clocks a model round costs k drafts of about half a step and the verify pass
     if text and chooser is None:
-        chooser = SourceChooser(1.0 + 0.5 * policy.max_k, clocks=params.greedy)
+        chooser = SourceChooser(policy.max_k, clocks=params.greedy)
     stop = set(stop_ids)
     stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=lookahead,
                             adaptive=not isinstance(policy, FixedPolicy))
@@ -531,8 +530,7 @@ def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParam
         spec.ngram_round(5, 0, [5] * K)
     if draft_model is not None:  # and the draft model's catch-up passes after n-gram rounds
         for T in CATCH_UP_BUCKETS:
-            spec.pending = [5] * T
-            spec.catch_up_pending(T, None)
+            catch_up(draft_model, steps, [5] * T, 0, params, None)
 
 
 def catch_up(draft_model: Transformer, steps: Steps, ids: list[int], start: int, params: SamplingParams, E):
@@ -666,14 +664,15 @@ class Speculation:
             # has (k + 1, 1): a guard failure, i.e. a recompile)
             self.behind, self.behind_id = r.drafts.tokens[-1], r.kept[-2]
         elif not r.drafts.made:  # a plain round: the draft model has not seen its first token
-            r.first = int(cur)
-            self.fall_behind(r, [] if behind is None else [self.behind_id])
+            r.first, self.behind = int(cur), behind  # nor, if no draft step took it, the last round's last draft
+            self.fall_behind(r)
         return r
 
-    def fall_behind(self, r: "Round", before: list[int]):
-        """After a round the draft model did not draft (n-gram, plain): the ids it has not seen."""
+    def fall_behind(self, r: "Round"):
+        """After a round the draft model did not draft (n-gram, plain): the ids it has not seen,
+        the last round's last draft first if it had not seen that either (`behind`)."""
         if self.draft_model is not None:
-            self.pending += before + [r.first] + r.kept[:r.accepted]
+            self.pending += ([self.behind_id] if self.behind is not None else []) + [r.first] + r.kept[:r.accepted]
             self.behind = None
 
     def catch_up_pending(self, pos: int, E):
@@ -710,7 +709,7 @@ class Speculation:
         [(a, kept)] = read_round(tokens, nxt, n)
         r = Round(d, b, a, kept, nxt.view(1, 1).clone(), self.clock.seconds(start, mid),
                   self.clock.seconds(mid, end), first=last)
-        self.fall_behind(r, [self.behind_id] if self.behind is not None else [])
+        self.fall_behind(r)
         return r
 
     def plain_round(self, cur, last: int, pos: int) -> "Round":
@@ -722,7 +721,7 @@ class Speculation:
         end = self.clock.now()
         kept = nxt[0].tolist()  # the round's one host synchronisation
         r = Round(Drafts(cur), 0, 0, kept, nxt, 0.0, self.clock.seconds(start, end), first=last)
-        self.fall_behind(r, [self.behind_id] if self.behind is not None else [])
+        self.fall_behind(r)
         return r
 
     def catch_up(self, behind, x, base, E):

@@ -139,7 +139,7 @@ class Engine:
                 else:
                     batching.Batch(self.model, sampling, self.steps, None, k, self.draft_for(strategy), None,
                                    strategy.draft_source, strategy.ngram_tokens).compile_ngram_rounds()
-            self.policies[key] = SourceChooser(1.0 + 0.5 * k, clocks=sampling.greedy)
+            self.policies[key] = SourceChooser(k, clocks=sampling.greedy)
         return self.policies[key]
 
     def batch_policy_for(self, strategy: Strategy):

@@ -74,13 +74,14 @@ class SourceChooser:
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
     random numbers, do). There the seconds are fixed estimates in decode steps (a proposal round
-    1 + 0.05 a padded draft, a model round `model_cost`), and only tokens decide."""
+    1 + 0.05 a padded draft, a model round of k drafts 1 + k / 2: the drafts about half a step
+    each, and the verify pass), and only tokens decide."""
 
-    def __init__(self, model_cost: float = 1.0, clocks: bool = True, prior: float = 0.5, weight: float = 2.0,
+    def __init__(self, k: int = 0, clocks: bool = True, prior: float = 0.5, weight: float = 2.0,
                  decay: float = 0.98):
         import torch.distributed as dist
         self.timing = clocks and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-        self.model_cost = model_cost  # decode steps per model round (without clocks)
+        self.model_cost = 1.0 + 0.5 * k  # decode steps per model round (without clocks)
         self.prior, self.weight, self.decay = prior, weight, decay
         self.hits = {}  # match length n -> [accepted, proposed] drafts, decaying
         self.seconds, self.tokens, self.seen, self.last = {}, {}, set(), {}

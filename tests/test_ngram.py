@@ -193,7 +193,7 @@ def test_the_chooser_prefers_what_yields_more_per_second():
         c.observe_round(plain, 0.008, 1)
     c.observe_round(plain, 1.0, 1)
     assert c.seconds[plain] < 0.0096
-    fixed = SourceChooser(model_cost=3.0, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
+    fixed = SourceChooser(k=4, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
     fixed.observe_round(model, 0.0, 4)
     assert fixed.choose({("ngram", 4): 2.0, plain: 1.0, model: None}) == ("ngram", 4)
     assert fixed.choose({plain: 1.0, model: None}) == model
