@@ -28,7 +28,7 @@ from tqdm import tqdm
 from adaptive import StepCosts
 from decoding import (CATCH_UP_BUCKETS, GenerationStats, buckets_up_to, catch_up, check_draft_source,
                       check_exit_layer, check_fits, check_num_speculations, describe_choices, describe_sources,
-                      read_round)
+                      lengths_to_try, read_round)
 from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from steps import Steps, check_finite, synchronize
 from model import Transformer
@@ -276,11 +276,10 @@ class Batch:
         running = float(sum(s is not None for s in self.rows[:b]))
         options = {}
         longest = max(len(ids) for ids, _ in proposals)
-        for K in self.ngram_buckets:  # every padded length up to the longest's: a shorter verify pass costs less
-            if longest and K <= next(c for c in self.ngram_buckets if c >= longest):
-                # a row without a proposal yields its one token all the same
-                options[("ngram", b, K)] = running + sum(self.chooser.expected(n, min(len(ids), K)) - 1.0
-                                                         for ids, n in proposals if ids)
+        for K in lengths_to_try(self.ngram_buckets, longest):
+            # a row without a proposal yields its one token all the same
+            options[("ngram", b, K)] = running + sum(self.chooser.expected(n, min(len(ids), K)) - 1.0
+                                                     for ids, n in proposals if ids)
         options.update({("plain", b): running, **({("model", b): None} if self.k or self.policy else {})})
         key = self.chooser.choose(options)
         if key[0] == "ngram":  # the proposals cut to the chosen length

@@ -129,6 +129,12 @@ def buckets_up_to(k: int) -> tuple:
     return tuple(b for b in BUCKETS if b < k) + (k,)
 
 
+def lengths_to_try(buckets: tuple, m: int) -> tuple:
+    """The padded lengths (of buckets) a proposal of m tokens may be verified at, cut or whole:
+    every one up to the smallest that holds it (a shorter verify pass costs less); () for m = 0."""
+    return tuple(b for b in buckets if b < m) + tuple(b for b in buckets if b >= m)[:1] if m else ()
+
+
 def check_num_speculations(k: int):
     # Every round verifies k + 1 positions and keeps k drafts only if all of them are accepted:
     # far beyond what any draft achieves, a larger k only makes each round slower.
@@ -481,8 +487,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         if text:  # the text's proposal, a plain step, or the model's round (auto)
             proposal, n = text.propose(min(ngram_tokens, left))
             # every padded length up to the proposal's: a shorter verify pass costs less
-            options = {("ngram", K): chooser.expected(n, min(K, len(proposal))) for K in spec.ngram_buckets
-                       if proposal and K <= spec.ngram_bucket(len(proposal))}
+            options = {("ngram", K): chooser.expected(n, min(K, len(proposal)))
+                       for K in lengths_to_try(spec.ngram_buckets, len(proposal))}
             options.update({("plain",): 1.0, **({("model",): None} if models else {})})
             key = chooser.choose(options)
             source = key[0]
@@ -682,10 +688,6 @@ class Speculation:
         # guards evaluated (no stance): one call may run several shapes, and it is rare
         catch_up(self.draft_model, self.steps, ids, pos - len(ids), self.params, E)
 
-    def ngram_bucket(self, m: int) -> int:
-        """The verify pass's fixed number of drafts for a proposal of m tokens."""
-        return next(b for b in self.ngram_buckets if b >= m)
-
     def ngram_round(self, last: int, pos: int, proposal: list[int]) -> "Round":
         """Drafts from the text (ngram.NgramIndex): no model call. The verify pass runs every layer
         over [last, proposal] (padded), as a draft model's does, so every layer's cache holds the
@@ -694,7 +696,7 @@ class Speculation:
         the full model's probability of it, so the output keeps the model's distribution."""
         start, base = self.clock.now(), torch.tensor(pos, device=self.device)
         m = len(proposal)
-        b = self.ngram_bucket(m)
+        b = lengths_to_try(self.ngram_buckets, m)[-1]  # the verify pass's fixed number of drafts
         tokens = torch.tensor([[last] + proposal + proposal[-1:] * (b - m)], device=self.device)
         draft_probs = None if self.params.greedy else torch.zeros(b, self.model.args.vocab_size, device=self.device) \
             .scatter_(1, tokens[0, 1:, None], 1.0)
