@@ -58,8 +58,8 @@ class Request:
         with settings of their own."""
         if self.sampling.greedy:
             return "any" if mix else SamplingParams()
-        if self.seed is not None:
-            return id(self)
+        if self.seed is not None:  # its own: rid is never reused, as id(self) is once a request is freed
+            return ("seeded", self.rid)
         return "any" if mix else self.sampling
 
 

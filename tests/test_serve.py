@@ -246,6 +246,21 @@ def test_seeded_sampling_repeats(server, tiny_smol_dir):
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_each_seeded_request_gets_a_batch_of_its_own_even_at_a_freed_requests_address():
+    """Two seeded requests one after another: the second must start a new Batch (and reseed), also
+    where CPython puts it at the first one's freed address (its group was id(self) once: CI saw seed 7
+    give two different texts)."""
+    from sampling import SamplingParams
+    from serving import Request
+    sampled = SamplingParams(temperature=1.0)
+    groups = []
+    for rid in (1, 2):
+        req = Request([1, 2], 4, sampled, print, seed=7, rid=rid)
+        groups.append(req.group(True))
+        del req
+    assert groups[0] != groups[1]
+
+
 def test_bad_requests_get_their_status_and_the_server_still_answers(server, reference, tiny_smol_dir):
     url, name = server.url, tiny_smol_dir.name
     auth = {"Authorization": f"Bearer {KEY}"}
