@@ -44,7 +44,28 @@ inline void vload_u4x32(const uint8_t* p, V* q) {
   q[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), lo)));
 }
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline float vmax_all(V a) { return _mm512_reduce_max_ps(a); }
+inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+// lane i = the sum of a[i]'s lanes, for i < 16: a transpose and add, one tree for every a[i]
+inline V vsum_each(const V* a) {
+  V c[8], d[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [x0 + x2, y0 + y2, x1 + x3, y1 + y3]
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per chunk: the chunk's sums of a[4i..4i+3]
+    d[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const V f0 = _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const V f1 = _mm512_add_ps(_mm512_shuffle_f32x4(d[2], d[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(d[2], d[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f0, f1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(f0, f1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
 const char* kIsa = "avx512";
+#define VECTOR_EXP 1
 
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int W = 8;
@@ -72,7 +93,26 @@ inline void vload_u4x32(const uint8_t* p, V* q) {
   q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h, 8)));
 }
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline float vmax_all(V a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vpow2(V p, V n) {  // p * 2^n for integral n in [-126, 127]
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+// lane i = the sum of a[i]'s lanes, for i < 8: a transpose and add, one tree for every a[i]
+inline V vsum_each(const V* a) {
+  const V d0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const V d1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(d0, d1, 0x20), _mm256_permute2f128_ps(d0, d1, 0x31));
+}
 const char* kIsa = "avx2";
+#define VECTOR_EXP 1
 
 #else  // portable: the compiler vectorizes what it can
 constexpr int W = 1;
@@ -92,7 +132,36 @@ inline void vload_u4x32(const uint8_t* p, V* q) {
   }
 }
 inline void prefetch(const void*) {}
+inline V vadd(V a, V b) { return a + b; }
+inline V vmax(V a, V b) { return std::max(a, b); }
+inline float vmax_all(V a) { return a; }
+inline V vsum_each(const V* a) { return a[0]; }
 const char* kIsa = "portable";
+#endif
+
+#ifdef VECTOR_EXP
+// exp(x) for x <= 0 (softmax's exponent): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so
+// n ln2 is exact), e^r by its degree-7 Taylor polynomial (error below 1e-8 relative), times 2^n;
+// below -87 it clamps (e^-87 is 1.6e-38: weights that small vanish against the largest, 1). The
+// max's operands in this order keep a NaN (max returns its second operand when one is NaN), so a
+// model gone NaN still says so in its output.
+inline V vexp(V x) {
+  x = vmax(vset1(-87.f), x);
+  const V n = vround(vmul(x, vset1(1.44269504088896341f)));
+  V r = vfma(n, vset1(-0.693145751953125f), x);
+  r = vfma(n, vset1(-1.42860682030941723212e-6f), r);
+  V p = vset1(1.f / 5040);
+  p = vfma(p, r, vset1(1.f / 720));
+  p = vfma(p, r, vset1(1.f / 120));
+  p = vfma(p, r, vset1(1.f / 24));
+  p = vfma(p, r, vset1(1.f / 6));
+  p = vfma(p, r, vset1(0.5f));
+  p = vfma(p, r, vset1(1.f));
+  p = vfma(p, r, vset1(1.f));
+  return vpow2(p, n);
+}
+#else
+inline V vexp(V x) { return std::exp(x); }
 #endif
 
 constexpr int MT = 4;  // rows of x per tile
@@ -674,6 +743,118 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
 // each its own). Reads only those positions, not the whole static cache, and reduces every output in
 // one order whatever L and B: like the linear kernels, row-invariant. q [B, H, L, D], k and v
 // [B, KV, S, D] (query head h reads KV head h / (H / KV)).
+//
+// The query rows of one KV head (its heads' L rows each) go in tiles of up to 8 rows, so each block
+// of keys and values is read from memory once for the tile and then from the L1 cache: a verify
+// pass of 9 rows over 3 heads a KV head reads the cache once, not 27 times. A row's instructions
+// depend only on its own position (how many keys it sees), never on the tile it lands in.
+constexpr int kTileMost = 8;   // query rows a tile
+constexpr int64_t kKeyBlock = 64;  // keys of V per pass over a tile's rows (16 KB at D = 64)
+
+struct AttnTile {
+  const float* k;           // the KV head's keys, [S, D]
+  const float* v;           // and values
+  const float* q[kTileMost];  // the tile's query rows, D long
+  float* y[kTileMost];        // and their outputs
+  int64_t n[kTileMost];       // keys each row sees (its position + 1)
+  int rows;
+};
+
+// The scores of keys j0 .. j0 + W - 1 for query row q: lane i = q . k[j0 + i]. Keys past n - 1 read
+// key n - 1 again (never past the row's position); the caller drops those lanes. DC: D / W when
+// known at compile time (0: dc at run time); the last D % W dimensions are added one by one.
+template <int DC>
+inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64_t D, int64_t dc) {
+  const int64_t nc = DC ? DC : dc;
+  V acc[W];
+  for (int i = 0; i < W; ++i) {
+    const float* kj = k + std::min<int64_t>(j0 + i, n - 1) * D;
+    V a = vzero();
+    for (int64_t c = 0; c < nc; ++c) a = vfma(vload(q + c * W), vload(kj + c * W), a);
+    acc[i] = a;
+  }
+  V s = vsum_each(acc);
+  if (nc * W < D) {
+    float t[W];
+    for (int i = 0; i < W; ++i) {
+      const float* kj = k + std::min<int64_t>(j0 + i, n - 1) * D;
+      float a = 0.f;
+      for (int64_t d = nc * W; d < D; ++d) a += q[d] * kj[d];
+      t[i] = a;
+    }
+    s = vadd(s, vload(t));
+  }
+  return s;
+}
+
+// p (the tile's rows, each ps long) and acc (2 D each) are the caller's scratch.
+template <int DC>
+void attend_tile(const AttnTile& t, int64_t D, float scale, float* p, int64_t ps, float* acc) {
+  const int64_t dc = DC ? DC : D / W, dv = dc * W;
+  int64_t most = 0;
+  for (int r = 0; r < t.rows; ++r) most = std::max(most, t.n[r]);
+  // scores, W keys at a time for every row (the block of keys stays in L1 across the rows)
+  V top[kTileMost];
+  for (int r = 0; r < t.rows; ++r) top[r] = vset1(-INFINITY);
+  for (int64_t j0 = 0; j0 < most; j0 += W)
+    for (int r = 0; r < t.rows; ++r) {
+      if (j0 >= t.n[r]) continue;
+      const V s = vmul(key_scores<DC>(t.q[r], t.k, j0, t.n[r], D, dc), vset1(scale));
+      vstore(p + r * ps + j0, s);
+      top[r] = vmax(top[r], s);  // the repeated lanes hold a real score: the max is unchanged
+    }
+  // softmax weights, unnormalized; the lanes past n are zeroed
+  float total[kTileMost];
+  for (int r = 0; r < t.rows; ++r) {
+    float* pr = p + r * ps;
+    const int64_t n = t.n[r];
+    const V m = vset1(vmax_all(top[r]));
+    V sum = vzero();
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+      vstore(pr + j0, vexp(vadd(vload(pr + j0), vmul(m, vset1(-1.f)))));
+      for (int64_t j = n; j < j0 + W; ++j) pr[j] = 0.f;
+      sum = vadd(sum, vload(pr + j0));
+    }
+    total[r] = vsum(sum);
+  }
+  // weighted values: a block of values for every row, two chains a dimension (even and odd keys)
+  // where a row has few vectors of D, so the FMAs' latency is covered
+  constexpr int PAR = DC != 0 && DC <= 4 ? 2 : 1;
+  std::fill(acc, acc + t.rows * 2 * D, 0.f);
+  for (int64_t b0 = 0; b0 < most; b0 += kKeyBlock)
+    for (int r = 0; r < t.rows; ++r) {
+      const int64_t b1 = std::min(b0 + kKeyBlock, t.n[r]);
+      if (b0 >= b1) continue;
+      const float* pr = p + r * ps;
+      float* ar = acc + r * 2 * D;
+      if (DC) {
+        V a[PAR][DC ? DC : 1];
+        for (int h = 0; h < PAR; ++h)
+          for (int c = 0; c < DC; ++c) a[h][c] = vload(ar + h * D + c * W);
+        for (int64_t j = b0; j < b1; j += PAR)
+          for (int h = 0; h < PAR && j + h < b1; ++h) {
+            const V w = vset1(pr[j + h]);
+            const float* vj = t.v + (j + h) * D;
+            for (int c = 0; c < DC; ++c) a[h][c] = vfma(w, vload(vj + c * W), a[h][c]);
+          }
+        for (int h = 0; h < PAR; ++h)
+          for (int c = 0; c < DC; ++c) vstore(ar + h * D + c * W, a[h][c]);
+      } else {
+        for (int64_t j = b0; j < b1; ++j) {
+          const V w = vset1(pr[j]);
+          const float* vj = t.v + j * D;
+          for (int64_t d = 0; d < dv; d += W) vstore(ar + d, vfma(w, vload(vj + d), vload(ar + d)));
+        }
+      }
+      for (int64_t j = b0; j < b1; ++j)
+        for (int64_t d = dv; d < D; ++d) ar[d] += pr[j] * t.v[j * D + d];
+    }
+  for (int r = 0; r < t.rows; ++r) {
+    const float* ar = acc + r * 2 * D;
+    for (int64_t d = 0; d < D; ++d) t.y[r][d] = (ar[d] + ar[D + d]) / total[r];
+  }
+}
+
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& pos_) {
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k and v must be 4-D");
   for (const auto* t : {&q_, &k_, &v_}) TORCH_CHECK(t->scalar_type() == at::kFloat, "q, k and v must be float32");
@@ -687,40 +868,34 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < pos.numel(); ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < S, "input_pos out of the cache's range");
   auto y = at::empty(q.sizes(), q.options());  // contiguous, as the fake says
+  if (y.numel() == 0) return y;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t group = H / KV, dv = D - D % W;
-  at::parallel_for(0, B * H * L, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> p(S);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / (H * L), h = r / L % H, n = pp[(per_row ? b * L : 0) + r % L] + 1;
-      const float* qr = qp + r * D;
-      const float* kh = kp + (b * KV + h / group) * S * D;
-      const float* vh = vp + (b * KV + h / group) * S * D;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        V acc = vzero();
-        for (int64_t d = 0; d < dv; d += W) acc = vfma(vload(qr + d), vload(kh + j * D + d), acc);
-        float s = vsum(acc);
-        for (int64_t d = dv; d < D; ++d) s += qr[d] * kh[j * D + d];
-        p[j] = s * scale;
-        top = std::max(top, p[j]);
+  // a KV head's group x L rows in equal tiles, small enough that every thread gets a couple
+  const int64_t group = H / KV, rows = group * L;
+  const int64_t most = std::clamp<int64_t>(B * H * L / (2 * at::get_num_threads()), 1, kTileMost);
+  const int64_t tiles = (rows + most - 1) / most, tile = (rows + tiles - 1) / tiles;
+  const int64_t ps = (S + W - 1) / W * W;
+  at::parallel_for(0, B * KV * tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(tile * ps), acc(tile * 2 * D);
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t bg = i / tiles, b = bg / KV, r0 = i % tiles * tile, r1 = std::min(rows, r0 + tile);
+      AttnTile t{kp + bg * S * D, vp + bg * S * D, {}, {}, {}, static_cast<int>(r1 - r0)};
+      for (int64_t r = r0; r < r1; ++r) {  // row r: head bg % KV * group + r / L, query position r % L
+        const int64_t qr = (b * H + bg % KV * group + r / L) * L + r % L;
+        t.q[r - r0] = qp + qr * D;
+        t.y[r - r0] = yp + qr * D;
+        t.n[r - r0] = pp[(per_row ? b * L : 0) + r % L] + 1;
       }
-      float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-      float* out = yp + r * D;
-      for (int64_t d = 0; d < dv; d += W) {
-        V acc = vzero();
-        for (int64_t j = 0; j < n; ++j) acc = vfma(vset1(p[j]), vload(vh + j * D + d), acc);
-        vstore(out + d, acc);
+      switch (D / W) {
+        case 1: attend_tile<1>(t, D, scale, p.data(), ps, acc.data()); break;
+        case 2: attend_tile<2>(t, D, scale, p.data(), ps, acc.data()); break;
+        case 4: attend_tile<4>(t, D, scale, p.data(), ps, acc.data()); break;
+        case 8: attend_tile<8>(t, D, scale, p.data(), ps, acc.data()); break;
+        case 16: attend_tile<16>(t, D, scale, p.data(), ps, acc.data()); break;
+        default: attend_tile<0>(t, D, scale, p.data(), ps, acc.data());
       }
-      for (int64_t d = dv; d < D; ++d) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < n; ++j) acc += p[j] * vh[j * D + d];
-        out[d] = acc;
-      }
-      for (int64_t d = 0; d < D; ++d) out[d] /= total;
     }
   });
   return y;

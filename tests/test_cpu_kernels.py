@@ -390,8 +390,38 @@ def test_attention_kernel_reads_only_each_rows_positions(heads, kv_heads, d):
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 13:], v2[:, :, 13:] = float("nan"), 1e30
     assert torch.equal(cpu_kernels.attention(q, k2, v2, pos), cpu_kernels.attention(q, k, v, pos))
+    q2 = q.clone()
+    q2[0, 0, 1, 0] = float("nan")  # a model gone NaN says so (a clamped exp would hide it)
+    out = cpu_kernels.attention(q2, k, v, pos)
+    assert out[0, 0, 1].isnan().all() and not out[0, 0, [0, 2]].isnan().any()
     with pytest.raises(RuntimeError, match="input_pos out of the cache's range"):
         cpu_kernels.attention(q, k, v, torch.tensor([10, 11, S]))
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 1, 20)])
+def test_attention_kernel_batched_rows_and_threads_change_nothing(heads, kv_heads, d):
+    # rows go in tiles by KV head, sized by the row and thread count: a row's output must not move
+    import model
+    torch.manual_seed(1)
+    B, S, L = 3, 150, 9  # keys past one 64-key block of values, and past several W-key blocks
+    k, v = torch.randn(B, kv_heads, S, d), torch.randn(B, kv_heads, S, d)
+    q = torch.randn(B, heads, L, d)
+    pos = torch.stack([torch.arange(s, s + L) for s in (0, 63, 140)])  # each sequence its own
+    y = cpu_kernels.attention(q, k, v, pos)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    for b in range(B):
+        ref = model.fixed_order_attention(q[b:b + 1].double(), k[b:b + 1].double(), v[b:b + 1].double(),
+                                          causal[pos[b]][None, None])
+        assert (y[b:b + 1].double() - ref).abs().max() < 1e-5
+        for i in range(L):
+            one = cpu_kernels.attention(q[b:b + 1, :, i:i + 1], k[b:b + 1], v[b:b + 1], pos[b, i:i + 1])
+            assert torch.equal(one, y[b:b + 1, :, i:i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_kernels.attention(q, k, v, pos), y)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_attention_is_fixed_order_for_as_many_rows_as_the_kernels():
