@@ -225,7 +225,10 @@ class Batch:
         else:
             E, k = self.policy.choose(b) if self.policy else (self.exit_layer, self.k)
         if k and any(self.behind[:b]) and source == "model":
+            tokens, t = sum(self.behind[:b]), time.perf_counter()
             self._catch_up(b)
+            if self.chooser:  # a cost of the rounds that skipped the draft model
+                self.chooser.observe_catch_up(time.perf_counter() - t, tokens)
         for row, (seq, done, _) in self.filling.items():
             # A row still prefilling rides along as padding, written past what its prompt has filled
             # (a draft with its own cache writes one position earlier), where its next chunk writes.

@@ -482,6 +482,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
     while len(out) < max_new_tokens and out[-1] not in stop:
         round_start = time.perf_counter()
+        behind = len(spec.pending)  # ids an own-cache draft model has not seen (a model round catches up)
         left = max_new_tokens - len(out) - 1  # n tokens to go: n - 1 drafts and the full model's token suffice
         source = "model"
         if text:  # the text's proposal, a plain step, or the model's round (auto)
@@ -511,6 +512,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         if text:
             # the catch-up is the cost of the rounds that skipped the draft model, not of this one's
+            chooser.observe_catch_up(r.pending_s, behind if r.pending_s else 0)
             chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))
             text.extend(kept)
         out += kept

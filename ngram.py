@@ -69,7 +69,9 @@ class SourceChooser:
     is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
     changed with the text) if its last estimate came within EXPLORE_WITHIN of the best: trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
-    first), so a kind that lost clearly is left alone.
+    first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
+    cache has not seen what n-gram and plain rounds kept) is charged to those kinds, per token
+    they keep, not to the model round that runs it.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -86,6 +88,7 @@ class SourceChooser:
         self.hits = {}  # match length n -> [accepted, proposed] drafts, decaying
         self.seconds, self.tokens, self.seen, self.last = {}, {}, set(), {}
         self.rounds = 0
+        self.catch_up_s = 0.0  # a draft model with its own cache: seconds of catching up a token, on average
 
     def rate(self, n: int) -> float:
         """Estimated share of a proposal from a match of length n that is accepted."""
@@ -127,8 +130,19 @@ class SourceChooser:
         a, m = self.hits.get(n, (0.0, 0.0))
         self.hits[n] = [a * self.decay + accepted, m * self.decay + proposed]
 
+    def observe_catch_up(self, seconds: float, tokens: int):
+        """A model round first caught its draft model up on `tokens` positions that n-gram and
+        plain rounds kept without it (the draft has its own cache), in `seconds`: a cost of those
+        rounds, charged to them per token they keep from now on (observe_round), not to the model
+        round that happens to pay it."""
+        if tokens:
+            per = seconds / tokens
+            self.catch_up_s = per if not self.catch_up_s else 0.9 * self.catch_up_s + 0.1 * min(per, 2 * self.catch_up_s)
+
     def observe_round(self, key, seconds: float, tokens: int):
         """A round of this kind took `seconds` and yielded `tokens` (its first round not timed)."""
+        if key[0] != "model":
+            seconds += self.catch_up_s * tokens  # the draft model's catch-up on them, later
         self.last[key] = self.rounds
         self.tokens[key] = tokens if key not in self.tokens else 0.9 * self.tokens[key] + 0.1 * tokens
         if key not in self.seen:
