@@ -227,7 +227,7 @@ class Batch:
         if k and any(self.behind[:b]) and source == "model":
             tokens, t = sum(self.behind[:b]), time.perf_counter()
             self._catch_up(b)
-            if self.chooser:  # a cost of the rounds that skipped the draft model
+            if self.chooser:  # what a model round costs more for each token the draft is behind
                 self.chooser.observe_catch_up(time.perf_counter() - t, tokens)
         for row, (seq, done, _) in self.filling.items():
             # A row still prefilling rides along as padding, written past what its prompt has filled
@@ -284,7 +284,7 @@ class Batch:
             options[("ngram", b, K)] = running + sum(self.chooser.expected(n, min(len(ids), K)) - 1.0
                                                      for ids, n in proposals if ids)
         options.update({("plain", b): running, **({("model", b): None} if self.k or self.policy else {})})
-        key = self.chooser.choose(options)
+        key = self.chooser.choose(options, behind=sum(self.behind[:b]))
         if key[0] == "ngram":  # the proposals cut to the chosen length
             proposals = [(ids[:key[-1]], n) for ids, n in proposals]
         return key, proposals

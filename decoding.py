@@ -491,7 +491,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
             options = {("ngram", K): chooser.expected(n, min(K, len(proposal)))
                        for K in lengths_to_try(spec.ngram_buckets, len(proposal))}
             options.update({("plain",): 1.0, **({("model",): None} if models else {})})
-            key = chooser.choose(options)
+            key = chooser.choose(options, behind=behind)
             source = key[0]
         if source == "ngram":
             proposal = proposal[:key[-1]]
@@ -511,7 +511,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         if text:
-            # the catch-up is the cost of the rounds that skipped the draft model, not of this one's
+            # the catch-up, timed apart: the chooser adds it to a model round for what is behind then
             chooser.observe_catch_up(r.pending_s, behind if r.pending_s else 0)
             chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))
             text.extend(kept)

@@ -70,8 +70,9 @@ class SourceChooser:
     changed with the text) if its last estimate came within EXPLORE_WITHIN of the best: trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
-    cache has not seen what n-gram and plain rounds kept) is charged to those kinds, per token
-    they keep, not to the model round that runs it.
+    cache has not seen what n-gram and plain rounds kept) is timed apart, per token, and added to
+    a model round's expected seconds for as many tokens as the draft is behind when choosing: it
+    is what the next model round will pay, and only if one runs.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -106,15 +107,19 @@ class SourceChooser:
             return 1.0 + 0.05 * key[-1]
         return 1.0 if key[0] == "plain" else self.model_cost
 
-    def choose(self, options: dict):
+    def choose(self, options: dict, behind: int = 0):
         """options: {kind of round (a tuple whose first item is "ngram", "plain" or "model"):
-        its expected tokens, or None for the moving average of that kind's rounds}. Returns the
-        kind to run."""
+        its expected tokens, or None for the moving average of that kind's rounds}; behind: the
+        positions a draft model with its own cache must catch up on before a model round. Returns
+        the kind to run."""
         self.rounds += 1
+        debt = self.catch_up_s * behind
 
         def rate(key):
             tokens = options[key] if options[key] is not None else self.tokens.get(key, 1.0)
-            return tokens / (self.seconds[key] if self.timing else self.cost(key))
+            if not self.timing:
+                return tokens / self.cost(key)
+            return tokens / (self.seconds[key] + (debt if key[0] == "model" else 0.0))
         if not self.timing:
             return max(options, key=rate)
         untimed = [key for key in options if key not in self.seconds]
@@ -132,17 +137,14 @@ class SourceChooser:
 
     def observe_catch_up(self, seconds: float, tokens: int):
         """A model round first caught its draft model up on `tokens` positions that n-gram and
-        plain rounds kept without it (the draft has its own cache), in `seconds`: a cost of those
-        rounds, charged to them per token they keep from now on (observe_round), not to the model
-        round that happens to pay it."""
+        plain rounds kept without it (the draft has its own cache), in `seconds` (not part of the
+        round's own seconds): the per-token cost that choose adds to a model round."""
         if tokens:
             per = seconds / tokens
             self.catch_up_s = per if not self.catch_up_s else 0.9 * self.catch_up_s + 0.1 * min(per, 2 * self.catch_up_s)
 
     def observe_round(self, key, seconds: float, tokens: int):
         """A round of this kind took `seconds` and yielded `tokens` (its first round not timed)."""
-        if key[0] != "model":
-            seconds += self.catch_up_s * tokens  # the draft model's catch-up on them, later
         self.last[key] = self.rounds
         self.tokens[key] = tokens if key not in self.tokens else 0.9 * self.tokens[key] + 0.1 * tokens
         if key not in self.seen:
