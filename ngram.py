@@ -70,9 +70,10 @@ class SourceChooser:
     changed with the text) if its last estimate came within EXPLORE_WITHIN of the best: trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
-    cache has not seen what n-gram and plain rounds kept) is timed apart, per token, and added to
-    a model round's expected seconds for as many tokens as the draft is behind when choosing: it
-    is what the next model round will pay, and only if one runs.
+    cache has not seen what n-gram and plain rounds kept) is timed apart, per token: where model
+    rounds are the best kind without it, another kind's round is charged it for the tokens it
+    would keep (the next model round will pay for them); otherwise a model round is charged it for
+    the positions the draft is behind (the price of switching back).
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -113,18 +114,28 @@ class SourceChooser:
         positions a draft model with its own cache must catch up on before a model round. Returns
         the kind to run."""
         self.rounds += 1
-        debt = self.catch_up_s * behind
 
-        def rate(key):
-            tokens = options[key] if options[key] is not None else self.tokens.get(key, 1.0)
-            if not self.timing:
-                return tokens / self.cost(key)
-            return tokens / (self.seconds[key] + (debt if key[0] == "model" else 0.0))
+        def tokens(key):
+            return options[key] if options[key] is not None else self.tokens.get(key, 1.0)
         if not self.timing:
-            return max(options, key=rate)
+            return max(options, key=lambda key: tokens(key) / self.cost(key))
         untimed = [key for key in options if key not in self.seconds]
         if untimed:
             return untimed[0]
+        # The draft model's catch-up (a model round pays it for every position the draft is behind)
+        # goes to whichever side is the exception: where model rounds pay best without it, a round
+        # of another kind is charged it for the tokens it would keep (the next model round pays for
+        # them); otherwise the model round is charged what is behind now, the price of switching.
+        steady = max(options, key=lambda key: tokens(key) / self.seconds[key])
+        model_mode = steady[0] == "model"
+
+        def rate(key):
+            extra = 0.0
+            if key[0] == "model" and not model_mode:
+                extra = self.catch_up_s * behind
+            elif key[0] != "model" and model_mode:
+                extra = self.catch_up_s * tokens(key)
+            return tokens(key) / (self.seconds[key] + extra)
         best = max(options, key=rate)
         stale = [key for key in options if self.rounds - self.last.get(key, 0) > EXPLORE_EVERY
                  and rate(key) >= EXPLORE_WITHIN * rate(best)]

@@ -427,3 +427,15 @@ def test_attention_kernel_batched_rows_and_threads_change_nothing(heads, kv_head
 def test_attention_is_fixed_order_for_as_many_rows_as_the_kernels():
     import model
     assert model.FIXED_ORDER_ROWS == cpu_kernels.EXACT_ROWS
+
+
+def test_attention_speed_prints_its_table(capsys):
+    import attention_speed
+    attention_speed.main(["--rows", "1", "3", "--positions", "5", "--batch", "2", "--cache", "32",
+                          "--rounds", "1", "--sample_s", "0"])
+    out = capsys.readouterr().out
+    assert "| batch | position | rows | ours | SDPA | SDPA / ours |" in out
+    assert out.count("\n| 2 | 5 | ") == 2
+    with pytest.raises(SystemExit):
+        attention_speed.main(["--positions", "2040", "--rows", "16"])
+    assert "within --cache" in capsys.readouterr().err

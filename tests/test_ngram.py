@@ -193,15 +193,25 @@ def test_the_chooser_prefers_what_yields_more_per_second():
         c.observe_round(plain, 0.008, 1)
     c.observe_round(plain, 1.0, 1)
     assert c.seconds[plain] < 0.0096
-    c = SourceChooser()  # a model round pays the draft model's catch-up on what other rounds kept
+    c = SourceChooser()  # the draft model's catch-up on what other rounds kept, where it is due
     for _ in range(2):
         c.observe_round(plain, 0.008, 1)  # 125 tokens/s
         c.observe_round(model, 0.020, 3)  # 150 tokens/s, its catch-up not included
+        c.observe_round(("ngram", 4), 0.010, 3)
     c.observe_catch_up(0.030, 10)  # 3 ms a token behind
     assert c.seconds[plain] == pytest.approx(0.008) and c.seconds[model] == pytest.approx(0.020)
-    assert c.choose({plain: 1.0, model: None}, behind=0) == model
-    assert c.choose({plain: 1.0, model: None}, behind=1) == model  # 3 tokens in 23 ms: 130 tokens/s
-    assert c.choose({plain: 1.0, model: None}, behind=10) == plain  # in 50 ms: 60 tokens/s
+    # model rounds pay best (1.4 tokens in 10 ms is 140/s): the proposal is charged the catch-up
+    # of what it would keep (98/s), the model round not what is behind
+    assert c.choose({("ngram", 4): 1.4, plain: 1.0, model: None}, behind=50) == model
+    # the proposal pays best (160/s): it is not charged; a model round is, for what is behind, so
+    # that it is not tried again while far behind
+    opts = {("ngram", 4): 1.6, plain: 1.0, model: None}
+    assert c.choose(opts, behind=50) == ("ngram", 4)
+    for _ in range(EXPLORE_EVERY):
+        assert c.choose({("ngram", 4): 1.6, plain: 1.0}) == ("ngram", 4)
+        c.observe_round(("ngram", 4), 0.010, 2)
+    assert c.choose(opts, behind=20) == ("ngram", 4)  # 3 tokens in 80 ms: not within reach
+    assert c.choose(opts, behind=0) == model  # 150/s within EXPLORE_WITHIN of 160: tried again
     c.observe_catch_up(1.0, 10)  # a stall counts as twice the estimate at most
     assert c.catch_up_s == pytest.approx(0.0033)
     fixed = SourceChooser(k=4, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
