@@ -14,8 +14,9 @@ Rows (greedy, each generation until a stop token or --max_new_tokens): ours auto
 baseline; compiled with --compile, as are all our rows), --draft_source ngram, the model's own draft (--draft_quantize, a quantized self-draft),
 and --draft_source auto over both; transformers generate(prompt_lookup_num_tokens=--ngram_tokens)
 on the checkpoint's float32 weights; llama-server with each --spec-type given (and without).
-Each workload's prompts run every row in turn, prompt by prompt, after one untimed warm-up of every
-row (compilation). tokens/s: decode tokens (after the first) per second of decoding, over the
+Each workload's prompts run every row of ours (and transformers') in turn, prompt by prompt, after
+untimed warm-ups of every row (compilation); llama-server's rows server by server; the batched
+rows in turn, workload by workload. tokens/s: decode tokens (after the first) per second of decoding, over the
 workload's prompts; with --batch_size B, batched rows against batched autoregressive decoding.
 "same": prompts whose text equals our autoregressive text (one at a time). --output_dir writes
 ngram_speed.json and ngram_speed.png.
@@ -176,28 +177,35 @@ def main(argv=None):
             if key[0] == "chooser":
                 chooser.hits.clear()
 
-    def measure(label, run):
-        run(repeated, 2 * a.ngram_tokens + 2)  # compiles (the engine compiles the n-gram verify shapes first)
+    def record(w, label, run, prompt):
+        ids, n, secs, acc = run(prompt, a.max_new_tokens)
+        r = results.setdefault((w, label), {"ids": [], "tokens": 0, "seconds": 0.0, "acceptance": []})
+        r["ids"].append(ids)
+        r["tokens"] += n
+        r["seconds"] += secs
+        r["acceptance"].append(acc)
+
+    def measure(runs: dict):
+        """Every row on each prompt in turn (a machine's drift or a neighbour's load hits the rows
+        alike), after untimed warm-ups that compile what each row meets."""
+        for run in runs.values():
+            run(repeated, 2 * a.ngram_tokens + 2)  # compiles (the engine compiles the n-gram verify shapes first)
         forget_acceptance()
         for w in a.workloads:
-            print(f"  {label}: {w} ...", file=sys.stderr, flush=True)
-            run(prompts[w][0], a.max_new_tokens)  # warm-up: compiles what it meets
-            r = results[(w, label)] = {"ids": [], "tokens": 0, "seconds": 0.0, "acceptance": []}
+            print(f"  {w}: {', '.join(runs)} ...", file=sys.stderr, flush=True)
+            for run in runs.values():
+                run(prompts[w][0], a.max_new_tokens)  # warm-up: compiles what it meets
             for prompt in prompts[w]:
-                ids, n, secs, acc = run(prompt, a.max_new_tokens)
-                r["ids"].append(ids)
-                r["tokens"] += n
-                r["seconds"] += secs
-                r["acceptance"].append(acc)
+                for label, run in runs.items():
+                    record(w, label, run, prompt)
 
-    print("ours and transformers ...", file=sys.stderr)
-    for label, run in rows.items():
-        measure(label, run)
+    print("ours and transformers, prompt by prompt ...", file=sys.stderr)
+    measure(rows)
     for mode in ([""] + a.llama_server) if a.llama_server is not None else []:
         label = f"llama-server {mode or 'plain'} (Q4_1)"
         server = LlamaServer(mode, max(len(p) for p in everything) + a.max_new_tokens + 16)
-        try:
-            measure(label, server)
+        try:  # one server at a time: its rows are measured server by server
+            measure({label: server})
         finally:
             server.close()
     if a.batch_size > 1:
@@ -208,10 +216,11 @@ def main(argv=None):
                    [("autoregressive", Strategy()), ("ngram", rows_strategies["ngram"]),
                     ("auto", rows_strategies["auto"])]}
         for label, strategy in batched.items():
-            print(f"  {label} ...", file=sys.stderr, flush=True)
             engine.run_many([repeated] * a.batch_size, 2 * a.ngram_tokens + 2, strategy=strategy)  # compiles
-            forget_acceptance()
-            for w in a.workloads:
+        forget_acceptance()
+        for w in a.workloads:  # the batched rows in turn, a workload's prompts at once
+            print(f"  {w}: {', '.join(batched)} ...", file=sys.stderr, flush=True)
+            for label, strategy in batched.items():
                 seqs, stats = engine.run_many(prompts[w], a.max_new_tokens, strategy=strategy)
                 results[(w, label)] = {"ids": [s.tokens for s in seqs], "tokens": stats.new_tokens - stats.sequences,
                                        "seconds": stats.decode_s, "acceptance": [stats.acceptance_rate]}
