@@ -73,7 +73,8 @@ class SourceChooser:
     cache has not seen what n-gram and plain rounds kept) is timed apart, per token: where model
     rounds are the best kind without it, another kind's round is charged it for the tokens it
     would keep (the next model round will pay for them); otherwise a model round is charged it for
-    the positions the draft is behind (the price of switching back).
+    the positions the draft is behind (the price of switching back), and a model round not yet
+    timed (a batch of a new size) is not tried while the draft is behind.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -119,6 +120,8 @@ class SourceChooser:
             return options[key] if options[key] is not None else self.tokens.get(key, 1.0)
         if not self.timing:
             return max(options, key=lambda key: tokens(key) / self.cost(key))
+        if behind and self.catch_up_s:  # trying a model round (of a new shape) would first pay a catch-up
+            options = {key: v for key, v in options.items() if key[0] != "model" or key in self.seconds}
         untimed = [key for key in options if key not in self.seconds]
         if untimed:
             return untimed[0]

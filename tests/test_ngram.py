@@ -212,6 +212,9 @@ def test_the_chooser_prefers_what_yields_more_per_second():
         c.observe_round(("ngram", 4), 0.010, 2)
     assert c.choose(opts, behind=20) == ("ngram", 4)  # 3 tokens in 80 ms: not within reach
     assert c.choose(opts, behind=0) == model  # 150/s within EXPLORE_WITHIN of 160: tried again
+    new = {("ngram", 4): 1.6, plain: 1.0, ("model", 2): None}  # a model round of a new shape, untimed
+    assert c.choose(new, behind=30) == ("ngram", 4)  # not tried while the draft is behind
+    assert c.choose(new, behind=0) == ("model", 2)
     c.observe_catch_up(1.0, 10)  # a stall counts as twice the estimate at most
     assert c.catch_up_s == pytest.approx(0.0033)
     fixed = SourceChooser(k=4, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
