@@ -16,8 +16,9 @@ and --draft_source auto over both; transformers generate(prompt_lookup_num_token
 on the checkpoint's float32 weights; llama-server with each --spec-type given (and without).
 Each workload's prompts run every row of ours (and transformers') in turn, prompt by prompt, after
 untimed warm-ups of every row (compilation); llama-server's rows server by server; the batched
-rows in turn, workload by workload. tokens/s: decode tokens (after the first) per second of decoding, over the
-workload's prompts; with --batch_size B, batched rows against batched autoregressive decoding.
+rows in turn, workload by workload, after an untimed run of each on the workload's prompts (rows
+that end at different times leave a batch of fewer rows: those shapes compile there). tokens/s:
+decode tokens (after the first) per second of decoding, over the workload's prompts; with --batch_size B, batched rows against batched autoregressive decoding.
 "same": prompts whose text equals our autoregressive text (one at a time). --output_dir writes
 ngram_speed.json and ngram_speed.png.
 """
@@ -220,6 +221,9 @@ def main(argv=None):
         forget_acceptance()
         for w in a.workloads:  # the batched rows in turn, a workload's prompts at once
             print(f"  {w}: {', '.join(batched)} ...", file=sys.stderr, flush=True)
+            for strategy in batched.values():  # warm-up: the batch sizes its rows leave at (4, 2, 1) compile
+                engine.run_many(prompts[w], a.max_new_tokens, strategy=strategy)
+            forget_acceptance()
             for label, strategy in batched.items():
                 seqs, stats = engine.run_many(prompts[w], a.max_new_tokens, strategy=strategy)
                 results[(w, label)] = {"ids": [s.tokens for s in seqs], "tokens": stats.new_tokens - stats.sequences,
