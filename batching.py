@@ -227,7 +227,7 @@ class Batch:
         if k and any(self.behind[:b]) and source == "model":
             tokens, t = sum(self.behind[:b]), time.perf_counter()
             self._catch_up(b)
-            if self.chooser:  # what a model round costs more for each token the draft is behind
+            if self.chooser:  # timed apart from the round (SourceChooser.choose charges it)
                 self.chooser.observe_catch_up(time.perf_counter() - t, tokens)
         for row, (seq, done, _) in self.filling.items():
             # A row still prefilling rides along as padding, written past what its prompt has filled

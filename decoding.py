@@ -511,8 +511,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         if text:
-            # the catch-up, timed apart: the chooser adds it to a model round for what is behind then
-            chooser.observe_catch_up(r.pending_s, behind if r.pending_s else 0)
+            if r.pending_s:  # the draft's catch-up, timed apart from the round (SourceChooser.choose charges it)
+                chooser.observe_catch_up(r.pending_s, behind)
             chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))
             text.extend(kept)
         out += kept

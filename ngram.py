@@ -152,7 +152,7 @@ class SourceChooser:
     def observe_catch_up(self, seconds: float, tokens: int):
         """A model round first caught its draft model up on `tokens` positions that n-gram and
         plain rounds kept without it (the draft has its own cache), in `seconds` (not part of the
-        round's own seconds): the per-token cost that choose adds to a model round."""
+        round's own seconds): the per-token cost that choose charges where it is due."""
         if tokens:
             per = seconds / tokens
             self.catch_up_s = per if not self.catch_up_s else 0.9 * self.catch_up_s + 0.1 * min(per, 2 * self.catch_up_s)

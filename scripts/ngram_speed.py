@@ -18,7 +18,8 @@ Each workload's prompts run every row of ours (and transformers') in turn, promp
 untimed warm-ups of every row (compilation); llama-server's rows server by server; the batched
 rows in turn, workload by workload, after an untimed run of each on the workload's prompts (rows
 that end at different times leave a batch of fewer rows: those shapes compile there). tokens/s:
-decode tokens (after the first) per second of decoding, over the workload's prompts; with --batch_size B, batched rows against batched autoregressive decoding.
+decode tokens (after the first) per second of decoding, over the workload's prompts; with
+--batch_size B, batched rows against batched autoregressive decoding.
 "same": prompts whose text equals our autoregressive text (one at a time). --output_dir writes
 ngram_speed.json and ngram_speed.png.
 """
