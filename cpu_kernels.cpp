@@ -549,28 +549,40 @@ inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* sum) {
 }
 #endif
 
-// The rows of one call quantized: codes [M, Kp] (Kp = K rounded up to 32, zero-padded), block
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+// AVX-512 with VNNI: two blocks per 512-bit dpbusd (Q8_PAIRS below), so the codes of a row are padded
+// to a whole number of pairs (64), the padding a block of zeros with d = 0.
+#define Q8_PAIRS 1
+constexpr int64_t kQ8Pad = 2 * QB;
+#else
+constexpr int64_t kQ8Pad = QB;
+#endif
+
+// The rows of one call quantized: codes [M, Kp] (Kp = K rounded up to kQ8Pad, zero-padded), block
 // scales d [M, Kp / 32] and, for int4 weights, the group sums xs [M, lds] (zero-padded to a
-// multiple of 8 for bias_dot). One per calling thread, reused: no allocation per call once grown.
+// multiple of 8 for bias_dot). With Q8_PAIRS, dv [M, Kp / 64, 16] holds each pair of blocks' scales
+// as the lanes of a vector (8 x d of the even block, 8 x d of the odd one), and for int8 weights the
+// codes are stored offset by 128 (unsigned: see int8_q8_tile). One per calling thread, reused: no
+// allocation per call once grown.
 struct QRows {
   std::vector<int8_t> q;
-  std::vector<float> d, xs;
+  std::vector<float> d, xs, dv;
   int64_t Kp = 0, blocks = 0, lds = 0;
 };
 
 // G: the int4 group size (a multiple of 32 dividing K), 0 for int8 weights (no group sums)
 QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   thread_local QRows r;
-  r.blocks = (K + QB - 1) / QB;
-  r.Kp = r.blocks * QB;
+  r.Kp = (K + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
+  r.blocks = r.Kp / QB;
   const int64_t groups = G ? K / G : 0;
   r.lds = (groups + 7) / 8 * 8;
-  r.q.resize(M * r.Kp);
-  r.d.resize(M * r.blocks);
+  r.q.assign(M * r.Kp, 0);
+  r.d.assign(M * r.blocks, 0.f);
   r.xs.assign(M * r.lds, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     float gsum = 0.f;
-    for (int64_t b = 0; b < r.blocks; ++b) {
+    for (int64_t b = 0; b * QB < K; ++b) {
       const float* src = x + m * K + b * QB;
       float tail[QB] = {};
       if ((b + 1) * QB > K) {  // the last K % 32 values, zero-padded
@@ -589,6 +601,14 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
       }
     }
   }
+#ifdef Q8_PAIRS
+  const int64_t pairs = r.blocks / 2;
+  r.dv.resize(M * pairs * 16);
+  for (int64_t i = 0; i < M * pairs; ++i)
+    for (int l = 0; l < 16; ++l) r.dv[i * 16 + l] = r.d[2 * i + l / 8];
+  if (!G)  // x + 128 in [1, 255]: a zero code (the padding too) becomes 128
+    for (auto& c : r.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80);
+#endif
   return r;
 }
 
@@ -603,6 +623,106 @@ struct QCall {
   int64_t ldy;
 };
 
+#ifdef Q8_PAIRS
+// Two blocks of 32 per 512-bit vector: lane i of a dot sums 4 products of the even block (i < 8) or
+// the odd one, lane i of acc accumulates those lanes' scaled sums pair after pair, and the output
+// is the sum of acc's 16 lanes (one order for every (m, n) whatever the tile: row-invariant).
+inline __m512 pair_dot(__m512i dot, __m512 scale, __m512 acc) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+}
+
+// int8 weights: AVX-512 has no byte sign instruction for the sign trick, so the activations are
+// unsigned codes u = x + 128 (quantize_rows) and dpbusd(u, w) = dot(x, w) + 128 * sum(w): each dot
+// starts from c = -128 * sum(w), lane by lane, made once per channel and pair for all rows. Exact
+// in int32, as before.
+template <int MB, int NB>
+void int8_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, Kp = c.x->Kp, pairs = Kp / 64, full = K / 64;
+  const int8_t* w = static_cast<const int8_t*>(c.w) + n0 * K;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* dv = c.x->dv.data() + m0 * pairs * 16;
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  auto pair = [&](const int8_t* const* wp, int64_t p) {
+    __m512i wv[NB], start[NB];
+    for (int n = 0; n < NB; ++n) {
+      wv[n] = _mm512_loadu_si512(wp[n]);
+      start[n] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), u128, wv[n]));
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq + m * Kp + p * 64);
+      const __m512 d = _mm512_loadu_ps(dv + (m * pairs + p) * 16);
+      for (int n = 0; n < NB; ++n) acc[m][n] = pair_dot(_mm512_dpbusd_epi32(start[n], xv, wv[n]), d, acc[m][n]);
+    }
+  };
+  for (int64_t p = 0; p < full; ++p) {
+    for (int n = 0; n < NB; ++n) prefetch(w + (n + kAhead * NB) * K + p * 64);
+    const int8_t* wp[NB];
+    for (int n = 0; n < NB; ++n) wp[n] = w + n * K + p * 64;
+    pair(wp, p);
+  }
+  if (full < pairs) {  // K % 64 != 0: zero weights past K (the bytes past a row's end are not ours)
+    alignas(64) int8_t tail[NB][64] = {};
+    const int8_t* wp[NB];
+    for (int n = 0; n < NB; ++n) {
+      std::copy(w + n * K + full * 64, w + (n + 1) * K, tail[n]);
+      wp[n] = tail[n];
+    }
+    pair(wp, full);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n)
+      c.y[(m0 + m) * c.ldy + n0 + n] = _mm512_reduce_add_ps(acc[m][n]) * c.scales[n0 + n];
+}
+
+// int4: the codes (unsigned) are dpbusd's first operand and the activation codes its second, as
+// they are; each pair's scale is d[m, b] * scale[n, g(b)], block by block.
+template <int MB, int NB>
+void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, Kp = c.x->Kp, pairs = Kp / 64, groups = c.groups, G = c.G, row_bytes = K / 2;
+  const uint8_t* w = static_cast<const uint8_t*>(c.w) + n0 * row_bytes;
+  const float *sc = c.scales + n0 * groups, *bi = c.biases + n0 * groups;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* dv = c.x->dv.data() + m0 * pairs * 16;
+  for (int64_t i = 0; i < NB * groups; i += 16) {  // as in the AVX2 tile below
+    prefetch(sc + kAhead * NB * groups + i);
+    prefetch(bi + kAhead * NB * groups + i);
+  }
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
+  // 128-bit lanes of a pair's 32 bytes as [bytes 0-15, 0-15, 16-31, 16-31], the odd lanes shifted
+  // by 4: the low nibbles (codes 0-15 of a block), then the high ones (16-31), block after block
+  const __m512i shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0), low4 = _mm512_set1_epi8(15);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bool half = 64 * (p + 1) > K;  // an odd number of blocks: the last pair has one
+    for (int n = 0; n < NB; ++n) prefetch(w + (n + kAhead * NB) * row_bytes + p * 32);
+    __m512i qv[NB];
+    __m512 s[NB];
+    const int64_t g0 = 64 * p / G, g1 = half ? g0 : (64 * p + 32) / G;
+    for (int n = 0; n < NB; ++n) {
+      const uint8_t* src = w + n * row_bytes + p * 32;
+      const __m256i b = half ? _mm256_maskz_loadu_epi8(0xffff, src) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      const __m512i z = _mm512_castsi256_si512(b);
+      qv[n] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(z, z, 0x50), shift), low4);
+      s[n] = _mm512_insertf32x8(_mm512_set1_ps(sc[n * groups + g0]), _mm256_set1_ps(sc[n * groups + g1]), 1);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq + m * Kp + p * 64);
+      const __m512 d = _mm512_loadu_ps(dv + (m * pairs + p) * 16);
+      for (int n = 0; n < NB; ++n)
+        acc[m][n] = pair_dot(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qv[n], xv), _mm512_mul_ps(d, s[n]), acc[m][n]);
+    }
+  }
+  const float* xs = c.x->xs.data() + m0 * c.x->lds;
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n)
+      c.y[(m0 + m) * c.ldy + n0 + n] = _mm512_reduce_add_ps(acc[m][n]) + bias_dot(bi + n * groups, xs + m * c.x->lds, groups);
+}
+
+#else
 template <int MB, int NB>
 void int8_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
   const int64_t K = c.K, blocks = c.x->blocks, Kp = c.x->Kp, full = K / QB;
@@ -679,6 +799,8 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
     for (int n = 0; n < NB; ++n)
       c.y[(m0 + m) * c.ldy + n0 + n] = acc_sum(acc[m][n]) + bias_dot(bi + n * groups, xs + m * c.x->lds, groups);
 }
+
+#endif
 
 // Tile tables: [MB - 1][NB - 1] -> the tile of MB rows x NB channels
 using QTileFn = void (*)(const QCall&, int64_t, int64_t);
@@ -901,7 +1023,13 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   return y;
 }
 
-std::string isa() { return kIsa; }
+// The vector instruction set, and "+vnni" where the integer dots use VNNI (dpbusd)
+std::string isa() {
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+  if (std::string(kIsa) != "portable") return std::string(kIsa) + "+vnni";
+#endif
+  return kIsa;
+}
 
 }  // namespace
 

@@ -116,7 +116,8 @@ def reason() -> str:
 
 
 def isa() -> str:
-    """The instruction set the kernels were built for: avx512, avx2 or portable."""
+    """The instruction set the kernels were built for: avx512, avx2 or portable, with "+vnni" where
+    the integer dots of the _q8 ops use VNNI (with AVX-512: two blocks of 32 per dot instruction)."""
     return torch.ops.layerskip_cpu.isa() if load() else "none"
 
 
