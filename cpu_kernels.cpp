@@ -232,16 +232,25 @@ template <typename T>
 using DenseFn = void (*)(const float*, const T*, const float*, float*, int64_t, int64_t);
 using Int4Fn = void (*)(const float*, const uint8_t*, const float*, const float*, float*, int64_t, int64_t, int64_t);
 
-#define TILE_ROW(f, mb) {f<mb, 1>, f<mb, 2>, f<mb, 3>, f<mb, 4>}
-template <int MB, int NB> constexpr DenseFn<int8_t> int8_tile = dense_tile<int8_t, MB, NB>;
-template <int MB, int NB> constexpr DenseFn<float> float_tile = dense_tile<float, MB, NB>;
-const DenseFn<int8_t> kInt8Tiles[MT][NT] = {TILE_ROW(int8_tile, 1), TILE_ROW(int8_tile, 2), TILE_ROW(int8_tile, 3),
-                                            TILE_ROW(int8_tile, 4)};
-const DenseFn<float> kFloatTiles[MT][NT] = {TILE_ROW(float_tile, 1), TILE_ROW(float_tile, 2),
-                                            TILE_ROW(float_tile, 3), TILE_ROW(float_tile, 4)};
-const Int4Fn kInt4Tiles[MT][NT] = {TILE_ROW(int4_tile, 1), TILE_ROW(int4_tile, 2), TILE_ROW(int4_tile, 3),
-                                   TILE_ROW(int4_tile, 4)};
-#undef TILE_ROW
+// Tile tables: [MB - 1][NB - 1] -> T<MB, NB>::run, the tile of MB rows x NB channels
+template <typename Fn, template <int, int> class T, int MB, int... N>
+constexpr std::array<Fn, sizeof...(N)> tile_row(std::integer_sequence<int, N...>) {
+  return {T<MB, N + 1>::run...};
+}
+template <typename Fn, template <int, int> class T, int Channels, int... M>
+constexpr std::array<std::array<Fn, Channels>, sizeof...(M)> tile_rows(std::integer_sequence<int, M...>) {
+  return {tile_row<Fn, T, M + 1>(std::make_integer_sequence<int, Channels>())...};
+}
+template <typename Fn, template <int, int> class T, int Rows, int Channels>
+constexpr auto tile_table() {
+  return tile_rows<Fn, T, Channels>(std::make_integer_sequence<int, Rows>());
+}
+template <int MB, int NB> struct Int8Tile { static constexpr DenseFn<int8_t> run = dense_tile<int8_t, MB, NB>; };
+template <int MB, int NB> struct FloatTile { static constexpr DenseFn<float> run = dense_tile<float, MB, NB>; };
+template <int MB, int NB> struct Int4Tile { static constexpr Int4Fn run = int4_tile<MB, NB>; };
+const auto kInt8Tiles = tile_table<DenseFn<int8_t>, Int8Tile, MT, NT>();
+const auto kFloatTiles = tile_table<DenseFn<float>, FloatTile, MT, NT>();
+const auto kInt4Tiles = tile_table<Int4Fn, Int4Tile, MT, NT>();
 
 // Runs tile(m0, mb, n0, nb) over all tiles, channel tiles split between threads (each thread reads
 // its own slice of the weights once; the rows of x are shared and stay in cache).
@@ -802,16 +811,7 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
 
 #endif
 
-// Tile tables: [MB - 1][NB - 1] -> the tile of MB rows x NB channels
 using QTileFn = void (*)(const QCall&, int64_t, int64_t);
-template <template <int, int> class T, int MB, int... N>
-constexpr std::array<QTileFn, sizeof...(N)> q_tile_row(std::integer_sequence<int, N...>) {
-  return {T<MB, N + 1>::run...};
-}
-template <template <int, int> class T, int NT_, int... M>
-constexpr std::array<std::array<QTileFn, NT_>, sizeof...(M)> q_tiles(std::integer_sequence<int, M...>) {
-  return {q_tile_row<T, M + 1>(std::make_integer_sequence<int, NT_>())...};
-}
 template <int MB, int NB> struct Int8Q8 { static constexpr QTileFn run = int8_q8_tile<MB, NB>; };
 template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8_tile<MB, NB>; };
 // Tile shapes: 4 channels per tile for both weight types, so that each activation block serves 4
@@ -820,8 +820,9 @@ template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8
 // AVX-512 Xeon against 91% with 4: BENCHMARKS.md, "Integer-activation CPU kernels".) Every output
 // is the same instructions in the same order whatever the tile: row invariance.
 constexpr int kQ8Rows = 4;
-const auto kInt8Q8Tiles = q_tiles<Int8Q8, 4>(std::make_integer_sequence<int, kQ8Rows>());
-const auto kInt4Q8Tiles = q_tiles<Int4Q8, 4>(std::make_integer_sequence<int, kQ8Rows>());
+constexpr int kQ8Channels = 4;
+const auto kInt8Q8Tiles = tile_table<QTileFn, Int8Q8, kQ8Rows, kQ8Channels>();
+const auto kInt4Q8Tiles = tile_table<QTileFn, Int4Q8, kQ8Rows, kQ8Channels>();
 
 template <int NT_, typename Table>
 void run_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int64_t row_bytes) {
@@ -841,7 +842,7 @@ at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   auto y = at::empty({M, N}, x.options());
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0);
   const QCall c{&xq, w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, K, 0, 0, y.data_ptr<float>(), N};
-  run_q8_tiles<4>(kInt8Q8Tiles, c, M, N, K);
+  run_q8_tiles<kQ8Channels>(kInt8Q8Tiles, c, M, N, K);
   return y;
 }
 
@@ -856,7 +857,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G);
   const QCall c{&xq, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), biases.data_ptr<float>(), K, G, K / G,
                 y.data_ptr<float>(), N};
-  run_q8_tiles<4>(kInt4Q8Tiles, c, M, N, K / 2);
+  run_q8_tiles<kQ8Channels>(kInt4Q8Tiles, c, M, N, K / 2);
   return y;
 }
 
