@@ -19,10 +19,12 @@ with a mask and a shift), and w = code * scale + bias per group of `groupsize` c
 Activations of the int8/int4 layers: LAYERSKIP_CPU_ACTIVATIONS=int8 (the default) or float, read
 once, here (ACTIVATIONS). int8: the `_q8` ops quantize each row of x inside the op to int8 in
 blocks of 32 values (scale absmax / 127 per block, like llama.cpp's Q8_0) and multiply with
-integer dot products (AVX2 maddubs, or VNNI dpbusd where built for it; plain loops in the portable
-build): a one-row step's linears 1.2-1.4x faster than with float32 activations (AVX2 and AVX-512
-builds, int8 and int4 weights), for +0.44% perplexity with int8 weights and +0.00-0.22% with int4
-(BENCHMARKS.md, "Integer-activation CPU kernels"). float: the weights are converted to
+integer dot products (AVX2 maddubs; VNNI dpbusd where built for it, with AVX-512 two blocks per
+512-bit instruction; plain loops in the portable build): a one-row step's linears 1.2-1.4x faster
+than with float32 activations (AVX2 and AVX-512 builds, int8 and int4 weights), and with AVX-512
+VNNI an 8-16-row step's int8 linears 1.4x faster than with 256-bit dots, for +0.2-0.4% perplexity
+against float activations (BENCHMARKS.md, "Integer-activation CPU kernels", "Two blocks a
+512-bit dot"). float: the weights are converted to
 float32 in registers (the `int8_linear` / `int4_linear` ops). Either way the result of a row is
 bitwise independent of the rows beside it, and more than EXACT_ROWS rows (prompts) take the same
 dequantize + GEMM path with float32 activations.
