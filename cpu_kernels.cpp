@@ -716,7 +716,8 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
       const __m256i b = half ? _mm256_maskz_loadu_epi8(0xffff, src) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
       const __m512i z = _mm512_castsi256_si512(b);
       qv[n] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_shuffle_i64x2(z, z, 0x50), shift), low4);
-      s[n] = _mm512_insertf32x8(_mm512_set1_ps(sc[n * groups + g0]), _mm256_set1_ps(sc[n * groups + g1]), 1);
+      s[n] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(sc[n * groups + g0])),
+                                                 _mm256_castps_pd(_mm256_set1_ps(sc[n * groups + g1])), 1));
     }
     for (int m = 0; m < MB; ++m) {
       const __m512i xv = _mm512_loadu_si512(xq + m * Kp + p * 64);
