@@ -233,6 +233,27 @@ def test_cli_compiled_prints_compile_time_separately_and_a_second_run_compiles_n
         assert re.search(rf"\.\.\. {how} in [0-9.]+ s", r.stderr), (run, r.stderr)
 
 
+@pytest.mark.slow
+def test_compiled_warm_up_is_a_few_rounds_and_compiles_every_graph(tiny_smol_dir):
+    """A compiled run's untimed first generation is a few rounds, not the whole budget
+    (generate.warmup_tokens), and still meets every graph: an own-cache int8 self-draft's one-row
+    draft step, its two-row catch-up in the second round and the verify pass all compile before
+    "Compilation time:", none in the timed samples."""
+    import generate
+    from decoding import Strategy
+    assert generate.warmup_tokens(Strategy(), 500) == 3 * 4 + 2
+    assert generate.warmup_tokens(Strategy(name="self_speculative", exit_layer=2, num_speculations=6), 500) == 3 * 7 + 2
+    assert generate.warmup_tokens(Strategy(name="self_speculative", draft_source="ngram", ngram_tokens=10), 500) == 35
+    assert generate.warmup_tokens(Strategy(), 5) == 5
+    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "Hello", "--max_new_tokens", "60",
+                "--compile", "--temperature", "0", "--generation_strategy", "self_speculative",
+                "--draft_quantize", "int8", "--num_speculations", "3")
+    assert r.returncode == 0, r.stderr
+    before, after = r.stderr.split("Compilation time:")
+    assert before.count("compiling the graph of") == 3, before  # int8 x 1 and x 2 rows, float32 x 4 rows
+    assert "compiling" not in after, after
+
+
 def test_cli_random_prompt_and_profile(tiny_smol_dir, tiny_smol, tmp_path):
     trace = tmp_path / "trace.json"
     r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "20", "--max_new_tokens", "5",
