@@ -117,6 +117,12 @@ def reason() -> str:
     return _state.get("reason", "not loaded yet")
 
 
+def built_for_this_cpu() -> bool:
+    """Whether the kernels are loaded and were built for this machine's own instruction sets
+    (-march=native, no LAYERSKIP_CPU_MARCH)."""
+    return os.environ.get("LAYERSKIP_CPU_MARCH", "native") == "native" and load(quiet=True)
+
+
 def isa() -> str:
     """The instruction set the kernels were built for: avx512, avx2 or portable, with "+vnni" where
     the integer dots of the _q8 ops use VNNI (with AVX-512: two blocks of 32 per dot instruction)."""

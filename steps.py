@@ -173,6 +173,13 @@ def configure_inductor(device: torch.device):
         cfg.coordinate_descent_tuning = True
         cfg.triton.unique_kernel_names = True
     cfg.fx_graph_cache = True
+    import cpu_kernels
+    if device.type == "cpu" and cpu_kernels.built_for_this_cpu():
+        # Before its first CPU graph, inductor builds and loads a C++ file for every vector ISA the
+        # CPU reports (four on the AVX-512 Xeon: 11 s of a cold start; cached in its folder after).
+        # Our kernels, built with -march=native by the same compiler, already showed that it
+        # handles the CPU's instruction sets: inductor's first choice is the same without the builds.
+        cfg.cpp.vec_isa_ok = True
 
 
 # Regional compilation (compile_steps' layers_per_graph): on CPU, runs of this many layers share

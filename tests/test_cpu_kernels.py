@@ -445,3 +445,18 @@ def test_attention_speed_prints_its_table(capsys):
     with pytest.raises(SystemExit):
         attention_speed.main(["--positions", "2040", "--rows", "16"])
     assert "within --cache" in capsys.readouterr().err
+
+
+def test_inductor_trusts_the_cpus_instruction_sets_where_our_kernels_are_built_for_them(monkeypatch):
+    """Our kernels built with -march=native show the compiler handles this CPU's instruction sets,
+    so inductor skips building a probe for each (steps.configure_inductor); built for another level
+    (LAYERSKIP_CPU_MARCH), inductor probes as usual."""
+    import torch._inductor.config as cfg
+    from steps import configure_inductor
+    monkeypatch.setattr(cfg.cpp, "vec_isa_ok", None)
+    configure_inductor(torch.device("cpu"))
+    assert cfg.cpp.vec_isa_ok is True
+    monkeypatch.setattr(cfg.cpp, "vec_isa_ok", None)
+    monkeypatch.setenv("LAYERSKIP_CPU_MARCH", "haswell")
+    configure_inductor(torch.device("cpu"))
+    assert cfg.cpp.vec_isa_ok is None
