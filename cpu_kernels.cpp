@@ -586,12 +586,17 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   r.blocks = r.Kp / QB;
   const int64_t groups = G ? K / G : 0;
   r.lds = (groups + 7) / 8 * 8;
-  r.q.assign(M * r.Kp, 0);
-  r.d.assign(M * r.blocks, 0.f);
+  r.q.resize(M * r.Kp);
+  r.d.resize(M * r.blocks);
   r.xs.assign(M * r.lds, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     float gsum = 0.f;
-    for (int64_t b = 0; b * QB < K; ++b) {
+    for (int64_t b = 0; b < r.blocks; ++b) {
+      if (b * QB >= K) {  // a block of padding (Q8_PAIRS: K's blocks rounded up to pairs): zeros, d = 0
+        std::memset(r.q.data() + m * r.Kp + b * QB, 0, QB);
+        r.d[m * r.blocks + b] = 0.f;
+        continue;
+      }
       const float* src = x + m * K + b * QB;
       float tail[QB] = {};
       if ((b + 1) * QB > K) {  // the last K % 32 values, zero-padded
@@ -619,6 +624,15 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
     for (auto& c : r.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80);
 #endif
   return r;
+}
+
+// An int4 tile's scales and biases (n values from sc and bi): those of the tile after next are
+// prefetched with its codes (g32: a third of the bytes)
+inline void prefetch_group_scales(const float* sc, const float* bi, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    prefetch(sc + kAhead * n + i);
+    prefetch(bi + kAhead * n + i);
+  }
 }
 
 // What every tile of one call shares
@@ -695,10 +709,7 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
   const float *sc = c.scales + n0 * groups, *bi = c.biases + n0 * groups;
   const int8_t* xq = c.x->q.data() + m0 * Kp;
   const float* dv = c.x->dv.data() + m0 * pairs * 16;
-  for (int64_t i = 0; i < NB * groups; i += 16) {  // as in the AVX2 tile below
-    prefetch(sc + kAhead * NB * groups + i);
-    prefetch(bi + kAhead * NB * groups + i);
-  }
+  prefetch_group_scales(sc, bi, NB * groups);
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = _mm512_setzero_ps();
@@ -780,11 +791,7 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
   const float *sc = c.scales + n0 * groups, *bi = c.biases + n0 * groups;
   const int8_t* xq = c.x->q.data() + m0 * K;
   const float* xd = c.x->d.data() + m0 * blocks;
-  // the scales and biases of the tile after next, with its codes below (g32: a third of the bytes)
-  for (int64_t i = 0; i < NB * groups; i += 16) {
-    prefetch(sc + kAhead * NB * groups + i);
-    prefetch(bi + kAhead * NB * groups + i);
-  }
+  prefetch_group_scales(sc, bi, NB * groups);
   Acc acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int n = 0; n < NB; ++n) acc[m][n] = acc_zero();
