@@ -545,7 +545,8 @@ class BatchStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens after each prompt's first, per second of decoding."""
-        return (self.new_tokens - self.sequences) / self.decode_s if self.decode_s > 0 else float("nan")
+        decoded = self.new_tokens - self.sequences
+        return decoded / self.decode_s if self.decode_s > 0 and decoded > 0 else float("nan")
 
     @property
     def ms_per_step(self) -> float:

@@ -56,8 +56,9 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens produced after the prefill's, per second of decoding."""
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
+        """Tokens produced after the prefill's, per second of decoding (nan when the prefill's token
+        was the only one: a prompt answered at once by the end of text has no decode speed)."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else float("nan")
 
     @property
     def rounds(self) -> int:

@@ -265,6 +265,14 @@ def test_cli_random_prompt_and_profile(tiny_smol_dir, tiny_smol, tmp_path):
     assert trace.stat().st_size > 1000 and "aten::" in trace.read_text()
 
 
+def test_cli_reports_a_run_of_one_token(tiny_smol_dir, tiny_smol):
+    """One new token (the budget, or an end of text at once) has no decode speed: it says so, not a crash."""
+    r = run_cli("--checkpoint_path", str(tiny_smol_dir), "--prompt", "20", "--max_new_tokens", "1",
+                "--temperature", "0", "--seed", "7")
+    assert r.returncode == 0, r.stderr
+    assert "Sample 1: 1 tokens" in r.stderr and "decode nan tokens/s" in r.stderr
+
+
 def test_cli_interactive_chat_streams_replies(tiny_smol_dir, tiny_smol):
     r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(tiny_smol_dir),
                         "--interactive", "--max_new_tokens", "6", "--temperature", "0", "--max_seq_length", "256"],
