@@ -245,10 +245,14 @@ class CompiledBlocks:
         self.fn = torch.compile(run_blocks, backend=self.compile, fullgraph=True, dynamic=False)
 
     def compile(self, gm, example_inputs):
-        """dynamo's backend: inductor (without size asserts in the graph's Python wrapper, ~100 checks
-        a call of 6 layers of what the guarded first calls check already), recording each run."""
+        """dynamo's backend: inductor, recording each run. On CPU with the C++ wrapper: a graph of 6
+        layers calls ~55 kernels (4 linears, attention and 4 fused loops a layer), whose calls from
+        Python cost 4-11% of a SmolLM2 step against the whole-step graphs, 0-3% from C++, for about
+        the same compile time (BENCHMARKS.md, "The regional graphs' C++ wrapper"). Without size
+        asserts (~100 checks a call of what the guarded first calls check already)."""
         from torch._inductor.compile_fx import compile_fx
-        fn = compile_fx(gm, example_inputs, config_patches={"size_asserts": False})
+        cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        fn = compile_fx(gm, example_inputs, config_patches={"size_asserts": False, "cpp_wrapper": cpu})
         gather = input_gatherer(gm)
 
         def run(*args):
