@@ -272,14 +272,21 @@ class CompiledBlocks:
         self.direct.pop(key, None)
         self.ran = None
         wqkv = layers[0].attention.wqkv
-        kind = (len(layers), h.shape, h.dtype, type(wqkv), wqkv.weight.shape)
+        cache = layers[0].attention.kv_cache
+        # what makes dynamo compile another graph, so that each new one is announced: shapes, the
+        # linears' kind, positions per row or shared, a slice of the cache's rows (batching.Batch)
+        rows_slice = cache is not None and cache.k_rows is not None
+        kind = (len(layers), h.shape, h.stride(), h.dtype, type(wqkv), wqkv.weight.shape, input_pos.dim(), rows_slice,
+                torch.is_grad_enabled())
         if kind in self.seen:
             out = self.fn(layers, h, cos, sin, mask, input_pos)
         else:
             self.seen.add(kind)
             batch = f"{h.shape[0]} sequences x " if h.shape[0] > 1 else ""
+            how = "".join([", positions per sequence" if input_pos.dim() > 1 else "",
+                           ", rows of the cache" if rows_slice else ""])
             with compile_progress(f"{len(layers)} layers x {batch}{h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
-                                  f"({type(wqkv).__name__}, width {h.shape[-1]})"):
+                                  f"({type(wqkv).__name__}, width {h.shape[-1]}{how})"):
                 out = self.fn(layers, h, cos, sin, mask, input_pos)
         ran, self.ran = self.ran, None
         if ran is not None and ran[0] is not None:
