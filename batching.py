@@ -290,15 +290,22 @@ class Batch:
         return key, proposals
 
     @torch.no_grad()
-    def compile_ngram_rounds(self):
-        """Runs every shape an n-gram round can take (each bucket of rows x each padded proposal
-        length) once on stand-in rows, so that compiled steps compile them all now rather than
-        at their first use inside a generation (serve.py's warm-up, the benchmarks). Needs every
-        row free; leaves the chooser as it was."""
+    def compile_rounds(self):
+        """Runs every shape a round of a batch with drafts from the text can take once on stand-in
+        rows: for each bucket of rows, a plain step, the model's own round (auto: its self-draft or
+        exit, k drafts) and an n-gram round at each padded proposal length; so that compiled steps
+        compile them all now rather than at their first use inside a generation (serve.py's
+        warm-up, the benchmarks: the chooser's picks vary from run to run). Needs every row free;
+        leaves the chooser as it was."""
         assert not self.running and not self.filling, "compile before adding sequences"
         chooser, self.chooser = self.chooser, SourceChooser()
         try:
             for b in self.buckets:
+                self._stand_ins(b, 1)
+                with self.cache_rows(b):
+                    self._decode(b, None)
+                    if self.k:
+                        self._round(b, self.exit_layer, self.k)
                 for K in self.ngram_buckets:
                     self._stand_ins(b, 1)
                     with self.cache_rows(b):
@@ -313,7 +320,7 @@ class Batch:
 
     def _stand_ins(self, b: int, at: int):
         """The first b rows taken by stand-in sequences (a long budget, a token at position `at`)
-        for measure_costs and compile_ngram_rounds; _clear_stand_ins frees them."""
+        for measure_costs and compile_rounds; _clear_stand_ins frees them."""
         for row in range(b):
             self.rows[row] = Sequence([5] * at, 1 << 30, stats=GenerationStats(at, 0, 0.0, 0.0))
             self.rows[row].tokens = [5]

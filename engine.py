@@ -125,20 +125,21 @@ class Engine:
         """With n-gram drafts, the strategy's SourceChooser for this many rows, kept across
         generations (its timings and acceptance per match length carry over, decaying); None
         without. One per sampling kind: clocks decide only greedy choices (ngram.SourceChooser).
-        With compiled steps, made after compiling every shape an n-gram round can take."""
+        With compiled steps, made after compiling every shape of round the chooser can pick."""
         if strategy.draft_source == "model" or strategy.name == "autoregressive":
             return None
         key = ("chooser", strategy, rows, sampling.greedy)
         if key not in self.policies:
             k = strategy.num_speculations if strategy.model_drafts else 0
-            if self.steps.verify is not Steps.verify:  # compiled: every n-gram verify shape now, not mid-generation
-                print(f"Compiling the n-gram verify passes ({rows} row{'s' if rows > 1 else ''}) ...", file=sys.stderr)
+            if self.steps.verify is not Steps.verify:  # compiled: every shape of round now, not mid-generation
+                print(f"Compiling the rounds the draft sources can take ({rows} row{'s' if rows > 1 else ''}) ...",
+                      file=sys.stderr)
                 if rows == 1:
                     compile_ngram_rounds(self.model, self.steps, sampling, strategy.ngram_tokens,
                                          self.draft_for(strategy))
                 else:
-                    batching.Batch(self.model, sampling, self.steps, None, k, self.draft_for(strategy), None,
-                                   strategy.draft_source, strategy.ngram_tokens).compile_ngram_rounds()
+                    batching.Batch(self.model, sampling, self.steps, strategy.exit_layer, k, self.draft_for(strategy), None,
+                                   strategy.draft_source, strategy.ngram_tokens).compile_rounds()
             self.policies[key] = SourceChooser(k, clocks=sampling.greedy)
         return self.policies[key]
 

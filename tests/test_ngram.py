@@ -302,9 +302,10 @@ def test_batched_sampling_with_ngram_drafts_repeats_with_its_seed():
     assert runs[0] == runs[1] and "ngram" in stats.sources
 
 
-def test_compiling_every_ngram_shape_first_leaves_the_batch_as_it_was():
-    """compile_ngram_rounds (serve.py's warm-up) runs stand-in rows through every (rows, padded
-    proposal) shape; the batch then decodes exactly, its chooser untouched, its rows free."""
+def test_compiling_every_round_shape_first_leaves_the_batch_as_it_was():
+    """compile_rounds (serve.py's warm-up) runs stand-in rows through every shape of round the
+    chooser can pick: for each bucket of rows a plain step, the model's round and every padded
+    proposal length; the batch then decodes exactly, its chooser untouched, its rows free."""
     from batching import Batch, Sequence
     model = random_model()
     prompts = [repeating_prompt(12, 0).tolist(), rand_prompt(7, seed=3).tolist()]
@@ -317,8 +318,13 @@ def test_compiling_every_ngram_shape_first_leaves_the_batch_as_it_was():
     shapes = []
     original = batch._ngram_round
     batch._ngram_round = lambda b, proposals, K: shapes.append((b, K)) or original(b, proposals, K)
-    batch.compile_ngram_rounds()
-    assert sorted(shapes) == [(b, K) for b in (1, 2) for K in (1, 2, 4)]
+    plain, drafted = batch._decode, batch._round
+    batch._decode = lambda b, E: shapes.append((b, "plain", E)) or plain(b, E)
+    batch._round = lambda b, E, k: shapes.append((b, "model", E, k)) or drafted(b, E, k)
+    batch.compile_rounds()
+    assert sorted(shapes, key=str) == sorted([(b, K) for b in (1, 2) for K in (1, 2, 4)] +
+                                             [(b, "plain", None) for b in (1, 2)] +
+                                             [(b, "model", None, 2) for b in (1, 2)], key=str)
     assert batch.free_rows == 2 and not batch.chooser.hits and not any(batch.behind)
     seqs = [Sequence(p, 20) for p in prompts]
     for s in seqs:
