@@ -138,8 +138,8 @@ class Engine:
                     compile_ngram_rounds(self.model, self.steps, sampling, strategy.ngram_tokens,
                                          self.draft_for(strategy))
                 else:
-                    batching.Batch(self.model, sampling, self.steps, strategy.exit_layer, k, self.draft_for(strategy), None,
-                                   strategy.draft_source, strategy.ngram_tokens).compile_rounds()
+                    batching.Batch(self.model, sampling, self.steps, strategy.exit_layer, k, self.draft_for(strategy),
+                                   None, strategy.draft_source, strategy.ngram_tokens).compile_rounds()
             self.policies[key] = SourceChooser(k, clocks=sampling.greedy)
         return self.policies[key]
 

@@ -248,7 +248,7 @@ class CompiledBlocks:
         """dynamo's backend: inductor, recording each run. On CPU with the C++ wrapper: a graph of 6
         layers calls ~55 kernels (4 linears, attention and 4 fused loops a layer), whose calls from
         Python cost 4-11% of a SmolLM2 step against the whole-step graphs, 0-3% from C++, for about
-        the same compile time (BENCHMARKS.md, "The regional graphs' C++ wrapper"). Without size
+        0.4 s more compile time a graph (BENCHMARKS.md, "The regional graphs' C++ wrapper"). Without size
         asserts (~100 checks a call of what the guarded first calls check already)."""
         from torch._inductor.compile_fx import compile_fx
         cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
@@ -273,11 +273,11 @@ class CompiledBlocks:
         self.ran = None
         wqkv = layers[0].attention.wqkv
         cache = layers[0].attention.kv_cache
-        # what makes dynamo compile another graph, so that each new one is announced: shapes, the
-        # linears' kind, positions per row or shared, a slice of the cache's rows (batching.Batch)
+        # what makes dynamo compile another graph, so that each new one is announced: the call's
+        # shapes and strides (key, less the model), the linears' kind and a slice of the cache's
+        # rows (batching.Batch)
         rows_slice = cache is not None and cache.k_rows is not None
-        kind = (len(layers), h.shape, h.stride(), h.dtype, type(wqkv), wqkv.weight.shape, input_pos.dim(), rows_slice,
-                torch.is_grad_enabled())
+        kind = (*key[1:], type(wqkv), wqkv.weight.shape, rows_slice)
         if kind in self.seen:
             out = self.fn(layers, h, cos, sin, mask, input_pos)
         else:
