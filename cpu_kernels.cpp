@@ -170,6 +170,15 @@ constexpr int NT = 4;  // output channels per tile
 // the head's 28 MB streamed at 13 GB/s with the next tile prefetched into L1, 19.6 with this).
 constexpr int kAhead = 2;
 
+// An int4 tile's scales and biases (n values from sc and bi): those of the tile after next are
+// prefetched with its codes (g32: a third of the bytes)
+inline void prefetch_group_scales(const float* sc, const float* bi, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    prefetch(sc + kAhead * n + i);
+    prefetch(bi + kAhead * n + i);
+  }
+}
+
 inline V vload_w(const float* p) { return vload(p); }
 inline V vload_w(const int8_t* p) { return vload_i8(p); }
 
@@ -252,6 +261,119 @@ const auto kInt8Tiles = tile_table<DenseFn<int8_t>, Int8Tile, MT, NT>();
 const auto kFloatTiles = tile_table<DenseFn<float>, FloatTile, MT, NT>();
 const auto kInt4Tiles = tile_table<Int4Fn, Int4Tile, MT, NT>();
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+// int4 weights with 16 output channels in the lanes (the AVX-512 VNNI builds; cpu_kernels.pack_int4
+// makes this layout where N % 16 == 0, and the row layout above otherwise). The weight is
+// [N / 16, K / 8, 64] bytes: for channels 16v .. 16v + 15 and input channels k0 = 8o .. 8o + 7 (an
+// "octet"), byte 4c + j holds channel 16v + c's code at k0 + j in its low nibble and at k0 + 4 + j in
+// its high one; scales and biases are [N / 16, groups, 16]. One 64-byte load unpacks (a mask; a
+// shift and a mask) into two vectors whose 32-bit lane c holds channel c's 4 codes at k0 .. k0 + 3
+// (k0 + 4 .. k0 + 7): one dpbusd against a row's 4 activation codes, broadcast, then multiplies 16
+// channels at once and lane c ends as output c, with no horizontal sum. With the rows' layout each
+// (row, channel, 64 codes) took a dpbusd, a conversion, a scale multiplication and an FMA; here 16
+// channels x 32 codes take 8 dpbusd and those three once (BENCHMARKS.md, "int4 with 16 channels in
+// the lanes").
+#define INT4_LANES 1
+constexpr int64_t kLanes = 16;  // output channels a lane group
+inline void unpack_octet(const uint8_t* p, __m512i* lo, __m512i* hi) {
+  const __m512i raw = _mm512_loadu_si512(p), low4 = _mm512_set1_epi8(15);
+  *lo = _mm512_and_si512(raw, low4);
+  *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+}
+// pick[j] moves byte j of each 32-bit lane to the lane's low byte and zeroes the rest (shuffle_epi8
+// indexes within 128 bits: lane i of those 4 starts at byte 4i)
+struct LanePick {
+  __m512i pick[4];
+  LanePick() {
+    for (int j = 0; j < 4; ++j)
+      pick[j] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(0x80808000u | j)),
+                                 _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0));
+  }
+  // the 16 channels' codes at k0 + j (j < 4 of a vector from unpack_octet) as float32
+  __m512 codes(__m512i q, int j) const { return _mm512_cvtepi32_ps(_mm512_shuffle_epi8(q, pick[j])); }
+};
+
+// Float32 activations: per group of G input channels, sum_k x[m, k] * code[n, k] (16 channels a
+// vector: each code converted once for all the tile's rows, each row's activation broadcast), even
+// and odd input channels apart; at the group's end acc += that sum * scale[n, g] + bias[n, g] * (the
+// group's sum of x[m]). So no weight is dequantized, and every output is reduced in one order
+// whatever the tile (row-invariant).
+template <int MB, int NV>
+void int4_lanes_tile(const float* x, const uint8_t* w, const float* sc, const float* bi, float* y,
+                     int64_t K, int64_t G, int64_t ldy) {
+  const int64_t groups = K / G, group_bytes = K * 8;
+  static const LanePick lp;
+  prefetch_group_scales(sc, bi, NV * groups * kLanes);
+  __m512 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[MB][NV];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v) part[m][v] = _mm512_setzero_ps();
+    for (int64_t o = g * G / 8; o < (g + 1) * G / 8; ++o) {
+      __m512i q[NV][2];
+      for (int v = 0; v < NV; ++v) {
+        const uint8_t* p = w + v * group_bytes + o * 64;
+        prefetch(p + kAhead * NV * group_bytes);
+        unpack_octet(p, &q[v][0], &q[v][1]);
+      }
+      for (int j = 0; j < 8; ++j) {
+        __m512 xb[MB];
+        for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * K + 8 * o + j]);
+        for (int v = 0; v < NV; ++v) {
+          const __m512 c = lp.codes(q[v][j / 4], j % 4);
+          for (int m = 0; m < MB; ++m) part[m][v] = _mm512_fmadd_ps(c, xb[m], part[m][v]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      __m512 xs = _mm512_setzero_ps();  // the group's sum of x[m], 16 lanes then their sum
+      for (int64_t k = g * G; k < (g + 1) * G; k += 16) xs = _mm512_add_ps(xs, _mm512_loadu_ps(x + m * K + k));
+      const __m512 xsum = _mm512_set1_ps(_mm512_reduce_add_ps(xs));
+      for (int v = 0; v < NV; ++v) {
+        const __m512 s = _mm512_loadu_ps(sc + (v * groups + g) * kLanes), b = _mm512_loadu_ps(bi + (v * groups + g) * kLanes);
+        acc[m][v] = _mm512_fmadd_ps(b, xsum, _mm512_fmadd_ps(part[m][v], s, acc[m][v]));
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * ldy + v * kLanes, acc[m][v]);
+}
+template <int MB, int NV> struct Int4LanesTile { static constexpr Int4Fn run = int4_lanes_tile<MB, NV>; };
+constexpr int kLaneTiles = 2;  // lane groups (of 16 channels) a tile
+const auto kInt4LanesTiles = tile_table<Int4Fn, Int4LanesTile, MT, kLaneTiles>();
+
+// Channels 16v .. 16v + 15 (w, sc and bi at their group) dequantized to out [16, K] (prompts: the
+// dequantize + GEMM path)
+inline void dequantize_lanes(const uint8_t* w, const float* sc, const float* bi, int64_t K, int64_t G, float* out) {
+  const __m128i low4 = _mm_set1_epi8(15);
+  __m512i spread[4];  // lane l of quarter h: channel 4h + l / 4
+  for (int h = 0; h < 4; ++h)
+    spread[h] = _mm512_add_epi32(_mm512_set1_epi32(4 * h), _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
+  __m512 s4[4], b4[4];
+  alignas(64) float f[16];
+  for (int64_t o = 0; o < K / 8; ++o) {
+    const int64_t k0 = 8 * o;
+    if (k0 % G == 0) {
+      const __m512 s = _mm512_loadu_ps(sc + k0 / G * kLanes), b = _mm512_loadu_ps(bi + k0 / G * kLanes);
+      for (int h = 0; h < 4; ++h) {
+        s4[h] = _mm512_permutexvar_ps(spread[h], s);
+        b4[h] = _mm512_permutexvar_ps(spread[h], b);
+      }
+    }
+    for (int h = 0; h < 4; ++h) {  // channels 4h .. 4h + 3: 16 bytes, 4 codes (low nibbles) and 4 more (high)
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * 64 + 16 * h));
+      for (int half = 0; half < 2; ++half) {
+        const __m128i c = _mm_and_si128(half ? _mm_srli_epi16(raw, 4) : raw, low4);
+        _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), s4[h], b4[h]));
+        for (int i = 0; i < 4; ++i) std::memcpy(out + (4 * h + i) * K + k0 + 4 * half, f + 4 * i, 16);
+      }
+    }
+  }
+}
+#endif
+
 // Runs tile(m0, mb, n0, nb) over all tiles, channel tiles split between threads (each thread reads
 // its own slice of the weights once; the rows of x are shared and stay in cache).
 // `w` and `row_bytes` locate the weights, for prefetching the tiles the loop starts with.
@@ -275,17 +397,18 @@ void for_tiles(int64_t M, int64_t N, const void* w, int64_t row_bytes, const Til
 // only passes of more than kMaxTileRows rows come here.
 constexpr int64_t kMaxTileRows = 16;  // cpu_kernels.EXACT_ROWS
 constexpr int64_t kChunkFloats = 1 << 19;
-template <typename Dequant>
-at::Tensor dequantized_mm(const at::Tensor& x, int64_t N, int64_t K, const Dequant& dequant_row) {
+// dequant(n, out) writes the float32 rows n .. n + Rows - 1 (N % Rows == 0) to out [Rows, K].
+template <int64_t Rows = 1, typename Dequant>
+at::Tensor dequantized_mm(const at::Tensor& x, int64_t N, int64_t K, const Dequant& dequant) {
   auto y = at::empty({x.size(0), N}, x.options());
   const int64_t chunks = (N * K + kChunkFloats - 1) / kChunkFloats;
-  const int64_t chunk = (N + chunks - 1) / chunks;
+  const int64_t chunk = ((N + chunks - 1) / chunks + Rows - 1) / Rows * Rows;
   auto w = at::empty({chunk, K}, x.options());
   float* wp = w.data_ptr<float>();
   for (int64_t c0 = 0; c0 < N; c0 += chunk) {
     const int64_t nc = std::min(chunk, N - c0);
-    at::parallel_for(0, nc, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) dequant_row(c0 + n, wp + n * K);
+    at::parallel_for(0, nc / Rows, std::max<int64_t>(1, 16384 / (Rows * K)), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) dequant(c0 + u * Rows, wp + u * Rows * K);
     });
     auto out = y.narrow(1, c0, nc);
     at::mm_out(out, x, w.narrow(0, 0, nc).t());
@@ -307,11 +430,21 @@ std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w,
   return {N, K};
 }
 
-// The arguments of the int4 ops: (N, K) of the unpacked weight
+// The arguments of the int4 ops: (N, K) of the unpacked weight, [N, K / 2] bytes in the rows' layout
+// or [N / 16, K / 8, 64] with 16 channels in the lanes (INT4_LANES builds only; scales and biases
+// then [N / 16, groups, 16]: the same number of values)
 std::pair<int64_t, int64_t> check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                                        const at::Tensor& biases, int64_t G) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "weight must be a 2-D uint8 tensor");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
+#ifdef INT4_LANES
+  const bool lanes_ok = true;
+#else
+  const bool lanes_ok = false;
+#endif
+  TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 2 || (lanes_ok && w.dim() == 3 && w.size(2) == 64)),
+              lanes_ok ? "weight must be a uint8 tensor [N, K / 2] or [N / 16, K / 8, 64]"
+                       : "weight must be a 2-D uint8 tensor (this build has no 16-lane int4 layout)");
+  const bool lanes = w.dim() == 3;
+  const int64_t N = lanes ? w.size(0) * 16 : w.size(0), K = lanes ? w.size(1) * 8 : w.size(1) * 2;
   check_x(x, K);
   TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
   for (const auto* t : {&scales, &biases})
@@ -370,6 +503,19 @@ at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+#ifdef INT4_LANES
+  if (w.dim() == 3) {
+    if (M > kMaxTileRows)
+      return dequantized_mm<kLanes>(x, N, K, [&](int64_t n, float* out) {
+        dequantize_lanes(wp + n * (K / 2), sp + n * groups, bp + n * groups, K, G, out);
+      });
+    for_tiles<MT, kLaneTiles * kLanes>(M, N, wp, K / 2, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+      kInt4LanesTiles[mb - 1][nb / kLanes - 1](xp + m0 * K, wp + n0 * (K / 2), sp + n0 * groups, bp + n0 * groups,
+                                               yp + m0 * N + n0, K, G, N);
+    });
+    return y;
+  }
+#endif
   if (M > kMaxTileRows) {
     return dequantized_mm(x, N, K, [&](int64_t n, float* out) {
       const uint8_t* row = wp + n * (K / 2);
@@ -626,15 +772,6 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   return r;
 }
 
-// An int4 tile's scales and biases (n values from sc and bi): those of the tile after next are
-// prefetched with its codes (g32: a third of the bytes)
-inline void prefetch_group_scales(const float* sc, const float* bi, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    prefetch(sc + kAhead * n + i);
-    prefetch(bi + kAhead * n + i);
-  }
-}
-
 // What every tile of one call shares
 struct QCall {
   const QRows* x;
@@ -743,6 +880,62 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
       c.y[(m0 + m) * c.ldy + n0 + n] = _mm512_reduce_add_ps(acc[m][n]) + bias_dot(bi + n * groups, xs + m * c.x->lds, groups);
 }
 
+// int4 with 16 channels in the lanes (INT4_LANES above), int8 activations: per block of 32 codes and
+// lane group, 8 dpbusd (the weights' codes unsigned, the row's 4 activation codes broadcast, signed)
+// into two int32 chains (even and odd octets' halves, exact: their sum is the block's integer dot
+// whatever the order), then one conversion and one FMA by d[m, b] * scale[n, g]; the biases' term
+// is added at the end, group by group. One order for every (m, n): row-invariant.
+template <int MB, int NV>
+void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, Kp = c.x->Kp, xblocks = c.x->blocks, groups = c.groups, per_group = c.G / QB;
+  const int64_t group_bytes = K * 8, v0 = n0 / kLanes;
+  const uint8_t* w = static_cast<const uint8_t*>(c.w) + v0 * group_bytes;
+  const float *sc = c.scales + v0 * groups * kLanes, *bi = c.biases + v0 * groups * kLanes;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* xd = c.x->d.data() + m0 * xblocks;
+  prefetch_group_scales(sc, bi, NV * groups * kLanes);
+  __m512 acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / QB; ++b) {
+    __m512i dot[MB][NV][2];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v) dot[m][v][0] = dot[m][v][1] = _mm512_setzero_si512();
+    for (int o = 0; o < 4; ++o) {
+      __m512i q[NV][2];
+      for (int v = 0; v < NV; ++v) {
+        const uint8_t* p = w + v * group_bytes + (4 * b + o) * 64;
+        prefetch(p + kAhead * NV * group_bytes);
+        unpack_octet(p, &q[v][0], &q[v][1]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        int32_t x4[2];  // the row's codes at 8o .. 8o + 3 and 8o + 4 .. 8o + 7 of the block
+        std::memcpy(x4, xq + m * Kp + b * QB + 8 * o, 8);
+        const __m512i xa = _mm512_set1_epi32(x4[0]), xb = _mm512_set1_epi32(x4[1]);
+        for (int v = 0; v < NV; ++v) {
+          dot[m][v][0] = _mm512_dpbusd_epi32(dot[m][v][0], q[v][0], xa);
+          dot[m][v][1] = _mm512_dpbusd_epi32(dot[m][v][1], q[v][1], xb);
+        }
+      }
+    }
+    const int64_t g = b / per_group;
+    for (int v = 0; v < NV; ++v) {
+      const __m512 s = _mm512_loadu_ps(sc + (v * groups + g) * kLanes);
+      for (int m = 0; m < MB; ++m)
+        acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][v][0], dot[m][v][1])),
+                                    _mm512_mul_ps(_mm512_set1_ps(xd[m * xblocks + b]), s), acc[m][v]);
+    }
+  }
+  const float* xs = c.x->xs.data() + m0 * c.x->lds;
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) {
+      __m512 bias = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g)
+        bias = _mm512_fmadd_ps(_mm512_loadu_ps(bi + (v * groups + g) * kLanes), _mm512_set1_ps(xs[m * c.x->lds + g]), bias);
+      _mm512_storeu_ps(c.y + (m0 + m) * c.ldy + n0 + v * kLanes, _mm512_add_ps(acc[m][v], bias));
+    }
+}
+
 #else
 template <int MB, int NB>
 void int8_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
@@ -831,6 +1024,14 @@ constexpr int kQ8Rows = 4;
 constexpr int kQ8Channels = 4;
 const auto kInt8Q8Tiles = tile_table<QTileFn, Int8Q8, kQ8Rows, kQ8Channels>();
 const auto kInt4Q8Tiles = tile_table<QTileFn, Int4Q8, kQ8Rows, kQ8Channels>();
+#ifdef INT4_LANES
+template <int MB, int NV> struct Int4LanesQ8 { static constexpr QTileFn run = int4_lanes_q8_tile<MB, NV>; };
+// Tiles of up to 4 rows take 2 lane groups (32 channels), of 5 to 8 rows one (the registers: two
+// int32 chains and a float32 sum per row and group); 8 rows at once read the unpacked codes for
+// twice as many rows as 4, which pays from 8 rows on (BENCHMARKS.md).
+constexpr int kLaneQ8Rows = 8;
+const auto kInt4LanesQ8Tiles = tile_table<QTileFn, Int4LanesQ8, kLaneQ8Rows, kLaneTiles>();
+#endif
 
 template <int NT_, typename Table>
 void run_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int64_t row_bytes) {
@@ -865,6 +1066,15 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G);
   const QCall c{&xq, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), biases.data_ptr<float>(), K, G, K / G,
                 y.data_ptr<float>(), N};
+#ifdef INT4_LANES
+  if (w.dim() == 3) {
+    for_tiles<kLaneQ8Rows, kLaneTiles * kLanes>(M, N, c.w, K / 2, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+      if (mb <= 4) return kInt4LanesQ8Tiles[mb - 1][nb / kLanes - 1](c, m0, n0);
+      for (int64_t n = n0; n < n0 + nb; n += kLanes) kInt4LanesQ8Tiles[mb - 1][0](c, m0, n);
+    });
+    return y;
+  }
+#endif
   run_q8_tiles<kQ8Channels>(kInt4Q8Tiles, c, M, N, K / 2);
   return y;
 }
@@ -1040,6 +1250,15 @@ std::string isa() {
   return kIsa;
 }
 
+// Output channels a lane group of the int4 layout (cpu_kernels.pack_int4), 0 where only the rows'
+// layout is built
+int64_t int4_lanes() {
+#ifdef INT4_LANES
+  return kLanes;
+#else
+  return 0;
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY(layerskip_cpu, m) {
@@ -1050,6 +1269,7 @@ TORCH_LIBRARY(layerskip_cpu, m) {
   m.def("int4_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("int4_lanes() -> int", &int4_lanes);
 }
 
 TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {

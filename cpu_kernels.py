@@ -12,9 +12,16 @@ cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the quantized layers fal
 dequantizing the weights in PyTorch: correct, slow, and said once; float32 layers and attention
 fall back to PyTorch's own ops, silently.
 
-int4 layout on the CPU: per row, each group of 32 input channels is 16 bytes, byte i holding code i
-in its low nibble and code i + 16 in its high nibble (so one 16-byte load unpacks into two vectors
-with a mask and a shift), and w = code * scale + bias per group of `groupsize` channels.
+int4 layouts on the CPU (`pack_int4`), w = code * scale + bias per group of `groupsize` input channels:
+- rows: weight [N, K / 2], per row each block of 32 input channels is 16 bytes, byte i holding code
+  i in its low nibble and code i + 16 in its high nibble (one 16-byte load unpacks into two vectors
+  with a mask and a shift); scales and biases [N, groups].
+- 16 channels in the lanes (AVX-512 VNNI builds, N % 16 == 0; `int4_lanes()`): weight
+  [N / 16, K / 8, 64], 64 bytes per 16 channels and 8 input channels k0 .. k0 + 7, byte 4c + j
+  holding channel c's code at k0 + j (low nibble) and k0 + 4 + j (high); scales and biases
+  [N / 16, groups, 16]. A dpbusd then multiplies 16 channels by a row's 4 activation codes at once
+  and needs no horizontal sum: about a third of the instructions per weight of the rows' layout with
+  int8 activations, which is what a step of several rows pays for (cpu_kernels.cpp).
 
 Activations of the int8/int4 layers: LAYERSKIP_CPU_ACTIVATIONS=int8 (the default) or float, read
 once, here (ACTIVATIONS). int8: the `_q8` ops quantize each row of x inside the op to int8 in
@@ -104,13 +111,33 @@ def _load() -> bool:
     torch.library.register_fake("layerskip_cpu::int8_linear")(
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
-        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], _int4_out(weight)))
     torch.library.register_fake("layerskip_cpu::int8_linear_q8")(
         lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear_q8")(
-        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], _int4_out(weight)))
+    _tag_compile_caches()
     _state["ok"], _state["reason"] = True, ""
     return True
+
+
+def _tag_compile_caches():
+    """Adds a hash of these kernels' sources to torch.compile's cache keys: inductor's caches do not
+    see a custom op's fake implementation, so a graph compiled against an older one (another output
+    shape) would be reused and fail its shape checks."""
+    digest = hashlib.sha1()
+    for path in (SOURCE, os.path.abspath(__file__)):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    tag = f"layerskip_cpu_{digest.hexdigest()[:12]}"
+    config = getattr(torch.compiler, "config", None)
+    if config is not None and hasattr(config, "cache_key_tag") and tag not in config.cache_key_tag:
+        config.cache_key_tag += tag
+
+
+def _int4_out(weight: torch.Tensor) -> int:
+    """Output channels of an int4 weight in either layout (pack_int4)."""
+    return weight.shape[0] * 16 if weight.dim() == 3 else weight.shape[0]
 
 
 def reason() -> str:
@@ -177,14 +204,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torc
     return torch.ops.layerskip_cpu.attention(q, k, v, input_pos)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] in [0, 15], K % 32 == 0 -> the kernel's bytes [N, K // 2] (module docstring)."""
+def int4_lanes() -> int:
+    """Output channels a group of the int4 layout with channels in the vector lanes (16 in the AVX-512
+    VNNI builds), or 0 where the kernels know the rows' layout only (module docstring)."""
+    if "int4_lanes" not in _state:
+        _state["int4_lanes"] = torch.ops.layerskip_cpu.int4_lanes() if load(quiet=True) else 0
+    return _state["int4_lanes"]
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, lanes: bool | None = None):
+    """uint8 codes [N, K] in [0, 15] (K % 32 == 0) and float32 scales, biases [N, K / groupsize] ->
+    (weight, scales, biases) in the kernels' layout (module docstring): 16 channels in the lanes where
+    the build has that layout, N % 16 == 0 and `lanes` (None: where it pays, with int8 activations;
+    with float32 ones a step of 4-16 rows took 1.4x as long as in the rows' layout), else the rows'
+    layout. Both ops take both layouts."""
     n, k = codes.shape
+    if lanes is None:
+        lanes = ACTIVATIONS == "int8"
+    lanes = int4_lanes() if lanes else 0
+    if lanes and n % lanes == 0:
+        c = codes.reshape(n // lanes, lanes, k // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [v, octet, half, c, j]
+        w = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // lanes, k // 8, 64).contiguous()
+
+        def by_lanes(t):
+            return t.reshape(n // lanes, lanes, -1).transpose(1, 2).contiguous()
+        return w, by_lanes(scales), by_lanes(biases)
     c = codes.reshape(n, k // 32, 2, 16)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous(), scales.contiguous(), biases.contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K] of a weight in either layout."""
+    if packed.dim() == 3:
+        v, octets, _ = packed.shape
+        p = packed.reshape(v, octets, 1, 16, 4)
+        return torch.cat([p & 15, p >> 4], dim=2).permute(0, 3, 1, 2, 4).reshape(v * 16, octets * 8)
     n, half = packed.shape
     p = packed.reshape(n, half // 16, 1, 16)
     return torch.cat([p & 15, p >> 4], dim=2).reshape(n, half * 2)
@@ -194,4 +248,6 @@ def dequantize_int4(packed, scales, biases, groupsize: int) -> torch.Tensor:
     """The float32 weight [N, K] the int4 kernel multiplies by (the fallback and the tests' reference)."""
     q = unpack_int4(packed).float()
     n, k = q.shape
+    if packed.dim() == 3:  # [N / 16, groups, 16] -> [N, groups]
+        scales, biases = (t.transpose(1, 2).reshape(n, -1) for t in (scales, biases))
     return (q.reshape(n, k // groupsize, groupsize) * scales[..., None] + biases[..., None]).reshape(n, k)

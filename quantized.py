@@ -103,7 +103,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Holds the portable nibbles until `pack()` turns them into the kernel's layout for their device
-    (CUDA: `_weight_int4pack_mm`'s tiles; CPU: `cpu_kernels`' 32-code blocks, multiplied by
+    (CUDA: `_weight_int4pack_mm`'s tiles; CPU: `cpu_kernels.pack_int4`'s layout, multiplied by
     `cpu_kernels.int4_linear`, with activations as for Int8Linear).
 
     `in_features` is the layer's true width; the stored weight may be zero-padded to a multiple of
@@ -125,10 +125,10 @@ class Int4Linear(nn.Module):
         sz = self.scales_and_zeros.float()
         if dev.type == "cpu":
             # w = (q - 8) * scale + zero = q * scale + bias
-            self.weight = cpu_kernels.pack_int4(q)
-            scales = sz[..., 0].t().contiguous()
+            scales = sz[..., 0].t()
+            self.weight, scales, biases = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales)
             self.register_buffer("scales", scales, persistent=False)
-            self.register_buffer("biases", (sz[..., 1].t() - 8 * scales).contiguous(), persistent=False)
+            self.register_buffer("biases", biases, persistent=False)
             del self.scales_and_zeros
             self.use_cpu_kernel = cpu_kernels.load()
         elif dev.type == "cuda":

@@ -5,7 +5,9 @@ activations against int8 activations, as a table of microseconds per call and GB
     python scripts/kernel_speed.py --rows 1 --shapes head --rounds 9
 
 Kinds: int8 and int4 (groups of 32 and 128) weights, each with float32 activations (the ops
-int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8). Every
+int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8); int4-gN-rows
+keeps int4 in the rows' layout where the build would take 16 channels in the lanes
+(cpu_kernels.pack_int4). Every
 kind of a shape is timed in turn, round after round, and the median round is reported, so a
 neighbour's load or the machine's drift hits every kind alike. Each call reads a different copy of
 the weights, cycling through --cycle_mb of them (several times the last-level cache), so the
@@ -34,22 +36,25 @@ import timing  # noqa: E402
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
 PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
 KINDS = ("int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float", "int4-g128/int8")
+# int4 in the rows' layout where the build would take 16 channels in the lanes (the layout before it)
+ROWS_KINDS = ("int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float", "int4-g128-rows/int8")
 
 
 def make_weights(kind: str, n: int, k: int):
-    """(args after x for the op, bytes read per call, op) with random contents: speed only."""
+    """(args after x for the op, bytes read per call, op, K of x) with random contents: speed only."""
     weights, acts = kind.split("/")
     ops = torch.ops.layerskip_cpu
     if weights == "int8":
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         s = torch.rand(n) / 100
-        return (w, s), w.numel() + 4 * n, ops.int8_linear_q8 if acts == "int8" else ops.int8_linear
-    g = int(weights.split("-g")[1])
+        return (w, s), w.numel() + 4 * n, ops.int8_linear_q8 if acts == "int8" else ops.int8_linear, k
+    g = int(weights.split("-g")[1].removesuffix("-rows"))
     k = math.ceil(k / g) * g  # Int4Linear pads K to the group size (SmolLM2's 576 -> 640 for g128)
-    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
-    s, b = torch.rand(n, k // g) / 100, torch.randn(n, k // g) / 100
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    w, s, b = cpu_kernels.pack_int4(codes, torch.rand(n, k // g) / 100, torch.randn(n, k // g) / 100,
+                                    lanes=not weights.endswith("-rows"))
     op = ops.int4_linear_q8 if acts == "int8" else ops.int4_linear
-    return (w, s, b, g), w.numel() + 8 * s.numel(), op
+    return (w, s, b, g), w.numel() + 8 * s.numel(), op, k
 
 
 def read_bandwidth_gbs() -> float:
@@ -79,7 +84,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS + ROWS_KINDS))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
     p.add_argument("--sample_s", type=float, default=0.05, help="seconds per timed sample")
     p.add_argument("--cycle_mb", type=float, default=128, help="weight copies per kind, in MB")
@@ -94,10 +99,10 @@ def main(argv=None):
         n, k = SHAPES[shape]
         sets = {}
         for kind in args.kinds:
-            w_args, nbytes, op = make_weights(kind, n, k)
+            w_args, nbytes, op, kk = make_weights(kind, n, k)
             copies = [w_args] + [tuple(a.clone() if torch.is_tensor(a) else a for a in w_args)
                                  for _ in range(max(1, math.ceil(args.cycle_mb * 1e6 / nbytes)) - 1)]
-            sets[kind] = (op, copies, nbytes, w_args[0].shape[1] * (2 if kind.startswith("int4") else 1))
+            sets[kind] = (op, copies, nbytes, kk)
         times = {(r, kind): [] for r in args.rows for kind in args.kinds}
         for r in args.rows:
             for kind, (op, copies, _, kk) in sets.items():  # warm-up: page faults, thread start

@@ -29,9 +29,8 @@ def int8_weights(n, k, seed=0):
 def int4_weights(n, k, g, seed=0):
     torch.manual_seed(seed)
     q, sz = quantize_int4(torch.randn(n, k), g)
-    scales = sz[..., 0].t().contiguous()
-    biases = (sz[..., 1].t() - 8 * scales).contiguous()
-    packed = cpu_kernels.pack_int4(q)
+    scales = sz[..., 0].t()
+    packed, scales, biases = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=True)
     return packed, scales, biases, cpu_kernels.dequantize_int4(packed, scales, biases, g).double()
 
 
@@ -89,7 +88,10 @@ def test_float_layers_use_the_kernel_for_a_few_rows_without_gradients():
     assert not half.use_cpu_kernel  # float32 weights only
 
 
-@pytest.mark.parametrize("n,k,g", [(1, 32, 32), (7, 96, 32), (13, 128, 64), (96, 576, 32), (37, 1024, 128)])
+# N % 16 == 0: 16 channels in the lanes where the build has that layout (AVX-512 VNNI), with one and
+# two lane groups a tile
+@pytest.mark.parametrize("n,k,g", [(1, 32, 32), (7, 96, 32), (13, 128, 64), (96, 576, 32), (37, 1024, 128),
+                                   (16, 128, 64), (48, 1024, 128)])
 def test_int4_kernel_matches_the_dequantized_product(n, k, g):
     packed, scales, biases, w = int4_weights(n, k, g)
     for rows in ROWS:
@@ -128,9 +130,8 @@ def assert_q8_accurate(y, x, w, magnitude=None):
 
 
 def int4_magnitude(packed, scales, biases, g):
-    q = cpu_kernels.unpack_int4(packed).double()
-    n, k = q.shape
-    return (q.reshape(n, k // g, g) * scales.double()[..., None]).abs().add(biases.double().abs()[..., None]).reshape(n, k)
+    """|q * scale| + |bias| per weight (codes q >= 0)."""
+    return cpu_kernels.dequantize_int4(packed, scales.abs(), biases.abs(), g).double()
 
 
 def test_the_reference_quantizer_rounds_blocks_of_32():
@@ -154,7 +155,7 @@ def test_int8_q8_kernel_matches_the_dequantized_product(k):
 
 @pytest.mark.parametrize("k,g", [(32, 32), (96, 32), (576, 32), (1536, 32), (128, 64), (1024, 128), (512, 256)])
 def test_int4_q8_kernel_matches_the_dequantized_product(k, g):
-    for n in (1, 3, 5, 17, 960):
+    for n in (1, 3, 5, 17, 48, 960):
         packed, scales, biases, w = int4_weights(n, k, g, seed=n)
         magnitude = int4_magnitude(packed, scales, biases, g)
         for rows in Q8_ROWS:
@@ -175,11 +176,13 @@ def test_q8_kernels_take_the_float_path_beyond_the_row_tiles():
 
 def test_q8_kernels_keep_a_rows_result_whatever_rows_are_beside_it():
     """Row r of an M-row call is bitwise the 1-row call of that row, for every M up to EXACT_ROWS and
-    rows drawn at random (K = 577: the int8 tail block; N = 203: partial channel tiles)."""
+    rows drawn at random (K = 577: the int8 tail block; N = 203: partial channel tiles; int4 N = 208:
+    the lanes layout where built, its last tile one lane group)."""
     q, s, _ = int8_weights(203, 577)
-    packed, scales, biases, _ = int4_weights(203, 576, 32)
-    fs = [lambda x: torch.ops.layerskip_cpu.int8_linear_q8(x, q, s),
-          lambda x: torch.ops.layerskip_cpu.int4_linear_q8(x[:, :576].contiguous(), packed, scales, biases, 32)]
+    fs = [lambda x: torch.ops.layerskip_cpu.int8_linear_q8(x, q, s)]
+    for n4 in (203, 208):
+        packed, scales, biases, _ = int4_weights(n4, 576, 32)
+        fs.append(lambda x, w4=(packed, scales, biases): torch.ops.layerskip_cpu.int4_linear_q8(x[:, :576].contiguous(), *w4, 32))
     n = cpu_kernels.EXACT_ROWS
     x = q8_activations(n, 577) * torch.rand(n, 1) * 4
     g = torch.Generator().manual_seed(1)
@@ -286,21 +289,47 @@ def test_dequantized_int4_weight_is_the_quantizers_formula():
     assert packed[0, 3] == q[0, 3] | (q[0, 19] << 4)
 
 
-@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
+def test_the_int4_lanes_layout_holds_the_same_codes():
+    """Where the build multiplies 16 channels at once (AVX-512 VNNI), N % 16 == 0 weights take that
+    layout: byte 4c + j of 8 input channels' 64 bytes holds channel c's codes at k0 + j and k0 + 4 + j."""
+    torch.manual_seed(0)
+    q, sz = quantize_int4(torch.randn(32, 128), 64)
+    scales = sz[..., 0].t()
+    packed, s, b = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=True)
+    if not cpu_kernels.int4_lanes():
+        assert packed.shape == (32, 64) and s.shape == (32, 2)
+        pytest.skip(f"the {cpu_kernels.isa()} build has the rows' layout only")
+    assert packed.shape == (2, 16, 64) and s.shape == (2, 2, 16)
+    assert torch.equal(cpu_kernels.unpack_int4(packed), q)
+    v, c, o, j = 1, 5, 3, 2  # channel 21, input channels 24 + 2 and 28 + 2
+    assert packed[v, o, 4 * c + j] == q[16 * v + c, 8 * o + j] | (q[16 * v + c, 8 * o + 4 + j] << 4)
+    assert s[v, 1, c] == scales[16 * v + c, 1]
+    assert torch.allclose(cpu_kernels.dequantize_int4(packed, s, b, 64), quantized.dequantize_int4(q, sz, 64), atol=1e-6)
+    rows = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=False)
+    assert rows[0].shape == (32, 64) and torch.equal(cpu_kernels.unpack_int4(rows[0]), q)
+    # the float-activation setting packs in the rows' layout (where it is the faster one)
+    saved, cpu_kernels.ACTIVATIONS = cpu_kernels.ACTIVATIONS, "float"
+    try:
+        assert cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales)[0].dim() == 2
+    finally:
+        cpu_kernels.ACTIVATIONS = saved
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4", "int4-lanes"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     """Up to EXACT_ROWS rows every output is reduced in one fixed order: a verify pass over k + 1
     rows gives bitwise what k + 1 one-row steps give, so greedy self-speculation cannot flip a near tie.
     (A full tile sums its outputs' lanes together, a partial one each alone; K = 583 has a tail past
     the vectors, N = 203 partial channel tiles.)"""
-    k = 576 if kind == "int4" else 583
+    k = 576 if kind.startswith("int4") else 583
     if kind == "float32":
         w = torch.randn(203, k)
         f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
     elif kind == "int8":
         q, s, _ = int8_weights(203, k)
         f = lambda x: torch.ops.layerskip_cpu.int8_linear(x, q, s)  # noqa: E731
-    else:
-        packed, scales, biases, _ = int4_weights(203, k, 32)
+    else:  # N = 208: the 16-lane layout where built (int4_lanes)
+        packed, scales, biases, _ = int4_weights(203 if kind == "int4" else 208, k, 32)
         f = lambda x: torch.ops.layerskip_cpu.int4_linear(x, packed, scales, biases, 32)  # noqa: E731
     n = cpu_kernels.EXACT_ROWS
     x = torch.randn(n, k)
