@@ -261,113 +261,184 @@ const auto kInt8Tiles = tile_table<DenseFn<int8_t>, Int8Tile, MT, NT>();
 const auto kFloatTiles = tile_table<DenseFn<float>, FloatTile, MT, NT>();
 const auto kInt4Tiles = tile_table<Int4Fn, Int4Tile, MT, NT>();
 
+// int4 weights with W output channels in the vector lanes (W = 16 in the AVX-512 VNNI builds, 8 in
+// the AVX2 ones; cpu_kernels.pack_int4 makes this layout where N % W == 0 and the activations are
+// int8, the rows' layout above otherwise). The weight is [N / W, K / 8, 4W] bytes: for channels
+// Wv .. Wv + W - 1 and input channels k0 = 8o .. 8o + 7 (an "octet"), byte 4c + j holds channel
+// Wv + c's code at k0 + j in its low nibble and at k0 + 4 + j in its high one; scales and biases are
+// [N / W, groups, W]. One load unpacks (a mask; a shift and a mask) into two vectors whose 32-bit
+// lane c holds channel c's 4 codes at k0 .. k0 + 3 (k0 + 4 .. k0 + 7), so one integer dot against a
+// row's 4 activation codes, broadcast, multiplies W channels at once and lane c ends as output c,
+// with no horizontal sum (the `_q8` tile below; BENCHMARKS.md, "int4 with 16 channels in the
+// lanes"). Integer parts: LI (a vector of W 32-bit lanes), unpack_octet, lane_dot (a running dot
+// of codes against broadcast activation quads), lane_sum (two running dots as float32), LanePick.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-// int4 weights with 16 output channels in the lanes (the AVX-512 VNNI builds; cpu_kernels.pack_int4
-// makes this layout where N % 16 == 0, and the row layout above otherwise). The weight is
-// [N / 16, K / 8, 64] bytes: for channels 16v .. 16v + 15 and input channels k0 = 8o .. 8o + 7 (an
-// "octet"), byte 4c + j holds channel 16v + c's code at k0 + j in its low nibble and at k0 + 4 + j in
-// its high one; scales and biases are [N / 16, groups, 16]. One 64-byte load unpacks (a mask; a
-// shift and a mask) into two vectors whose 32-bit lane c holds channel c's 4 codes at k0 .. k0 + 3
-// (k0 + 4 .. k0 + 7): one dpbusd against a row's 4 activation codes, broadcast, then multiplies 16
-// channels at once and lane c ends as output c, with no horizontal sum. With the rows' layout each
-// (row, channel, 64 codes) took a dpbusd, a conversion, a scale multiplication and an FMA; here 16
-// channels x 32 codes take 8 dpbusd and those three once (BENCHMARKS.md, "int4 with 16 channels in
-// the lanes").
 #define INT4_LANES 1
-constexpr int64_t kLanes = 16;  // output channels a lane group
-inline void unpack_octet(const uint8_t* p, __m512i* lo, __m512i* hi) {
-  const __m512i raw = _mm512_loadu_si512(p), low4 = _mm512_set1_epi8(15);
+using LI = __m512i;
+inline LI li_zero() { return _mm512_setzero_si512(); }
+inline LI li_set1(int32_t a) { return _mm512_set1_epi32(a); }
+inline void unpack_octet(const uint8_t* p, LI* lo, LI* hi) {
+  const LI raw = _mm512_loadu_si512(p), low4 = _mm512_set1_epi8(15);
   *lo = _mm512_and_si512(raw, low4);
   *hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
 }
+// dpbusd: int32 sums, exact
+inline LI lane_dot(LI acc, LI q, LI x) { return _mm512_dpbusd_epi32(acc, q, x); }
+inline V lane_sum(LI a, LI b) { return _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)); }
+inline LI lane_shuffle(LI q, LI pick) { return _mm512_shuffle_epi8(q, pick); }
+inline V lane_float(LI a) { return _mm512_cvtepi32_ps(a); }
+inline LI lane_offsets() { return _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0); }
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define INT4_LANES 1
+using LI = __m256i;
+inline LI li_zero() { return _mm256_setzero_si256(); }
+inline LI li_set1(int32_t a) { return _mm256_set1_epi32(a); }
+inline void unpack_octet(const uint8_t* p, LI* lo, LI* hi) {
+  const LI raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), low4 = _mm256_set1_epi8(15);
+  *lo = _mm256_and_si256(raw, low4);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+}
+// maddubs (codes unsigned, activations signed) into int16 sums: a pair of products is at most
+// 2 * 15 * 127 = 3810, so a running dot stays exact over 4 octets' halves (15240) and the two of a
+// block of 32 together too (30480 < 32767); lane_sum widens the pairs to int32 with madd.
+inline LI lane_dot(LI acc, LI q, LI x) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(q, x)); }
+inline V lane_sum(LI a, LI b) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1)));
+}
+inline LI lane_shuffle(LI q, LI pick) { return _mm256_shuffle_epi8(q, pick); }
+inline V lane_float(LI a) { return _mm256_cvtepi32_ps(a); }
+inline LI lane_offsets() { return _mm256_set_epi32(12, 8, 4, 0, 12, 8, 4, 0); }
+#endif
+
+#ifdef INT4_LANES
+constexpr int64_t kLanes = W;  // output channels a lane group
+constexpr int64_t kOctetBytes = 4 * kLanes;  // one lane group's 8 input channels
 // pick[j] moves byte j of each 32-bit lane to the lane's low byte and zeroes the rest (shuffle_epi8
 // indexes within 128 bits: lane i of those 4 starts at byte 4i)
 struct LanePick {
-  __m512i pick[4];
+  LI pick[4];
   LanePick() {
-    for (int j = 0; j < 4; ++j)
-      pick[j] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(0x80808000u | j)),
-                                 _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0));
+    for (int j = 0; j < 4; ++j) pick[j] = lane_add32(li_set1(static_cast<int>(0x80808000u | j)), lane_offsets());
   }
-  // the 16 channels' codes at k0 + j (j < 4 of a vector from unpack_octet) as float32
-  __m512 codes(__m512i q, int j) const { return _mm512_cvtepi32_ps(_mm512_shuffle_epi8(q, pick[j])); }
+  static LI lane_add32(LI a, LI b) {
+    alignas(64) int32_t x[kLanes], y[kLanes];
+    std::memcpy(x, &a, sizeof(a));
+    std::memcpy(y, &b, sizeof(b));
+    for (int i = 0; i < kLanes; ++i) x[i] += y[i];
+    LI r;
+    std::memcpy(&r, x, sizeof(r));
+    return r;
+  }
+  // the lane group's codes at k0 + j (j < 4 of a vector from unpack_octet) as float32
+  V codes(LI q, int j) const { return lane_float(lane_shuffle(q, pick[j])); }
 };
 
-// Float32 activations: per group of G input channels, sum_k x[m, k] * code[n, k] (16 channels a
-// vector: each code converted once for all the tile's rows, each row's activation broadcast), even
-// and odd input channels apart; at the group's end acc += that sum * scale[n, g] + bias[n, g] * (the
-// group's sum of x[m]). So no weight is dequantized, and every output is reduced in one order
-// whatever the tile (row-invariant).
+#ifdef __AVX512F__
+constexpr int kLaneTiles = 2;   // lane groups a tile of the float32-activation tiles (up to MT rows)
+constexpr int kLaneQ8Rows = 8;  // rows a tile of the _q8 tiles (int4_linear_q8)
+constexpr int kDotChains = 2;   // running dots a (row, lane group): dpbusd's latency
+#else
+constexpr int kLaneTiles = 1;   // 16 vector registers
+constexpr int kLaneQ8Rows = 4;
+constexpr int kDotChains = 1;   // maddubs + add: a one-cycle chain
+#endif
+
+// Float32 activations: per group of G input channels, sum_k x[m, k] * code[n, k] (a lane group a
+// vector: each code converted once for all the tile's rows, each row's activation broadcast); at the
+// group's end acc += that sum * scale[n, g] + bias[n, g] * (the group's sum of x[m]). So no weight
+// is dequantized, and every output is reduced in one order whatever the tile (row-invariant).
 template <int MB, int NV>
 void int4_lanes_tile(const float* x, const uint8_t* w, const float* sc, const float* bi, float* y,
                      int64_t K, int64_t G, int64_t ldy) {
-  const int64_t groups = K / G, group_bytes = K * 8;
+  const int64_t groups = K / G, group_bytes = kLanes * K / 2;
   static const LanePick lp;
   prefetch_group_scales(sc, bi, NV * groups * kLanes);
-  __m512 acc[MB][NV];
+  V acc[MB][NV];
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[MB][NV];
+    V part[MB][NV];
     for (int m = 0; m < MB; ++m)
-      for (int v = 0; v < NV; ++v) part[m][v] = _mm512_setzero_ps();
+      for (int v = 0; v < NV; ++v) part[m][v] = vzero();
     for (int64_t o = g * G / 8; o < (g + 1) * G / 8; ++o) {
-      __m512i q[NV][2];
+      LI q[NV][2];
       for (int v = 0; v < NV; ++v) {
-        const uint8_t* p = w + v * group_bytes + o * 64;
+        const uint8_t* p = w + v * group_bytes + o * kOctetBytes;
         prefetch(p + kAhead * NV * group_bytes);
         unpack_octet(p, &q[v][0], &q[v][1]);
       }
       for (int j = 0; j < 8; ++j) {
-        __m512 xb[MB];
-        for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(x[m * K + 8 * o + j]);
+        V xb[MB];
+        for (int m = 0; m < MB; ++m) xb[m] = vset1(x[m * K + 8 * o + j]);
         for (int v = 0; v < NV; ++v) {
-          const __m512 c = lp.codes(q[v][j / 4], j % 4);
-          for (int m = 0; m < MB; ++m) part[m][v] = _mm512_fmadd_ps(c, xb[m], part[m][v]);
+          const V c = lp.codes(q[v][j / 4], j % 4);
+          for (int m = 0; m < MB; ++m) part[m][v] = vfma(c, xb[m], part[m][v]);
         }
       }
     }
     for (int m = 0; m < MB; ++m) {
-      __m512 xs = _mm512_setzero_ps();  // the group's sum of x[m], 16 lanes then their sum
-      for (int64_t k = g * G; k < (g + 1) * G; k += 16) xs = _mm512_add_ps(xs, _mm512_loadu_ps(x + m * K + k));
-      const __m512 xsum = _mm512_set1_ps(_mm512_reduce_add_ps(xs));
+      V xs = vzero();  // the group's sum of x[m]: W lanes, then their sum
+      for (int64_t k = g * G; k < (g + 1) * G; k += W) xs = vadd(xs, vload(x + m * K + k));
+      const V xsum = vset1(vsum(xs));
       for (int v = 0; v < NV; ++v) {
-        const __m512 s = _mm512_loadu_ps(sc + (v * groups + g) * kLanes), b = _mm512_loadu_ps(bi + (v * groups + g) * kLanes);
-        acc[m][v] = _mm512_fmadd_ps(b, xsum, _mm512_fmadd_ps(part[m][v], s, acc[m][v]));
+        const V s = vload(sc + (v * groups + g) * kLanes), b = vload(bi + (v * groups + g) * kLanes);
+        acc[m][v] = vfma(b, xsum, vfma(part[m][v], s, acc[m][v]));
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + m * ldy + v * kLanes, acc[m][v]);
+    for (int v = 0; v < NV; ++v) vstore(y + m * ldy + v * kLanes, acc[m][v]);
 }
 template <int MB, int NV> struct Int4LanesTile { static constexpr Int4Fn run = int4_lanes_tile<MB, NV>; };
-constexpr int kLaneTiles = 2;  // lane groups (of 16 channels) a tile
 const auto kInt4LanesTiles = tile_table<Int4Fn, Int4LanesTile, MT, kLaneTiles>();
 
-// Channels 16v .. 16v + 15 (w, sc and bi at their group) dequantized to out [16, K] (prompts: the
-// dequantize + GEMM path)
+// Channels Wv .. Wv + W - 1 (w, sc and bi at their group) dequantized to out [W, K] (prompts: the
+// dequantize + GEMM path): per octet and 4 (AVX-512) or 2 (AVX2) channels, their codes widened to
+// float32, scaled (each channel's scale spread over its 4 lanes), and stored 4 values a channel.
 inline void dequantize_lanes(const uint8_t* w, const float* sc, const float* bi, int64_t K, int64_t G, float* out) {
   const __m128i low4 = _mm_set1_epi8(15);
-  __m512i spread[4];  // lane l of quarter h: channel 4h + l / 4
+#ifdef __AVX512F__
+  constexpr int kPer = 4;  // channels a vector
+  __m512i spread[4];  // lane l of part h: channel 4h + l / 4
   for (int h = 0; h < 4; ++h)
     spread[h] = _mm512_add_epi32(_mm512_set1_epi32(4 * h), _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0));
-  __m512 s4[4], b4[4];
-  alignas(64) float f[16];
+#else
+  constexpr int kPer = 2;
+  __m256i spread[4];  // lane l of part h: channel 2h + l / 4
+  for (int h = 0; h < 4; ++h) spread[h] = _mm256_add_epi32(_mm256_set1_epi32(2 * h), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+#endif
+  V s4[4], b4[4];
+  alignas(64) float f[W];
   for (int64_t o = 0; o < K / 8; ++o) {
     const int64_t k0 = 8 * o;
     if (k0 % G == 0) {
-      const __m512 s = _mm512_loadu_ps(sc + k0 / G * kLanes), b = _mm512_loadu_ps(bi + k0 / G * kLanes);
+      const V s = vload(sc + k0 / G * kLanes), b = vload(bi + k0 / G * kLanes);
       for (int h = 0; h < 4; ++h) {
+#ifdef __AVX512F__
         s4[h] = _mm512_permutexvar_ps(spread[h], s);
         b4[h] = _mm512_permutexvar_ps(spread[h], b);
+#else
+        s4[h] = _mm256_permutevar8x32_ps(s, spread[h]);
+        b4[h] = _mm256_permutevar8x32_ps(b, spread[h]);
+#endif
       }
     }
-    for (int h = 0; h < 4; ++h) {  // channels 4h .. 4h + 3: 16 bytes, 4 codes (low nibbles) and 4 more (high)
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * 64 + 16 * h));
+    for (int h = 0; h < 4; ++h) {  // channels kPer h ..: 4 codes each (low nibbles), then 4 more (high)
+      const uint8_t* src = w + o * kOctetBytes + 4 * kPer * h;
+#ifdef __AVX512F__
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+#else
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+#endif
       for (int half = 0; half < 2; ++half) {
         const __m128i c = _mm_and_si128(half ? _mm_srli_epi16(raw, 4) : raw, low4);
-        _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), s4[h], b4[h]));
-        for (int i = 0; i < 4; ++i) std::memcpy(out + (4 * h + i) * K + k0 + 4 * half, f + 4 * i, 16);
+#ifdef __AVX512F__
+        const V codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c));
+#else
+        const V codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+#endif
+        vstore(f, vfma(codes, s4[h], b4[h]));
+        for (int i = 0; i < kPer; ++i) std::memcpy(out + (kPer * h + i) * K + k0 + 4 * half, f + 4 * i, 16);
       }
     }
   }
@@ -431,20 +502,19 @@ std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w,
 }
 
 // The arguments of the int4 ops: (N, K) of the unpacked weight, [N, K / 2] bytes in the rows' layout
-// or [N / 16, K / 8, 64] with 16 channels in the lanes (INT4_LANES builds only; scales and biases
-// then [N / 16, groups, 16]: the same number of values)
+// or [N / L, K / 8, 4L] with L = kLanes channels in the lanes (INT4_LANES builds only; scales and
+// biases then [N / L, groups, L]: the same number of values)
 std::pair<int64_t, int64_t> check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                                        const at::Tensor& biases, int64_t G) {
 #ifdef INT4_LANES
-  const bool lanes_ok = true;
+  const int64_t lanes = kLanes;
 #else
-  const bool lanes_ok = false;
+  const int64_t lanes = 0;
 #endif
-  TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 2 || (lanes_ok && w.dim() == 3 && w.size(2) == 64)),
-              lanes_ok ? "weight must be a uint8 tensor [N, K / 2] or [N / 16, K / 8, 64]"
-                       : "weight must be a 2-D uint8 tensor (this build has no 16-lane int4 layout)");
-  const bool lanes = w.dim() == 3;
-  const int64_t N = lanes ? w.size(0) * 16 : w.size(0), K = lanes ? w.size(1) * 8 : w.size(1) * 2;
+  TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 2 || (lanes && w.dim() == 3 && w.size(2) == 4 * lanes)),
+              lanes ? "weight must be a uint8 tensor [N, K / 2] or [N / L, K / 8, 4L] with L = " + std::to_string(lanes)
+                    : std::string("weight must be a 2-D uint8 tensor (this build has no int4 lanes layout)"));
+  const int64_t N = w.dim() == 3 ? w.size(0) * lanes : w.size(0), K = w.dim() == 3 ? w.size(1) * 8 : w.size(1) * 2;
   check_x(x, K);
   TORCH_CHECK(G > 0 && G % 32 == 0 && K % G == 0, "group size ", G, " must be a multiple of 32 dividing ", K);
   for (const auto* t : {&scales, &biases})
@@ -880,62 +950,6 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
       c.y[(m0 + m) * c.ldy + n0 + n] = _mm512_reduce_add_ps(acc[m][n]) + bias_dot(bi + n * groups, xs + m * c.x->lds, groups);
 }
 
-// int4 with 16 channels in the lanes (INT4_LANES above), int8 activations: per block of 32 codes and
-// lane group, 8 dpbusd (the weights' codes unsigned, the row's 4 activation codes broadcast, signed)
-// into two int32 chains (even and odd octets' halves, exact: their sum is the block's integer dot
-// whatever the order), then one conversion and one FMA by d[m, b] * scale[n, g]; the biases' term
-// is added at the end, group by group. One order for every (m, n): row-invariant.
-template <int MB, int NV>
-void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
-  const int64_t K = c.K, Kp = c.x->Kp, xblocks = c.x->blocks, groups = c.groups, per_group = c.G / QB;
-  const int64_t group_bytes = K * 8, v0 = n0 / kLanes;
-  const uint8_t* w = static_cast<const uint8_t*>(c.w) + v0 * group_bytes;
-  const float *sc = c.scales + v0 * groups * kLanes, *bi = c.biases + v0 * groups * kLanes;
-  const int8_t* xq = c.x->q.data() + m0 * Kp;
-  const float* xd = c.x->d.data() + m0 * xblocks;
-  prefetch_group_scales(sc, bi, NV * groups * kLanes);
-  __m512 acc[MB][NV];
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / QB; ++b) {
-    __m512i dot[MB][NV][2];
-    for (int m = 0; m < MB; ++m)
-      for (int v = 0; v < NV; ++v) dot[m][v][0] = dot[m][v][1] = _mm512_setzero_si512();
-    for (int o = 0; o < 4; ++o) {
-      __m512i q[NV][2];
-      for (int v = 0; v < NV; ++v) {
-        const uint8_t* p = w + v * group_bytes + (4 * b + o) * 64;
-        prefetch(p + kAhead * NV * group_bytes);
-        unpack_octet(p, &q[v][0], &q[v][1]);
-      }
-      for (int m = 0; m < MB; ++m) {
-        int32_t x4[2];  // the row's codes at 8o .. 8o + 3 and 8o + 4 .. 8o + 7 of the block
-        std::memcpy(x4, xq + m * Kp + b * QB + 8 * o, 8);
-        const __m512i xa = _mm512_set1_epi32(x4[0]), xb = _mm512_set1_epi32(x4[1]);
-        for (int v = 0; v < NV; ++v) {
-          dot[m][v][0] = _mm512_dpbusd_epi32(dot[m][v][0], q[v][0], xa);
-          dot[m][v][1] = _mm512_dpbusd_epi32(dot[m][v][1], q[v][1], xb);
-        }
-      }
-    }
-    const int64_t g = b / per_group;
-    for (int v = 0; v < NV; ++v) {
-      const __m512 s = _mm512_loadu_ps(sc + (v * groups + g) * kLanes);
-      for (int m = 0; m < MB; ++m)
-        acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m][v][0], dot[m][v][1])),
-                                    _mm512_mul_ps(_mm512_set1_ps(xd[m * xblocks + b]), s), acc[m][v]);
-    }
-  }
-  const float* xs = c.x->xs.data() + m0 * c.x->lds;
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) {
-      __m512 bias = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g)
-        bias = _mm512_fmadd_ps(_mm512_loadu_ps(bi + (v * groups + g) * kLanes), _mm512_set1_ps(xs[m * c.x->lds + g]), bias);
-      _mm512_storeu_ps(c.y + (m0 + m) * c.ldy + n0 + v * kLanes, _mm512_add_ps(acc[m][v], bias));
-    }
-}
-
 #else
 template <int MB, int NB>
 void int8_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
@@ -1012,6 +1026,63 @@ void int4_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
 
 #endif
 
+#ifdef INT4_LANES
+// int4 with a lane group of channels per vector (INT4_LANES above), int8 activations: per block of
+// 32 codes, row and lane group, 8 integer dots (the weights' codes unsigned, the row's 4 activation
+// codes broadcast, signed; exact, whatever the order of their sums), then one conversion and one FMA
+// by d[m, b] * scale[n, g]; the biases' term is added at the end, group by group. One order for
+// every (m, n): row-invariant.
+template <int MB, int NV>
+void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, Kp = c.x->Kp, xblocks = c.x->blocks, groups = c.groups, per_group = c.G / QB;
+  const int64_t group_bytes = kLanes * K / 2, v0 = n0 / kLanes;
+  const uint8_t* w = static_cast<const uint8_t*>(c.w) + v0 * group_bytes;
+  const float *sc = c.scales + v0 * groups * kLanes, *bi = c.biases + v0 * groups * kLanes;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* xd = c.x->d.data() + m0 * xblocks;
+  prefetch_group_scales(sc, bi, NV * groups * kLanes);
+  V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
+  for (int64_t b = 0; b < K / QB; ++b) {
+    LI dot[MB][NV][kDotChains];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v)
+        for (int h = 0; h < kDotChains; ++h) dot[m][v][h] = li_zero();
+    for (int o = 0; o < 4; ++o) {
+      LI q[NV][2];
+      for (int v = 0; v < NV; ++v) {
+        const uint8_t* p = w + v * group_bytes + (4 * b + o) * kOctetBytes;
+        prefetch(p + kAhead * NV * group_bytes);
+        unpack_octet(p, &q[v][0], &q[v][1]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        int32_t x4[2];  // the row's codes at 8o .. 8o + 3 and 8o + 4 .. 8o + 7 of the block
+        std::memcpy(x4, xq + m * Kp + b * QB + 8 * o, 8);
+        const LI xa = li_set1(x4[0]), xb = li_set1(x4[1]);
+        for (int v = 0; v < NV; ++v) {
+          dot[m][v][0] = lane_dot(dot[m][v][0], q[v][0], xa);
+          dot[m][v][kDotChains - 1] = lane_dot(dot[m][v][kDotChains - 1], q[v][1], xb);
+        }
+      }
+    }
+    const int64_t g = b / per_group;
+    for (int v = 0; v < NV; ++v) {
+      const V s = vload(sc + (v * groups + g) * kLanes);
+      for (int m = 0; m < MB; ++m)
+        acc[m][v] = vfma(lane_sum(dot[m][v][0], kDotChains == 2 ? dot[m][v][kDotChains - 1] : li_zero()),
+                         vmul(vset1(xd[m * xblocks + b]), s), acc[m][v]);
+    }
+  }
+  const float* xs = c.x->xs.data() + m0 * c.x->lds;
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) {
+      V bias = vzero();
+      for (int64_t g = 0; g < groups; ++g) bias = vfma(vload(bi + (v * groups + g) * kLanes), vset1(xs[m * c.x->lds + g]), bias);
+      vstore(c.y + (m0 + m) * c.ldy + n0 + v * kLanes, vadd(acc[m][v], bias));
+    }
+}
+#endif
 using QTileFn = void (*)(const QCall&, int64_t, int64_t);
 template <int MB, int NB> struct Int8Q8 { static constexpr QTileFn run = int8_q8_tile<MB, NB>; };
 template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8_tile<MB, NB>; };
@@ -1026,10 +1097,10 @@ const auto kInt8Q8Tiles = tile_table<QTileFn, Int8Q8, kQ8Rows, kQ8Channels>();
 const auto kInt4Q8Tiles = tile_table<QTileFn, Int4Q8, kQ8Rows, kQ8Channels>();
 #ifdef INT4_LANES
 template <int MB, int NV> struct Int4LanesQ8 { static constexpr QTileFn run = int4_lanes_q8_tile<MB, NV>; };
-// Tiles of up to 4 rows take 2 lane groups (32 channels), of 5 to 8 rows one (the registers: two
-// int32 chains and a float32 sum per row and group); 8 rows at once read the unpacked codes for
-// twice as many rows as 4, which pays from 8 rows on (BENCHMARKS.md).
-constexpr int kLaneQ8Rows = 8;
+// With AVX-512, tiles of up to 4 rows take 2 lane groups (32 channels), of 5 to 8 rows one (the
+// registers: two int32 chains and a float32 sum per row and group); 8 rows at once read the unpacked
+// codes for twice as many rows as 4, which pays from 8 rows on (BENCHMARKS.md). AVX2 (16
+// registers): up to 4 rows, one lane group.
 const auto kInt4LanesQ8Tiles = tile_table<QTileFn, Int4LanesQ8, kLaneQ8Rows, kLaneTiles>();
 #endif
 

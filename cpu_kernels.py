@@ -16,12 +16,13 @@ int4 layouts on the CPU (`pack_int4`), w = code * scale + bias per group of `gro
 - rows: weight [N, K / 2], per row each block of 32 input channels is 16 bytes, byte i holding code
   i in its low nibble and code i + 16 in its high nibble (one 16-byte load unpacks into two vectors
   with a mask and a shift); scales and biases [N, groups].
-- 16 channels in the lanes (AVX-512 VNNI builds, N % 16 == 0; `int4_lanes()`): weight
-  [N / 16, K / 8, 64], 64 bytes per 16 channels and 8 input channels k0 .. k0 + 7, byte 4c + j
-  holding channel c's code at k0 + j (low nibble) and k0 + 4 + j (high); scales and biases
-  [N / 16, groups, 16]. A dpbusd then multiplies 16 channels by a row's 4 activation codes at once
-  and needs no horizontal sum: about a third of the instructions per weight of the rows' layout with
-  int8 activations, which is what a step of several rows pays for (cpu_kernels.cpp).
+- L channels in the lanes (L = `int4_lanes()`: 16 in AVX-512 VNNI builds, 8 in AVX2 ones; N % L
+  == 0; int8 activations): weight [N / L, K / 8, 4L], 4L bytes per L channels and 8 input channels
+  k0 .. k0 + 7, byte 4c + j holding channel c's code at k0 + j (low nibble) and k0 + 4 + j (high);
+  scales and biases [N / L, groups, L]. One integer dot (VNNI dpbusd; AVX2 maddubs into int16) then
+  multiplies L channels by a row's 4 activation codes at once and needs no horizontal sum: far fewer
+  instructions per weight than the rows' layout with int8 activations, which is what a step of
+  several rows pays for (cpu_kernels.cpp).
 
 Activations of the int8/int4 layers: LAYERSKIP_CPU_ACTIVATIONS=int8 (the default) or float, read
 once, here (ACTIVATIONS). int8: the `_q8` ops quantize each row of x inside the op to int8 in
@@ -137,7 +138,7 @@ def _tag_compile_caches():
 
 def _int4_out(weight: torch.Tensor) -> int:
     """Output channels of an int4 weight in either layout (pack_int4)."""
-    return weight.shape[0] * 16 if weight.dim() == 3 else weight.shape[0]
+    return weight.shape[0] * (weight.shape[2] // 4) if weight.dim() == 3 else weight.shape[0]
 
 
 def reason() -> str:
@@ -206,7 +207,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torc
 
 def int4_lanes() -> int:
     """Output channels a group of the int4 layout with channels in the vector lanes (16 in the AVX-512
-    VNNI builds), or 0 where the kernels know the rows' layout only (module docstring)."""
+    VNNI builds, 8 in the AVX2 ones), or 0 where the kernels know the rows' layout only (module
+    docstring)."""
     if "int4_lanes" not in _state:
         _state["int4_lanes"] = torch.ops.layerskip_cpu.int4_lanes() if load(quiet=True) else 0
     return _state["int4_lanes"]
@@ -224,7 +226,7 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, l
     lanes = int4_lanes() if lanes else 0
     if lanes and n % lanes == 0:
         c = codes.reshape(n // lanes, lanes, k // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [v, octet, half, c, j]
-        w = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // lanes, k // 8, 64).contiguous()
+        w = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // lanes, k // 8, 4 * lanes).contiguous()
 
         def by_lanes(t):
             return t.reshape(n // lanes, lanes, -1).transpose(1, 2).contiguous()
@@ -236,9 +238,9 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, l
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The codes [N, K] of a weight in either layout."""
     if packed.dim() == 3:
-        v, octets, _ = packed.shape
-        p = packed.reshape(v, octets, 1, 16, 4)
-        return torch.cat([p & 15, p >> 4], dim=2).permute(0, 3, 1, 2, 4).reshape(v * 16, octets * 8)
+        v, octets, lanes = packed.shape[0], packed.shape[1], packed.shape[2] // 4
+        p = packed.reshape(v, octets, 1, lanes, 4)
+        return torch.cat([p & 15, p >> 4], dim=2).permute(0, 3, 1, 2, 4).reshape(v * lanes, octets * 8)
     n, half = packed.shape
     p = packed.reshape(n, half // 16, 1, 16)
     return torch.cat([p & 15, p >> 4], dim=2).reshape(n, half * 2)
@@ -248,6 +250,6 @@ def dequantize_int4(packed, scales, biases, groupsize: int) -> torch.Tensor:
     """The float32 weight [N, K] the int4 kernel multiplies by (the fallback and the tests' reference)."""
     q = unpack_int4(packed).float()
     n, k = q.shape
-    if packed.dim() == 3:  # [N / 16, groups, 16] -> [N, groups]
+    if packed.dim() == 3:  # [N / lanes, groups, lanes] -> [N, groups]
         scales, biases = (t.transpose(1, 2).reshape(n, -1) for t in (scales, biases))
     return (q.reshape(n, k // groupsize, groupsize) * scales[..., None] + biases[..., None]).reshape(n, k)

@@ -88,8 +88,8 @@ def test_float_layers_use_the_kernel_for_a_few_rows_without_gradients():
     assert not half.use_cpu_kernel  # float32 weights only
 
 
-# N % 16 == 0: 16 channels in the lanes where the build has that layout (AVX-512 VNNI), with one and
-# two lane groups a tile
+# N % 16 == 0: channels in the lanes where the build has that layout (16 with AVX-512 VNNI, 8 with
+# AVX2), with one and two lane groups a tile
 @pytest.mark.parametrize("n,k,g", [(1, 32, 32), (7, 96, 32), (13, 128, 64), (96, 576, 32), (37, 1024, 128),
                                    (16, 128, 64), (48, 1024, 128)])
 def test_int4_kernel_matches_the_dequantized_product(n, k, g):
@@ -247,9 +247,10 @@ def test_compiled_q8_layers_equal_eager_and_do_not_recompile(monkeypatch):
 
 
 def check_q8_kernels():
-    """The checks of the q8 ops that the portable build repeats in its own process."""
+    """The checks of the q8 ops that the portable and AVX2 builds repeat in their own processes (N = 16
+    and 24: the AVX2 build's int4 lanes layout; 17 rows: its dequantize + GEMM path)."""
     for k, g in ((96, 32), (1000, 0), (256, 128)):
-        for n in (1, 5, 17):
+        for n in (1, 5, 16, 17, 24):
             for rows in (1, 2, 5, 16, 17):
                 x = q8_activations(rows, k, seed=rows)
                 if g:
@@ -260,6 +261,9 @@ def check_q8_kernels():
                     q, s, w = int8_weights(n, k, seed=n)
                     assert_q8_accurate(torch.ops.layerskip_cpu.int8_linear_q8(x, q, s), x, w)
     test_q8_kernels_keep_a_rows_result_whatever_rows_are_beside_it()
+    for n, k, g in ((16, 128, 64), (48, 1024, 128)):  # the float32-activation op on that layout too
+        test_int4_kernel_matches_the_dequantized_product(n, k, g)
+    test_a_rows_result_does_not_depend_on_the_rows_beside_it("int4-lanes")
 
 
 @pytest.mark.slow
@@ -290,8 +294,9 @@ def test_dequantized_int4_weight_is_the_quantizers_formula():
 
 
 def test_the_int4_lanes_layout_holds_the_same_codes():
-    """Where the build multiplies 16 channels at once (AVX-512 VNNI), N % 16 == 0 weights take that
-    layout: byte 4c + j of 8 input channels' 64 bytes holds channel c's codes at k0 + j and k0 + 4 + j."""
+    """Where the build multiplies L channels at once (AVX-512 VNNI: 16, AVX2: 8), N % L == 0 weights
+    take that layout: byte 4c + j of 8 input channels' 4L bytes holds channel c's codes at k0 + j and
+    k0 + 4 + j."""
     torch.manual_seed(0)
     q, sz = quantize_int4(torch.randn(32, 128), 64)
     scales = sz[..., 0].t()
@@ -299,11 +304,12 @@ def test_the_int4_lanes_layout_holds_the_same_codes():
     if not cpu_kernels.int4_lanes():
         assert packed.shape == (32, 64) and s.shape == (32, 2)
         pytest.skip(f"the {cpu_kernels.isa()} build has the rows' layout only")
-    assert packed.shape == (2, 16, 64) and s.shape == (2, 2, 16)
+    lanes = cpu_kernels.int4_lanes()
+    assert packed.shape == (32 // lanes, 16, 4 * lanes) and s.shape == (32 // lanes, 2, lanes)
     assert torch.equal(cpu_kernels.unpack_int4(packed), q)
-    v, c, o, j = 1, 5, 3, 2  # channel 21, input channels 24 + 2 and 28 + 2
-    assert packed[v, o, 4 * c + j] == q[16 * v + c, 8 * o + j] | (q[16 * v + c, 8 * o + 4 + j] << 4)
-    assert s[v, 1, c] == scales[16 * v + c, 1]
+    v, c, o, j = 1, 5, 3, 2  # channel lanes + 5, input channels 24 + 2 and 28 + 2
+    assert packed[v, o, 4 * c + j] == q[lanes * v + c, 8 * o + j] | (q[lanes * v + c, 8 * o + 4 + j] << 4)
+    assert s[v, 1, c] == scales[lanes * v + c, 1]
     assert torch.allclose(cpu_kernels.dequantize_int4(packed, s, b, 64), quantized.dequantize_int4(q, sz, 64), atol=1e-6)
     rows = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=False)
     assert rows[0].shape == (32, 64) and torch.equal(cpu_kernels.unpack_int4(rows[0]), q)
