@@ -276,7 +276,8 @@ const auto kInt4Tiles = tile_table<Int4Fn, Int4Tile, MT, NT>();
 #define INT4_LANES 1
 using LI = __m512i;
 inline LI li_zero() { return _mm512_setzero_si512(); }
-inline LI li_set1(int32_t a) { return _mm512_set1_epi32(a); }
+// 4 bytes at p in every 32-bit lane: one broadcast load (no shuffle-port uop)
+inline LI li_bcast4(const void* p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 inline void unpack_octet(const uint8_t* p, LI* lo, LI* hi) {
   const LI raw = _mm512_loadu_si512(p), low4 = _mm512_set1_epi8(15);
   *lo = _mm512_and_si512(raw, low4);
@@ -292,7 +293,7 @@ inline LI lane_offsets() { return _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12,
 #define INT4_LANES 1
 using LI = __m256i;
 inline LI li_zero() { return _mm256_setzero_si256(); }
-inline LI li_set1(int32_t a) { return _mm256_set1_epi32(a); }
+inline LI li_bcast4(const void* p) { return _mm256_broadcastd_epi32(_mm_loadu_si32(p)); }
 inline void unpack_octet(const uint8_t* p, LI* lo, LI* hi) {
   const LI raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), low4 = _mm256_set1_epi8(15);
   *lo = _mm256_and_si256(raw, low4);
@@ -318,7 +319,10 @@ constexpr int64_t kOctetBytes = 4 * kLanes;  // one lane group's 8 input channel
 struct LanePick {
   LI pick[4];
   LanePick() {
-    for (int j = 0; j < 4; ++j) pick[j] = lane_add32(li_set1(static_cast<int>(0x80808000u | j)), lane_offsets());
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t low = 0x80808000u | j;
+      pick[j] = lane_add32(li_bcast4(&low), lane_offsets());
+    }
   }
   static LI lane_add32(LI a, LI b) {
     alignas(64) int32_t x[kLanes], y[kLanes];
@@ -334,11 +338,14 @@ struct LanePick {
 };
 
 #ifdef __AVX512F__
+#define LANES_OCTET_LOOP
 constexpr int kLaneTiles = 2;   // lane groups a tile of the float32-activation tiles (up to MT rows)
 constexpr int kLaneQ8Rows = 8;  // rows a tile of the _q8 tiles (int4_linear_q8)
 constexpr int kDotChains = 2;   // running dots a (row, lane group): dpbusd's latency
 #else
-constexpr int kLaneTiles = 1;   // 16 vector registers
+// 16 vector registers: unrolled, the octets' dots were all computed first and spilled to the stack
+#define LANES_OCTET_LOOP _Pragma("GCC unroll 1")
+constexpr int kLaneTiles = 1;
 constexpr int kLaneQ8Rows = 4;
 constexpr int kDotChains = 1;   // maddubs + add: a one-cycle chain
 #endif
@@ -1044,11 +1051,12 @@ void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
   V acc[MB][NV];
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
-  for (int64_t b = 0; b < K / QB; ++b) {
+  for (int64_t b = 0, g = 0, in_group = 0; b < K / QB; ++b) {  // g: block b's group (no division a block)
     LI dot[MB][NV][kDotChains];
     for (int m = 0; m < MB; ++m)
       for (int v = 0; v < NV; ++v)
         for (int h = 0; h < kDotChains; ++h) dot[m][v][h] = li_zero();
+    LANES_OCTET_LOOP
     for (int o = 0; o < 4; ++o) {
       LI q[NV][2];
       for (int v = 0; v < NV; ++v) {
@@ -1057,21 +1065,23 @@ void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
         unpack_octet(p, &q[v][0], &q[v][1]);
       }
       for (int m = 0; m < MB; ++m) {
-        int32_t x4[2];  // the row's codes at 8o .. 8o + 3 and 8o + 4 .. 8o + 7 of the block
-        std::memcpy(x4, xq + m * Kp + b * QB + 8 * o, 8);
-        const LI xa = li_set1(x4[0]), xb = li_set1(x4[1]);
+        const int8_t* x8 = xq + m * Kp + b * QB + 8 * o;  // the row's codes at 8o .. 8o + 7 of the block
+        const LI xa = li_bcast4(x8), xb = li_bcast4(x8 + 4);
         for (int v = 0; v < NV; ++v) {
           dot[m][v][0] = lane_dot(dot[m][v][0], q[v][0], xa);
           dot[m][v][kDotChains - 1] = lane_dot(dot[m][v][kDotChains - 1], q[v][1], xb);
         }
       }
     }
-    const int64_t g = b / per_group;
     for (int v = 0; v < NV; ++v) {
       const V s = vload(sc + (v * groups + g) * kLanes);
       for (int m = 0; m < MB; ++m)
         acc[m][v] = vfma(lane_sum(dot[m][v][0], kDotChains == 2 ? dot[m][v][kDotChains - 1] : li_zero()),
                          vmul(vset1(xd[m * xblocks + b]), s), acc[m][v]);
+    }
+    if (++in_group == per_group) {
+      ++g;
+      in_group = 0;
     }
   }
   const float* xs = c.x->xs.data() + m0 * c.x->lds;
