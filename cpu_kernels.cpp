@@ -852,9 +852,9 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
 // What every tile of one call shares
 struct QCall {
   const QRows* x;
-  const void* w;        // int8 [N, K] or int4 [N, K / 2]
-  const float* scales;  // int8: [N]; int4: [N, groups]
-  const float* biases;  // int4: [N, groups]
+  const void* w;        // int8 [N, K] or int4 [N, K / 2] (the lanes layout: [N / L, K / 8, 4L])
+  const float* scales;  // int8: [N]; int4: [N, groups] ([N / L, groups, L])
+  const float* biases;  // int4: as scales
   int64_t K, G, groups;
   float* y;
   int64_t ldy;
