@@ -26,11 +26,13 @@ def int8_weights(n, k, seed=0):
     return q, s, q.double() * s.double()[:, None]
 
 
-def int4_weights(n, k, g, seed=0):
+def int4_weights(n, k, g, seed=0, lanes=True):
+    """Random int4 weights in the kernels' layout: with `lanes`, channels in the lanes wherever the
+    build has that layout and N allows it (N % 16 == 0 with AVX-512 VNNI, N % 8 == 0 with AVX2)."""
     torch.manual_seed(seed)
     q, sz = quantize_int4(torch.randn(n, k), g)
     scales = sz[..., 0].t()
-    packed, scales, biases = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=True)
+    packed, scales, biases = cpu_kernels.pack_int4(q, scales, sz[..., 1].t() - 8 * scales, lanes=lanes)
     return packed, scales, biases, cpu_kernels.dequantize_int4(packed, scales, biases, g).double()
 
 
@@ -286,7 +288,7 @@ def test_dequantized_int4_weight_is_the_quantizers_formula():
     torch.manual_seed(0)
     w = torch.randn(24, 96)
     q, sz = quantize_int4(w, 32)
-    packed, scales, biases, w_kernel = int4_weights(24, 96, 32)
+    packed, scales, biases, w_kernel = int4_weights(24, 96, 32, lanes=False)  # the rows' layout
     assert torch.allclose(w_kernel.float(), quantized.dequantize_int4(q, sz, 32), atol=1e-6)
     assert torch.equal(cpu_kernels.unpack_int4(packed), q)
     # byte i of a 32-code block: code i in the low nibble, code i + 16 in the high one
