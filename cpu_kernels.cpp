@@ -270,8 +270,9 @@ const auto kInt4Tiles = tile_table<Int4Fn, Int4Tile, MT, NT>();
 // lane c holds channel c's 4 codes at k0 .. k0 + 3 (k0 + 4 .. k0 + 7), so one integer dot against a
 // row's 4 activation codes, broadcast, multiplies W channels at once and lane c ends as output c,
 // with no horizontal sum (the `_q8` tile below; BENCHMARKS.md, "int4 with 16 channels in the
-// lanes"). Integer parts: LI (a vector of W 32-bit lanes), unpack_octet, lane_dot (a running dot
-// of codes against broadcast activation quads), lane_sum (two running dots as float32), LanePick.
+// lanes"). Integer parts: LI (a vector of W 32-bit lanes), li_bcast4, unpack_octet, lane_dot (a
+// running dot of codes against broadcast activation quads), lane_sum (two running dots as float32),
+// lane_shuffle and lane_float (for LanePick).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define INT4_LANES 1
 using LI = __m512i;
@@ -288,7 +289,6 @@ inline LI lane_dot(LI acc, LI q, LI x) { return _mm512_dpbusd_epi32(acc, q, x); 
 inline V lane_sum(LI a, LI b) { return _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)); }
 inline LI lane_shuffle(LI q, LI pick) { return _mm512_shuffle_epi8(q, pick); }
 inline V lane_float(LI a) { return _mm512_cvtepi32_ps(a); }
-inline LI lane_offsets() { return _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0); }
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define INT4_LANES 1
 using LI = __m256i;
@@ -308,7 +308,6 @@ inline V lane_sum(LI a, LI b) {
 }
 inline LI lane_shuffle(LI q, LI pick) { return _mm256_shuffle_epi8(q, pick); }
 inline V lane_float(LI a) { return _mm256_cvtepi32_ps(a); }
-inline LI lane_offsets() { return _mm256_set_epi32(12, 8, 4, 0, 12, 8, 4, 0); }
 #endif
 
 #ifdef INT4_LANES
@@ -319,19 +318,11 @@ constexpr int64_t kOctetBytes = 4 * kLanes;  // one lane group's 8 input channel
 struct LanePick {
   LI pick[4];
   LanePick() {
+    uint32_t lanes[kLanes];
     for (int j = 0; j < 4; ++j) {
-      const uint32_t low = 0x80808000u | j;
-      pick[j] = lane_add32(li_bcast4(&low), lane_offsets());
+      for (int i = 0; i < kLanes; ++i) lanes[i] = 0x80808000u | (4 * (i % 4) + j);
+      std::memcpy(&pick[j], lanes, sizeof(pick[j]));
     }
-  }
-  static LI lane_add32(LI a, LI b) {
-    alignas(64) int32_t x[kLanes], y[kLanes];
-    std::memcpy(x, &a, sizeof(a));
-    std::memcpy(y, &b, sizeof(b));
-    for (int i = 0; i < kLanes; ++i) x[i] += y[i];
-    LI r;
-    std::memcpy(&r, x, sizeof(r));
-    return r;
   }
   // the lane group's codes at k0 + j (j < 4 of a vector from unpack_octet) as float32
   V codes(LI q, int j) const { return lane_float(lane_shuffle(q, pick[j])); }
@@ -340,13 +331,15 @@ struct LanePick {
 #ifdef __AVX512F__
 #define LANES_OCTET_LOOP
 constexpr int kLaneTiles = 2;   // lane groups a tile of the float32-activation tiles (up to MT rows)
-constexpr int kLaneQ8Rows = 8;  // rows a tile of the _q8 tiles (int4_linear_q8)
+constexpr int kLaneQ8Rows = 8;  // rows a tile of the _q8 tiles (int4_linear_q8) ...
+constexpr int kLaneWideRows = 4;  // ... of which up to this many take kLaneTiles lane groups, more one
 constexpr int kDotChains = 2;   // running dots a (row, lane group): dpbusd's latency
 #else
 // 16 vector registers: unrolled, the octets' dots were all computed first and spilled to the stack
 #define LANES_OCTET_LOOP _Pragma("GCC unroll 1")
 constexpr int kLaneTiles = 1;
 constexpr int kLaneQ8Rows = 4;
+constexpr int kLaneWideRows = 4;
 constexpr int kDotChains = 1;   // maddubs + add: a one-cycle chain
 #endif
 
@@ -1150,7 +1143,7 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
 #ifdef INT4_LANES
   if (w.dim() == 3) {
     for_tiles<kLaneQ8Rows, kLaneTiles * kLanes>(M, N, c.w, K / 2, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
-      if (mb <= 4) return kInt4LanesQ8Tiles[mb - 1][nb / kLanes - 1](c, m0, n0);
+      if (mb <= kLaneWideRows) return kInt4LanesQ8Tiles[mb - 1][nb / kLanes - 1](c, m0, n0);
       for (int64_t n = n0; n < n0 + nb; n += kLanes) kInt4LanesQ8Tiles[mb - 1][0](c, m0, n);
     });
     return y;

@@ -216,20 +216,20 @@ def int4_lanes() -> int:
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, lanes: bool | None = None):
     """uint8 codes [N, K] in [0, 15] (K % 32 == 0) and float32 scales, biases [N, K / groupsize] ->
-    (weight, scales, biases) in the kernels' layout (module docstring): 16 channels in the lanes where
-    the build has that layout, N % 16 == 0 and `lanes` (None: where it pays, with int8 activations;
-    with float32 ones a step of 4-16 rows took 1.4x as long as in the rows' layout), else the rows'
-    layout. Both ops take both layouts."""
+    (weight, scales, biases) in the kernels' layout (module docstring): L = int4_lanes() channels in
+    the lanes where the build has that layout, N % L == 0 and `lanes` (None: where it pays, with
+    int8 activations; with float32 ones a step of 4-16 rows took 1.4x as long as in the rows'
+    layout), else the rows' layout. Both ops take both layouts."""
     n, k = codes.shape
     if lanes is None:
         lanes = ACTIVATIONS == "int8"
-    lanes = int4_lanes() if lanes else 0
-    if lanes and n % lanes == 0:
-        c = codes.reshape(n // lanes, lanes, k // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [v, octet, half, c, j]
-        w = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // lanes, k // 8, 4 * lanes).contiguous()
+    width = int4_lanes() if lanes else 0
+    if width and n % width == 0:
+        c = codes.reshape(n // width, width, k // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [v, octet, half, c, j]
+        w = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n // width, k // 8, 4 * width).contiguous()
 
         def by_lanes(t):
-            return t.reshape(n // lanes, lanes, -1).transpose(1, 2).contiguous()
+            return t.reshape(n // width, width, -1).transpose(1, 2).contiguous()
         return w, by_lanes(scales), by_lanes(biases)
     c = codes.reshape(n, k // 32, 2, 16)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous(), scales.contiguous(), biases.contiguous()

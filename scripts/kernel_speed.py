@@ -6,7 +6,7 @@ activations against int8 activations, as a table of microseconds per call and GB
 
 Kinds: int8 and int4 (groups of 32 and 128) weights, each with float32 activations (the ops
 int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8); int4-gN-rows
-keeps int4 in the rows' layout where the build would take 16 channels in the lanes
+keeps int4 in the rows' layout where the build would put channels in the vector lanes
 (cpu_kernels.pack_int4). Every
 kind of a shape is timed in turn, round after round, and the median round is reported, so a
 neighbour's load or the machine's drift hits every kind alike. Each call reads a different copy of
@@ -36,7 +36,7 @@ import timing  # noqa: E402
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
 PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
 KINDS = ("int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float", "int4-g128/int8")
-# int4 in the rows' layout where the build would take 16 channels in the lanes (the layout before it)
+# int4 in the rows' layout where the build would put channels in the lanes (the layout before it)
 ROWS_KINDS = ("int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float", "int4-g128-rows/int8")
 
 
