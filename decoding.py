@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import Transformer
+from model import FIXED_ORDER_ROWS, Transformer
 from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from quantized import SchemeError, parse_quantize
 from sampling import SamplingParams
@@ -121,7 +121,10 @@ def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, lookahe
                          "max_new_tokens or set up a larger cache")
 
 
-MAX_SPECULATIONS = 64
+# A verify pass scores k + 1 positions; greedy self-speculation equals greedy decoding only while
+# they stay within the rows the CPU kernels reduce in a fixed order (a pass of more rows takes the
+# GEMM and SDPA, whose sums depend on the number of rows: 16 drafts changed 2 of 4 summaries).
+MAX_SPECULATIONS = FIXED_ORDER_ROWS - 1
 BUCKETS = (1, 2, 4, 8)  # drafts a verify pass is compiled for: a round that drafts n pads to the next
 CATCH_UP_BUCKETS = (2, 4, 8, 16)  # positions a draft model's catch-up pass is compiled for (padded to the next)
 

@@ -474,6 +474,24 @@ def test_attention_is_fixed_order_for_as_many_rows_as_the_kernels():
     assert model.FIXED_ORDER_ROWS == cpu_kernels.EXACT_ROWS
 
 
+def test_the_longest_verify_pass_gives_the_logits_of_one_row_steps():
+    """A verify pass of the most drafts a round may make (decoding.MAX_SPECULATIONS, + 1 rows)
+    through the packed float32 model: its logits are bitwise those of one-row decode steps at the
+    same positions, so no k a user may choose lets greedy self-speculation flip a near tie (one more
+    row would take the GEMM and SDPA, whose sums depend on the number of rows)."""
+    from decoding import MAX_SPECULATIONS
+    from test_decoding import rand_prompt, random_model
+    model = quantized.pack_model(random_model(dim=128))
+    rows = MAX_SPECULATIONS + 1
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        model(rand_prompt(8)[None], torch.arange(8))
+        tokens = rand_prompt(rows, seed=1)[None]
+        steps = torch.cat([model(tokens[:, i:i + 1], torch.tensor([8 + i])) for i in range(rows)], dim=1)
+        verify = model(tokens, torch.arange(8, 8 + rows))  # rewrites the same cache positions with the same values
+    assert torch.equal(verify, steps)
+
+
 def test_attention_speed_prints_its_table(capsys):
     import attention_speed
     attention_speed.main(["--rows", "1", "3", "--positions", "5", "--batch", "2", "--cache", "32",

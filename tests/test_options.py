@@ -110,7 +110,7 @@ def test_speed_presets_are_grids_of_shared_options():
     (["--compile", "maybe"], "expected True or False, got 'maybe'"),
     (["--world_size", "two"], "invalid literal for int()"),
     (["--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "99"],
-     "--num_speculations must be in [1, 64]"),
+     "--num_speculations must be in [1, 15]"),
 ])
 def test_speed_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -122,5 +122,5 @@ def test_check_options_is_the_one_validation(capsys):
     for module, argv in [(generate, []), (benchmark, []), (correctness, [])]:
         with pytest.raises(SystemExit):
             module.parse_args(argv + ["--exit_layer", "4", "--num_speculations", "65"])
-        assert "--num_speculations must be in [1, 64]" in capsys.readouterr().err
+        assert "--num_speculations must be in [1, 15]" in capsys.readouterr().err
     assert options.parse_bool("TRUE") and not options.parse_bool("no")
