@@ -32,13 +32,21 @@ class NgramIndex:
                     table[tuple(t[end + 1 - n:end + 1])] = end
 
     def propose(self, k: int) -> tuple[list[int], int]:
-        """Up to k tokens that followed the latest earlier occurrence of the newest n tokens, for
-        the longest such n; and that n (0 and [] when no n-gram of the suffix occurred before)."""
+        """k tokens that followed the latest earlier occurrence of the newest n tokens, for the
+        longest such n; and that n (0 and [] when no n-gram of the suffix occurred before).
+
+        Where that continuation runs into the newest token (the occurrence is fewer than k tokens
+        back: the text is repeating a period of d tokens, as greedy decoding's loops do), it goes
+        on with the period: token i of the proposal is the one d before it, so a loop is drafted
+        k tokens a round instead of d."""
         t = self.tokens
         for n in range(min(self.max_n, len(t)), self.min_n - 1, -1):
             end = self.latest[n].get(tuple(t[len(t) - n:]))
             if end is not None:
-                return t[end + 1:end + 1 + k], n
+                out, d = t[end + 1:end + 1 + k], len(t) - 1 - end
+                while len(out) < k:
+                    out.append(out[len(out) - d])
+                return out, n
         return [], 0
 
 

@@ -1,10 +1,12 @@
-"""Speed of the CPU quantized linear kernels (cpu_kernels.cpp) on SmolLM2's shapes, float32
-activations against int8 activations, as a table of microseconds per call and GB/s of weights.
+"""Speed of the CPU linear kernels (cpu_kernels.cpp) on SmolLM2's shapes: float32 weights, and
+quantized ones with float32 against int8 activations, as a table of microseconds per call and GB/s
+of weights.
 
     python scripts/kernel_speed.py                       # all shapes, rows 1 2 4 8 16, every kind
     python scripts/kernel_speed.py --rows 1 --shapes head --rounds 9
 
-Kinds: int8 and int4 (groups of 32 and 128) weights, each with float32 activations (the ops
+Kinds: float32 weights (float_linear; the default model's linears); int8 and int4 (groups of 32
+and 128) weights, each with float32 activations (the ops
 int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8); int4-gN-rows
 keeps int4 in the rows' layout where the build would put channels in the vector lanes
 (cpu_kernels.pack_int4). Every
@@ -35,7 +37,7 @@ import timing  # noqa: E402
 # name: (N, K) of SmolLM2-135M's linears, and how many a decode step calls
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
 PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
-KINDS = ("int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float", "int4-g128/int8")
+KINDS = ("float32/float", "int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float", "int4-g128/int8")
 # int4 in the rows' layout where the build would put channels in the lanes (the layout before it)
 ROWS_KINDS = ("int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float", "int4-g128-rows/int8")
 
@@ -44,6 +46,9 @@ def make_weights(kind: str, n: int, k: int):
     """(args after x for the op, bytes read per call, op, K of x) with random contents: speed only."""
     weights, acts = kind.split("/")
     ops = torch.ops.layerskip_cpu
+    if weights == "float32":
+        w = torch.randn(n, k)
+        return (w,), 4 * w.numel(), ops.float_linear, k
     if weights == "int8":
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         s = torch.rand(n) / 100

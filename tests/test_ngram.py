@@ -8,13 +8,18 @@ from ngram import NgramIndex
 
 def brute_force(tokens, k, max_n, min_n):
     """The longest n in [min_n, max_n] whose newest n-gram occurred earlier (ending before the last
-    token), and the k tokens after its latest such occurrence."""
+    token), and the k tokens after its latest such occurrence, the text read as if it went on
+    repeating what followed that occurrence (each new token a copy of the one as far back as the
+    occurrence's end is from the newest token)."""
     L = len(tokens)
     for n in range(min(max_n, L), min_n - 1, -1):
         suffix = tokens[L - n:]
         for end in range(L - 2, n - 2, -1):
             if tokens[end + 1 - n:end + 1] == suffix:
-                return tokens[end + 1:end + 1 + k], n
+                text = list(tokens)
+                for i in range(k):
+                    text.append(text[end + 1 + i])
+                return text[L:], n
     return [], 0
 
 
@@ -44,6 +49,9 @@ def test_a_copied_span_is_proposed_and_the_longest_match_wins():
     # "3" alone last followed by 4 (position 3); with 2-grams, "2 3" too; the 4-gram "9 1 2 3" never occurred
     assert NgramIndex(text, max_n=2).propose(2) == ([4, 5], 2)
     assert NgramIndex([1, 2, 3]).propose(4) == ([], 0)
+    # a loop: "5 6 7" again; its latest earlier occurrence ends 3 tokens back, so the proposal repeats that period
+    assert NgramIndex([1, 5, 6, 7, 5, 6, 7]).propose(7) == ([5, 6, 7, 5, 6, 7, 5], 3)
+    assert NgramIndex([3, 3]).propose(3) == ([3, 3, 3], 1)
     assert NgramIndex([]).propose(4) == ([], 0)
     with pytest.raises(ValueError, match="min_n"):
         NgramIndex([], max_n=2, min_n=3)
