@@ -189,7 +189,9 @@ class Strategy:
     # model: the drafts above; ngram: from the text alone (ngram.py); auto: per round, the text's
     # proposal or the model's draft, whichever is expected to yield more tokens per second
     draft_source: str = "model"
-    ngram_tokens: int = 8  # the most tokens a proposal from the text drafts (--ngram_tokens)
+    # the most tokens a proposal from the text drafts (--ngram_tokens): as many as a verify pass may
+    # take, since the policy picks the padded length per round (a long copy pays for a long pass)
+    ngram_tokens: int = MAX_SPECULATIONS
 
     def __post_init__(self):
         if self.name not in STRATEGIES:
@@ -423,7 +425,7 @@ class FixedPolicy(Policy):
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
                          stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None,
-                         draft_source: str = "model", ngram_tokens: int = 8, chooser: SourceChooser | None = None):
+                         draft_source: str = "model", ngram_tokens: int = MAX_SPECULATIONS, chooser: SourceChooser | None = None):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus
     one token of the full model's own. Greedy output equals `generate`'s token for token; sampled

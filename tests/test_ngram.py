@@ -61,7 +61,7 @@ def test_a_copied_span_is_proposed_and_the_longest_match_wins():
 
 import torch  # noqa: E402
 
-from decoding import Strategy, generate, speculative_generate  # noqa: E402
+from decoding import MAX_SPECULATIONS, Strategy, generate, speculative_generate  # noqa: E402
 from ngram import EXPLORE_EVERY, SourceChooser  # noqa: E402
 from sampling import SamplingParams, logits_to_probs  # noqa: E402
 from test_decoding import _chi2_critical, chi2, rand_prompt, random_model  # noqa: E402
@@ -240,7 +240,7 @@ def test_flags_that_contradict_are_refused():
         Strategy("self_speculative", exit_layer=2, draft_source="suffix")
     with pytest.raises(ValueError, match="--ngram_tokens must be in"):
         Strategy("self_speculative", draft_source="ngram", ngram_tokens=0)
-    assert Strategy("self_speculative", draft_source="ngram").lookahead(100) == 8
+    assert Strategy("self_speculative", draft_source="ngram").lookahead(100) == MAX_SPECULATIONS == 15
     assert Strategy("self_speculative", exit_layer=2, draft_source="auto", ngram_tokens=5).lookahead(100) == 5
 
 
