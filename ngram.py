@@ -67,10 +67,15 @@ class SourceChooser:
     text's proposal ("ngram"), a plain decode step ("plain"), or, under --draft_source auto, the
     model's own draft round ("model"): the one expected to yield the most tokens per second.
 
-    A proposal's expected yield comes from the share of proposed tokens kept so far per match
-    length n (longer matches copy more reliably; a copy tends to be kept whole or lost at its
-    first token, so the share, not a per-token chance, predicts how many of m proposed tokens a
-    round keeps); a plain step yields one token a row; a model round, the moving average of what
+    A proposal's expected yield comes from what proposals from matches of the same length n kept
+    so far (longer matches copy more reliably), position by position: of the proposals whose
+    token i was checked (all before it kept), the share that kept it. The chance of keeping the
+    first i tokens is the product of those shares, and a proposal of m tokens yields the sum of
+    those chances over i <= m. A copy tends to be kept whole or lost at its first token, so the
+    shares after the first are high, but copies also end (a summary copies a phrase, not the
+    passage): the shares say where, so a long verify pass is chosen only where the tokens it adds
+    are usually kept. Positions no proposal has reached yet take the share of the one before
+    (copies go on as they went). A plain step yields one token a row; a model round, the moving average of what
     its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
     what its rounds took (a round is counted as at most twice the estimate, so that one stall
     does not make a kind look slow for long). A kind not yet timed is tried first (its first round, which may compile,
@@ -96,20 +101,26 @@ class SourceChooser:
         self.timing = clocks and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
         self.model_cost = 1.0 + 0.5 * k  # decode steps per model round (without clocks)
         self.prior, self.weight, self.decay = prior, weight, decay
-        self.hits = {}  # match length n -> [accepted, proposed] drafts, decaying
+        self.hits = {}  # match length n -> per proposal position: [checked, kept] counts, decaying
         self.seconds, self.tokens, self.seen, self.last = {}, {}, set(), {}
         self.rounds = 0
         self.catch_up_s = 0.0  # a draft model with its own cache: seconds of catching up a token, on average
 
     def rate(self, n: int) -> float:
-        """Estimated share of a proposal from a match of length n that is accepted."""
-        accepted, proposed = self.hits.get(n, (0.0, 0.0))
-        return (accepted + self.prior * self.weight) / (proposed + self.weight)
+        """Estimated chance that a proposal from a match of length n keeps its first token."""
+        return self.expected(n, 1) - 1.0
 
     def expected(self, n: int, m: int) -> float:
         """Tokens an n-gram round yields with m proposed tokens from a match of length n (the
         full model's own token included)."""
-        return 1.0 + m * self.rate(n)
+        counts = self.hits.get(n, ())
+        share, kept_all, total = self.prior, 1.0, 1.0
+        for i in range(m):
+            checked, kept = counts[i] if i < len(counts) else (0.0, 0.0)
+            share = (kept + share * self.weight) / (checked + self.weight)  # shrunk toward the position before
+            kept_all *= share
+            total += kept_all
+        return total
 
     def cost(self, key) -> float:
         """Decode steps a round of this kind takes, where clocks do not decide."""
@@ -154,8 +165,14 @@ class SourceChooser:
 
     def observe_ngram(self, n: int, proposed: int, accepted: int):
         """An n-gram round's verdict: how many of the proposed tokens it kept."""
-        a, m = self.hits.get(n, (0.0, 0.0))
-        self.hits[n] = [a * self.decay + accepted, m * self.decay + proposed]
+        counts = self.hits.setdefault(n, [])
+        for c in counts:
+            c[0] *= self.decay
+            c[1] *= self.decay
+        counts.extend([0.0, 0.0] for _ in range(proposed - len(counts)))
+        for i in range(min(accepted + 1, proposed)):  # checked: every kept token and the first rejected
+            counts[i][0] += 1.0
+            counts[i][1] += float(i < accepted)
 
     def observe_catch_up(self, seconds: float, tokens: int):
         """A model round first caught its draft model up on `tokens` positions that n-gram and
