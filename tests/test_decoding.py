@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
-from decoding import generate, speculative_generate
+from decoding import MAX_SPECULATIONS, generate, speculative_generate
 from steps import Steps, compile_steps, decode_one_token, draft_step, verify_step
 from model import ModelArgs, Transformer, run_blocks
 from sampling import SamplingParams, logits_to_probs, speculative_accept
@@ -136,9 +136,9 @@ def test_smollm2_self_speculative_greedy_equals_autoregressive(smollm2, smol_ref
         assert stats.new_tokens == SMOL_TOKENS
         accepted += sum(stats.accepted_per_round)
     assert accepted > 0
-    # k far beyond the remaining budget from the very first round
+    # k (the most allowed) far beyond the remaining budget from the very first round
     for prompt, ref in list(zip(*smol_reference))[:2]:
-        out, _ = speculative_generate(smollm2, prompt, 5, GREEDY, 40, exit_layer=20)
+        out, _ = speculative_generate(smollm2, prompt, 5, GREEDY, MAX_SPECULATIONS, exit_layer=20)
         assert out.tolist() == ref[:, :len(prompt) + 5].tolist()
 
 

@@ -229,8 +229,10 @@ def test_ngram_speed_table_plot_and_equal_outputs(tiny_smol_dir, tmp_path, capsy
     each of our rows and transformers' prompt lookup: each row's greedy text equals our
     autoregressive text (tiny random weights, eager)."""
     import ngram_speed
+    # --ngram_tokens 8: the longest summary prompt, 10 tokens and the lookahead of 15 drafts would not fit the
+    # tiny model's 514 positions
     ngram_speed.main(["--checkpoint_path", str(tiny_smol_dir), "--prompts", "1", "--max_new_tokens", "10",
-                      "--transformers", "--output_dir", str(tmp_path)])
+                      "--ngram_tokens", "8", "--transformers", "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in ngram_speed.WORKLOADS]
     assert len(rows) == 4 * 5 and all(line.endswith(" 1/1") for line in rows), out
