@@ -75,8 +75,8 @@ class SourceChooser:
     shares after the first are high, but copies also end (a summary copies a phrase, not the
     passage): the shares say where, so a long verify pass is chosen only where the tokens it adds
     are usually kept. Positions no proposal has reached yet take the share of the one before
-    (copies go on as they went). A plain step yields one token a row; a model round, the moving average of what
-    its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
+    (copies go on as they went). A plain step yields one token a row; a model round, the moving
+    average of what its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
     what its rounds took (a round is counted as at most twice the estimate, so that one stall
     does not make a kind look slow for long). A kind not yet timed is tried first (its first round, which may compile,
     is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have

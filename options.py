@@ -73,8 +73,8 @@ def add_decoding_options(p, strategies=STRATEGIES):
                        help="E: layers [0, E) draft / produce tokens; auto (self_speculative): chosen per round from "
                             "measured step costs and acceptance read off the verify pass")
         g.add_argument("--num_speculations", type=int_or_auto, default=3,
-                       help=f"k: draft tokens per speculative round (1-{MAX_SPECULATIONS}); auto: up to {AUTO_MAX_SPECULATIONS}, chosen per "
-                            "round, drafting stops early at an unsure draft")
+                       help=f"k: draft tokens per speculative round (1-{MAX_SPECULATIONS}); auto: up to "
+                            f"{AUTO_MAX_SPECULATIONS}, chosen per round, drafting stops early at an unsure draft")
         g.add_argument("--recalibrate", action="store_true",
                        help="with auto: measure the step costs again instead of reading them from the cache")
     if strategies and "self_speculative" in strategies:
@@ -88,7 +88,8 @@ def add_decoding_options(p, strategies=STRATEGIES):
                             "output, verified over every layer; no draft model) or auto (per round, that proposal "
                             "or the model's drafts, whichever is expected to yield more tokens per second)")
         g.add_argument("--ngram_tokens", type=int, default=Strategy.ngram_tokens, metavar="N",
-                       help=f"with --draft_source ngram or auto: the most tokens a proposal from the text drafts (1-{MAX_SPECULATIONS})")
+                       help="with --draft_source ngram or auto: the most tokens a proposal from the text drafts "
+                            f"(1-{MAX_SPECULATIONS})")
     if strategies and "speculative" in strategies:
         g.add_argument("--draft_checkpoint_path", type=Path, default=None,
                        help="draft model for --generation_strategy speculative (same tokenizer)")

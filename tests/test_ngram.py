@@ -188,7 +188,7 @@ def test_the_chooser_prefers_what_yields_more_per_second():
         c.observe_ngram(2, 8, 8)
         c.observe_ngram(2, 8, 0)
     assert abs(c.expected(2, 8) - 5.0) < 0.3
-    for _ in range(50):  # copies of 3 tokens: a longer pass adds nothing (the share of what is proposed would say 4 of 15)
+    for _ in range(50):  # copies of 3 tokens: a longer pass adds nothing (the share of all proposed: 4 of 15)
         c.observe_ngram(3, 15, 3)
     assert c.expected(3, 3) > 3.9 and c.expected(3, 15) - c.expected(3, 4) < 0.05
     assert abs(c.expected(3, 2) - 3.0) < 0.1  # (the model's own token, and two kept)
