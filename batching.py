@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from adaptive import StepCosts
-from decoding import (CATCH_UP_BUCKETS, MAX_SPECULATIONS, GenerationStats, buckets_up_to, catch_up,
-                      check_draft_source, check_exit_layer, check_fits, check_num_speculations, describe_choices,
-                      describe_sources, lengths_to_try, read_round)
+from decoding import (CATCH_UP_BUCKETS, GenerationStats, Strategy, buckets_up_to, catch_up, check_draft_source,
+                      check_exit_layer, check_fits, check_num_speculations, describe_choices, describe_sources,
+                      lengths_to_try, read_round)
 from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from steps import Steps, check_finite, synchronize
 from model import Transformer
@@ -83,7 +83,7 @@ class Batch:
 
     def __init__(self, model: Transformer, params: SamplingParams, steps: Steps = Steps(),
                  exit_layer: int | None = None, num_speculations: int = 0, draft_model: Transformer | None = None,
-                 policy=None, draft_source: str = "model", ngram_tokens: int = MAX_SPECULATIONS, chooser=None):
+                 policy=None, draft_source: str = "model", ngram_tokens: int = Strategy.ngram_tokens, chooser=None):
         check_source_name(draft_source)
         if draft_source == "ngram" and (num_speculations or draft_model is not None or policy is not None
                                         or exit_layer is not None):
@@ -580,8 +580,8 @@ class BatchStats:
 def generate_many(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                   steps: Steps = Steps(), exit_layer: int | None = None, stop_ids=(), on_tokens=None,
                   num_speculations: int = 0, draft_model: Transformer | None = None, policy=None,
-                  prefill_chunk: int | None = None, draft_source: str = "model", ngram_tokens: int = MAX_SPECULATIONS,
-                  chooser=None):
+                  prefill_chunk: int | None = None, draft_source: str = "model",
+                  ngram_tokens: int = Strategy.ngram_tokens, chooser=None):
     """Generates from every prompt, model.max_batch_size at a time (Batch: autoregressive, or with
     num_speculations, or an adaptive.BatchPolicy, speculative): a prompt waits in order for a free
     row; with prefill_chunk, a longer prompt is prefilled that many tokens between steps.

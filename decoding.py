@@ -425,7 +425,7 @@ class FixedPolicy(Policy):
 def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                          num_speculations: int, exit_layer: int | None = None, draft_model: Transformer | None = None,
                          stop_ids=(), on_tokens=None, steps: Steps = Steps(), policy: Policy | None = None,
-                         draft_source: str = "model", ngram_tokens: int = MAX_SPECULATIONS,
+                         draft_source: str = "model", ngram_tokens: int = Strategy.ngram_tokens,
                          chooser: SourceChooser | None = None):
     """Speculative decoding of prompt [T] (batch 1): each round drafts k = num_speculations tokens,
     verifies them with the full model in one pass and keeps what the acceptance rule allows, plus

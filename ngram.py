@@ -106,10 +106,6 @@ class SourceChooser:
         self.rounds = 0
         self.catch_up_s = 0.0  # a draft model with its own cache: seconds of catching up a token, on average
 
-    def rate(self, n: int) -> float:
-        """Estimated chance that a proposal from a match of length n keeps its first token."""
-        return self.expected(n, 1) - 1.0
-
     def expected(self, n: int, m: int) -> float:
         """Tokens an n-gram round yields with m proposed tokens from a match of length n (the
         full model's own token included)."""

@@ -37,7 +37,8 @@ import timing  # noqa: E402
 # name: (N, K) of SmolLM2-135M's linears, and how many a decode step calls
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
 PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
-KINDS = ("float32/float", "int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float", "int4-g128/int8")
+KINDS = ("float32/float", "int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float",
+         "int4-g128/int8")
 # int4 in the rows' layout where the build would put channels in the lanes (the layout before it)
 ROWS_KINDS = ("int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float", "int4-g128-rows/int8")
 
