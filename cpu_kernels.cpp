@@ -49,6 +49,7 @@ inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vmax_all(V a) { return _mm512_reduce_max_ps(a); }
 inline V vround(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline V vpow2(V p, V n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+inline bool vany_eq(V a, float b) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_EQ_OQ) != 0; }
 // lane i = the sum of a[i]'s lanes, for i < 16: a transpose and add, one tree for every a[i]
 inline V vsum_each(const V* a) {
   V c[8], d[4];
@@ -101,6 +102,7 @@ inline float vmax_all(V a) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 inline V vround(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline bool vany_eq(V a, float b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(b), _CMP_EQ_OQ)) != 0; }
 inline V vpow2(V p, V n) {  // p * 2^n for integral n in [-126, 127]
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -136,6 +138,7 @@ inline V vadd(V a, V b) { return a + b; }
 inline V vmax(V a, V b) { return std::max(a, b); }
 inline float vmax_all(V a) { return a; }
 inline V vsum_each(const V* a) { return a[0]; }
+inline bool vany_eq(V a, float b) { return a == b; }
 const char* kIsa = "portable";
 #endif
 
@@ -1316,6 +1319,54 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   return y;
 }
 
+// torch.argmax of one row of n floats: the index of the first maximum, or of the first NaN if there
+// is one. A vector pass finds the maximum (and whether a NaN or an infinity is there: x * 0 is NaN
+// only for those), a second the first lane equal to it; with NaN or infinities, one plain pass
+// decides as torch does. torch's own CPU argmax is a scalar loop: 80 us for a 49152-token row.
+int64_t argmax_row(const float* x, int64_t n) {
+  const int64_t nv = n / W * W;
+  V m = vset1(-INFINITY), odd = vzero();
+  for (int64_t i = 0; i < nv; i += W) {
+    const V a = vload(x + i);
+    m = vmax(m, a);
+    odd = vadd(odd, vmul(a, vzero()));
+  }
+  float best = vmax_all(m), tail = 0.f;
+  for (int64_t i = nv; i < n; ++i) {
+    best = std::max(best, x[i]);
+    tail += x[i] * 0.f;
+  }
+  if (!std::isnan(vsum(odd) + tail)) {
+    for (int64_t i = 0; i < nv; i += W)
+      if (vany_eq(vload(x + i), best))
+        for (int64_t j = i;; ++j)
+          if (x[j] == best) return j;
+    for (int64_t i = nv; i < n; ++i)
+      if (x[i] == best) return i;
+  }
+  int64_t at = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > x[at]) at = i;
+  }
+  return at;
+}
+
+// x [..., N] float32 -> [...] int64, torch.argmax(x, -1)
+at::Tensor argmax(const at::Tensor& x_) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && x_.dim() >= 1 && x_.size(-1) > 0,
+              "argmax takes float32 [..., N] with N > 0");
+  const auto x = x_.contiguous();
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  auto out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = argmax_row(xp + r * n, n);
+  });
+  return out;
+}
+
 // The vector instruction set, and "+vnni" where the integer dots use VNNI (dpbusd)
 std::string isa() {
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
@@ -1342,6 +1393,7 @@ TORCH_LIBRARY(layerskip_cpu, m) {
   m.def("int8_linear_q8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_linear_q8(Tensor x, Tensor weight, Tensor scales, Tensor biases, int groupsize) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor input_pos) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("int4_lanes() -> int", &int4_lanes);
 }
@@ -1349,6 +1401,7 @@ TORCH_LIBRARY(layerskip_cpu, m) {
 TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {
   m.impl("float_linear", &float_linear);
   m.impl("attention", &attention);
+  m.impl("argmax", &argmax);
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear_q8", &int8_linear_q8);

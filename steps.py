@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Transformer, layer_graph, run_blocks
-from sampling import (RowParams, SamplingParams, greedy_accept, logits_to_probs, sample, sample_from_probs,
+from sampling import (RowParams, SamplingParams, argmax, greedy_accept, logits_to_probs, sample, sample_from_probs,
                       speculative_accept)
 
 
@@ -62,7 +62,7 @@ def draft_step(model: Transformer, x, input_pos, params: SamplingParams, exit_la
     h, tapped = run_tapped(model, model.embed(x), input_pos, 0, exit_layer or model.args.n_layers, taps)
     logits = model.head(h)[0, -1]
     if params.greedy:
-        token = logits.argmax(-1, keepdim=True)
+        token = argmax(logits).unsqueeze(-1)
         return token[None], h, None, (logits.max() - logits.logsumexp(-1)).exp(), tapped
     probs = logits_to_probs(logits, params)
     token = sample_from_probs(probs)
@@ -115,7 +115,7 @@ def batch_draft_step(model: Transformer, x, input_pos, params, exit_layer: int |
     h = model.run_layers(model.embed(x), input_pos, 0, exit_layer)
     logits = model.head(h[:, -1:])[:, -1]
     if params.greedy:
-        return logits.argmax(-1, keepdim=True), h, None
+        return argmax(logits).unsqueeze(-1), h, None
     probs = logits_to_probs(logits, params)
     return sample_from_probs(probs), h, probs
 
@@ -146,7 +146,7 @@ def batch_verify_step(model: Transformer, tokens, exit_states, draft_probs, inpu
 def probe_step(model: Transformer, states):
     """The head's greedy token for each of states [1, n, dim] (hidden states entering n candidate
     exit layers at one position): [n]."""
-    return model.head(states)[0].argmax(-1)
+    return argmax(model.head(states)[0])
 
 
 @dataclass(frozen=True)

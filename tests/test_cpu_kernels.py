@@ -248,9 +248,37 @@ def test_compiled_q8_layers_equal_eager_and_do_not_recompile(monkeypatch):
                 assert torch.equal(got, want)
 
 
+def test_argmax_kernel_is_torchs_argmax():
+    """The first maximum, as torch.argmax: ties, NaN (the first NaN wins), infinities, rows of
+    -inf, lengths that are not a whole number of vectors, leading dimensions."""
+    torch.manual_seed(0)
+    for n in (1, 3, 15, 16, 17, 33, 1000, 49153):
+        for case in range(7):
+            x = torch.randn(3, n)
+            if case == 1:
+                x = torch.randint(0, 3, (3, n)).float()
+            elif case == 2:
+                x[:, n // 2] = float("nan")
+                x[:, -1] = float("nan")
+            elif case == 3:
+                x[:, n // 3] = float("inf")
+                x[:, -1] = float("inf")
+            elif case == 4:
+                x[:] = float("-inf")
+            elif case == 5:
+                x = -x.abs() - 1e30
+            elif case == 6:
+                x[:, -1] = 100.0
+            got = cpu_kernels.argmax(x)
+            assert got.dtype == torch.long and torch.equal(got, x.argmax(-1)), (n, case)
+    x = torch.randn(2, 3, 50)
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(-1)) and cpu_kernels.argmax(x[0, 0]).dim() == 0
+
+
 def check_q8_kernels():
     """The checks of the q8 ops that the portable and AVX2 builds repeat in their own processes (N = 16
-    and 24: the AVX2 build's int4 lanes layout; 17 rows: its dequantize + GEMM path)."""
+    and 24: the AVX2 build's int4 lanes layout; 17 rows: its dequantize + GEMM path), and argmax's."""
+    test_argmax_kernel_is_torchs_argmax()
     for k, g in ((96, 32), (1000, 0), (256, 128)):
         for n in (1, 5, 16, 17, 24):
             for rows in (1, 2, 5, 16, 17):
