@@ -1185,9 +1185,13 @@ template <int DC>
 inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64_t D, int64_t dc) {
   const int64_t nc = DC ? DC : dc;
   V acc[W];
+  const bool full = j0 + W <= n;
+  // unrolled, so that acc stays in registers (GCC kept it on the stack: 7% of a 16-row call)
+#pragma GCC unroll 16
   for (int i = 0; i < W; ++i) {
-    const float* kj = k + std::min<int64_t>(j0 + i, n - 1) * D;
+    const float* kj = k + (full ? j0 + i : std::min<int64_t>(j0 + i, n - 1)) * D;
     V a = vzero();
+#pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) a = vfma(vload(q + c * W), vload(kj + c * W), a);
     acc[i] = a;
   }
