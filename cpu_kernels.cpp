@@ -16,6 +16,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -36,6 +37,11 @@ inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V vload_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// bfloat16 to float32 is exact: the 16 bits become a float32's high half
+inline V vload(const at::BFloat16* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 // 16 bytes hold 32 int4 codes: byte i has code i in its low nibble and code i + 16 in its high one
 inline void vload_u4x32(const uint8_t* p, V* q) {
@@ -85,6 +91,10 @@ inline float vsum(V a) {
 inline V vload_i8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline V vload(const at::BFloat16* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
 inline void vload_u4x32(const uint8_t* p, V* q) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), lo = _mm_set1_epi8(15);
   const __m128i l = _mm_and_si128(b, lo), h = _mm_and_si128(_mm_srli_epi16(b, 4), lo);
@@ -127,6 +137,7 @@ inline float vsum(V a) { return a; }
 inline void vstore(float* p, V a) { *p = a; }
 inline V vmul(V a, V b) { return a * b; }
 inline V vload_i8(const int8_t* p) { return static_cast<float>(*p); }
+inline V vload(const at::BFloat16* p) { return static_cast<float>(*p); }
 inline void vload_u4x32(const uint8_t* p, V* q) {
   for (int i = 0; i < 16; ++i) {
     q[i] = static_cast<float>(p[i] & 15);
@@ -1169,18 +1180,31 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
 constexpr int kTileMost = 8;   // query rows a tile
 constexpr int64_t kKeyBlock = 64;  // keys of V per pass over a tile's rows (16 KB at D = 64)
 
+template <typename T>  // the cache's element type: float or at::BFloat16 (read as float32, exactly)
 struct AttnTile {
-  const float* k;           // the KV head's keys, [S, D]
-  const float* v;           // and values
+  const T* k;               // the KV head's keys, [S, D]
+  const T* v;               // and values
   const float* q[kTileMost];  // the tile's query rows, D long
   float* y[kTileMost];        // and their outputs
   int64_t n[kTileMost];       // keys each row sees (its position + 1)
   int rows;
 };
 
-// The scores of keys j0 .. j0 + W - 1 for query row q: lane i = q . k[j0 + i]. Keys past n - 1 read
-// key n - 1 again (never past the row's position); the caller drops those lanes. DC: D / W when
-// known at compile time (0: dc at run time); the last D % W dimensions are added one by one.
+// Keys (or values) j0 .. j1 - 1 of a KV head's [S, D] cache as float32: the cache itself, or a
+// bfloat16 cache's widened into `wide` (exactly), once for all the rows of a tile.
+inline const float* widened(const float* x, int64_t j0, int64_t, int64_t D, float*) { return x + j0 * D; }
+inline const float* widened(const at::BFloat16* x, int64_t j0, int64_t j1, int64_t D, float* wide) {
+  const at::BFloat16* src = x + j0 * D;
+  const int64_t n = (j1 - j0) * D, nv = n / W * W;
+  for (int64_t i = 0; i < nv; i += W) vstore(wide + i, vload(src + i));
+  for (int64_t i = nv; i < n; ++i) wide[i] = static_cast<float>(src[i]);
+  return wide;
+}
+
+// The scores of keys j0 .. j0 + W - 1 for query row q: lane i = q . k[i], k pointing at key j0.
+// Keys past n - 1 read key n - 1 again (never past the row's position); the caller drops those
+// lanes. DC: D / W when known at compile time (0: dc at run time); the last D % W dimensions are
+// added one by one.
 template <int DC>
 inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64_t D, int64_t dc) {
   const int64_t nc = DC ? DC : dc;
@@ -1189,7 +1213,7 @@ inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64
   // unrolled, so that acc stays in registers (GCC kept it on the stack: 7% of a 16-row call)
 #pragma GCC unroll 16
   for (int i = 0; i < W; ++i) {
-    const float* kj = k + (full ? j0 + i : std::min<int64_t>(j0 + i, n - 1)) * D;
+    const float* kj = k + (full ? i : std::min<int64_t>(i, n - 1 - j0)) * D;
     V a = vzero();
 #pragma GCC unroll 16
     for (int64_t c = 0; c < nc; ++c) a = vfma(vload(q + c * W), vload(kj + c * W), a);
@@ -1199,7 +1223,7 @@ inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64
   if (nc * W < D) {
     float t[W];
     for (int i = 0; i < W; ++i) {
-      const float* kj = k + std::min<int64_t>(j0 + i, n - 1) * D;
+      const float* kj = k + std::min<int64_t>(i, n - 1 - j0) * D;
       float a = 0.f;
       for (int64_t d = nc * W; d < D; ++d) a += q[d] * kj[d];
       t[i] = a;
@@ -1209,22 +1233,24 @@ inline V key_scores(const float* q, const float* k, int64_t j0, int64_t n, int64
   return s;
 }
 
-// p (the tile's rows, each ps long) and acc (2 D each) are the caller's scratch.
-template <int DC>
-void attend_tile(const AttnTile& t, int64_t D, float scale, float* p, int64_t ps, float* acc) {
+// p (the tile's rows, each ps long), acc (2 D each) and wide (kKeyBlock x D) are the caller's scratch.
+template <int DC, typename T>
+void attend_tile(const AttnTile<T>& t, int64_t D, float scale, float* p, int64_t ps, float* acc, float* wide) {
   const int64_t dc = DC ? DC : D / W, dv = dc * W;
   int64_t most = 0;
   for (int r = 0; r < t.rows; ++r) most = std::max(most, t.n[r]);
   // scores, W keys at a time for every row (the block of keys stays in L1 across the rows)
   V top[kTileMost];
   for (int r = 0; r < t.rows; ++r) top[r] = vset1(-INFINITY);
-  for (int64_t j0 = 0; j0 < most; j0 += W)
+  for (int64_t j0 = 0; j0 < most; j0 += W) {
+    const float* kb = widened(t.k, j0, std::min(j0 + W, most), D, wide);
     for (int r = 0; r < t.rows; ++r) {
       if (j0 >= t.n[r]) continue;
-      const V s = vmul(key_scores<DC>(t.q[r], t.k, j0, t.n[r], D, dc), vset1(scale));
+      const V s = vmul(key_scores<DC>(t.q[r], kb, j0, t.n[r], D, dc), vset1(scale));
       vstore(p + r * ps + j0, s);
       top[r] = vmax(top[r], s);  // the repeated lanes hold a real score: the max is unchanged
     }
+  }
   // softmax weights, unnormalized; the lanes past n are zeroed
   float total[kTileMost];
   for (int r = 0; r < t.rows; ++r) {
@@ -1243,7 +1269,8 @@ void attend_tile(const AttnTile& t, int64_t D, float scale, float* p, int64_t ps
   // where a row has few vectors of D, so the FMAs' latency is covered
   constexpr int PAR = DC != 0 && DC <= 4 ? 2 : 1;
   std::fill(acc, acc + t.rows * 2 * D, 0.f);
-  for (int64_t b0 = 0; b0 < most; b0 += kKeyBlock)
+  for (int64_t b0 = 0; b0 < most; b0 += kKeyBlock) {
+    const float* vb = widened(t.v, b0, std::min(b0 + kKeyBlock, most), D, wide);  // value j: vb + (j - b0) D
     for (int r = 0; r < t.rows; ++r) {
       const int64_t b1 = std::min(b0 + kKeyBlock, t.n[r]);
       if (b0 >= b1) continue;
@@ -1256,7 +1283,7 @@ void attend_tile(const AttnTile& t, int64_t D, float scale, float* p, int64_t ps
         for (int64_t j = b0; j < b1; j += PAR)
           for (int h = 0; h < PAR && j + h < b1; ++h) {
             const V w = vset1(pr[j + h]);
-            const float* vj = t.v + (j + h) * D;
+            const float* vj = vb + (j + h - b0) * D;
             for (int c = 0; c < DC; ++c) a[h][c] = vfma(w, vload(vj + c * W), a[h][c]);
           }
         for (int h = 0; h < PAR; ++h)
@@ -1264,22 +1291,60 @@ void attend_tile(const AttnTile& t, int64_t D, float scale, float* p, int64_t ps
       } else {
         for (int64_t j = b0; j < b1; ++j) {
           const V w = vset1(pr[j]);
-          const float* vj = t.v + j * D;
+          const float* vj = vb + (j - b0) * D;
           for (int64_t d = 0; d < dv; d += W) vstore(ar + d, vfma(w, vload(vj + d), vload(ar + d)));
         }
       }
       for (int64_t j = b0; j < b1; ++j)
-        for (int64_t d = dv; d < D; ++d) ar[d] += pr[j] * t.v[j * D + d];
+        for (int64_t d = dv; d < D; ++d) ar[d] += pr[j] * vb[(j - b0) * D + d];
     }
+  }
   for (int r = 0; r < t.rows; ++r) {
     const float* ar = acc + r * 2 * D;
     for (int64_t d = 0; d < D; ++d) t.y[r][d] = (ar[d] + ar[D + d]) / total[r];
   }
 }
 
+template <typename T>
+void attend(const float* qp, const T* kp, const T* vp, const int64_t* pp, float* yp, bool per_row, int64_t B,
+            int64_t H, int64_t L, int64_t D, int64_t KV, int64_t S) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // a KV head's group x L rows in equal tiles, small enough that every thread gets a couple
+  const int64_t group = H / KV, rows = group * L;
+  const int64_t most = std::clamp<int64_t>(B * H * L / (2 * at::get_num_threads()), 1, kTileMost);
+  const int64_t tiles = (rows + most - 1) / most, tile = (rows + tiles - 1) / tiles;
+  const int64_t ps = (S + W - 1) / W * W;
+  at::parallel_for(0, B * KV * tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(tile * ps), acc(tile * 2 * D), wide(std::is_same_v<T, float> ? 0 : kKeyBlock * D);
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t bg = i / tiles, b = bg / KV, r0 = i % tiles * tile, r1 = std::min(rows, r0 + tile);
+      AttnTile<T> t{kp + bg * S * D, vp + bg * S * D, {}, {}, {}, static_cast<int>(r1 - r0)};
+      for (int64_t r = r0; r < r1; ++r) {  // row r: head bg % KV * group + r / L, query position r % L
+        const int64_t qr = (b * H + bg % KV * group + r / L) * L + r % L;
+        t.q[r - r0] = qp + qr * D;
+        t.y[r - r0] = yp + qr * D;
+        t.n[r - r0] = pp[(per_row ? b * L : 0) + r % L] + 1;
+      }
+      switch (D / W) {
+        case 1: attend_tile<1>(t, D, scale, p.data(), ps, acc.data(), wide.data()); break;
+        case 2: attend_tile<2>(t, D, scale, p.data(), ps, acc.data(), wide.data()); break;
+        case 4: attend_tile<4>(t, D, scale, p.data(), ps, acc.data(), wide.data()); break;
+        case 8: attend_tile<8>(t, D, scale, p.data(), ps, acc.data(), wide.data()); break;
+        case 16: attend_tile<16>(t, D, scale, p.data(), ps, acc.data(), wide.data()); break;
+        default: attend_tile<0>(t, D, scale, p.data(), ps, acc.data(), wide.data());
+      }
+    }
+  });
+}
+
+// q float32; k and v float32 or bfloat16 (a 16-bit cache: half the bytes a step reads, each value
+// widened exactly, so the result is the float32 kernel's on the rounded cache)
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& pos_) {
   TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "q, k and v must be 4-D");
-  for (const auto* t : {&q_, &k_, &v_}) TORCH_CHECK(t->scalar_type() == at::kFloat, "q, k and v must be float32");
+  TORCH_CHECK(q_.scalar_type() == at::kFloat, "q must be float32");
+  const auto kv_type = k_.scalar_type();
+  TORCH_CHECK(v_.scalar_type() == kv_type && (kv_type == at::kFloat || kv_type == at::kBFloat16),
+              "k and v must be both float32 or both bfloat16");
   const int64_t B = q_.size(0), H = q_.size(1), L = q_.size(2), D = q_.size(3), KV = k_.size(1), S = k_.size(2);
   TORCH_CHECK(k_.sizes() == v_.sizes() && k_.size(0) == B && k_.size(3) == D && KV > 0 && H % KV == 0,
               "k and v must be [B, KV, S, D] with KV dividing the query heads");
@@ -1291,35 +1356,12 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
   for (int64_t i = 0; i < pos.numel(); ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < S, "input_pos out of the cache's range");
   auto y = at::empty(q.sizes(), q.options());  // contiguous, as the fake says
   if (y.numel() == 0) return y;
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // a KV head's group x L rows in equal tiles, small enough that every thread gets a couple
-  const int64_t group = H / KV, rows = group * L;
-  const int64_t most = std::clamp<int64_t>(B * H * L / (2 * at::get_num_threads()), 1, kTileMost);
-  const int64_t tiles = (rows + most - 1) / most, tile = (rows + tiles - 1) / tiles;
-  const int64_t ps = (S + W - 1) / W * W;
-  at::parallel_for(0, B * KV * tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(tile * ps), acc(tile * 2 * D);
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t bg = i / tiles, b = bg / KV, r0 = i % tiles * tile, r1 = std::min(rows, r0 + tile);
-      AttnTile t{kp + bg * S * D, vp + bg * S * D, {}, {}, {}, static_cast<int>(r1 - r0)};
-      for (int64_t r = r0; r < r1; ++r) {  // row r: head bg % KV * group + r / L, query position r % L
-        const int64_t qr = (b * H + bg % KV * group + r / L) * L + r % L;
-        t.q[r - r0] = qp + qr * D;
-        t.y[r - r0] = yp + qr * D;
-        t.n[r - r0] = pp[(per_row ? b * L : 0) + r % L] + 1;
-      }
-      switch (D / W) {
-        case 1: attend_tile<1>(t, D, scale, p.data(), ps, acc.data()); break;
-        case 2: attend_tile<2>(t, D, scale, p.data(), ps, acc.data()); break;
-        case 4: attend_tile<4>(t, D, scale, p.data(), ps, acc.data()); break;
-        case 8: attend_tile<8>(t, D, scale, p.data(), ps, acc.data()); break;
-        case 16: attend_tile<16>(t, D, scale, p.data(), ps, acc.data()); break;
-        default: attend_tile<0>(t, D, scale, p.data(), ps, acc.data());
-      }
-    }
-  });
+  if (kv_type == at::kBFloat16)
+    attend(q.data_ptr<float>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), pp, y.data_ptr<float>(), per_row,
+           B, H, L, D, KV, S);
+  else
+    attend(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), pp, y.data_ptr<float>(), per_row, B, H, L,
+           D, KV, S);
   return y;
 }
 

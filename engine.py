@@ -18,7 +18,7 @@ from checkpoint import is_random, load_model, read_metadata, resolve_checkpoint_
 from decoding import Strategy, buckets_up_to, check_draft_vocab, check_exit_layer, compile_ngram_rounds, run
 from ngram import SourceChooser
 from steps import Steps, compile_steps
-from options import EngineConfig, pick_device, pick_dtype
+from options import DTYPES, EngineConfig, pick_device, pick_dtype
 from quantized import pack_model, parse_quantize, quantize_model, quantized_copy
 from sampling import SamplingParams
 from tokenizer import load_tokenizer
@@ -171,7 +171,8 @@ class Engine:
         draft = self.draft_for(strategy)
         key = {"checkpoint": checkpoint_identity(self.path), "device": device_name(self.device),
                "threads": torch.get_num_threads(), "dtype": str(self.dtype), "torch": torch.__version__,
-               "weights": weight_scheme(self.model), "draft": strategy.draft_quantize or
+               "weights": weight_scheme(self.model), "kv_cache": str(self.model.kv_cache_dtype or self.dtype),
+               "draft": strategy.draft_quantize or
                (weight_scheme(draft) if draft is not None else "self"), "compile": self.steps.verify is not
                Steps.verify, "cache": self.model.max_seq_length, "world_size": tp.world()[1], **what}
         t0 = time.perf_counter()
@@ -339,6 +340,10 @@ def load_engine(config: EngineConfig, rank: int = 0, world_size: int = 1, check=
     if draft_path is not None:
         draft = load_model(resolve_checkpoint_path(draft_path), device, dtype,
                            prepare=lambda m: quantize_and_shard(m, None, rank, world_size))
+    if config.kv_cache_dtype != "auto":
+        for m in (model, draft, *drafts.values()):
+            if m is not None:
+                m.kv_cache_dtype = DTYPES[config.kv_cache_dtype]
     steps = compile_steps(device, config.compile_prefill, config.layers_per_graph) if config.compile else Steps()
     return Engine(model, draft, tokenizer, device, dtype, steps, config.strategy, config.sampling, path, drafts,
                   config.recalibrate)

@@ -204,6 +204,7 @@ class KVCache(nn.Module):
     def update(self, input_pos, k, v):
         """input_pos [T] (the same positions for every row) or [B, T] (each row its own)."""
         k_cache, v_cache = (self.k_cache, self.v_cache) if self.k_rows is None else (self.k_rows, self.v_rows)
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # a 16-bit cache of a float32 model (--kv_cache_dtype)
         if input_pos.dim() == 1:
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
@@ -260,15 +261,16 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
         few_rows = input_pos is not None and seqlen <= FIXED_ORDER_ROWS and x.device.type == "cpu"
         if few_rows and self.use_cpu_kernel and q.dtype == torch.float32:
-            # reads only the cached positions up to each row's own, in a fixed order
+            # reads only the cached positions up to each row's own, in a fixed order (a bfloat16
+            # cache widened as it is read)
             y = cpu_kernels.attention(q, k, v, input_pos)
-        elif few_rows and torch.compiler.is_compiling():
-            y = fixed_order_attention(q, k, v, mask)
+        elif few_rows and torch.compiler.is_compiling():  # a cache of another dtype: in the model's
+            y = fixed_order_attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         else:
             if mask is not None and mask.shape[-1] < k.shape[2]:  # run_layers: only the live positions
                 k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
                 enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
@@ -348,16 +350,19 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = 0
         self.max_seq_length = 0
+        self.kv_cache_dtype: torch.dtype | None = None  # the caches' element type; None: the model's dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocates the KV cache of every layer, and the rope and mask tables, for this size."""
         if max_seq_length > self.args.max_position_embeddings:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's "
                              f"max_position_embeddings={self.args.max_position_embeddings}")
-        if (max_batch_size, max_seq_length) == (self.max_batch_size, self.max_seq_length):
-            return
         a = self.args
-        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        dtype, device = self.kv_cache_dtype or self.norm.weight.dtype, self.norm.weight.device
+        cache = self.layers[0].attention.kv_cache
+        if (max_batch_size, max_seq_length) == (self.max_batch_size, self.max_seq_length) and cache is not None \
+                and cache.k_cache.dtype == dtype:
+            return
         for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds its share
             layer.attention.kv_cache = KVCache(max_batch_size, layer.attention.n_kv_heads, max_seq_length,
                                                a.head_dim, dtype, device)

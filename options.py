@@ -20,6 +20,7 @@ from quantized import SchemeError, parse_quantize
 from sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the model's dtype; the CPU attention reads these two
 AUTO_MAX_SPECULATIONS = BUCKETS[-1]
 GENERATION_TEMPERATURE = 0.8  # generate.py samples; measuring commands decode greedily (as the paper's results)
 
@@ -55,6 +56,10 @@ def add_model_options(p):
     g.add_argument("--quantize", default=None, metavar="SCHEME",
                    help="int8, int4 or int4-g<N>: quantize the weights in memory at load (quantize.py writes them "
                         "to a checkpoint instead)")
+    g.add_argument("--kv_cache_dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's element type (auto: the model's dtype). bfloat16 with float32 on CPU: half "
+                        "the cache's memory and the bytes a step reads; the attention widens each value exactly, "
+                        "so greedy self-speculation and batched rows stay exact")
 
 
 def add_decoding_options(p, strategies=STRATEGIES):
@@ -138,8 +143,11 @@ class EngineConfig:
     compile_prefill: bool = False
     layers_per_graph: int | None = None
     recalibrate: bool = False  # adaptive strategies: measure the step costs again (else read the cache)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.compile_prefill and not self.compile:
             raise ValueError("--compile_prefill needs --compile")
         if self.layers_per_graph is not None:
@@ -175,7 +183,8 @@ def check_options(p, a) -> EngineConfig:
             note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
                  "would lack the layers a smaller E skipped, so E cannot move during a generation)")
         return EngineConfig(a.checkpoint_path, a.hf_token, a.device, a.dtype, a.quantize, strategy, sampling_params(a),
-                            a.draft_checkpoint_path, a.compile, a.compile_prefill, a.layers_per_graph, a.recalibrate)
+                            a.draft_checkpoint_path, a.compile, a.compile_prefill, a.layers_per_graph, a.recalibrate,
+                            a.kv_cache_dtype)
     except ValueError as e:  # the checks' messages name the flags
         p.error(str(e))
 

@@ -148,7 +148,7 @@ def main(argv=None):
     out = check_output(a, "ngram_speed.json")
     model_draft = Strategy("self_speculative", None, a.num_speculations, a.draft_quantize)
     config = options.EngineConfig(a.checkpoint_path, a.hf_token, a.device, a.dtype, a.quantize, model_draft,
-                                  compile=a.compile)
+                                  compile=a.compile, kv_cache_dtype=a.kv_cache_dtype)
     engine = load_engine(config)
     tok = engine.tokenizer
     prompts = {w: workload_prompts(tok, w, a.prompts) for w in a.workloads}

@@ -8,7 +8,7 @@ import torch
 from adaptive import BatchPolicy
 from batching import Batch, Sequence, generate_many
 from conftest import assert_varied
-from decoding import generate
+from decoding import generate, speculative_generate
 from steps import compile_steps
 from quantized import pack_model, quantize_model, quantized_copy
 from sampling import SamplingParams, logits_to_probs
@@ -471,3 +471,39 @@ def test_a_sequence_removed_while_its_prompt_is_prefilled_frees_its_row():
     while batch.running:
         batch.step()
     assert seq.tokens == ref[0]
+
+
+@pytest.mark.parametrize("weights", [None, ("int8", None)], ids=["float32", "int8"])
+def test_a_bfloat16_kv_cache_keeps_every_row_exact(weights):
+    """--kv_cache_dtype bfloat16 on a float32 model: the caches hold half the bytes, and since the
+    attention widens each cached value exactly, self-speculation still gives greedy decoding's tokens
+    and each batched row its batch-1 tokens, eager and compiled."""
+    model = packed_model(weights)
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    x, pos = torch.tensor([prompts[3]]), torch.arange(len(prompts[3]))  # 9 rows: the kernel's path
+
+    def logits():
+        model.setup_caches(1, 64)
+        with torch.no_grad():
+            return model(x, pos)
+    float32_logits = logits()
+    model.kv_cache_dtype = torch.bfloat16
+    rounded = logits()  # the keys and values rounded: close, not equal
+    assert not torch.equal(rounded, float32_logits)
+    assert (rounded - float32_logits).abs().max() < 0.05 * float32_logits.abs().max()
+    cache = model.layers[0].attention.kv_cache
+    assert cache.k_cache.dtype == cache.v_cache.dtype == torch.bfloat16
+    ref = batch1_reference(model, prompts, 16)
+    assert_varied(sum(ref, []), 0.1)
+    model.setup_caches(1, 64)
+    for p, r in zip(prompts, ref):
+        out, _ = speculative_generate(model, torch.tensor(p), 16, GREEDY, 3, exit_layer=1)
+        assert out[0, len(p):].tolist() == r
+    model.setup_caches(3, 64)
+    for kw in (dict(), dict(exit_layer=1, num_speculations=3)):
+        seqs, _ = generate_many(model, prompts, 16, GREEDY, **kw)
+        assert [s.tokens for s in seqs] == ref, kw
+    if weights is None:
+        steps = compile_steps(torch.device("cpu"))
+        seqs, _ = generate_many(model, prompts, 16, GREEDY, steps=steps, exit_layer=1, num_speculations=3)
+        assert [s.tokens for s in seqs] == ref

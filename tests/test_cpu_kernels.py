@@ -545,3 +545,18 @@ def test_inductor_trusts_the_cpus_instruction_sets_where_our_kernels_are_built_f
     monkeypatch.setenv("LAYERSKIP_CPU_MARCH", "haswell")
     configure_inductor(torch.device("cpu"))
     assert cfg.cpp.vec_isa_ok is None
+
+
+def test_attention_kernel_reads_a_bfloat16_cache_as_its_exact_float32_values():
+    """A bfloat16 cache (--kv_cache_dtype) gives bitwise the output of the float32 cache holding the
+    same (rounded) values, for every row count and head shape, so exactness carries over."""
+    torch.manual_seed(0)
+    for heads, kv_heads, d in ((9, 3, 64), (4, 2, 20), (2, 1, 128)):
+        k, v = torch.randn(2, kv_heads, 200, d).bfloat16(), torch.randn(2, kv_heads, 200, d).bfloat16()
+        for rows in (1, 5, 16):
+            q = torch.randn(2, heads, rows, d)
+            pos = torch.stack([torch.arange(150, 150 + rows), torch.arange(3, 3 + rows)])
+            got = cpu_kernels.attention(q, k, v, pos)
+            assert torch.equal(got, cpu_kernels.attention(q, k.float(), v.float(), pos)), (heads, d, rows)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        cpu_kernels.attention(q, k, v.float(), pos)
