@@ -274,17 +274,19 @@ class CompiledBlocks:
         wqkv = layers[0].attention.wqkv
         cache = layers[0].attention.kv_cache
         # what makes dynamo compile another graph, so that each new one is announced: the call's
-        # shapes and strides (key, less the model), the linears' kind and a slice of the cache's
-        # rows (batching.Batch)
+        # shapes and strides (key, less the model), the linears' kind, a slice of the cache's rows
+        # (batching.Batch) and the cache's dtype
         rows_slice = cache is not None and cache.k_rows is not None
-        kind = (*key[1:], type(wqkv), wqkv.weight.shape, rows_slice)
+        cache_dtype = cache.k_cache.dtype if cache is not None else h.dtype
+        kind = (*key[1:], type(wqkv), wqkv.weight.shape, rows_slice, cache_dtype)
         if kind in self.seen:
             out = self.fn(layers, h, cos, sin, mask, input_pos)
         else:
             self.seen.add(kind)
             batch = f"{h.shape[0]} sequences x " if h.shape[0] > 1 else ""
             how = "".join([", positions per sequence" if input_pos.dim() > 1 else "",
-                           ", rows of the cache" if rows_slice else ""])
+                           ", rows of the cache" if rows_slice else "",
+                           f", {str(cache_dtype).removeprefix('torch.')} cache" if cache_dtype != h.dtype else ""])
             with compile_progress(f"{len(layers)} layers x {batch}{h.shape[1]} row{'s' if h.shape[1] > 1 else ''} "
                                   f"({type(wqkv).__name__}, width {h.shape[-1]}{how})"):
                 out = self.fn(layers, h, cos, sin, mask, input_pos)

@@ -69,14 +69,17 @@ def main(argv=None):
     p.add_argument("--schemes", nargs="+", default=["int8", "int4-g32", "int4-g128"])
     p.add_argument("--step", type=int, default=16, help="tokens per cached forward (<= 16)")
     p.add_argument("--no_check", action="store_true", help="skip the step-size invariance check")
+    p.add_argument("--kv_cache_dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the cached steps' KV cache (as every command's --kv_cache_dtype)")
     args = p.parse_args(argv)
     assert 1 <= args.step <= cpu_kernels.EXACT_ROWS
     ids = torch.tensor(load_tokenizer(args.checkpoint_path).encode(humaneval_text(args.problems)))
     print(f"text: first {args.problems} HumanEval prompts, {len(ids)} tokens; kernels {cpu_kernels.isa()}; "
-          f"cached steps of {args.step} tokens\n")
+          f"cached steps of {args.step} tokens, {args.kv_cache_dtype} KV cache\n")
     rows = []
     for scheme in ["float32"] + args.schemes:
         model = load_model(args.checkpoint_path, dtype=torch.float32)
+        model.kv_cache_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.kv_cache_dtype]
         if scheme != "float32":
             quantized.quantize_model(model, *quantized.parse_quantize(scheme))
         for acts in (["float"] if scheme == "float32" else ["float", "int8"]):
