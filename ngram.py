@@ -93,7 +93,8 @@ class SourceChooser:
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
     random numbers, do). There the seconds are fixed estimates in decode steps (a proposal round
     1 + 0.05 a padded draft, a model round of k drafts 1 + k / 2: the drafts about half a step
-    each, and the verify pass), and only tokens decide."""
+    each, and the verify pass), only tokens decide, and a model round is run once before its
+    yield is trusted."""
 
     def __init__(self, k: int = 0, clocks: bool = True, prior: float = 0.5, weight: float = 2.0,
                  decay: float = 0.98):
@@ -134,7 +135,10 @@ class SourceChooser:
         def tokens(key):
             return options[key] if options[key] is not None else self.tokens.get(key, 1.0)
         if not self.timing:
-            return max(options, key=lambda key: tokens(key) / self.cost(key))
+            # a kind whose yield only its rounds tell (the model's) is run once first: from the
+            # default of one token a round it would never look worth its cost
+            untried = [key for key in options if options[key] is None and key not in self.tokens]
+            return untried[0] if untried else max(options, key=lambda key: tokens(key) / self.cost(key))
         if behind and self.catch_up_s:  # trying a model round (of a new shape) would first pay a catch-up
             options = {key: v for key, v in options.items() if key[0] != "model" or key in self.seconds}
         untimed = [key for key in options if key not in self.seconds]

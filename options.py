@@ -147,7 +147,8 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"--kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise ValueError(f"--kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.compile_prefill and not self.compile:
             raise ValueError("--compile_prefill needs --compile")
         if self.layers_per_graph is not None:

@@ -91,8 +91,10 @@ def test_greedy_equals_autoregressive_with_every_source(source, draft, ngram_tok
     for seed in range(4):
         prompt = repeating_prompt(16, seed) if seed % 2 == 0 else rand_prompt(9, seed=seed)
         ref, _ = generate(model, prompt, 48, GREEDY)
+        # choices from fixed costs, not clocks: which rounds verify proposals then does not depend
+        # on the machine's speed (the counts below do)
         out, stats = speculative_generate(model, prompt, 48, GREEDY, 3, draft_source=source,
-                                          ngram_tokens=ngram_tokens, **kw)
+                                          ngram_tokens=ngram_tokens, chooser=SourceChooser(3, clocks=False), **kw)
         assert out.tolist() == ref.tolist(), seed
         assert stats.new_tokens == 48
         for name, counts in stats.by_source.items():
@@ -344,3 +346,14 @@ def test_compiling_every_round_shape_first_leaves_the_batch_as_it_was():
     while batch.running:
         batch.step()
     assert [s.tokens for s in seqs] == refs
+
+
+def test_without_clocks_a_model_round_is_run_before_its_yield_is_trusted():
+    """Sampling and tensor parallelism choose from fixed costs: an untried model round is run once
+    (from its default yield it would never be worth its cost), then its own yield decides."""
+    options = {("ngram", 1): 1.2, ("plain",): 1.0, ("model",): None}
+    good, poor = SourceChooser(3, clocks=False), SourceChooser(3, clocks=False)
+    assert good.choose(options) == poor.choose(options) == ("model",)
+    good.observe_round(("model",), 0.0, 3)  # 3 tokens for 2.5 steps: more than a plain step's or the proposal's
+    poor.observe_round(("model",), 0.0, 1)
+    assert good.choose(options) == ("model",) and poor.choose(options) == ("ngram", 1)
