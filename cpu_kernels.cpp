@@ -479,7 +479,7 @@ void for_tiles(int64_t M, int64_t N, const void* w, int64_t row_bytes, const Til
 // Many rows (a prompt): arithmetic, not reading the weights, is the cost, and the BLAS GEMM does it
 // faster than the tiles, so the weight is dequantized to float32 a chunk of channels at a time
 // (about 2 MB, into one buffer that stays in cache) and multiplied by at::mm_out. Not row-invariant:
-// only passes of more than kMaxTileRows rows come here.
+// only prompts (a 2-D x of more than kMaxTileRows rows, check_x) come here.
 constexpr int64_t kMaxTileRows = 16;  // cpu_kernels.EXACT_ROWS
 constexpr int64_t kChunkFloats = 1 << 19;
 // dequant(n, out) writes the float32 rows n .. n + Rows - 1 (N % Rows == 0) to out [Rows, K].
@@ -501,9 +501,20 @@ at::Tensor dequantized_mm(const at::Tensor& x, int64_t N, int64_t K, const Dequa
   return y;
 }
 
+// x is [M, K], or [B, T, K]: a batched step's B x T rows, which all go through the row tiles (each
+// row's result independent of the others, in one pass over the weights) however many they are;
+// a 2-D x of more than kMaxTileRows rows (a prompt) goes to the GEMM instead.
 void check_x(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && x.scalar_type() == at::kFloat,
+              "x must be a float32 tensor [M, K] or [B, T, K]");
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " columns, the weight ", K);
+}
+int64_t rows_of(const at::Tensor& x) { return x.numel() / x.size(-1); }
+bool to_gemm(const at::Tensor& x) { return x.dim() == 2 && x.size(0) > kMaxTileRows; }
+at::Tensor output_for(const at::Tensor& x, int64_t N) {  // [..., N]
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  return at::empty(sizes, x.options());
 }
 
 // The arguments of the int8 ops (float or int8 activations alike): (N, K) of the weight
@@ -540,12 +551,12 @@ at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   const auto shape = check_int8(x_, w_, scales_);
   const int64_t N = shape.first, K = shape.second;
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = rows_of(x);
+  auto y = output_for(x, N);
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  if (M > kMaxTileRows) {
+  if (to_gemm(x)) {
     return dequantized_mm(x, N, K, [&](int64_t n, float* out) {
       const int8_t* row = wp + n * K;
       const V s = vset1(sp[n]);
@@ -560,15 +571,15 @@ at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   return y;
 }
 
-// float32 weights, up to kMaxTileRows rows (more rows: the BLAS GEMM, F.linear, is the faster tool)
+// float32 weights: the rows through the tiles (check_x); a prompt's through the BLAS GEMM, the faster tool there
 at::Tensor float_linear(const at::Tensor& x_, const at::Tensor& w_) {
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat, "weight must be a 2-D float32 tensor");
   const int64_t N = w_.size(0), K = w_.size(1);
   check_x(x_, K);
   const auto x = x_.contiguous(), w = w_.contiguous();
-  const int64_t M = x.size(0);
-  if (M > kMaxTileRows) return at::mm(x, w.t());
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = rows_of(x);
+  if (to_gemm(x)) return at::mm(x, w.t());
+  auto y = output_for(x, N);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for_tiles(M, N, wp, K * 4, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
@@ -582,14 +593,14 @@ at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   const auto shape = check_int4(x_, w_, scales_, biases_, G);
   const int64_t N = shape.first, K = shape.second;
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
-  const int64_t M = x.size(0), groups = K / G;
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = rows_of(x), groups = K / G;
+  auto y = output_for(x, N);
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>(), *bp = biases.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
 #ifdef INT4_LANES
   if (w.dim() == 3) {
-    if (M > kMaxTileRows)
+    if (to_gemm(x))
       return dequantized_mm<kLanes>(x, N, K, [&](int64_t n, float* out) {
         dequantize_lanes(wp + n * (K / 2), sp + n * groups, bp + n * groups, K, G, out);
       });
@@ -600,7 +611,7 @@ at::Tensor int4_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
     return y;
   }
 #endif
-  if (M > kMaxTileRows) {
+  if (to_gemm(x)) {
     return dequantized_mm(x, N, K, [&](int64_t n, float* out) {
       const uint8_t* row = wp + n * (K / 2);
       constexpr int Q = 32 / W;
@@ -1129,14 +1140,14 @@ void run_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int6
 }
 
 // int8 weights [N, K] (in [-127, 127] as quantize_int8 makes them; -128 works too), float32 x:
-// up to kMaxTileRows rows with int8 activations, more through int8_linear's dequantize + GEMM.
+// its rows with int8 activations (check_x), a prompt's through int8_linear's dequantize + GEMM.
 at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scales_) {
   const auto shape = check_int8(x_, w_, scales_);
   const int64_t N = shape.first, K = shape.second;
-  const int64_t M = x_.size(0);
-  if (M > kMaxTileRows) return int8_linear(x_, w_, scales_);
+  if (to_gemm(x_)) return int8_linear(x_, w_, scales_);
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = rows_of(x);
+  auto y = output_for(x, N);
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0);
   const QCall c{&xq, w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, K, 0, 0, y.data_ptr<float>(), N};
   run_q8_tiles<kQ8Channels>(kInt8Q8Tiles, c, M, N, K);
@@ -1147,10 +1158,10 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
                           const at::Tensor& biases_, int64_t G) {
   const auto shape = check_int4(x_, w_, scales_, biases_, G);
   const int64_t N = shape.first, K = shape.second;
-  const int64_t M = x_.size(0);
-  if (M > kMaxTileRows) return int4_linear(x_, w_, scales_, biases_, G);
+  if (to_gemm(x_)) return int4_linear(x_, w_, scales_, biases_, G);
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
-  auto y = at::empty({M, N}, x.options());
+  const int64_t M = rows_of(x);
+  auto y = output_for(x, N);
   const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G);
   const QCall c{&xq, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), biases.data_ptr<float>(), K, G, K / G,
                 y.data_ptr<float>(), N};

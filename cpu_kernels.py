@@ -109,15 +109,15 @@ def _load() -> bool:
     torch.library.register_fake("layerskip_cpu::attention")(lambda q, k, v, input_pos: q.new_empty(q.shape))
     torch.library.register_fake("layerskip_cpu::argmax")(lambda x: x.new_empty(x.shape[:-1], dtype=torch.long))
     torch.library.register_fake("layerskip_cpu::float_linear")(
-        lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]))
+        lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
-        lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+        lambda x, weight, scales: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
-        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], _int4_out(weight)))
+        lambda x, weight, scales, biases, groupsize: x.new_empty(*x.shape[:-1], _int4_out(weight)))
     torch.library.register_fake("layerskip_cpu::int8_linear_q8")(
-        lambda x, weight, scales: x.new_empty(x.shape[0], weight.shape[0]))
+        lambda x, weight, scales: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear_q8")(
-        lambda x, weight, scales, biases, groupsize: x.new_empty(x.shape[0], _int4_out(weight)))
+        lambda x, weight, scales, biases, groupsize: x.new_empty(*x.shape[:-1], _int4_out(weight)))
     _tag_compile_caches()
     _state["ok"], _state["reason"] = True, ""
     return True
@@ -161,24 +161,23 @@ def isa() -> str:
 def batched_step(x: torch.Tensor) -> bool:
     """Whether x [B, T, K] is a step of several sequences (decode, draft or verify: each T <=
     EXACT_ROWS rows, B > 1) rather than a prompt: its rows must stay independent of each other
-    however many there are in all (exact batching), so more than EXACT_ROWS of them run in chunks."""
+    however many there are in all (exact batching)."""
     return x.dim() == 3 and x.shape[0] > 1 and x.shape[1] <= EXACT_ROWS
 
 
 def _rows(op, x: torch.Tensor, *args) -> torch.Tensor:
-    """op over the rows of x [..., K]; a batched step's rows in chunks of EXACT_ROWS, each reduced in
-    the kernels' fixed order (a row's result then never depends on the rows beside it)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if len(x2) > EXACT_ROWS and batched_step(x):
-        y = torch.cat([op(c, *args) for c in x2.split(EXACT_ROWS)])
-    else:
-        y = op(x2, *args)
-    return y.reshape(*x.shape[:-1], -1)
+    """op over the rows of x [..., K]. A batched step goes as [B, T, K], which the ops run through
+    their row tiles however many rows there are (each reduced in the kernels' fixed order, in one
+    pass over the weights: 64 rows in chunks of 16 read them four times); anything else as [M, K],
+    more than EXACT_ROWS rows of which (a prompt) take the GEMM."""
+    if batched_step(x):
+        return op(x, *args)
+    return op(x.reshape(-1, x.shape[-1]), *args).reshape(*x.shape[:-1], -1)
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] float32 @ float32 weight [N, K].T for up to EXACT_ROWS rows (more: BLAS, except a
-    batched step's, in chunks)."""
+    """x [..., K] float32 @ float32 weight [N, K].T through the row tiles (more than EXACT_ROWS rows
+    that are not a batched step: BLAS)."""
     return _rows(torch.ops.layerskip_cpu.float_linear, x, weight)
 
 

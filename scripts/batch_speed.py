@@ -1,10 +1,10 @@
 """Batched generation speed: the same prompts at several batch sizes, for one strategy per run of
 this script (the shared options choose it), greedy; total output tokens/s, and whether every
 prompt's output equals its batch-1 output. Then, with --exactness, what exact batching costs: a
-batched verify's linears over more than EXACT_ROWS rows in fixed-order kernel chunks against
-one BLAS call (which would not be row-invariant). With --transformers ROWS, transformers
-`generate` on the same prompts in left-padded batches of ROWS (eager, and its static cache under
-torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
+batched verify's linears over more than EXACT_ROWS rows through the kernels' fixed-order row
+tiles (one pass over the weights) against one BLAS call (which would not be row-invariant). With
+--transformers ROWS, transformers `generate` on the same prompts in left-padded batches of ROWS
+(eager, and its static cache under torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
 256 (a step reads the caches only up to the longest live row).
 
     python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_sizes", default="1,2,4,8", help="comma-separated rows at once")
     p.add_argument("--num_prompts", type=int, default=16)
     p.add_argument("--prompts", default="mixed", choices=harness.PROMPT_SETS)
-    p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: kernel "
-                   "chunks against one BLAS call")
+    p.add_argument("--exactness", action="store_true", help="also time the linears of a batched verify: the kernels' "
+                   "row tiles against one BLAS call")
     p.add_argument("--transformers", type=int, default=None, metavar="ROWS", help="also time transformers generate "
                    "on the same prompts in left-padded batches of ROWS (one of --batch_sizes), eager and static "
                    "cache + compile")
@@ -87,13 +87,13 @@ def run_batch(engine, prompts, rows: int, max_new_tokens: int, cache: int):
 
 def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
     """ms for one pass of every linear of the model over `rows` rows of a batched step: the kernels'
-    chunks of EXACT_ROWS (what a batched verify runs) against one F.linear call each."""
+    row tiles (what a batched verify runs) against one F.linear call each."""
     out = []
     linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
     for rows in rows_list:
         x_by_width = {w: torch.randn(rows // 4, 4, w) for w in {m.in_features for m in linears}}
 
-        def chunked():
+        def tiles():
             for m in linears:
                 m(x_by_width[m.in_features])
 
@@ -101,9 +101,9 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
             for m in linears:
                 torch.nn.functional.linear(x_by_width[m.in_features], m.weight)
         with torch.no_grad():
-            t_chunks = timing.time_call(chunked, engine.device, repeats=5)
+            t_tiles = timing.time_call(tiles, engine.device, repeats=5)
             t_blas = timing.time_call(blas, engine.device, repeats=5)
-        out.append({"rows": rows, "chunks_ms": t_chunks * 1e3, "blas_ms": t_blas * 1e3})
+        out.append({"rows": rows, "tiles_ms": t_tiles * 1e3, "blas_ms": t_blas * 1e3})
     return out
 
 
@@ -235,10 +235,10 @@ def main(argv=None):
         for r in long:
             print(f"| {r['rows']} | {r['short_ms']:.2f} | {r['long_ms']:.2f} | {r['long_ms'] / r['short_ms']:.2f}x |")
     if a.exactness and engine.device.type == "cpu" and cpu_kernels.load(quiet=True):
-        print("\n| rows of a batched step | kernel chunks of 16 ms | one BLAS call ms | cost of exactness |")
+        print("\n| rows of a batched step | kernel row tiles ms | one BLAS call ms | cost of exactness |")
         print("|---|---|---|---|")
         for r in exactness_rows(engine):
-            print(f"| {r['rows']} | {r['chunks_ms']:.2f} | {r['blas_ms']:.2f} | {r['chunks_ms'] / r['blas_ms']:.2f}x |")
+            print(f"| {r['rows']} | {r['tiles_ms']:.2f} | {r['blas_ms']:.2f} | {r['tiles_ms'] / r['blas_ms']:.2f}x |")
     run = {"config": f"{a.quantize or 'float32'} {engine.strategy.describe()}", "rows": results}
     runs = [run]
     if a.results is not None:

@@ -353,8 +353,9 @@ def test_the_int4_lanes_layout_holds_the_same_codes():
 
 @pytest.mark.parametrize("kind", ["float32", "int8", "int4", "int4-lanes"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
-    """Up to EXACT_ROWS rows every output is reduced in one fixed order: a verify pass over k + 1
-    rows gives bitwise what k + 1 one-row steps give, so greedy self-speculation cannot flip a near tie.
+    """Up to EXACT_ROWS rows, and a batched step's rows however many, every output is reduced in one
+    fixed order: a verify pass over k + 1 rows gives bitwise what k + 1 one-row steps give, so greedy
+    self-speculation cannot flip a near tie.
     (A full tile sums its outputs' lanes together, a partial one each alone; K = 583 has a tail past
     the vectors, N = 203 partial channel tiles.)"""
     k = 576 if kind.startswith("int4") else 583
@@ -372,6 +373,14 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     alone = torch.cat([f(x[i:i + 1]) for i in range(n)])
     for rows in range(2, n + 1):
         assert torch.equal(f(x[:rows]), alone[:rows]), rows
+    # a batched step [B, T, K] takes the tiles however many rows (here 3 x 16 = 48) in one call
+    xb = torch.randn(3, n, k)
+    assert torch.equal(f(xb), torch.stack([torch.cat([f(xb[b, i:i + 1]) for i in range(n)]) for b in range(3)]))
+    if kind != "float32":  # and with int8 activations
+        q8 = torch.ops.layerskip_cpu.int8_linear_q8 if kind == "int8" else torch.ops.layerskip_cpu.int4_linear_q8
+        args = (q, s) if kind == "int8" else (packed, scales, biases, 32)
+        assert torch.equal(q8(xb, *args), torch.stack([q8(xb[b], *args) for b in range(3)]))
+        assert torch.equal(q8(xb[0], *args), torch.cat([q8(xb[0, i:i + 1], *args) for i in range(n)]))
 
 
 def test_compiled_graphs_call_the_same_kernels():
@@ -397,7 +406,7 @@ def test_other_input_dtypes_are_computed_in_float32():
 
 @pytest.mark.parametrize("op", ["int8_linear", "int8_linear_q8"])
 @pytest.mark.parametrize("args,message", [
-    (lambda q, s: (torch.randn(2, 64).double(), q, s), "x must be a 2-D float32 tensor"),
+    (lambda q, s: (torch.randn(2, 64).double(), q, s), "x must be a float32 tensor \\[M, K\\] or \\[B, T, K\\]"),
     (lambda q, s: (torch.randn(2, 63), q, s), "x has 63 columns, the weight 64"),
     (lambda q, s: (torch.randn(2, 64), q.float(), s), "weight must be a 2-D int8 tensor"),
     (lambda q, s: (torch.randn(2, 64), q, s[:3]), "scales must be float32"),
