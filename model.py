@@ -141,9 +141,10 @@ class Linear(nn.Linear):
 
     float32 weights (once `pack` found the kernels): up to cpu_kernels.EXACT_ROWS rows, i.e. decode,
     draft and verify steps (and a batched step's rows, however many), go to
-    `cpu_kernels.float_linear`, which streams each weight once for all rows at close to memory bandwidth (oneDNN/MKL's GEMV reaches about half, BENCHMARKS.md) and
-    reduces every output in one order whatever the number of rows: a verify pass over k + 1 rows
-    gives bitwise the products of k + 1 one-row steps. Without the kernels, under torch.compile one
+    `cpu_kernels.float_linear`, which streams each weight once for all rows at close to memory
+    bandwidth (oneDNN/MKL's GEMV reaches about half, BENCHMARKS.md) and reduces every output in
+    one order whatever the number of rows: a verify pass over k + 1 rows gives bitwise the products
+    of k + 1 one-row steps. Without the kernels, under torch.compile one
     row is written as a multiply and a sum, which inductor turns into one streaming loop.
     Prompts (more rows) and training (gradients) take F.linear.
     """

@@ -76,10 +76,10 @@ class SourceChooser:
     passage): the shares say where, so a long verify pass is chosen only where the tokens it adds
     are usually kept. Positions no proposal has reached yet take the share of the one before
     (copies go on as they went). A plain step yields one token a row; a model round, the moving
-    average of what its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are moving averages of
-    what its rounds took (a round is counted as at most twice the estimate, so that one stall
-    does not make a kind look slow for long). A kind not yet timed is tried first (its first round, which may compile,
-    is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
+    average of what its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are
+    moving averages of what its rounds took (a round is counted as at most twice the estimate, so
+    that one stall does not make a kind look slow for long). A kind not yet timed is tried first
+    (its first round, which may compile, is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
     changed with the text) if its last estimate came within EXPLORE_WITHIN of the best: trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own

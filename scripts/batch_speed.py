@@ -4,8 +4,8 @@ prompt's output equals its batch-1 output. Then, with --exactness, what exact ba
 batched verify's linears over more than EXACT_ROWS rows through the kernels' fixed-order row
 tiles (one pass over the weights) against one BLAS call (which would not be row-invariant). With
 --transformers ROWS, transformers `generate` on the same prompts in left-padded batches of ROWS
-(eager, and its static cache under torch.compile); with --long_cache N, a step near position 128 with caches of N positions against
-256 (a step reads the caches only up to the longest live row).
+(eager, and its static cache under torch.compile); with --long_cache N, a step near position 128
+with caches of N positions against 256 (a step reads the caches only up to the longest live row).
 
     python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
     python scripts/batch_speed.py --compile --quantize int8 --generation_strategy self_speculative \\

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 import cpu_kernels  # noqa: E402
 import quantized  # noqa: E402
 from checkpoint import load_model  # noqa: E402
+from options import DTYPES  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 CHECKPOINT = REPO / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -79,7 +80,7 @@ def main(argv=None):
     rows = []
     for scheme in ["float32"] + args.schemes:
         model = load_model(args.checkpoint_path, dtype=torch.float32)
-        model.kv_cache_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.kv_cache_dtype]
+        model.kv_cache_dtype = DTYPES[args.kv_cache_dtype]
         if scheme != "float32":
             quantized.quantize_model(model, *quantized.parse_quantize(scheme))
         for acts in (["float"] if scheme == "float32" else ["float", "int8"]):
