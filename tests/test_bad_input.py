@@ -62,6 +62,7 @@ CASES = [
     *([Case(G, ["--checkpoint_path", "{tiny}", "--device", "cuda"], "CUDA is not available")]
       if not torch.cuda.is_available() else []),
     Case(G, ["--checkpoint_path", "{tiny}", "--dtype", "int8"], "invalid choice: 'int8'", 2),
+    Case(G, ["--checkpoint_path", "{tiny}", "--kv_cache_dtype", "float16"], "invalid choice: 'float16'", 2),
     Case(G, ["--checkpoint_path", "{tiny_int8}", "--max_new_tokens", "2"], "(torch.float32, cpu", 0),
     Case(G, ["--checkpoint_path", "{tiny}", "--dtype", "float16", "--max_new_tokens", "2"], "about 5x slower", 0,
          patch={"options.cpu_has_native_float16": lambda: False}),
