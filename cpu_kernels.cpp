@@ -268,6 +268,43 @@ template <typename Fn, template <int, int> class T, int Rows, int Channels>
 constexpr auto tile_table() {
   return tile_rows<Fn, T, Channels>(std::make_integer_sequence<int, Rows>());
 }
+// float32 weights with W output channels in the vector lanes, [N / W, K, W] (cpu_kernels.pack_float):
+// per lane group of W channels, the K input channels in turn, each a vector of the W channels'
+// weights. Each row's activation is broadcast and multiplied into NV lane groups at once, so output
+// lane n is one running sum over k = 0 .. K - 1, the same whatever the tile's row count (every row
+// count is row-invariant, prompts included), with no horizontal sum and a row's activations read as
+// scalars (the rows' layout reads a vector of them per FMA pair and ends each output with a
+// horizontal sum). Against the rows' layout on SmolLM2's linears (BENCHMARKS.md, "float32 weights
+// with channels in the lanes"): 1 row 1.05x, 16 rows 1.15x, 32 rows 1.5x (the rows' layout
+// then takes MKL's GEMM), 512 rows even with it.
+constexpr int kFloatLaneRows = W == 16 ? 8 : 4;    // rows a tile: 8 x 3 (AVX-512) or 4 x 2 (AVX2) accumulators
+constexpr int kFloatLaneGroups = W == 16 ? 3 : 2;  // lane groups a tile
+// A tile of 4 or more rows prefetches the next tile's weights into L2; fewer rows leave it to the
+// hardware's streamer, which kept ahead better (1 row: 29.4 -> 26.0 ms a step of linears) while
+// more rows lose to it (16 rows: 40.2 -> 43.3); prefetching 2-8 tiles ahead was slower than 1.
+constexpr int kFloatLanePrefetchRows = 4;
+template <int MB, int NV>
+void float_lanes_tile(const float* x, const float* w, const float*, float* y, int64_t K, int64_t ldy) {
+  const int64_t panel = K * W;  // floats a lane group
+  V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    if (MB >= kFloatLanePrefetchRows && k * W * 4 % 64 == 0)  // one prefetch per cache line
+      for (int v = 0; v < NV; ++v) prefetch(w + (v + NV) * panel + k * W);
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = vload(w + v * panel + k * W);
+    for (int m = 0; m < MB; ++m) {
+      const V xb = vset1(x[m * K + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = vfma(wv[v], xb, acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) vstore(y + m * ldy + v * W, acc[m][v]);
+}
+template <int MB, int NV> struct FloatLanesTile { static constexpr DenseFn<float> run = float_lanes_tile<MB, NV>; };
+const auto kFloatLanesTiles = tile_table<DenseFn<float>, FloatLanesTile, kFloatLaneRows, kFloatLaneGroups>();
+
 template <int MB, int NB> struct Int8Tile { static constexpr DenseFn<int8_t> run = dense_tile<int8_t, MB, NB>; };
 template <int MB, int NB> struct FloatTile { static constexpr DenseFn<float> run = dense_tile<float, MB, NB>; };
 template <int MB, int NB> struct Int4Tile { static constexpr Int4Fn run = int4_tile<MB, NB>; };
@@ -571,17 +608,30 @@ at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   return y;
 }
 
-// float32 weights: the rows through the tiles (check_x); a prompt's through the BLAS GEMM, the faster tool there
+// float32 weights [N, K]: the rows through the tiles (check_x), a prompt's through the BLAS GEMM, the
+// faster tool there. In the lanes layout [N / W, K, W] (float_lanes_tile) every row count takes the
+// tiles, as fast as the GEMM (BENCHMARKS.md), in blocks of rows whose activations stay in L2.
 at::Tensor float_linear(const at::Tensor& x_, const at::Tensor& w_) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat, "weight must be a 2-D float32 tensor");
-  const int64_t N = w_.size(0), K = w_.size(1);
+  const bool lanes = w_.dim() == 3;
+  TORCH_CHECK((w_.dim() == 2 || (lanes && W > 1 && w_.size(2) == W)) && w_.scalar_type() == at::kFloat,
+              "weight must be a float32 tensor [N, K]", W > 1 ? " or [N / W, K, W] with W = " + std::to_string(W) : "");
+  const int64_t N = lanes ? w_.size(0) * W : w_.size(0), K = w_.size(1);
   check_x(x_, K);
   const auto x = x_.contiguous(), w = w_.contiguous();
   const int64_t M = rows_of(x);
-  if (to_gemm(x)) return at::mm(x, w.t());
+  if (!lanes && to_gemm(x)) return at::mm(x, w.t());
   auto y = output_for(x, N);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (lanes) {
+    const int64_t block = std::max<int64_t>(kFloatLaneRows, (1 << 19) / (4 * K) / kFloatLaneRows * kFloatLaneRows);
+    for (int64_t r0 = 0; r0 < M; r0 += block)
+      for_tiles<kFloatLaneRows, kFloatLaneGroups * W>(std::min(block, M - r0), N, wp, K * 4,
+                                                      [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+        kFloatLanesTiles[mb - 1][nb / W - 1](xp + (r0 + m0) * K, wp + n0 * K, nullptr, yp + (r0 + m0) * N + n0, K, N);
+      });
+    return y;
+  }
   for_tiles(M, N, wp, K * 4, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
     kFloatTiles[mb - 1][nb - 1](xp + m0 * K, wp + n0 * K, nullptr, yp + m0 * N + n0, K, N);
   });
@@ -1441,6 +1491,9 @@ int64_t int4_lanes() {
   return 0;
 #endif
 }
+// Output channels a lane group of the float32 lanes layout (cpu_kernels.pack_float); 0 in the
+// portable build, which has the rows' layout only
+int64_t float_lanes() { return W > 1 ? W : 0; }
 }  // namespace
 
 TORCH_LIBRARY(layerskip_cpu, m) {
@@ -1453,6 +1506,7 @@ TORCH_LIBRARY(layerskip_cpu, m) {
   m.def("argmax(Tensor x) -> Tensor");
   m.def("isa() -> str", &isa);
   m.def("int4_lanes() -> int", &int4_lanes);
+  m.def("float_lanes() -> int", &float_lanes);
 }
 
 TORCH_LIBRARY_IMPL(layerskip_cpu, CPU, m) {

@@ -12,6 +12,12 @@ cannot be built (no compiler, LAYERSKIP_CPU_KERNELS=0), the quantized layers fal
 dequantizing the weights in PyTorch: correct, slow, and said once; float32 layers and attention
 fall back to PyTorch's own ops, silently.
 
+float32 layouts (`pack_float`): the weight [N, K] as stored, whose rows the op tiles up to
+EXACT_ROWS rows (more: BLAS), or, as `model.Linear.pack` puts every float32 layer it can at load,
+L output channels in the vector lanes (L = `float_lanes()`: 16 with AVX-512, 8 with AVX2; N % L
+== 0): [N / L, K, L], each row's activation broadcast against L channels' weights at once, every
+row count through the tiles (prompts included), each output one running sum over k in order.
+
 int4 layouts on the CPU (`pack_int4`), w = code * scale + bias per group of `groupsize` input channels:
 - rows: weight [N, K / 2], per row each block of 32 input channels is 16 bytes, byte i holding code
   i in its low nibble and code i + 16 in its high nibble (one 16-byte load unpacks into two vectors
@@ -109,7 +115,7 @@ def _load() -> bool:
     torch.library.register_fake("layerskip_cpu::attention")(lambda q, k, v, input_pos: q.new_empty(q.shape))
     torch.library.register_fake("layerskip_cpu::argmax")(lambda x: x.new_empty(x.shape[:-1], dtype=torch.long))
     torch.library.register_fake("layerskip_cpu::float_linear")(
-        lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
+        lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0] * (weight.shape[2] if weight.dim() == 3 else 1)))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
         lambda x, weight, scales: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
@@ -176,8 +182,11 @@ def _rows(op, x: torch.Tensor, *args) -> torch.Tensor:
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] float32 @ float32 weight [N, K].T through the row tiles (more than EXACT_ROWS rows
-    that are not a batched step: BLAS)."""
+    """x [..., K] float32 @ float32 weight.T, the weight [N, K] or in the lanes layout (pack_float).
+    [N, K]: through the row tiles, more than EXACT_ROWS rows that are not a batched step through
+    BLAS; lanes: every row count through the tiles, each row independent of the others."""
+    if weight.dim() == 3:
+        return torch.ops.layerskip_cpu.float_linear(x, weight)
     return _rows(torch.ops.layerskip_cpu.float_linear, x, weight)
 
 
@@ -218,6 +227,28 @@ def int4_lanes() -> int:
     if "int4_lanes" not in _state:
         _state["int4_lanes"] = torch.ops.layerskip_cpu.int4_lanes() if load(quiet=True) else 0
     return _state["int4_lanes"]
+
+
+def float_lanes() -> int:
+    """Output channels a group of the float32 layout with channels in the vector lanes (16 in the
+    AVX-512 builds, 8 in the AVX2 ones), or 0 where the kernels are the portable build or absent."""
+    if "float_lanes" not in _state:
+        _state["float_lanes"] = torch.ops.layerskip_cpu.float_lanes() if load(quiet=True) else 0
+    return _state["float_lanes"]
+
+
+def pack_float(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [N, K] in the lanes layout [N / L, K, L] (L = float_lanes(), N % L == 0):
+    element [v, k, c] is weight[v L + c, k], so one vector load holds L output channels' weights at
+    one input channel (cpu_kernels.cpp, float_lanes_tile)."""
+    n, k = weight.shape
+    width = float_lanes()
+    return weight.reshape(n // width, width, k).transpose(1, 2).contiguous()
+
+
+def unpack_float(packed: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] of pack_float's layout."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])
 
 
 def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, lanes: bool | None = None):

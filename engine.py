@@ -333,6 +333,7 @@ def load_engine(config: EngineConfig, rank: int = 0, world_size: int = 1, check=
     how = f", quantized to {config.quantize} in memory" if config.quantize else ""
     print(f"Loaded {path} ({dtype}, {device}{how}{shards}) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     for scheme, d in drafts.items():
+        d.tok_embeddings.weight = model.tok_embeddings.weight  # the same table, in the layout packing chose
         extra, full = weight_bytes(d, shared_with=model), weight_bytes(model)
         print(f"Draft: {scheme} copy of layers [0, {d.args.n_layers}) and the LM head, +{extra / 1e6:.0f} MB "
               f"(+{extra / full:.0%} of the model's weights)", file=sys.stderr)

@@ -139,26 +139,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Linear(nn.Linear):
     """A bias-free linear layer with CPU paths for a few rows, where reading the weight is the cost.
 
-    float32 weights (once `pack` found the kernels): up to cpu_kernels.EXACT_ROWS rows, i.e. decode,
-    draft and verify steps (and a batched step's rows, however many), go to
-    `cpu_kernels.float_linear`, which streams each weight once for all rows at close to memory
-    bandwidth (oneDNN/MKL's GEMV reaches about half, BENCHMARKS.md) and reduces every output in
-    one order whatever the number of rows: a verify pass over k + 1 rows gives bitwise the products
-    of k + 1 one-row steps. Without the kernels, under torch.compile one
-    row is written as a multiply and a sum, which inductor turns into one streaming loop.
-    Prompts (more rows) and training (gradients) take F.linear.
+    float32 weights, once `pack` found the kernels: the weight goes into the kernels' lanes layout
+    (cpu_kernels.pack_float: [N / L, K, L], L output channels a vector) and every call goes to
+    `cpu_kernels.float_linear`, which streams the weight once for all rows at close to memory
+    bandwidth and reduces every output in one order whatever the number of rows: a verify pass
+    over k + 1 rows gives bitwise the products of k + 1 one-row steps, and a prompt those of its
+    tokens one at a time. pack(lanes=False) (training: gradients need the plain weight) or a width
+    that is not a multiple of L keep the [N, K] weight: then up to cpu_kernels.EXACT_ROWS rows (and
+    a batched step's rows) go to the same kernel's row tiles, also row-invariant, and prompts and
+    gradients to F.linear. Without the kernels, under torch.compile one row is written as a
+    multiply and a sum, which inductor turns into one streaming loop.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.use_cpu_kernel = False
 
-    def pack(self):
+    def pack(self, lanes: bool = True):
         """Called once the weight is in place (checkpoint.load_model, after any sharding)."""
         if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
             self.use_cpu_kernel = cpu_kernels.load(quiet=True)
+            width = cpu_kernels.float_lanes()
+            if lanes and self.use_cpu_kernel and width and self.weight.dim() == 2 and self.out_features % width == 0:
+                self.weight = nn.Parameter(cpu_kernels.pack_float(self.weight.detach()), requires_grad=False)
 
     def forward(self, x):
+        if self.weight.dim() == 3:  # packed into the lanes layout: the kernel takes every row count
+            return cpu_kernels.float_linear(x, self.weight)
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             few = rows <= cpu_kernels.EXACT_ROWS or cpu_kernels.batched_step(x)
@@ -380,6 +387,9 @@ class Transformer(nn.Module):
         return _CacheRows(self, slice(start, stop))
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.tok_embeddings.weight
+        if w.dim() == 3:  # the tied LM head's lanes layout (Linear.pack): token t's row is w[t // L, :, t % L]
+            return w[idx // w.shape[2], :, idx % w.shape[2]]
         return self.tok_embeddings(idx)
 
     def run_layers(self, h: torch.Tensor, input_pos: torch.Tensor | None = None,

@@ -209,15 +209,21 @@ def apply_scheme(model: Transformer, scheme: dict):
     return model
 
 
-def pack_model(model: Transformer) -> Transformer:
+def pack_model(model: Transformer, lanes: bool = True) -> Transformer:
     """Readies every linear layer for its kernel once its weights are final (loaded, sharded), and
-    on CPU the attention for the attention kernel."""
+    on CPU the attention for the attention kernel. lanes=False keeps float32 weights in their
+    [N, K] layout (training; model.Linear)."""
     cpu = model.norm.weight.device.type == "cpu"
+    tied = model.tok_embeddings.weight is model.output.weight
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear, Linear)):
+        if isinstance(m, Linear):
+            m.pack(lanes)
+        elif isinstance(m, (Int4Linear, Int8Linear)):
             m.pack()
         elif isinstance(m, Attention):
             m.use_cpu_kernel = cpu and cpu_kernels.load(quiet=True)
+    if tied:
+        model.tok_embeddings.weight = model.output.weight  # the one table, in the layout pack chose (Transformer.embed)
     return model
 
 
@@ -295,8 +301,14 @@ def _load_quantized(model: Transformer, state: dict, mode: str, groupsize: int):
     """Quantizes the float state dict `state` into `model` (its linears become quantized modules)."""
     tied = model.args.tie_word_embeddings
     keys = [k for k in state if not (k == "output.weight" and tied)]
-    quantized, scheme, _ = quantize_tensors(state.__getitem__, keys, tied, mode, groupsize, progress=False)
+
+    def get(k):  # a float weight packed for the CPU kernel (model.Linear.pack) in its [N, K] layout again
+        t = state[k]
+        return cpu_kernels.unpack_float(t) if t.dim() == 3 and t.is_floating_point() else t
+    quantized, scheme, _ = quantize_tensors(get, keys, tied, mode, groupsize, progress=False)
     apply_scheme(model, scheme)
+    if model.tok_embeddings.weight.dim() == 3:  # the table was the packed head's; the state has it as [V, D]
+        model.tok_embeddings.weight = nn.Parameter(torch.empty(quantized["tok_embeddings.weight"].shape, device="meta"))
     model.load_state_dict(quantized, strict=True, assign=True)
 
 

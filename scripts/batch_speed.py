@@ -97,9 +97,11 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
             for m in linears:
                 m(x_by_width[m.in_features])
 
+        plain = [cpu_kernels.unpack_float(m.weight) if m.weight.dim() == 3 else m.weight for m in linears]
+
         def blas():
-            for m in linears:
-                torch.nn.functional.linear(x_by_width[m.in_features], m.weight)
+            for m, w in zip(linears, plain):
+                torch.nn.functional.linear(x_by_width[m.in_features], w)
         with torch.no_grad():
             t_tiles = timing.time_call(tiles, engine.device, repeats=5)
             t_blas = timing.time_call(blas, engine.device, repeats=5)

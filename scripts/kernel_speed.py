@@ -5,7 +5,8 @@ of weights.
     python scripts/kernel_speed.py                       # all shapes, rows 1 2 4 8 16, every kind
     python scripts/kernel_speed.py --rows 1 --shapes head --rounds 9
 
-Kinds: float32 weights (float_linear; the default model's linears); int8 and int4 (groups of 32
+Kinds: float32 weights (float_linear; the default model's linears) in the lanes layout the model
+packs them into (cpu_kernels.pack_float), float32-rows in the [N, K] layout before it; int8 and int4 (groups of 32
 and 128) weights, each with float32 activations (the ops
 int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8); int4-gN-rows
 keeps int4 in the rows' layout where the build would put channels in the vector lanes
@@ -39,16 +40,19 @@ SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 
 PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
 KINDS = ("float32/float", "int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float",
          "int4-g128/int8")
-# int4 in the rows' layout where the build would put channels in the lanes (the layout before it)
-ROWS_KINDS = ("int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float", "int4-g128-rows/int8")
+# float32 and int4 in the rows' layout where the build would put channels in the lanes (the layouts before it)
+ROWS_KINDS = ("float32-rows/float", "int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float",
+              "int4-g128-rows/int8")
 
 
 def make_weights(kind: str, n: int, k: int):
     """(args after x for the op, bytes read per call, op, K of x) with random contents: speed only."""
     weights, acts = kind.split("/")
     ops = torch.ops.layerskip_cpu
-    if weights == "float32":
+    if weights.startswith("float32"):
         w = torch.randn(n, k)
+        if weights == "float32" and cpu_kernels.float_lanes():
+            w = cpu_kernels.pack_float(w)
         return (w,), 4 * w.numel(), ops.float_linear, k
     if weights == "int8":
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)

@@ -326,7 +326,7 @@ def main(argv=None):
     held_tokens = token_stream(held_docs, tokenizer, 16 * a.seq_len + 1)
     print(f"data: {len(train_docs)} documents, {len(train_tokens)} training tokens; {len(held_docs)} held out",
           file=sys.stderr)
-    model = load_model(src, device, torch.float32)
+    model = load_model(src, device, torch.float32, trainable=True)
     for prm in model.parameters():
         prm.requires_grad_(True)
     before = evaluate(model, held_tokens, eval_exit, a.seq_len)

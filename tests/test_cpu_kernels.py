@@ -72,12 +72,27 @@ def test_float_kernel_matches_the_exact_product(n, k):
         assert_float32_accurate(torch.ops.layerskip_cpu.float_linear(x, w), x, w.double())
 
 
+@pytest.mark.parametrize("n,k", [(16, 1), (48, 17), (96, 576), (208, 1000)])
+def test_float_lanes_kernel_matches_the_exact_product_for_any_rows(n, k):
+    """The lanes layout (pack_float) takes every row count through its tiles, prompts included (300
+    rows: row blocks of the activations; N = 208: a partial tile of lane groups)."""
+    if not cpu_kernels.float_lanes():
+        pytest.skip("this build has the rows' layout only")
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    packed = cpu_kernels.pack_float(w)
+    assert torch.equal(cpu_kernels.unpack_float(packed), w)
+    for rows in (*ROWS, 40, 300):
+        x = torch.randn(rows, k)
+        assert_float32_accurate(cpu_kernels.float_linear(x, packed), x, w.double())
+
+
 def test_float_layers_use_the_kernel_for_a_few_rows_without_gradients():
     from model import Linear
     torch.manual_seed(0)
-    lin = Linear(64, 24)
+    lin = Linear(64, 24)  # 24 output channels: no whole lane group of 16, so the rows' layout
     lin.pack()
-    assert lin.use_cpu_kernel
+    assert lin.use_cpu_kernel and lin.weight.shape == (24, 64)
     x = torch.randn(1, 5, 64)
     with torch.no_grad():
         y = lin(x)
@@ -88,6 +103,29 @@ def test_float_layers_use_the_kernel_for_a_few_rows_without_gradients():
     half = Linear(64, 24).to(torch.bfloat16)
     half.pack()
     assert not half.use_cpu_kernel  # float32 weights only
+
+
+def test_float_layers_pack_into_lanes_unless_trained():
+    """pack() puts a float32 weight into the lanes layout where the build has it and N allows; every
+    row count then takes the kernel, row-invariant (a 40-row prompt too). pack(lanes=False), for
+    training, keeps [N, K] and the gradients."""
+    from model import Linear
+    torch.manual_seed(0)
+    lin, plain = Linear(64, 32), Linear(64, 32)
+    plain.weight.data.copy_(lin.weight.data)
+    w = lin.weight.detach().clone()
+    lin.pack()
+    plain.pack(lanes=False)
+    assert plain.weight.shape == (32, 64) and plain.weight.requires_grad
+    if not cpu_kernels.float_lanes():
+        assert lin.weight.shape == (32, 64)
+        return
+    assert lin.weight.dim() == 3 and torch.equal(cpu_kernels.unpack_float(lin.weight), w)
+    x = torch.randn(2, 20, 64)
+    y = lin(x)
+    assert torch.allclose(y, x @ w.T, atol=1e-5)
+    assert torch.equal(y[1, 7:8], lin(x[1:2, 7:8])[0])
+    assert plain(x).requires_grad
 
 
 # N % 16 == 0: channels in the lanes where the build has that layout (16 with AVX-512 VNNI, 8 with
@@ -294,6 +332,9 @@ def check_q8_kernels():
     for n, k, g in ((16, 128, 64), (48, 1024, 128)):  # the float32-activation op on that layout too
         test_int4_kernel_matches_the_dequantized_product(n, k, g)
     test_a_rows_result_does_not_depend_on_the_rows_beside_it("int4-lanes")
+    if cpu_kernels.float_lanes():  # the float32 lanes layout (the AVX2 build's 8 lanes, 4 x 2 tiles)
+        test_float_lanes_kernel_matches_the_exact_product_for_any_rows(208, 1000)
+        test_a_rows_result_does_not_depend_on_the_rows_beside_it("float32-lanes")
 
 
 @pytest.mark.slow
@@ -351,7 +392,7 @@ def test_the_int4_lanes_layout_holds_the_same_codes():
         cpu_kernels.ACTIVATIONS = saved
 
 
-@pytest.mark.parametrize("kind", ["float32", "int8", "int4", "int4-lanes"])
+@pytest.mark.parametrize("kind", ["float32", "float32-lanes", "int8", "int4", "int4-lanes"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     """Up to EXACT_ROWS rows, and a batched step's rows however many, every output is reduced in one
     fixed order: a verify pass over k + 1 rows gives bitwise what k + 1 one-row steps give, so greedy
@@ -362,6 +403,13 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     if kind == "float32":
         w = torch.randn(203, k)
         f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
+    elif kind == "float32-lanes":  # N = 208: 13 lane groups of 16 (26 of 8), a partial tile of them
+        if not cpu_kernels.float_lanes():
+            pytest.skip("this build has the rows' layout only")
+        w = cpu_kernels.pack_float(torch.randn(208, k))
+        f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
+        x = torch.randn(37, k)  # and a prompt's rows too, however many
+        assert torch.equal(f(x), torch.cat([f(x[i:i + 1]) for i in range(37)]))
     elif kind == "int8":
         q, s, _ = int8_weights(203, k)
         f = lambda x: torch.ops.layerskip_cpu.int8_linear(x, q, s)  # noqa: E731
@@ -376,7 +424,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     # a batched step [B, T, K] takes the tiles however many rows (here 3 x 16 = 48) in one call
     xb = torch.randn(3, n, k)
     assert torch.equal(f(xb), torch.stack([torch.cat([f(xb[b, i:i + 1]) for i in range(n)]) for b in range(3)]))
-    if kind != "float32":  # and with int8 activations
+    if not kind.startswith("float32"):  # and with int8 activations
         q8 = torch.ops.layerskip_cpu.int8_linear_q8 if kind == "int8" else torch.ops.layerskip_cpu.int4_linear_q8
         args = (q, s) if kind == "int8" else (packed, scales, biases, 32)
         assert torch.equal(q8(xb, *args), torch.stack([q8(xb[b], *args) for b in range(3)]))

@@ -123,3 +123,29 @@ def test_decoding_without_setup_caches_is_a_clear_error(tiny_checkpoint):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.setup_caches(1, 10_000)
+
+
+def test_loaded_float_weights_are_packed_and_a_tied_table_is_the_heads(tiny_checkpoint, tmp_path):
+    """load_model packs float32 linears into the kernels' lanes layout (model.Linear.pack); a tied
+    embedding table is then the head's packed tensor, from which Transformer.embed gathers a
+    token's row exactly. Quantizing such a model in memory gives the model that quantizing the
+    [N, K] weights gives (load_model(..., trainable=True) keeps that layout)."""
+    import cpu_kernels
+    from checkpoint import load_model
+    from convert_hf_checkpoint import convert
+    from quantized import Int8Linear, quantize_model
+    if not cpu_kernels.float_lanes():
+        pytest.skip("this build has the rows' layout only")
+    model, hf = tiny_checkpoint(tie_word_embeddings=True)
+    assert model.output.weight.dim() == 3 and model.layers[0].feed_forward.w13.weight.dim() == 3
+    assert model.tok_embeddings.weight is model.output.weight
+    table = hf.get_input_embeddings().weight.detach()
+    idx = torch.tensor([[0, 5, 17, 95], [3, 3, 64, 1]])
+    assert torch.equal(model.embed(idx), table[idx])
+    plain = load_model(convert(tmp_path / "hf"), trainable=True)
+    assert plain.output.weight.shape == (96, 64)
+    quantize_model(model, "int8")
+    quantize_model(plain, "int8")
+    assert isinstance(model.output, Int8Linear) and torch.equal(model.tok_embeddings.weight, table)
+    with torch.no_grad():
+        assert torch.equal(model(idx), plain(idx))

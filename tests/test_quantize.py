@@ -402,7 +402,7 @@ def test_quantized_checkpoints_match_numpy_definitions(tiny_quantized, monkeypat
                 np.testing.assert_array_equal(sz[..., 0].T, ref["scales"])
                 np.testing.assert_array_equal(sz[..., 1].T, ref["zeros"])
             dequantized[name] = torch.from_numpy(ref["dequantized"].astype(np.float32))
-        reference = load_model(src)
+        reference = load_model(src, trainable=True)  # the [N, K] layout of the state dict loaded into it
         reference.load_state_dict(dequantized)
         model = load_model(path)
         with torch.no_grad():
