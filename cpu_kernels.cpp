@@ -340,6 +340,18 @@ inline LI lane_dot(LI acc, LI q, LI x) { return _mm512_dpbusd_epi32(acc, q, x); 
 inline V lane_sum(LI a, LI b) { return _mm512_cvtepi32_ps(_mm512_add_epi32(a, b)); }
 inline LI lane_shuffle(LI q, LI pick) { return _mm512_shuffle_epi8(q, pick); }
 inline V lane_float(LI a) { return _mm512_cvtepi32_ps(a); }
+inline LI li_load(const void* p) { return _mm512_loadu_si512(p); }
+inline LI lane_add(LI a, LI b) { return _mm512_add_epi32(a, b); }
+// int8 weights against signed activation codes (int8_lanes_q8_tile): dpbusd takes its first operand
+// unsigned, so the weights go in as w + 128 (a flip of the sign bit, once per load for all rows) and
+// a block's dot is sum((w + 128) x) = sum(w x) + 128 * sum(x), corrected by the row's code sum
+constexpr int32_t kI8Offset = 128;
+struct I8Quad {
+  LI w;
+  void set(LI w_) { w = _mm512_xor_si512(w_, _mm512_set1_epi8(static_cast<char>(0x80))); }
+  LI dot(LI acc, LI x) const { return _mm512_dpbusd_epi32(acc, w, x); }
+};
+inline LI li_set1(int32_t a) { return _mm512_set1_epi32(a); }
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define INT4_LANES 1
 using LI = __m256i;
@@ -359,6 +371,22 @@ inline V lane_sum(LI a, LI b) {
 }
 inline LI lane_shuffle(LI q, LI pick) { return _mm256_shuffle_epi8(q, pick); }
 inline V lane_float(LI a) { return _mm256_cvtepi32_ps(a); }
+inline LI li_load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline LI lane_add(LI a, LI b) { return _mm256_add_epi32(a, b); }
+inline LI li_set1(int32_t a) { return _mm256_set1_epi32(a); }
+// int8 weights against signed activation codes: the sign trick (maddubs of |w| and x * sign(w): a
+// pair of products is at most 2 * 127 * 127 = 32258, no int16 saturation), widened to int32 (madd)
+constexpr int32_t kI8Offset = 0;
+struct I8Quad {
+  LI w, wabs;
+  void set(LI w_) {
+    w = w_;
+    wabs = _mm256_abs_epi8(w_);
+  }
+  LI dot(LI acc, LI x) const {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1)));
+  }
+};
 #endif
 
 #ifdef INT4_LANES
@@ -494,6 +522,30 @@ inline void dequantize_lanes(const uint8_t* w, const float* sc, const float* bi,
     }
   }
 }
+// Channels Lv .. Lv + L - 1 of that layout (w at their lane group, sc their scales) dequantized to
+// out [L, K] (prompts: the dequantize + GEMM path): per quad and 4 (AVX-512) or 2 (AVX2) channels,
+// their weights widened to float32, times each channel's scale (spread over its 4 lanes; the same
+// product w * scale as the rows' layout), stored 4 values a channel.
+inline void dequantize_int8_lanes(const int8_t* w, const float* sc, int64_t K, float* out) {
+  constexpr int kPer = W / 4;  // channels a vector
+  V s[kLanes / kPer];
+  alignas(64) float f[W];
+  for (int h = 0; h < kLanes / kPer; ++h) {
+    for (int i = 0; i < W; ++i) f[i] = sc[kPer * h + i / 4];
+    s[h] = vload(f);
+  }
+  for (int64_t o = 0; o < K / 4; ++o)
+    for (int h = 0; h < kLanes / kPer; ++h) {
+      const int8_t* src = w + o * 4 * kLanes + 4 * kPer * h;
+#ifdef __AVX512F__
+      const V q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+#else
+      const V q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+#endif
+      vstore(f, vmul(q, s[h]));
+      for (int i = 0; i < kPer; ++i) std::memcpy(out + (kPer * h + i) * K + 4 * o, f + 4 * i, 16);
+    }
+}
 #endif
 
 // Runs tile(m0, mb, n0, nb) over all tiles, channel tiles split between threads (each thread reads
@@ -555,9 +607,19 @@ at::Tensor output_for(const at::Tensor& x, int64_t N) {  // [..., N]
 }
 
 // The arguments of the int8 ops (float or int8 activations alike): (N, K) of the weight
+// or [N / L, K / 4, 4L] with L = kLanes channels in the lanes (INT4_LANES builds; K % 32 == 0)
 std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "weight must be a 2-D int8 tensor");
-  const int64_t N = w.size(0), K = w.size(1);
+#ifdef INT4_LANES
+  const int64_t lanes = kLanes;
+#else
+  const int64_t lanes = 0;
+#endif
+  TORCH_CHECK(w.scalar_type() == at::kChar && (w.dim() == 2 || (lanes && w.dim() == 3 && w.size(2) == 4 * lanes &&
+                                                                 w.size(1) % 8 == 0)),  // K % 32
+              lanes ? "weight must be an int8 tensor [N, K] or [N / L, K / 4, 4L] with L = " + std::to_string(lanes) +
+                          " and K % 32 == 0"
+                    : std::string("weight must be a 2-D int8 tensor"));
+  const int64_t N = w.dim() == 3 ? w.size(0) * lanes : w.size(0), K = w.dim() == 3 ? w.size(1) * 4 : w.size(1);
   check_x(x, K);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be float32 [N]");
   return {N, K};
@@ -593,6 +655,24 @@ at::Tensor int8_linear(const at::Tensor& x_, const at::Tensor& w_, const at::Ten
   const float *xp = x.data_ptr<float>(), *sp = scales.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
+#ifdef INT4_LANES
+  if (w.dim() == 3) {  // lane group of channel n at byte n K
+    auto dequant = [&](int64_t n, float* out) { dequantize_int8_lanes(wp + n * K, sp + n, K, out); };
+    if (to_gemm(x)) return dequantized_mm<kLanes>(x, N, K, dequant);
+    // Float activations over the lanes layout (a tool switching cpu_kernels.ACTIVATIONS after the
+    // model was packed for int8 ones): the float32 weight made whole, then the rows' float tiles,
+    // row-invariant like every path here; slow, and nothing in decoding comes here
+    auto wf = at::empty({N, K}, x.options());
+    float* wfp = wf.data_ptr<float>();
+    at::parallel_for(0, N / kLanes, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) dequant(g * kLanes, wfp + g * kLanes * K);
+    });
+    for_tiles(M, N, wfp, K * 4, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+      kFloatTiles[mb - 1][nb - 1](xp + m0 * K, wfp + n0 * K, nullptr, yp + m0 * N + n0, K, N);
+    });
+    return y;
+  }
+#endif
   if (to_gemm(x)) {
     return dequantized_mm(x, N, K, [&](int64_t n, float* out) {
       const int8_t* row = wp + n * K;
@@ -861,17 +941,19 @@ constexpr int64_t kQ8Pad = QB;
 // The rows of one call quantized: codes [M, Kp] (Kp = K rounded up to kQ8Pad, zero-padded), block
 // scales d [M, Kp / 32] and, for int4 weights, the group sums xs [M, lds] (zero-padded to a
 // multiple of 8 for bias_dot). With Q8_PAIRS, dv [M, Kp / 64, 16] holds each pair of blocks' scales
-// as the lanes of a vector (8 x d of the even block, 8 x d of the odd one), and for int8 weights the
-// codes are stored offset by 128 (unsigned: see int8_q8_tile). One per calling thread, reused: no
-// allocation per call once grown.
+// as the lanes of a vector (8 x d of the even block, 8 x d of the odd one), and for the int8 rows'
+// tile the codes are stored offset by 128 (unsigned: see int8_q8_tile); qs holds each block's sum of
+// codes. One per calling thread, reused: no allocation per call once grown.
 struct QRows {
   std::vector<int8_t> q;
   std::vector<float> d, xs, dv;
+  std::vector<int32_t> qs;  // each block's sum of codes (the int8 lanes layout's correction, I8Quad)
   int64_t Kp = 0, blocks = 0, lds = 0;
 };
 
-// G: the int4 group size (a multiple of 32 dividing K), 0 for int8 weights (no group sums)
-QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
+// G: the int4 group size (a multiple of 32 dividing K), 0 for int8 weights (no group sums).
+// offset_codes: with Q8_PAIRS, store x + 128 (the int8 rows' tile, int8_q8_tile)
+QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, bool offset_codes) {
   thread_local QRows r;
   r.Kp = (K + kQ8Pad - 1) / kQ8Pad * kQ8Pad;
   r.blocks = r.Kp / QB;
@@ -879,6 +961,7 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   r.lds = (groups + 7) / 8 * 8;
   r.q.resize(M * r.Kp);
   r.d.resize(M * r.blocks);
+  r.qs.assign(M * r.blocks, 0);
   r.xs.assign(M * r.lds, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     float gsum = 0.f;
@@ -897,6 +980,7 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
       int32_t sum;
       float& d = r.d[m * r.blocks + b];
       quantize_block(src, r.q.data() + m * r.Kp + b * QB, &d, &sum);
+      r.qs[m * r.blocks + b] = sum;
       if (G) {
         gsum += d * static_cast<float>(sum);
         if ((b + 1) * QB % G == 0) {
@@ -911,7 +995,7 @@ QRows& quantize_rows(const float* x, int64_t M, int64_t K, int64_t G) {
   r.dv.resize(M * pairs * 16);
   for (int64_t i = 0; i < M * pairs; ++i)
     for (int l = 0; l < 16; ++l) r.dv[i * 16 + l] = r.d[2 * i + l / 8];
-  if (!G)  // x + 128 in [1, 255]: a zero code (the padding too) becomes 128
+  if (offset_codes)  // x + 128 in [1, 255]: a zero code (the padding too) becomes 128
     for (auto& c : r.q) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80);
 #endif
   return r;
@@ -1161,6 +1245,54 @@ void int4_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
     }
 }
 #endif
+#ifdef INT4_LANES
+// int8 weights with a lane group of channels per vector, int8 activations. The weight is
+// [N / L, K / 4, 4L] bytes (cpu_kernels.pack_int8; L = kLanes, K % 32 == 0): for channels Lv .. Lv
+// + L - 1 and input channels 4o .. 4o + 3 (a quad), byte 4c + j holds channel Lv + c's weight at
+// 4o + j, so one load holds L channels' 4 weights and one integer dot (I8Quad) against a row's 4
+// activation codes, broadcast, multiplies L channels at once. Per block of 32 inputs, row and lane
+// group: 8 dots (I8Quad), one conversion and one FMA by d[m, b]; the channels' scales multiply at the end,
+// and lane c ends as output c: no horizontal sums, no per-channel float work a block (the rows'
+// layout does both). Exact integer sums, one order for every output: row-invariant.
+template <int MB, int NV>
+void int8_lanes_q8_tile(const QCall& c, int64_t m0, int64_t n0) {
+  const int64_t K = c.K, Kp = c.x->Kp, xblocks = c.x->blocks, group_bytes = kLanes * K;
+  const int8_t* w = static_cast<const int8_t*>(c.w) + n0 * K;
+  const int8_t* xq = c.x->q.data() + m0 * Kp;
+  const float* xd = c.x->d.data() + m0 * xblocks;
+  const int32_t* xsum = c.x->qs.data() + m0 * xblocks;
+  V acc[MB][NV];
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
+  for (int64_t b = 0; b < K / QB; ++b) {
+    LI dot[MB][NV];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < NV; ++v) dot[m][v] = li_zero();
+    LANES_OCTET_LOOP
+    for (int o = 0; o < QB / 4; ++o) {
+      I8Quad q[NV];
+      for (int v = 0; v < NV; ++v) {
+        const int8_t* p = w + v * group_bytes + (b * QB / 4 + o) * 4 * kLanes;
+        prefetch(p + kAhead * NV * group_bytes);
+        q[v].set(li_load(p));
+      }
+      for (int m = 0; m < MB; ++m) {
+        const LI xa = li_bcast4(xq + m * Kp + b * QB + 4 * o);
+        for (int v = 0; v < NV; ++v) dot[m][v] = q[v].dot(dot[m][v], xa);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const V d = vset1(xd[m * xblocks + b]);
+      const LI fix = li_set1(-kI8Offset * xsum[m * xblocks + b]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = vfma(lane_float(kI8Offset ? lane_add(dot[m][v], fix) : dot[m][v]), d, acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v)
+      vstore(c.y + (m0 + m) * c.ldy + n0 + v * kLanes, vmul(acc[m][v], vload(c.scales + n0 + v * kLanes)));
+}
+
+#endif
 using QTileFn = void (*)(const QCall&, int64_t, int64_t);
 template <int MB, int NB> struct Int8Q8 { static constexpr QTileFn run = int8_q8_tile<MB, NB>; };
 template <int MB, int NB> struct Int4Q8 { static constexpr QTileFn run = int4_q8_tile<MB, NB>; };
@@ -1180,6 +1312,18 @@ template <int MB, int NV> struct Int4LanesQ8 { static constexpr QTileFn run = in
 // codes for twice as many rows as 4, which pays from 8 rows on (BENCHMARKS.md). AVX2 (16
 // registers): up to 4 rows, one lane group.
 const auto kInt4LanesQ8Tiles = tile_table<QTileFn, Int4LanesQ8, kLaneQ8Rows, kLaneTiles>();
+template <int MB, int NV> struct Int8LanesQ8 { static constexpr QTileFn run = int8_lanes_q8_tile<MB, NV>; };
+const auto kInt8LanesQ8Tiles = tile_table<QTileFn, Int8LanesQ8, kLaneQ8Rows, kLaneTiles>();
+
+// The lanes layouts' tiles over M rows and N channels: up to kLaneWideRows rows take kLaneTiles
+// lane groups a tile, more rows one (registers)
+template <typename Table>
+void run_lanes_q8_tiles(const Table& tiles, const QCall& c, int64_t M, int64_t N, int64_t lane_bytes) {
+  for_tiles<kLaneQ8Rows, kLaneTiles * kLanes>(M, N, c.w, lane_bytes, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
+    if (mb <= kLaneWideRows) return tiles[mb - 1][nb / kLanes - 1](c, m0, n0);
+    for (int64_t n = n0; n < n0 + nb; n += kLanes) tiles[mb - 1][0](c, m0, n);
+  });
+}
 #endif
 
 template <int NT_, typename Table>
@@ -1198,8 +1342,14 @@ at::Tensor int8_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous();
   const int64_t M = rows_of(x);
   auto y = output_for(x, N);
-  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0);
+  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, 0, w.dim() == 2);
   const QCall c{&xq, w.data_ptr<int8_t>(), scales.data_ptr<float>(), nullptr, K, 0, 0, y.data_ptr<float>(), N};
+#ifdef INT4_LANES
+  if (w.dim() == 3) {
+    run_lanes_q8_tiles(kInt8LanesQ8Tiles, c, M, N, K);
+    return y;
+  }
+#endif
   run_q8_tiles<kQ8Channels>(kInt8Q8Tiles, c, M, N, K);
   return y;
 }
@@ -1212,15 +1362,12 @@ at::Tensor int4_linear_q8(const at::Tensor& x_, const at::Tensor& w_, const at::
   const auto x = x_.contiguous(), w = w_.contiguous(), scales = scales_.contiguous(), biases = biases_.contiguous();
   const int64_t M = rows_of(x);
   auto y = output_for(x, N);
-  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G);
+  const QRows& xq = quantize_rows(x.data_ptr<float>(), M, K, G, false);
   const QCall c{&xq, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), biases.data_ptr<float>(), K, G, K / G,
                 y.data_ptr<float>(), N};
 #ifdef INT4_LANES
   if (w.dim() == 3) {
-    for_tiles<kLaneQ8Rows, kLaneTiles * kLanes>(M, N, c.w, K / 2, [&](int64_t m0, int64_t mb, int64_t n0, int64_t nb) {
-      if (mb <= kLaneWideRows) return kInt4LanesQ8Tiles[mb - 1][nb / kLanes - 1](c, m0, n0);
-      for (int64_t n = n0; n < n0 + nb; n += kLanes) kInt4LanesQ8Tiles[mb - 1][0](c, m0, n);
-    });
+    run_lanes_q8_tiles(kInt4LanesQ8Tiles, c, M, N, K / 2);
     return y;
   }
 #endif

@@ -18,6 +18,10 @@ L output channels in the vector lanes (L = `float_lanes()`: 16 with AVX-512, 8 w
 == 0): [N / L, K, L], each row's activation broadcast against L channels' weights at once, every
 row count through the tiles (prompts included), each output one running sum over k in order.
 
+int8 layouts (`pack_int8`): [N, K] (rows), or with int8 activations L = `int4_lanes()` channels in
+the lanes (N % L == 0, K % 32 == 0): [N / L, K / 4, 4L], byte 4c + j of quad o holding channel c's
+weight at input 4o + j; one integer dot multiplies L channels by a row's 4 activation codes.
+
 int4 layouts on the CPU (`pack_int4`), w = code * scale + bias per group of `groupsize` input channels:
 - rows: weight [N, K / 2], per row each block of 32 input channels is 16 bytes, byte i holding code
   i in its low nibble and code i + 16 in its high nibble (one 16-byte load unpacks into two vectors
@@ -117,11 +121,11 @@ def _load() -> bool:
     torch.library.register_fake("layerskip_cpu::float_linear")(
         lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0] * (weight.shape[2] if weight.dim() == 3 else 1)))
     torch.library.register_fake("layerskip_cpu::int8_linear")(
-        lambda x, weight, scales: x.new_empty(*x.shape[:-1], weight.shape[0]))
+        lambda x, weight, scales: x.new_empty(*x.shape[:-1], scales.numel()))
     torch.library.register_fake("layerskip_cpu::int4_linear")(
         lambda x, weight, scales, biases, groupsize: x.new_empty(*x.shape[:-1], _int4_out(weight)))
     torch.library.register_fake("layerskip_cpu::int8_linear_q8")(
-        lambda x, weight, scales: x.new_empty(*x.shape[:-1], weight.shape[0]))
+        lambda x, weight, scales: x.new_empty(*x.shape[:-1], scales.numel()))
     torch.library.register_fake("layerskip_cpu::int4_linear_q8")(
         lambda x, weight, scales, biases, groupsize: x.new_empty(*x.shape[:-1], _int4_out(weight)))
     _tag_compile_caches()
@@ -270,6 +274,26 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, l
         return w, by_lanes(scales), by_lanes(biases)
     c = codes.reshape(n, k // 32, 2, 16)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous(), scales.contiguous(), biases.contiguous()
+
+
+def pack_int8(weight: torch.Tensor, lanes: bool | None = None) -> torch.Tensor:
+    """An int8 weight [N, K] in the kernels' layout: L = int4_lanes() channels in the lanes (the same
+    L as int4's), [N / L, K / 4, 4L] with byte 4c + j of quad o holding channel c's weight at input
+    4o + j, where the build has it, N % L == 0, K % 32 == 0 and `lanes` (None: with int8
+    activations, the layout's only fast path); else the weight as it is."""
+    n, k = weight.shape
+    width = int4_lanes() if (ACTIVATIONS == "int8" if lanes is None else lanes) else 0
+    if not width or n % width or k % 32:
+        return weight.contiguous()
+    return weight.reshape(n // width, width, k // 4, 4).transpose(1, 2).reshape(n // width, k // 4, 4 * width).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] of either int8 layout."""
+    if packed.dim() == 2:
+        return packed
+    v, quads, width = packed.shape[0], packed.shape[1], packed.shape[2] // 4
+    return packed.reshape(v, quads, width, 4).transpose(1, 2).reshape(v * width, quads * 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 class Int8Linear(nn.Module):
     """On CPU, `cpu_kernels.int8_linear` (float32 results whatever the model's dtype; up to 16 rows
-    with int8 or float32 activations, cpu_kernels.ACTIVATIONS); elsewhere the dequantized product,
+    with int8 or float32 activations, cpu_kernels.ACTIVATIONS; with int8 ones the weight is packed
+    with channels in the vector lanes, cpu_kernels.pack_int8); elsewhere the dequantized product,
     which inductor fuses into the matmul's weight load on CUDA."""
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.float32, device=None):
@@ -91,9 +92,12 @@ class Int8Linear(nn.Module):
         self.use_cpu_kernel = False
 
     def pack(self):
+        """Once the weight is final (loaded, sharded): on CPU, the kernels' layout (cpu_kernels.pack_int8)."""
         if self.weight.device.type == "cpu":
             self.use_cpu_kernel = cpu_kernels.load()
             self.register_buffer("scales32", self.scales.float(), persistent=False)
+            if self.use_cpu_kernel and self.weight.dim() == 2:
+                self.weight = cpu_kernels.pack_int8(self.weight)
 
     def forward(self, x):
         if x.device.type == "cpu" and self.use_cpu_kernel:

@@ -8,9 +8,9 @@ of weights.
 Kinds: float32 weights (float_linear; the default model's linears) in the lanes layout the model
 packs them into (cpu_kernels.pack_float), float32-rows in the [N, K] layout before it; int8 and int4 (groups of 32
 and 128) weights, each with float32 activations (the ops
-int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8); int4-gN-rows
-keeps int4 in the rows' layout where the build would put channels in the vector lanes
-(cpu_kernels.pack_int4). Every
+int8_linear / int4_linear) and with int8 activations (int8_linear_q8 / int4_linear_q8), in the
+layouts the model packs them into; int8-rows and int4-gN-rows keep the rows' layout where the build
+would put channels in the vector lanes (cpu_kernels.pack_int8, pack_int4). Every
 kind of a shape is timed in turn, round after round, and the median round is reported, so a
 neighbour's load or the machine's drift hits every kind alike. Each call reads a different copy of
 the weights, cycling through --cycle_mb of them (several times the last-level cache), so the
@@ -41,7 +41,7 @@ PER_STEP = {"wqkv": 30, "wo": 30, "w13": 30, "w2": 30, "head": 1}
 KINDS = ("float32/float", "int8/float", "int8/int8", "int4-g32/float", "int4-g32/int8", "int4-g128/float",
          "int4-g128/int8")
 # float32 and int4 in the rows' layout where the build would put channels in the lanes (the layouts before it)
-ROWS_KINDS = ("float32-rows/float", "int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float",
+ROWS_KINDS = ("float32-rows/float", "int8-rows/int8", "int4-g32-rows/float", "int4-g32-rows/int8", "int4-g128-rows/float",
               "int4-g128-rows/int8")
 
 
@@ -54,8 +54,9 @@ def make_weights(kind: str, n: int, k: int):
         if weights == "float32" and cpu_kernels.float_lanes():
             w = cpu_kernels.pack_float(w)
         return (w,), 4 * w.numel(), ops.float_linear, k
-    if weights == "int8":
+    if weights.startswith("int8"):
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        w = cpu_kernels.pack_int8(w, lanes=weights == "int8" and acts == "int8")  # as Int8Linear.pack
         s = torch.rand(n) / 100
         return (w, s), w.numel() + 4 * n, ops.int8_linear_q8 if acts == "int8" else ops.int8_linear, k
     g = int(weights.split("-g")[1].removesuffix("-rows"))

@@ -193,6 +193,23 @@ def test_int8_q8_kernel_matches_the_dequantized_product(k):
             assert_q8_accurate(torch.ops.layerskip_cpu.int8_linear_q8(x, q, s), x, w)
 
 
+@pytest.mark.parametrize("k", [32, 96, 576, 1536])
+def test_the_int8_lanes_layout_matches_the_dequantized_product(k):
+    """int8 weights with channels in the lanes (cpu_kernels.pack_int8; N = 208: a lane group alone
+    in the last tile), int8 activations up to 16 rows, the float path beyond (a prompt) and with
+    float activations; the layout holds the same weights."""
+    if not cpu_kernels.int4_lanes():
+        pytest.skip("this build has the rows' layout only")
+    for n in (16, 48, 208):
+        q, s, w = int8_weights(n, k, seed=n)
+        packed = cpu_kernels.pack_int8(q, lanes=True)
+        assert packed.dim() == 3 and torch.equal(cpu_kernels.unpack_int8(packed), q)
+        for rows in Q8_ROWS:
+            x = q8_activations(rows, k, seed=rows)
+            assert_q8_accurate(torch.ops.layerskip_cpu.int8_linear_q8(x, packed, s), x, w)
+            assert_float32_accurate(torch.ops.layerskip_cpu.int8_linear(x, packed, s), x, w)
+
+
 @pytest.mark.parametrize("k,g", [(32, 32), (96, 32), (576, 32), (1536, 32), (128, 64), (1024, 128), (512, 256)])
 def test_int4_q8_kernel_matches_the_dequantized_product(k, g):
     for n in (1, 3, 5, 17, 48, 960):
@@ -332,6 +349,9 @@ def check_q8_kernels():
     for n, k, g in ((16, 128, 64), (48, 1024, 128)):  # the float32-activation op on that layout too
         test_int4_kernel_matches_the_dequantized_product(n, k, g)
     test_a_rows_result_does_not_depend_on_the_rows_beside_it("int4-lanes")
+    if cpu_kernels.int4_lanes():  # the int8 lanes layout (AVX2: the sign trick, 8 channels a vector)
+        test_the_int8_lanes_layout_matches_the_dequantized_product(576)
+        test_a_rows_result_does_not_depend_on_the_rows_beside_it("int8-lanes")
     if cpu_kernels.float_lanes():  # the float32 lanes layout (the AVX2 build's 8 lanes, 4 x 2 tiles)
         test_float_lanes_kernel_matches_the_exact_product_for_any_rows(208, 1000)
         test_a_rows_result_does_not_depend_on_the_rows_beside_it("float32-lanes")
@@ -392,14 +412,14 @@ def test_the_int4_lanes_layout_holds_the_same_codes():
         cpu_kernels.ACTIVATIONS = saved
 
 
-@pytest.mark.parametrize("kind", ["float32", "float32-lanes", "int8", "int4", "int4-lanes"])
+@pytest.mark.parametrize("kind", ["float32", "float32-lanes", "int8", "int8-lanes", "int4", "int4-lanes"])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     """Up to EXACT_ROWS rows, and a batched step's rows however many, every output is reduced in one
     fixed order: a verify pass over k + 1 rows gives bitwise what k + 1 one-row steps give, so greedy
     self-speculation cannot flip a near tie.
     (A full tile sums its outputs' lanes together, a partial one each alone; K = 583 has a tail past
     the vectors, N = 203 partial channel tiles.)"""
-    k = 576 if kind.startswith("int4") else 583
+    k = 576 if kind.startswith("int4") or kind == "int8-lanes" else 583
     if kind == "float32":
         w = torch.randn(203, k)
         f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
@@ -410,8 +430,12 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
         f = lambda x: torch.ops.layerskip_cpu.float_linear(x, w)  # noqa: E731
         x = torch.randn(37, k)  # and a prompt's rows too, however many
         assert torch.equal(f(x), torch.cat([f(x[i:i + 1]) for i in range(37)]))
-    elif kind == "int8":
-        q, s, _ = int8_weights(203, k)
+    elif kind.startswith("int8"):  # int8-lanes: N = 208 (13 lane groups of 16, 26 of 8), K % 32 == 0
+        q, s, _ = int8_weights(203 if kind == "int8" else 208, k)
+        if kind == "int8-lanes":
+            if not cpu_kernels.int4_lanes():
+                pytest.skip("this build has the rows' layout only")
+            q = cpu_kernels.pack_int8(q, lanes=True)
         f = lambda x: torch.ops.layerskip_cpu.int8_linear(x, q, s)  # noqa: E731
     else:  # N = 208: the 16-lane layout where built (int4_lanes)
         packed, scales, biases, _ = int4_weights(203 if kind == "int4" else 208, k, 32)
@@ -425,8 +449,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kind):
     xb = torch.randn(3, n, k)
     assert torch.equal(f(xb), torch.stack([torch.cat([f(xb[b, i:i + 1]) for i in range(n)]) for b in range(3)]))
     if not kind.startswith("float32"):  # and with int8 activations
-        q8 = torch.ops.layerskip_cpu.int8_linear_q8 if kind == "int8" else torch.ops.layerskip_cpu.int4_linear_q8
-        args = (q, s) if kind == "int8" else (packed, scales, biases, 32)
+        q8 = torch.ops.layerskip_cpu.int8_linear_q8 if kind.startswith("int8") else torch.ops.layerskip_cpu.int4_linear_q8
+        args = (q, s) if kind.startswith("int8") else (packed, scales, biases, 32)
         assert torch.equal(q8(xb, *args), torch.stack([q8(xb[b], *args) for b in range(3)]))
         assert torch.equal(q8(xb[0], *args), torch.cat([q8(xb[0, i:i + 1], *args) for i in range(n)]))
 
@@ -456,7 +480,7 @@ def test_other_input_dtypes_are_computed_in_float32():
 @pytest.mark.parametrize("args,message", [
     (lambda q, s: (torch.randn(2, 64).double(), q, s), "x must be a float32 tensor \\[M, K\\] or \\[B, T, K\\]"),
     (lambda q, s: (torch.randn(2, 63), q, s), "x has 63 columns, the weight 64"),
-    (lambda q, s: (torch.randn(2, 64), q.float(), s), "weight must be a 2-D int8 tensor"),
+    (lambda q, s: (torch.randn(2, 64), q.float(), s), "weight must be (a 2-D|an) int8 tensor"),
     (lambda q, s: (torch.randn(2, 64), q, s[:3]), "scales must be float32"),
 ])
 def test_wrong_inputs_are_refused_with_a_reason(args, message, op):
