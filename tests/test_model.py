@@ -149,3 +149,25 @@ def test_loaded_float_weights_are_packed_and_a_tied_table_is_the_heads(tiny_chec
     assert isinstance(model.output, Int8Linear) and torch.equal(model.tok_embeddings.weight, table)
     with torch.no_grad():
         assert torch.equal(model(idx), plain(idx))
+
+
+def test_a_packed_model_keeps_no_mapping_of_its_checkpoint(tiny_checkpoint, tmp_path):
+    """Packed float32 weights are new memory: load_model reads the tensors into memory of their own,
+    so no view of the file's mapping (a norm's) keeps the packed-over pages mapped; a trainable load
+    keeps the lazy mapping."""
+    import gc
+    import os
+    import cpu_kernels
+    from checkpoint import load_model
+    if not cpu_kernels.float_lanes() or not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs the lanes layout and Linux's /proc")
+    model, _ = tiny_checkpoint()
+    path = next(tmp_path.rglob("checkpoint.safetensors"))
+    gc.collect()
+
+    def mapped():
+        with open("/proc/self/maps") as f:
+            return str(path.resolve()) in f.read()
+    assert model.layers[0].attention.wo.weight.dim() == 3 and not mapped()
+    plain = load_model(path, trainable=True)
+    assert plain.norm.weight.dim() == 1 and mapped()
