@@ -277,20 +277,26 @@ constexpr auto tile_table() {
 // horizontal sum). Against the rows' layout on SmolLM2's linears (BENCHMARKS.md, "float32 weights
 // with channels in the lanes"): 1 row 1.04x, 16 rows 1.19x, 32 rows 1.5x (the rows' layout
 // then takes MKL's GEMM), 512 rows even with it.
-constexpr int kFloatLaneRows = W == 16 ? 8 : 4;    // rows a tile: 8 x 3 (AVX-512) or 4 x 2 (AVX2) accumulators
+constexpr int kFloatLaneHalf = W == 16 ? 8 : 4;    // rows a register tile: 8 x 3 (AVX-512) or 4 x 2 (AVX2) accumulators
+// A tile of more rows (a verify pass of 9-16) runs two register tiles span by span of kFloatLaneSpan
+// inputs, the sums kept in L1 between spans, so each span of weights comes from memory once and is
+// read again from L1 at once: 16 rows 5-9% faster than two passes over the whole tile (BENCHMARKS.md).
+constexpr int kFloatLaneRows = 2 * kFloatLaneHalf;
+constexpr int64_t kFloatLaneSpan = 64;
 constexpr int kFloatLaneGroups = W == 16 ? 3 : 2;  // lane groups a tile
 // A tile of 4 or more rows prefetches the next tile's weights into L2; fewer rows leave it to the
 // hardware's streamer, which kept ahead better (1 row: 29.4 -> 26.0 ms a step of linears) while
 // more rows lose to it (16 rows: 40.2 -> 43.3); prefetching 2-8 tiles ahead was slower than 1.
 constexpr int kFloatLanePrefetchRows = 4;
+// Inputs k0 .. k1 - 1 into the running sums of MB rows x NV lane groups, kept in `sums` between calls
 template <int MB, int NV>
-void float_lanes_tile(const float* x, const float* w, const float*, float* y, int64_t K, int64_t ldy) {
+inline void float_lanes_span(const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, V* sums, bool fetch) {
   const int64_t panel = K * W;  // floats a lane group
   V acc[MB][NV];
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = vzero();
-  for (int64_t k = 0; k < K; ++k) {
-    if (MB >= kFloatLanePrefetchRows && k * W * 4 % 64 == 0)  // one prefetch per cache line
+    for (int v = 0; v < NV; ++v) acc[m][v] = k0 == 0 ? vzero() : sums[m * NV + v];
+  for (int64_t k = k0; k < k1; ++k) {
+    if (fetch && k * W * 4 % 64 == 0)  // one prefetch per cache line
       for (int v = 0; v < NV; ++v) prefetch(w + (v + NV) * panel + k * W);
     V wv[NV];
     for (int v = 0; v < NV; ++v) wv[v] = vload(w + v * panel + k * W);
@@ -300,7 +306,22 @@ void float_lanes_tile(const float* x, const float* w, const float*, float* y, in
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) vstore(y + m * ldy + v * W, acc[m][v]);
+    for (int v = 0; v < NV; ++v) sums[m * NV + v] = acc[m][v];
+}
+
+template <int MB, int NV>
+void float_lanes_tile(const float* x, const float* w, const float*, float* y, int64_t K, int64_t ldy) {
+  constexpr int kHalf = MB > kFloatLaneHalf ? kFloatLaneHalf : MB;
+  constexpr int kRest = MB - kHalf > 0 ? MB - kHalf : 1;
+  alignas(64) V a[kHalf * NV], b[kRest * NV];
+  const int64_t span = MB > kFloatLaneHalf ? kFloatLaneSpan : K;
+  for (int64_t k0 = 0; k0 < K; k0 += span) {
+    const int64_t k1 = std::min(K, k0 + span);
+    float_lanes_span<kHalf, NV>(x, w, K, k0, k1, a, MB >= kFloatLanePrefetchRows);
+    if (MB > kFloatLaneHalf) float_lanes_span<kRest, NV>(x + kHalf * K, w, K, k0, k1, b, false);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NV; ++v) vstore(y + m * ldy + v * W, m < kHalf ? a[m * NV + v] : b[(m - kHalf) * NV + v]);
 }
 template <int MB, int NV> struct FloatLanesTile { static constexpr DenseFn<float> run = float_lanes_tile<MB, NV>; };
 const auto kFloatLanesTiles = tile_table<DenseFn<float>, FloatLanesTile, kFloatLaneRows, kFloatLaneGroups>();
