@@ -275,8 +275,8 @@ constexpr auto tile_table() {
 // count is row-invariant, prompts included), with no horizontal sum and a row's activations read as
 // scalars (the rows' layout reads a vector of them per FMA pair and ends each output with a
 // horizontal sum). Against the rows' layout on SmolLM2's linears (BENCHMARKS.md, "float32 weights
-// with channels in the lanes"): 1 row 1.04x, 16 rows 1.19x (1.3-1.5x with the spans below), 32 rows 1.5x (the rows' layout
-// then takes MKL's GEMM), 512 rows even with it.
+// with channels in the lanes"): 1 row 1.04x, 16 rows 1.19x (1.47x with the spans below, in a run
+// where memory was faster), 32 rows 1.5x (the rows' layout then takes MKL's GEMM), 512 rows even.
 constexpr int kFloatLaneHalf = W == 16 ? 8 : 4;    // rows a register tile: 8 x 3 (AVX-512) or 4 x 2 (AVX2) accumulators
 // A tile of more rows (a verify pass of 9-16) runs two register tiles span by span of kFloatLaneSpan
 // inputs, the sums kept in L1 between spans, so each span of weights comes from memory once and is
