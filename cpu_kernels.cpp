@@ -284,10 +284,12 @@ constexpr int kFloatLaneHalf = W == 16 ? 8 : 4;    // rows a register tile: 8 x 
 constexpr int kFloatLaneRows = 2 * kFloatLaneHalf;
 constexpr int64_t kFloatLaneSpan = 64;
 constexpr int kFloatLaneGroups = W == 16 ? 3 : 2;  // lane groups a tile
-// A tile of 4 or more rows prefetches the next tile's weights into L2; fewer rows leave it to the
-// hardware's streamer, which kept ahead better (1 row: 29.4 -> 26.0 ms a step of linears) while
-// more rows lose to it (16 rows: 40.2 -> 43.3); prefetching 2-8 tiles ahead was slower than 1.
-constexpr int kFloatLanePrefetchRows = 4;
+// With AVX-512 a tile of 4 or more rows prefetches the next tile's weights into L2; fewer rows
+// leave it to the hardware's streamer, which kept ahead better (1 row: 29.4 -> 26.0 ms a step of
+// linears) while more rows lose to it (16 rows: 40.2 -> 43.3); prefetching 2-8 tiles ahead was
+// slower than 1. The AVX2 build's one-row tiles fell 16% behind its rows' layout without
+// prefetches (18.9 against 16.2 ms), and even with them (16.6 / 16.2), so there every tile prefetches.
+constexpr int kFloatLanePrefetchRows = W == 16 ? 4 : 1;
 // Inputs k0 .. k1 - 1 into the running sums of MB rows x NV lane groups, kept in `sums` between calls
 template <int MB, int NV>
 inline void float_lanes_span(const float* x, const float* w, int64_t K, int64_t k0, int64_t k1, V* sums, bool fetch) {
