@@ -629,14 +629,20 @@ at::Tensor output_for(const at::Tensor& x, int64_t N) {  // [..., N]
   return at::empty(sizes, x.options());
 }
 
+// Output channels a lane group of the int8 and int4 layouts with channels in the lanes
+// (cpu_kernels.pack_int8, pack_int4), 0 where only the rows' layouts are built
+int64_t int4_lanes() {
+#ifdef INT4_LANES
+  return kLanes;
+#else
+  return 0;
+#endif
+}
+
 // The arguments of the int8 ops (float or int8 activations alike): (N, K) of the weight
 // or [N / L, K / 4, 4L] with L = kLanes channels in the lanes (INT4_LANES builds; K % 32 == 0)
 std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-#ifdef INT4_LANES
-  const int64_t lanes = kLanes;
-#else
-  const int64_t lanes = 0;
-#endif
+  const int64_t lanes = int4_lanes();
   TORCH_CHECK(w.scalar_type() == at::kChar && (w.dim() == 2 || (lanes && w.dim() == 3 && w.size(2) == 4 * lanes &&
                                                                  w.size(1) % 8 == 0)),  // K % 32
               lanes ? "weight must be an int8 tensor [N, K] or [N / L, K / 4, 4L] with L = " + std::to_string(lanes) +
@@ -653,11 +659,7 @@ std::pair<int64_t, int64_t> check_int8(const at::Tensor& x, const at::Tensor& w,
 // biases then [N / L, groups, L]: the same number of values)
 std::pair<int64_t, int64_t> check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                                        const at::Tensor& biases, int64_t G) {
-#ifdef INT4_LANES
-  const int64_t lanes = kLanes;
-#else
-  const int64_t lanes = 0;
-#endif
+  const int64_t lanes = int4_lanes();
   TORCH_CHECK(w.scalar_type() == at::kByte && (w.dim() == 2 || (lanes && w.dim() == 3 && w.size(2) == 4 * lanes)),
               lanes ? "weight must be a uint8 tensor [N, K / 2] or [N / L, K / 8, 4L] with L = " + std::to_string(lanes)
                     : std::string("weight must be a 2-D uint8 tensor (this build has no int4 lanes layout)"));
@@ -1652,15 +1654,6 @@ std::string isa() {
   return kIsa;
 }
 
-// Output channels a lane group of the int4 layout (cpu_kernels.pack_int4), 0 where only the rows'
-// layout is built
-int64_t int4_lanes() {
-#ifdef INT4_LANES
-  return kLanes;
-#else
-  return 0;
-#endif
-}
 // Output channels a lane group of the float32 lanes layout (cpu_kernels.pack_float); 0 in the
 // portable build, which has the rows' layout only
 int64_t float_lanes() { return W > 1 ? W : 0; }

@@ -188,9 +188,8 @@ def _rows(op, x: torch.Tensor, *args) -> torch.Tensor:
 def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] float32 @ float32 weight.T, the weight [N, K] or in the lanes layout (pack_float).
     [N, K]: through the row tiles, more than EXACT_ROWS rows that are not a batched step through
-    BLAS; lanes: every row count through the tiles, each row independent of the others."""
-    if weight.dim() == 3:
-        return torch.ops.layerskip_cpu.float_linear(x, weight)
+    BLAS; lanes: every row count through the tiles (the op's choice), each row independent of the
+    others."""
     return _rows(torch.ops.layerskip_cpu.float_linear, x, weight)
 
 
