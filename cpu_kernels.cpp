@@ -278,11 +278,16 @@ constexpr auto tile_table() {
 // with channels in the lanes"): 1 row 1.04x, 16 rows 1.19x (1.47x with the spans below, in a run
 // where memory was faster), 32 rows 1.5x (the rows' layout then takes MKL's GEMM), 512 rows even.
 constexpr int kFloatLaneHalf = W == 16 ? 8 : 4;    // rows a register tile: 8 x 3 (AVX-512) or 4 x 2 (AVX2) accumulators
-// A tile of more rows (a verify pass of 9-16) runs two register tiles span by span of kFloatLaneSpan
-// inputs, the sums kept in L1 between spans, so each span of weights comes from memory once and is
-// read again from L1 at once: 16 rows 5-9% faster than two passes over the whole tile (BENCHMARKS.md).
+// A tile of more rows (a verify pass of 9-16) runs two register tiles span by span of inputs, the
+// sums kept in L1 between spans, so each span of weights comes from memory once and is read again
+// from L1 at once: 16 rows 5-9% faster than two passes over the whole tile (BENCHMARKS.md). Only the
+// first register tile's span waits on memory, the second's computes from L1, so the shorter the
+// spans the more evenly the weights stream: when both register tiles have 2 or more rows, spans of
+// kFloatLaneShortSpan (16 rows 4.5% faster than spans of 64 on the AVX-512 Xeon; the AVX2 build,
+// 6-16 rows, 1-3%); a second tile of one row costs less than the sums' extra stores (9 rows, 1%).
 constexpr int kFloatLaneRows = 2 * kFloatLaneHalf;
 constexpr int64_t kFloatLaneSpan = 64;
+constexpr int64_t kFloatLaneShortSpan = W == 16 ? 8 : 16;
 constexpr int kFloatLaneGroups = W == 16 ? 3 : 2;  // lane groups a tile
 // With AVX-512 a tile of 4 or more rows prefetches the next tile's weights into L2; fewer rows
 // leave it to the hardware's streamer, which kept ahead better (1 row: 29.4 -> 26.0 ms a step of
@@ -316,7 +321,7 @@ void float_lanes_tile(const float* x, const float* w, const float*, float* y, in
   constexpr int kHalf = MB > kFloatLaneHalf ? kFloatLaneHalf : MB;
   constexpr int kRest = MB - kHalf > 0 ? MB - kHalf : 1;
   alignas(64) V a[kHalf * NV], b[kRest * NV];
-  const int64_t span = MB > kFloatLaneHalf ? kFloatLaneSpan : K;
+  const int64_t span = MB <= kFloatLaneHalf ? K : kRest >= 2 ? kFloatLaneShortSpan : kFloatLaneSpan;
   for (int64_t k0 = 0; k0 < K; k0 += span) {
     const int64_t k1 = std::min(K, k0 + span);
     float_lanes_span<kHalf, NV>(x, w, K, k0, k1, a, MB >= kFloatLanePrefetchRows);
