@@ -153,6 +153,8 @@ class Batch:
             raise ValueError("no free row: the caller checks free_rows")
         seq.row = row
         self.filling[row] = (seq, 0, 0.0)
+        if self.chooser:
+            self.chooser.new_text()
         return self._fill(row, chunk)
 
     @torch.no_grad()

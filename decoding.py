@@ -474,6 +474,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     text = NgramIndex(prompt.tolist()) if ngram_tokens else None
     if text and chooser is None:
         chooser = SourceChooser(policy.max_k, clocks=params.greedy)
+    elif text:
+        chooser.new_text()
     stop = set(stop_ids)
     stats = GenerationStats(T, 0, 0.0, 0.0, num_speculations=lookahead,
                             adaptive=not isinstance(policy, FixedPolicy))

@@ -62,7 +62,7 @@ def test_a_copied_span_is_proposed_and_the_longest_match_wins():
 import torch  # noqa: E402
 
 from decoding import MAX_SPECULATIONS, Strategy, generate, speculative_generate  # noqa: E402
-from ngram import EXPLORE_EVERY, SourceChooser  # noqa: E402
+from ngram import CARRIED_PROPOSALS, EXPLORE_EVERY, SourceChooser  # noqa: E402
 from sampling import SamplingParams, logits_to_probs  # noqa: E402
 from test_decoding import _chi2_critical, chi2, rand_prompt, random_model  # noqa: E402
 
@@ -235,6 +235,42 @@ def test_the_chooser_prefers_what_yields_more_per_second():
     fixed.observe_round(model, 0.0, 4)
     assert fixed.choose({("ngram", 4): 2.0, plain: 1.0, model: None}) == ("ngram", 4)
     assert fixed.choose({plain: 1.0, model: None}) == model
+
+
+def test_a_new_text_weighs_what_earlier_texts_kept_as_a_prior_only():
+    """A text whose proposals failed (chat) must not keep them from being tried on one that copies
+    (a code edit): a new text keeps the earlier shares but at the weight of CARRIED_PROPOSALS."""
+    def after(new_text):
+        c = SourceChooser()
+        for _ in range(100):  # matches of length 3 in the first text: the first token kept, never more
+            c.observe_ngram(3, 8, 1)
+        before = [kept / checked for checked, kept in c.hits[3][:2]]  # 1 and 0 (no proposal got further)
+        if new_text:
+            c.new_text()
+            assert [checked for checked, _ in c.hits[3]] == [CARRIED_PROPOSALS] * 2 + [0.0] * 6
+            assert [kept / checked for checked, kept in c.hits[3][:2]] == pytest.approx(before)  # the same shares
+        for _ in range(3):  # the new text copies whole
+            c.observe_ngram(3, 8, 8)
+        return c.expected(3, 8)
+    assert after(new_text=False) < 2.5  # 3 proposals against the first text's (decayed) 43
+    assert after(new_text=True) > 4.5  # against 2: half of the 8 proposed tokens expected already
+
+
+def test_every_new_text_tells_the_chooser(monkeypatch):
+    """A generation given the chooser of earlier ones, and a sequence joining a batch"""
+    from batching import Batch, Sequence
+    calls = []
+    monkeypatch.setattr(SourceChooser, "new_text", lambda self: calls.append(self))
+    model = random_model()
+    model.setup_caches(1, 64)
+    chooser = SourceChooser(3, clocks=False)
+    prompt = repeating_prompt(12, 0)
+    for _ in range(2):
+        speculative_generate(model, prompt, 4, GREEDY, 3, draft_source="ngram", chooser=chooser)
+    assert calls == [chooser, chooser]
+    batch = Batch(model, GREEDY, draft_source="ngram", chooser=chooser)
+    batch.add(Sequence(prompt.tolist(), 3))
+    assert calls == [chooser] * 3
 
 
 def test_flags_that_contradict_are_refused():
