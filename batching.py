@@ -263,6 +263,8 @@ class Batch:
                 continue
             kept = seq.take(produced[row])
             out.append((seq, kept))
+            if proposals and source != "ngram" and proposals[row][0]:  # what its proposal would have kept
+                self.chooser.observe_unverified(proposals[row][1], proposals[row][0], kept)
             if self.texts[row] is not None:
                 self.texts[row].extend(kept)
             if seq.done:

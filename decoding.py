@@ -520,6 +520,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         kept = r.kept[:max_new_tokens - len(out)]
         kept = kept[:next((i + 1 for i, t in enumerate(kept) if t in stop), len(kept))]  # up to a stop token
         if text:
+            if source != "ngram":  # what the text's proposal would have kept, from the round's tokens
+                chooser.observe_unverified(n, proposal, kept)
             if r.pending_s:  # the draft's catch-up, timed apart from the round (SourceChooser.choose charges it)
                 chooser.observe_catch_up(r.pending_s, behind)
             chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))

@@ -256,6 +256,24 @@ def test_a_new_text_weighs_what_earlier_texts_kept_as_a_prior_only():
     assert after(new_text=True) > 4.5  # against 2: half of the 8 proposed tokens expected already
 
 
+def test_every_round_tells_the_chooser_whether_the_proposal_started_right():
+    """A round of another kind is free evidence on the proposal made before it: its first token
+    is kept or not as the round's first token is the proposed one (later positions are seen only
+    where the round went far, which is where copies go on, so they are left to n-gram rounds)."""
+    c = SourceChooser()
+    c.observe_unverified(3, [7, 8, 9], [7, 8, 1])
+    c.observe_unverified(3, [5, 6], [4])
+    c.observe_unverified(3, [], [4])  # no proposal: nothing
+    c.observe_unverified(2, [5], [])  # no tokens (the budget was spent): nothing
+    assert c.hits == {3: [[1.0 * c.decay + 1.0, 1.0 * c.decay]]}
+    for _ in range(100):  # the text's proposals failed whenever they were verified ...
+        c.observe_ngram(4, 8, 0)
+    assert c.expected(4, 1) < 1.05
+    for _ in range(30):  # ... and now other rounds keep showing their first token right
+        c.observe_unverified(4, [1, 2, 3], [1, 5])
+    assert c.expected(4, 1) > 1.45  # half of them expected again (the old record decays)
+
+
 def test_every_new_text_tells_the_chooser(monkeypatch):
     """A generation given the chooser of earlier ones, and a sequence joining a batch"""
     from batching import Batch, Sequence
