@@ -183,13 +183,13 @@ class SourceChooser:
     def observe_ngram(self, n: int, proposed: int, accepted: int):
         """An n-gram round's verdict: how many of the proposed tokens it kept."""
         counts = self.hits.setdefault(n, [])
-        for c in counts:
-            c[0] *= self.decay
-            c[1] *= self.decay
         counts.extend([0.0, 0.0] for _ in range(proposed - len(counts)))
-        for i in range(min(accepted + 1, proposed)):  # checked: every kept token and the first rejected
-            counts[i][0] += 1.0
-            counts[i][1] += float(i < accepted)
+        # checked: every kept token and the first rejected; each position's counts decay as it is
+        # checked again (were all to decay at every verdict, the first position's free verdicts,
+        # observe_unverified, would wear the later ones' away to the prior, copies going on)
+        for i in range(min(accepted + 1, proposed)):
+            counts[i][0] = counts[i][0] * self.decay + 1.0
+            counts[i][1] = counts[i][1] * self.decay + float(i < accepted)
 
     def observe_unverified(self, n: int, proposal: list, tokens: list):
         """A round of another kind produced `tokens` (the full model's) where the text proposed

@@ -272,6 +272,10 @@ def test_every_round_tells_the_chooser_whether_the_proposal_started_right():
     for _ in range(30):  # ... and now other rounds keep showing their first token right
         c.observe_unverified(4, [1, 2, 3], [1, 5])
     assert c.expected(4, 1) > 1.45  # half of them expected again (the old record decays)
+    c.observe_ngram(5, 3, 1)  # a verified proposal: its first token kept, the second not
+    for _ in range(50):  # the first position's free verdicts leave the later positions' record alone
+        c.observe_unverified(5, [1], [1])
+    assert c.hits[5][1:] == [[1.0, 0.0], [0.0, 0.0]]
 
 
 def test_every_new_text_tells_the_chooser(monkeypatch):
