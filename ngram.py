@@ -172,8 +172,8 @@ class SourceChooser:
         texts' proposals kept carries over as a prior of at most CARRIED_PROPOSALS proposals per
         match length and position, its shares unchanged. Kept at full weight, a record from a text
         that copied little kept proposals from ever being tried on one that copies a lot (HumanEval
-        completions: auto ran only model rounds after one such prompt, at 0.58x what n-gram
-        rounds gave)."""
+        completions after one such prompt: auto ran only model rounds, 64.7 tokens/s; with this,
+        122)."""
         for counts in self.hits.values():
             for c in counts:
                 if c[0] > CARRIED_PROPOSALS:
