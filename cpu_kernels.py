@@ -66,9 +66,16 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c
 _state: dict = {}
 
 
+def march() -> str:
+    """The instruction set level to build for: LAYERSKIP_CPU_MARCH picks another than this CPU's
+    (haswell: AVX2; x86-64: portable C++), e.g. to test those paths, or for a build shared by
+    different machines; unset or empty, native."""
+    return os.environ.get("LAYERSKIP_CPU_MARCH") or "native"
+
+
 def _build_name() -> str:
     # -march=native code runs only on CPUs with the builder's instruction set: one build per CPU model
-    info = [platform.machine(), torch.__version__, os.environ.get("LAYERSKIP_CPU_MARCH", "native")]
+    info = [platform.machine(), torch.__version__, march()]
     try:
         with open("/proc/cpuinfo") as f:
             info += sorted({line.strip() for line in f if line.startswith(("model name", "flags"))})
@@ -96,12 +103,9 @@ def _load() -> bool:
         return False
     name = _build_name()
     build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), name)
-    # LAYERSKIP_CPU_MARCH picks another instruction set level (haswell: AVX2; x86-64: portable C++),
-    # e.g. to test those paths, or for a build shared by different machines
-    march = os.environ.get("LAYERSKIP_CPU_MARCH", "native")
     cflags = ["-O3"]
     if platform.machine() in ("x86_64", "AMD64"):
-        cflags.append(f"-march={march}")
+        cflags.append(f"-march={march()}")
     ldflags = []
     if torch.backends.openmp.is_available():  # at::parallel_for is an OpenMP loop compiled into the kernel
         cflags.append("-fopenmp")
@@ -159,7 +163,7 @@ def reason() -> str:
 def built_for_this_cpu() -> bool:
     """Whether the kernels are loaded and were built for this machine's own instruction sets
     (-march=native, no LAYERSKIP_CPU_MARCH)."""
-    return os.environ.get("LAYERSKIP_CPU_MARCH", "native") == "native" and load(quiet=True)
+    return march() == "native" and load(quiet=True)
 
 
 def isa() -> str:

@@ -623,6 +623,11 @@ def test_inductor_trusts_the_cpus_instruction_sets_where_our_kernels_are_built_f
     configure_inductor(torch.device("cpu"))
     assert cfg.cpp.vec_isa_ok is True
     monkeypatch.setattr(cfg.cpp, "vec_isa_ok", None)
+    monkeypatch.setenv("LAYERSKIP_CPU_MARCH", "")  # set but empty: native, not a build that fails on "-march="
+    assert cpu_kernels.march() == "native"
+    configure_inductor(torch.device("cpu"))
+    assert cfg.cpp.vec_isa_ok is True
+    monkeypatch.setattr(cfg.cpp, "vec_isa_ok", None)
     monkeypatch.setenv("LAYERSKIP_CPU_MARCH", "haswell")
     configure_inductor(torch.device("cpu"))
     assert cfg.cpp.vec_isa_ok is None
