@@ -221,6 +221,9 @@ def test_the_chooser_prefers_what_yields_more_per_second():
     # that it is not tried again while far behind
     opts = {("ngram", 4): 1.6, plain: 1.0, model: None}
     assert c.choose(opts, behind=50) == ("ngram", 4)
+    # but with the draft in step (the last round the model's), the proposal's tokens would be its
+    # next round's catch-up (108/s): a model round
+    assert c.choose(opts, behind=0) == model
     for _ in range(EXPLORE_EVERY):
         assert c.choose({("ngram", 4): 1.6, plain: 1.0}) == ("ngram", 4)
         c.observe_round(("ngram", 4), 0.010, 2)
