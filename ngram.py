@@ -156,7 +156,7 @@ class SourceChooser:
         # uncharged: chat ran such rounds, kept 2.4 tokens in 35 ms each, and the next model
         # round paid 13 ms for them; auto 2-3% below the self-draft alone, now even.)
         steady = max(options, key=lambda key: tokens(key) / self.seconds[key])
-        model_mode = steady[0] == "model" or (not behind and ("model",) in options)
+        model_mode = steady[0] == "model" or (not behind and any(key[0] == "model" for key in options))
 
         def rate(key):
             extra = 0.0

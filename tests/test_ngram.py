@@ -224,6 +224,11 @@ def test_the_chooser_prefers_what_yields_more_per_second():
     # but with the draft in step (the last round the model's), the proposal's tokens would be its
     # next round's catch-up (108/s): a model round
     assert c.choose(opts, behind=0) == model
+    batched = {("ngram", 2, 4): 1.6, ("plain", 2): 1.0, ("model", 2): None}  # a batch's kinds carry its rows
+    for key in batched:
+        c.observe_round(key, {"ngram": 0.010, "plain": 0.008, "model": 0.020}[key[0]], 3 if key[0] == "model" else 1)
+        c.observe_round(key, {"ngram": 0.010, "plain": 0.008, "model": 0.020}[key[0]], 3 if key[0] == "model" else 1)
+    assert c.choose(batched, behind=0) == ("model", 2) and c.choose(batched, behind=50) == ("ngram", 2, 4)
     for _ in range(EXPLORE_EVERY):
         assert c.choose({("ngram", 4): 1.6, plain: 1.0}) == ("ngram", 4)
         c.observe_round(("ngram", 4), 0.010, 2)
