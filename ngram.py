@@ -85,12 +85,12 @@ class SourceChooser:
     proposal, whose first token every other round checks for free (observe_unverified): trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
-    cache has not seen what n-gram and plain rounds kept) is timed apart, per token: where model
-    rounds are the best kind without it, or the draft is in step (nothing behind), another kind's
-    round is charged it for the tokens it would keep (the next model round will pay for them);
-    otherwise a model round is charged it for the positions the draft is behind (the price of
-    switching back), and a model round not yet timed (a batch of a new size) is not tried while
-    the draft is behind.
+    cache has not seen what n-gram and plain rounds kept) is timed apart, as a part per catch-up
+    and a part per token (catch_up_cost): where model rounds are the best kind without it, or the
+    draft is in step (nothing behind), another kind's round is charged what its tokens would add
+    to it (the next model round will pay for them); otherwise a model round is charged it for the
+    positions the draft is behind (the price of switching back), and a model round not yet timed
+    (a batch of a new size) is not tried while the draft is behind.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -108,7 +108,9 @@ class SourceChooser:
         self.hits = {}  # match length n -> per proposal position: [checked, kept] counts, decaying
         self.seconds, self.tokens, self.seen, self.last = {}, {}, set(), {}
         self.rounds = 0
-        self.catch_up_s = 0.0  # a draft model with its own cache: seconds of catching up a token, on average
+        # a draft model with its own cache: its catch-ups as moving averages of 1, tokens, tokens^2,
+        # seconds and tokens x seconds (catch_up_cost fits seconds = a + c tokens to them)
+        self.catch_ups = None
 
     def expected(self, n: int, m: int) -> float:
         """Tokens an n-gram round yields with m proposed tokens from a match of length n (the
@@ -142,7 +144,7 @@ class SourceChooser:
             # default of one token a round it would never look worth its cost
             untried = [key for key in options if options[key] is None and key not in self.tokens]
             return untried[0] if untried else max(options, key=lambda key: tokens(key) / self.cost(key))
-        if behind and self.catch_up_s:  # trying a model round (of a new shape) would first pay a catch-up
+        if behind and self.catch_ups:  # trying a model round (of a new shape) would first pay a catch-up
             options = {key: v for key, v in options.items() if key[0] != "model" or key in self.seconds}
         untimed = [key for key in options if key not in self.seconds]
         if untimed:
@@ -161,9 +163,9 @@ class SourceChooser:
         def rate(key):
             extra = 0.0
             if key[0] == "model" and not model_mode:
-                extra = self.catch_up_s * behind
-            elif key[0] != "model" and model_mode:
-                extra = self.catch_up_s * tokens(key)
+                extra = self.catch_up_cost(behind)
+            elif key[0] != "model" and model_mode:  # what its tokens add to the next model round's catch-up
+                extra = self.catch_up_cost(behind + tokens(key)) - self.catch_up_cost(behind)
             return tokens(key) / (self.seconds[key] + extra)
         best = max(options, key=rate)
         # (a proposal's yield needs no trying: every round tells it, observe_unverified)
@@ -213,10 +215,29 @@ class SourceChooser:
     def observe_catch_up(self, seconds: float, tokens: int):
         """A model round first caught its draft model up on `tokens` positions that n-gram and
         plain rounds kept without it (the draft has its own cache), in `seconds` (not part of the
-        round's own seconds): the per-token cost that choose charges where it is due."""
-        if tokens:
-            per = seconds / tokens
-            self.catch_up_s = per if not self.catch_up_s else 0.9 * self.catch_up_s + 0.1 * min(per, 2 * self.catch_up_s)
+        round's own seconds): what choose charges where it is due (catch_up_cost)."""
+        if not tokens:
+            return
+        if self.catch_ups:  # a stall counts as twice the estimate at most
+            seconds = min(seconds, 2 * self.catch_up_cost(tokens))
+        new = (1.0, tokens, tokens * tokens, seconds, tokens * seconds)
+        self.catch_ups = new if not self.catch_ups else [0.9 * a + 0.1 * b for a, b in zip(self.catch_ups, new)]
+
+    def catch_up_cost(self, tokens: float) -> float:
+        """Seconds a catch-up on `tokens` positions is expected to take: a + c tokens, fitted (least
+        squares) to the catch-ups so far, or proportional to the tokens while they all had one
+        length. A fixed part per catch-up: a pass over 2 positions took 13 ms, one over 16 about
+        25 (SmolLM2's int8 self-draft), so that a proposal of 3 tokens among model rounds costs the
+        next one 16 ms, not the 5 of a per-token average over long catch-ups."""
+        if not self.catch_ups or not tokens:
+            return 0.0
+        w, t, tt, s, ts = self.catch_ups
+        mean_t, mean_s = t / w, s / w
+        var = tt / w - mean_t * mean_t
+        c = (ts / w - mean_t * mean_s) / var if var > 1e-6 * mean_t * mean_t else 0.0
+        if not 0.0 < c <= mean_s / mean_t:  # one length so far (or no fixed part): proportional
+            return mean_s / mean_t * tokens
+        return mean_s + c * (tokens - mean_t)
 
     def observe_round(self, key, seconds: float, tokens: int):
         """A round of this kind took `seconds` and yielded `tokens` (its first round not timed)."""

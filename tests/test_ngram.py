@@ -238,7 +238,15 @@ def test_the_chooser_prefers_what_yields_more_per_second():
     assert c.choose(new, behind=30) == ("ngram", 4)  # not tried while the draft is behind
     assert c.choose(new, behind=0) == ("model", 2)
     c.observe_catch_up(1.0, 10)  # a stall counts as twice the estimate at most
-    assert c.catch_up_s == pytest.approx(0.0033)
+    assert c.catch_up_cost(10) == pytest.approx(0.033)
+    c = SourceChooser()  # catch-ups of 2 and 16 positions: a fixed part a pass, and a part a token
+    for _ in range(10):
+        c.observe_catch_up(0.013, 2)
+        c.observe_catch_up(0.025, 16)
+    assert c.catch_up_cost(0) == 0.0
+    assert c.catch_up_cost(2) == pytest.approx(0.013, rel=0.05) and c.catch_up_cost(16) == pytest.approx(0.025, rel=0.05)
+    assert c.catch_up_cost(3) > 0.013  # 3 kept tokens among model rounds cost the next one a pass, not 3 x 1.5 ms
+    assert c.catch_up_cost(19) - c.catch_up_cost(16) < 0.003  # ... where the draft is behind already, their tokens
     fixed = SourceChooser(k=4, clocks=False)  # decode steps: 2 tokens in 1.2 beat 1 in 1 and 4 in 3
     fixed.observe_round(model, 0.0, 4)
     assert fixed.choose({("ngram", 4): 2.0, plain: 1.0, model: None}) == ("ngram", 4)
