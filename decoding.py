@@ -472,6 +472,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
     spec = Speculation(model, draft_model, params, steps, policy, prompt.device, ngram_tokens)
     one_round = spec.shared_round if draft_model is None else spec.own_round
     text = NgramIndex(prompt.tolist()) if ngram_tokens else None
+    spec.text = text.tokens if text else None
     if text and chooser is None:
         chooser = SourceChooser(policy.max_k, clocks=params.greedy)
     elif text:
@@ -630,6 +631,8 @@ class Speculation:
         self.behind = None  # own-cache draft: the last round's last draft, which the draft model has not seen
         self.behind_id = None  # and its id
         self.pending = []  # own-cache draft: the ids before the round's first token it has not seen (n-gram rounds)
+        self.text = None  # with n-gram drafts, the text's ids by position (speculative_generate's NgramIndex.tokens)
+        self.draft_step_s = 0.0  # own-cache draft: seconds of a one-row draft step, a moving average
 
     def stance(self, *graph):
         """Every call of a compiled step after its first in this generation has the same model,
@@ -668,15 +671,23 @@ class Speculation:
         drafts from its layers [0, E) (all if None); the verify pass runs every layer of the model.
         After a round that kept every draft the draft model has not seen the last one, so the next
         round's first draft step takes it too (catch-up)."""
-        caught = 0.0
+        caught, merged = 0.0, None
         if self.pending and want:
-            t = time.perf_counter()
-            self.catch_up_pending(pos, E)
-            caught = time.perf_counter() - t
+            merged = self.merged_catch_up(pos, E)
+            if merged is None:
+                t = time.perf_counter()
+                self.catch_up_pending(pos, E)
+                caught = time.perf_counter() - t
+            self.pending = []
         start, base = self.clock.now(), torch.tensor(pos, device=self.device)
         behind, self.behind = self.behind, None
-        first = None if behind is None else (lambda x: self.catch_up(behind, x, base, E))
+        first = merged or (None if behind is None else (lambda x: self.catch_up(behind, x, base, E)))
         r = self.verify(self.draft(self.draft_model, cur, base, E, want, first=first), start, base, E, k)
+        if merged:  # the catch-up's share of the round: its first draft step beyond a one-row step's time
+            caught = max(merged.seconds - self.draft_step_s, 0.0)
+        elif r.drafts.made and behind is None and r.draft_s:
+            per = r.draft_s / r.drafts.made
+            self.draft_step_s = per if not self.draft_step_s else 0.9 * self.draft_step_s + 0.1 * per
         r.caught_up, r.pending_s = behind is not None and r.drafts.made > 0, caught
         if r.drafts.made and r.accepted == r.drafts.made:
             # the last draft itself, strides (1, 1) as the draft step's usual input (tokens[:, -1:]
@@ -693,6 +704,32 @@ class Speculation:
         if self.draft_model is not None:
             self.pending += ([self.behind_id] if self.behind is not None else []) + [r.first] + r.kept[:r.accepted]
             self.behind = None
+
+    def merged_catch_up(self, pos: int, E):
+        """The round's first draft step as the draft model's catch-up too: one pass over the
+        positions it has not seen and the round's first token, padded in front to a catch-up
+        length (CATCH_UP_BUCKETS) with the positions just before them, which it rewrites with
+        the same ids (as prefill does), so no padding lands after the token the draft is taken
+        from. One pass instead of a catch-up pass and a draft step: a switch from n-gram rounds
+        back to model rounds cost the int8 self-draft 13-15 ms more than a draft step, this 3-6.
+        Returns the first-step callable (its `seconds` set once it runs), or None where the text
+        is not known here, the catch-up is longer than a pass or the cache starts too near."""
+        n = len(self.pending) + 1
+        T = next((b for b in CATCH_UP_BUCKETS if b >= n), None)
+        if self.text is None or T is None or pos - T + 1 < 0 or len(self.text) <= pos:
+            return None
+        front = self.text[pos - T + 1:pos - len(self.pending)]
+        ids = torch.tensor([front + self.pending], device=self.device)
+        positions = torch.arange(pos - T + 1, pos + 1, device=self.device)
+
+        def first(x):
+            t = time.perf_counter()
+            with self.stance("catch_up", E, T):
+                step = self.steps.catch_up(self.draft_model, torch.cat([ids, x], dim=1), positions, self.params, E)
+            first.seconds = time.perf_counter() - t
+            return step
+        first.seconds = 0.0
+        return first
 
     def catch_up_pending(self, pos: int, E):
         """The draft model's cache gets the positions before `pos` that rounds it did not draft

@@ -86,9 +86,9 @@ class SourceChooser:
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
     cache has not seen what n-gram and plain rounds kept) is timed apart, as a part per catch-up
-    and a part per token (catch_up_cost): where model rounds are the best kind without it, or the
-    draft is in step (nothing behind), another kind's round is charged what its tokens would add
-    to it (the next model round will pay for them); otherwise a model round is charged it for the
+    and a part per token (catch_up_cost): where model rounds are the best kind without it, another
+    kind's round is charged what its tokens would add to it (the next model round will pay for
+    them); otherwise a model round is charged it for the
     positions the draft is behind (the price of switching back), and a model round not yet timed
     (a batch of a new size) is not tried while the draft is behind.
 
@@ -150,15 +150,12 @@ class SourceChooser:
         if untimed:
             return untimed[0]
         # The draft model's catch-up (a model round pays it for every position the draft is behind)
-        # goes to whichever side is the exception: where model rounds pay best without it, or the
-        # draft is in step with the text (the last round was the model's), a round of another kind
-        # is charged it for the tokens it would keep (the next model round pays for them);
-        # otherwise the model round is charged what is behind now, the price of switching. (In
-        # step, one good-looking proposal among model rounds used to count as "paying best"
-        # uncharged: chat ran such rounds, kept 2.4 tokens in 35 ms each, and the next model
-        # round paid 13 ms for them: auto ran 2-4% below the self-draft alone, 0-2.5% with this.)
+        # goes to whichever side is the exception: where model rounds pay best without it, a round
+        # of another kind is charged what its tokens would add to it (the next model round pays for
+        # them: with the draft in step, a whole pass); otherwise the model round is charged what is
+        # behind now, the price of switching.
         steady = max(options, key=lambda key: tokens(key) / self.seconds[key])
-        model_mode = steady[0] == "model" or (not behind and any(key[0] == "model" for key in options))
+        model_mode = steady[0] == "model"
 
         def rate(key):
             extra = 0.0
