@@ -88,9 +88,9 @@ class SourceChooser:
     cache has not seen what n-gram and plain rounds kept) is timed apart, as a part per catch-up
     and a part per token (catch_up_cost): where model rounds are the best kind without it, another
     kind's round is charged what its tokens would add to it (the next model round will pay for
-    them); otherwise a model round is charged it for the
-    positions the draft is behind (the price of switching back), and a model round not yet timed
-    (a batch of a new size) is not tried while the draft is behind.
+    them); otherwise a model round is charged it for the positions the draft is behind (the price
+    of switching back), and a model round not yet timed (a batch of a new size) is not tried while
+    the draft is behind.
 
     Clocks do not decide where the choices must repeat: under tensor parallelism (every rank must
     choose alike) and when sampling (a seed repeats its output only if the rounds, which draw the
@@ -223,9 +223,10 @@ class SourceChooser:
     def catch_up_cost(self, tokens: float) -> float:
         """Seconds a catch-up on `tokens` positions is expected to take: a + c tokens, fitted (least
         squares) to the catch-ups so far, or proportional to the tokens while they all had one
-        length. A fixed part per catch-up: a pass over 2 positions took 13 ms, one over 16 about
-        25 (SmolLM2's int8 self-draft), so that a proposal of 3 tokens among model rounds costs the
-        next one 16 ms, not the 5 of a per-token average over long catch-ups."""
+        length. A catch-up has a fixed part, which a per-token average over long catch-ups spreads
+        thin (1.5 ms a token): as a pass of its own, 2 positions took 13 ms and 16 about 25
+        (SmolLM2's int8 self-draft; a batch's rows catch up so); on the round's first draft step
+        (decoding.Speculation.merged_catch_up), 2 positions cost 3-6 ms more than the step."""
         if not self.catch_ups or not tokens:
             return 0.0
         w, t, tt, s, ts = self.catch_ups
