@@ -718,8 +718,7 @@ class Speculation:
         T = next((b for b in CATCH_UP_BUCKETS if b >= n), None)
         if self.text is None or T is None or pos - T + 1 < 0 or len(self.text) <= pos:
             return None
-        front = self.text[pos - T + 1:pos - len(self.pending)]
-        ids = torch.tensor([front + self.pending], device=self.device)
+        ids = torch.tensor([self.text[pos - T + 1:pos]], device=self.device)  # the padding, then the pending ids
         positions = torch.arange(pos - T + 1, pos + 1, device=self.device)
 
         def first(x):
