@@ -19,6 +19,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+import steps  # noqa: E402  (after the thread settings)
+
+# Regional compilation's run length on CPU as shipped: SmolLM2's compiled tests, the regional
+# strategies test and every subprocess (CLI, torchrun, server) compile at it.
+CPU_LAYERS_PER_GRAPH = steps.DEFAULT_LAYERS_PER_GRAPH["cpu"]
+# Every other compile in the test processes makes one-layer graphs: the same machinery (a graph
+# per run length and rows, weights as inputs, the direct calls), but one graph serves every depth
+# and exit layer of a model and compiles in a fraction of the time (six of the heaviest compiled
+# tests: 302 s at 6 layers a graph, 162 s at 1; BENCHMARKS.md, "Test suite").
+steps.DEFAULT_LAYERS_PER_GRAPH["cpu"] = 1
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
@@ -43,8 +54,7 @@ def smollm2(smollm2_dir):
 @pytest.fixture(scope="session")
 def smollm2_steps():
     """Compiled step functions shared by every SmolLM2 test, so each graph compiles once per session."""
-    from steps import compile_steps
-    return compile_steps(torch.device("cpu"))
+    return steps.compile_steps(torch.device("cpu"), layers_per_graph=CPU_LAYERS_PER_GRAPH)
 
 
 def assert_varied(ids, min_share=0.25):
@@ -84,12 +94,12 @@ def block_graphs() -> int:
     return compiled_graphs(run_blocks)
 
 
-def regional_graphs(*calls) -> int:
+def regional_graphs(*calls, size: int | None = None) -> int:
     """How many graphs regional compilation makes for these layer ranges of one model, each
-    (start, end, rows): one per distinct (run length, rows) at the CPU's layers per graph."""
-    from steps import DEFAULT_LAYERS_PER_GRAPH
+    (start, end, rows): one per distinct (run length, rows) at `size` layers per graph (default:
+    the tests' CPU default, see above)."""
     from model import layer_runs
-    size = DEFAULT_LAYERS_PER_GRAPH["cpu"]
+    size = size or steps.DEFAULT_LAYERS_PER_GRAPH["cpu"]
     return len({(n, rows) for start, end, rows in calls for n in layer_runs(end - start, size)})
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
+from conftest import CPU_LAYERS_PER_GRAPH, REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
 from decoding import MAX_SPECULATIONS, generate, speculative_generate
 from steps import Steps, compile_steps, decode_one_token, draft_step, verify_step
 from model import ModelArgs, Transformer, run_blocks
@@ -157,16 +157,19 @@ def test_smollm2_compiled_self_speculation_equals_autoregressive_without_recompi
         assert sum(stats.accepted_per_round) > 0
     # the layers' graphs of the draft steps and the verify pass, reused across rounds, positions and
     # prompts: made here, or by an earlier SmolLM2 test of the session (they are shared); but made
-    expected = regional_graphs((0, E, 1), (E, 30, k + 1))
+    expected = regional_graphs((0, E, 1), (E, 30, k + 1), size=CPU_LAYERS_PER_GRAPH)
     assert 0 <= block_graphs() - before <= expected and block_graphs() >= expected
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers_per_graph", [None, 0], ids=["regional", "whole"])
+@pytest.mark.parametrize("layers_per_graph", [CPU_LAYERS_PER_GRAPH, 0], ids=["regional", "whole"])
 def test_tiny_compiled_strategies_do_not_recompile(layers_per_graph):
-    """Regional compilation (the CPU default) and whole-step graphs (CUDA's)."""
-    # a shape no other test compiles (nothing else compiles whole steps on CPU): the graphs counted are this test's
-    model = random_model(dim=48 if layers_per_graph is None else 64, vocab=80)
+    """Regional compilation at the CPU's shipped run length and whole-step graphs (CUDA's)."""
+    # a shape no other test compiles (nothing else compiles whole steps on CPU): the graphs counted are this test's;
+    # whole steps on 2 layers (each graph holds every layer: half the compile time of 4)
+    n_layers = 4 if layers_per_graph else 2
+    E = n_layers // 2
+    model = random_model(n_layers=n_layers, dim=48 if layers_per_graph else 64, vocab=80)
     model.setup_caches(1, 128)
     steps = compile_steps(torch.device("cpu"), layers_per_graph=layers_per_graph)
     fns = (decode_one_token, draft_step, verify_step, run_blocks)
@@ -175,18 +178,19 @@ def test_tiny_compiled_strategies_do_not_recompile(layers_per_graph):
         prompt = rand_prompt(4 + 3 * i, vocab=80, seed=i)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             ref, _ = generate(model, prompt, 30, GREEDY, steps=steps)
-            ee, _ = generate(model, prompt, 30, GREEDY, steps=steps, exit_layer=2)
-            out, _ = speculative_generate(model, prompt, 30, GREEDY, 3, exit_layer=2, steps=steps)
+            ee, _ = generate(model, prompt, 30, GREEDY, steps=steps, exit_layer=E)
+            out, _ = speculative_generate(model, prompt, 30, GREEDY, 3, exit_layer=E, steps=steps)
         assert_varied(ref[0, len(prompt):])
         assert out.tolist() == ref.tolist()
-        assert ee.tolist() == generate(model, prompt, 30, GREEDY, exit_layer=2)[0].tolist()
+        assert ee.tolist() == generate(model, prompt, 30, GREEDY, exit_layer=E)[0].tolist()
     # exactly, reused across prompts and positions: whole, one graph each for decode (full and early
     # exit), draft and verify; regional, one per run of layers and rows (depth 4, E = 2, k = 3)
     graphs = [compiled_graphs(f) - b for f, b in zip(fns, before)]
     if layers_per_graph == 0:
         assert graphs == [2, 1, 1, 0]
     else:
-        assert graphs == [0, 0, 0, regional_graphs((0, 4, 1), (0, 2, 1), (2, 4, 4))] and graphs[3] == 3
+        assert graphs == [0, 0, 0, regional_graphs((0, 4, 1), (0, 2, 1), (2, 4, 4), size=layers_per_graph)]
+        assert graphs[3] == 3  # runs of 4, 2 (1 row) and 2 (4 rows)
         # the steps after each generation's first went straight to inductor's graphs, not through dynamo
         assert steps.decode.layer_graph.group[0].direct_calls > 3 * 2 * 25
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
+from conftest import CPU_LAYERS_PER_GRAPH, REPO, assert_varied, block_graphs, compiled_graphs, regional_graphs
 from decoding import generate
 from steps import compile_steps, prefill
 from sampling import SamplingParams, logits_to_probs
@@ -97,7 +97,7 @@ def test_smollm2_compiled_greedy_matches_transformers_without_recompiling(smollm
     # The layers' graph of the decode step (regional: one for every run of 6 of the 30 layers), for
     # every prompt length and position: made here, or by an earlier test of the same session (the
     # graphs are shared); but made.
-    assert block_graphs() >= 1 and block_graphs() - before <= regional_graphs((0, 30, 1)) == 1
+    assert block_graphs() >= 1 and block_graphs() - before <= regional_graphs((0, 30, 1), size=CPU_LAYERS_PER_GRAPH) == 1
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_checkpoint):
