@@ -97,7 +97,8 @@ def test_smollm2_compiled_greedy_matches_transformers_without_recompiling(smollm
     # The layers' graph of the decode step (regional: one for every run of 6 of the 30 layers), for
     # every prompt length and position: made here, or by an earlier test of the same session (the
     # graphs are shared); but made.
-    assert block_graphs() >= 1 and block_graphs() - before <= regional_graphs((0, 30, 1), size=CPU_LAYERS_PER_GRAPH) == 1
+    assert block_graphs() >= 1
+    assert block_graphs() - before <= regional_graphs((0, 30, 1), size=CPU_LAYERS_PER_GRAPH) == 1
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_checkpoint):
