@@ -732,10 +732,9 @@ class Speculation:
 
     def catch_up_pending(self, pos: int, E):
         """The draft model's cache gets the positions before `pos` that rounds it did not draft
-        skipped (`catch_up`)."""
-        ids, self.pending = self.pending, []
+        skipped (`catch_up`); own_round then clears them, as it does after a merged catch-up."""
         # guards evaluated (no stance): one call may run several shapes, and it is rare
-        catch_up(self.draft_model, self.steps, ids, pos - len(ids), self.params, E)
+        catch_up(self.draft_model, self.steps, self.pending, pos - len(self.pending), self.params, E)
 
     def ngram_round(self, last: int, pos: int, proposal: list[int]) -> "Round":
         """Drafts from the text (ngram.NgramIndex): no model call. The verify pass runs every layer
