@@ -119,25 +119,51 @@ def test_stops_and_budgets_inside_a_proposal():
     assert out[0].tolist() == expected
 
 
-def test_a_draft_model_catches_up_on_what_ngram_rounds_kept(monkeypatch):
-    """An identical twin drafting with its own cache accepts every draft only if each of its
-    rounds sees every position before it: those n-gram rounds kept included. Its first draft step
-    after them takes them too (one pass, padded in front with positions it has seen), not a pass
-    of its own."""
+def twin_drafts_after_ngram_rounds(chooser=None):
+    """An identical twin of a random model drafts for it with its own cache among n-gram rounds
+    (auto): it accepts every draft only if each of its rounds sees every position before it,
+    those the n-gram rounds kept included. Checks the output against greedy decoding and that the
+    model's rounds kept every draft; returns the output."""
     import copy
-    import decoding
-    separate = []
-    monkeypatch.setattr(decoding.Speculation, "catch_up_pending", lambda self, pos, E: separate.append(pos))
     model = random_model()
     twin = copy.deepcopy(model)
     for m in (model, twin):
         m.setup_caches(1, 160)
     prompt = repeating_prompt(16, 0)
     ref, _ = generate(model, prompt, 48, GREEDY)
-    out, stats = speculative_generate(model, prompt, 48, GREEDY, 3, draft_model=twin, draft_source="auto")
+    out, stats = speculative_generate(model, prompt, 48, GREEDY, 3, draft_model=twin, draft_source="auto",
+                                      chooser=chooser)
     assert out.tolist() == ref.tolist()
     rounds, made, kept = stats.by_source["model"]
-    assert stats.by_source["ngram"][0] > 0 and rounds > 0 and kept == made > 0 and not separate
+    assert stats.by_source["ngram"][0] > 0 and rounds > 0 and kept == made > 0
+    return out
+
+
+def test_a_draft_model_catches_up_on_what_ngram_rounds_kept(monkeypatch):
+    """The twin's first draft step after n-gram rounds takes what they kept too (one pass, padded
+    in front with positions it has seen), not a pass of its own."""
+    import decoding
+    separate = []
+    monkeypatch.setattr(decoding.Speculation, "catch_up_pending", lambda self, pos, E: separate.append(pos))
+    twin_drafts_after_ngram_rounds()
+    assert not separate
+
+
+def test_a_catch_up_too_long_for_the_first_draft_step_runs_as_passes_of_its_own(monkeypatch):
+    """Where the first draft step cannot take the catch-up (more than 15 positions, or too near the
+    start of the cache: merged_catch_up returns None), catch_up_pending runs it before the round,
+    once per switch back, and the twin still keeps every draft."""
+    import decoding
+    separate = []
+    original = decoding.Speculation.catch_up_pending
+    monkeypatch.setattr(decoding.Speculation, "merged_catch_up", lambda self, pos, E: None)
+    monkeypatch.setattr(decoding.Speculation, "catch_up_pending",
+                        lambda self, pos, E: separate.append((pos, list(self.pending))) or original(self, pos, E))
+    out = twin_drafts_after_ngram_rounds(SourceChooser(3, clocks=False))  # the same rounds on any machine
+    # each pass wrote the text's own ids at the positions before its round, none of them twice
+    assert separate and all(ids == out[0, pos - len(ids):pos].tolist() for pos, ids in separate)
+    taken = [p for pos, ids in separate for p in range(pos - len(ids), pos)]
+    assert len(taken) == len(set(taken))
 
 
 @pytest.mark.parametrize("params", [SamplingParams(0.8, top_k=3)])
