@@ -74,8 +74,9 @@ class Batch:
     scores all rows x (k + 1) positions, and each row keeps its own accepted prefix and advances by
     its own count. The drafts come from layers [0, exit_layer) of the model itself (LayerSkip, one
     shared cache: the verify pass resumes the drafts at layer E) or, with draft_model, from that
-    model's layers [0, exit_layer) (all if None) with its own cache (a separate model, or the
-    quantized copy of the model's own layers). `add` prefills a sequence into a free row; `step`
+    model's layers [0, exit_layer) (all if None): a separate model with its own cache, or the
+    quantized copy of the model's own layers, with its own cache or drafting into the model's
+    (Transformer.share_caches, as the engine sets it up). `add` prefills a sequence into a free row; `step`
     runs one step (or round) of every running sequence and returns what each produced; sequences
     that end leave their rows at once. A sequence may bring sampling settings of its own
     (Sequence.sampling, else params): rows with different settings, greedy ones among them, share
@@ -106,6 +107,10 @@ class Batch:
             raise RuntimeError("the draft model's cache needs as many rows as the model's")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
         self.draft_model, self.k, self.policy = draft_model, num_speculations, policy
+        # a draft model with caches of its own falls behind where it does not draft (plain steps,
+        # n-gram rounds) and catches up; the quantized self-draft drafts into the model's caches
+        # (Transformer.share_caches), which the verify pass keeps whole
+        self.own_cache = draft_model is not None and not draft_model.shares_caches_with(model)
         B, device = model.max_batch_size, model.norm.weight.device
         self.rows: list[Sequence | None] = [None] * B
         self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token
@@ -180,7 +185,7 @@ class Batch:
         with self.model.cache_rows(row, row + 1):
             first, finite = self.steps.prefill(self.model, part, positions, seq.sampling or self.params,
                                                None if self.k else self.exit_layer)
-        if self.draft_model is not None:
+        if self.own_cache:
             with self.draft_model.cache_rows(row, row + 1):
                 check_finite(self.steps.prefill(self.draft_model, part, positions, self.params, self.exit_layer)[1])
         if end < len(seq.prompt):
@@ -314,7 +319,7 @@ class Batch:
                     self._stand_ins(b, 1)
                     with self.cache_rows(b):
                         self._ngram_round(b, [([5] * K, 1)] * b, K)
-            if self.draft_model is not None:  # a row's catch-up of its draft cache, at each padded length
+            if self.own_cache:  # a row's catch-up of its draft cache, at each padded length
                 with self.draft_model.cache_rows(0, 1):
                     for T in CATCH_UP_BUCKETS:
                         catch_up(self.draft_model, self.steps, [5] * T, 0, self.params, self.exit_layer)
@@ -368,7 +373,7 @@ class Batch:
             seq.stats.count("ngram", limits[row], a)
             if ids:
                 self.chooser.observe_ngram(match, len(ids), a)
-            self.behind[row] += (a + 1) * (self.draft_model is not None)  # the draft's cache falls behind
+            self.behind[row] += (a + 1) * self.own_cache  # the draft's cache falls behind
         return produced
 
     def bucket(self) -> int:
@@ -392,7 +397,7 @@ class Batch:
         if b == len(self.rows):
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        for m in (self.model, self.draft_model):
+        for m in (self.model, self.draft_model if self.own_cache else None):
             if m is not None:
                 stack.enter_context(m.cache_rows(0, b))
         return stack
@@ -410,7 +415,7 @@ class Batch:
                 seq.stats.accepted_per_round.append(0)
                 if self.policy:
                     seq.stats.trace.append((exit_layer, 0, 0))
-                self.behind[row] += self.draft_model is not None  # the draft's cache falls behind
+                self.behind[row] += self.own_cache  # the draft's cache falls behind
         self.judged = [0, 0]
         return [[t] for t in nxt[:, 0].tolist()]  # the step's one host synchronisation
 
@@ -437,7 +442,7 @@ class Batch:
         every draft of the last round; so its first draft step of a round takes each row's two
         newest tokens, rewriting the older one's keys and values where it had seen it (the same
         values: the kernels are row-invariant) and filling them in where not: one pass, no per-row
-        branch."""
+        branch. One drafting into the model's caches (the quantized self-draft) has seen them all."""
         model, own = self.model, self.draft_model is not None
         E = self.exit_layer if own else E
         drafter = self.draft_model if own else model
@@ -446,7 +451,7 @@ class Batch:
         limit = torch.tensor(limits, device=self.device)
         params = self.row_params(b)
         drafts, states, probs = [], [], []
-        if own:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
+        if self.own_cache:  # positions [pos - 1, pos] (a running row's pos >= 1); a free row's (0, 0) writes its own padding
             x, x_pos = torch.cat([prev, cur], 1), (pos - 1 + self.offsets[:2]).clamp_min(0)
         else:
             x, x_pos = cur, pos

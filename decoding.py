@@ -434,8 +434,9 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
 
     The drafts come from layers [0, exit_layer) (all if None) and the final norm and LM head of:
     - `model` itself, without draft_model (LayerSkip self-speculation, Speculation.shared_round);
-    - draft_model, with its own KV cache (a separate model, or a quantized copy of `model`'s own
-      weights, quantized.quantized_copy; Speculation.own_round).
+    - draft_model (Speculation.own_round): a separate model with its own KV cache, or a quantized
+      copy of `model`'s own weights (quantized.quantized_copy) with its own cache or, as the
+      engine sets it up, drafting into the model's (Transformer.share_caches).
     With `policy` (adaptive.AdaptivePolicy), E and k are chosen per round instead and drafting
     may stop early (Policy explains the protocol).
 
@@ -548,7 +549,7 @@ def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParam
                        ngram_tokens)
     for K in spec.ngram_buckets:
         spec.ngram_round(5, 0, [5] * K)
-    if draft_model is not None:  # and the draft model's catch-up passes after n-gram rounds
+    if draft_model is not None and not draft_model.shares_caches_with(model):  # and its catch-up passes
         for T in CATCH_UP_BUCKETS:
             catch_up(draft_model, steps, [5] * T, 0, params, None)
 
@@ -619,6 +620,9 @@ class Speculation:
                  policy: Policy, device: torch.device, ngram_tokens: int = 0):
         self.model, self.draft_model, self.params, self.steps, self.policy = model, draft_model, params, steps, policy
         self.shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
+        # a draft model with caches of its own (not the quantized self-draft's, which are the model's:
+        # Transformer.share_caches) falls behind where it did not draft, and catches up
+        self.own_cache = draft_model is not None and not draft_model.shares_caches_with(model)
         self.device, self.clock = device, _Clock(device)
         most = max(policy.max_k, ngram_tokens)
         self.offsets = torch.arange(most + 1, device=device)
@@ -647,7 +651,7 @@ class Speculation:
         positions = torch.arange(len(prompt), device=self.device)
         cur, finite = self.steps.prefill(self.model, prompt[None], positions, self.params)
         check_finite(finite)
-        if self.draft_model is not None:
+        if self.own_cache:
             E = self.policy.exit_layer
             check_finite(self.steps.prefill(self.draft_model, prompt[None], positions, self.params, E)[1])
             if len(prompt) >= 2 and self.steps.catch_up is not catch_up_draft_step:
@@ -669,8 +673,12 @@ class Speculation:
     def own_round(self, cur, pos: int, E: int | None, k: int, want: int) -> Round:
         """A draft model with its own KV cache (a separate model, or the quantized self-draft)
         drafts from its layers [0, E) (all if None); the verify pass runs every layer of the model.
-        After a round that kept every draft the draft model has not seen the last one, so the next
-        round's first draft step takes it too (catch-up)."""
+        After a round that kept every draft a draft model with its own cache has not seen the last
+        one, so the next round's first draft step takes it too (catch-up). One that drafts into the
+        model's cache (the quantized self-draft) never falls behind: the verify pass wrote it all."""
+        if not self.own_cache:
+            start, base = self.clock.now(), torch.tensor(pos, device=self.device)
+            return self.verify(self.draft(self.draft_model, cur, base, E, want), start, base, E, k)
         caught, merged = 0.0, None
         if self.pending and want:
             merged = self.merged_catch_up(pos, E)
@@ -701,7 +709,7 @@ class Speculation:
     def fall_behind(self, r: "Round"):
         """After a round the draft model did not draft (n-gram, plain): the ids it has not seen,
         the last round's last draft first if it had not seen that either (`behind`)."""
-        if self.draft_model is not None:
+        if self.own_cache:
             self.pending += ([self.behind_id] if self.behind is not None else []) + [r.first] + r.kept[:r.accepted]
             self.behind = None
 

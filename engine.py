@@ -44,10 +44,13 @@ class Engine:
     calibration_s: float = 0.0  # the last step-cost measurement's seconds (0: read from the cache)
 
     def setup_caches(self, size: int, rows: int = 1):
-        """KV caches of `size` positions for `rows` sequences at once (run_many's batch)."""
-        for m in (self.model, self.draft_model, *self.drafts.values()):
+        """KV caches of `size` positions for `rows` sequences at once (run_many's batch). The
+        quantized self-drafts draft into the model's own caches (Transformer.share_caches)."""
+        for m in (self.model, self.draft_model):
             if m is not None:
                 m.setup_caches(rows, size)
+        for d in self.drafts.values():
+            d.share_caches(self.model)
 
     def setup_caches_for(self, prompt_lens, max_new_tokens: int, rows: int = 1, strategies=(), size=None):
         """Caches of one size (a compiled graph is specialised to it) that hold max_new_tokens

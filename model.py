@@ -381,6 +381,26 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
+    def share_caches(self, owner: "Transformer"):
+        """From now on reads and writes owner's KV caches (and rope and mask tables) instead of
+        caches of its own: the quantized self-draft (engine.make_draft), a copy of owner's layers
+        [0, E), drafts into the model's own cache. The verify pass rewrites every position the
+        drafts wrote with the full model's keys and values, so the draft never falls behind (no
+        catch-up passes, no prefill of its own) and the copy costs no cache memory; its drafts
+        attend over the full model's keys and values, not its own. setup_caches on this model
+        would give it its own again: call this after each owner.setup_caches."""
+        for mine, theirs in zip(self.layers, owner.layers):
+            mine.attention.kv_cache = theirs.attention.kv_cache
+        for name in ("rope_cos", "rope_sin", "causal_mask"):
+            self.register_buffer(name, getattr(owner, name), persistent=False)
+        self.max_batch_size, self.max_seq_length = owner.max_batch_size, owner.max_seq_length
+        self.kv_cache_dtype = owner.kv_cache_dtype
+
+    def shares_caches_with(self, other: "Transformer | None") -> bool:
+        """Whether this model reads and writes other's KV caches (share_caches)."""
+        cache = self.layers[0].attention.kv_cache
+        return other is not None and cache is not None and cache is other.layers[0].attention.kv_cache
+
     def cache_rows(self, start: int, stop: int):
         """Within this context, passes read and write only the cache rows [start, stop): a
         sequence's prefill into its own row of a batch's cache."""

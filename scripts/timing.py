@@ -135,7 +135,7 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
         plain = [plain_round() for _ in range(repeats)]
         costs["draft"] = statistics.median(d for d, _ in plain) / k
         costs["verify"] = statistics.median(v for _, v in plain)
-        if not shared:
+        if not shared and not draft_model.shares_caches_with(model):  # a draft with its own cache catches up
             catch_up_round = round_timer(model, steps, exit_layer, k, pos, draft_model, catch_up=True)
             catch_up_round()
             first = statistics.median(d for d, _ in (catch_up_round() for _ in range(repeats))) - (k - 1) * costs["draft"]

@@ -71,12 +71,14 @@ def test_each_row_equals_its_batch1_greedy_output(weights, strategy):
         assert [s.finish_reason for s in seqs] == ["stop" if r[-1] == stop else "length" for r in ref_stopped]
 
 
-@pytest.mark.parametrize("draft", ["two-model", "int8 copy of layers [0, 2)", "int4 copy of all layers", "twin"])
-def test_own_cache_drafts_equal_batch1_greedy_output(draft):
+@pytest.mark.parametrize("draft", ["two-model", "int8 copy of layers [0, 2)", "int4 copy of all layers", "twin",
+                                   "int8 copy in the model's cache"])
+def test_draft_models_equal_batch1_greedy_output(draft):
     """A draft model with its own cache (a separate model, a quantized copy of the model's own layers,
-    or an identical twin): each row's output is its batch-1 greedy decoding, and the twin accepts
-    every draft (its cache holds the right keys at every position: the catch-up of rows that kept a
-    whole round's drafts works)."""
+    or an identical twin), or a quantized copy drafting into the model's cache (the engine's way):
+    each row's output is its batch-1 greedy decoding, and the twin accepts every draft (its cache
+    holds the right keys at every position: the catch-up of rows that kept a whole round's drafts
+    works)."""
     model = packed_model()
     if draft == "two-model":
         drafter, E = pack_model(random_model(n_layers=2, seed=1)), None
@@ -84,12 +86,12 @@ def test_own_cache_drafts_equal_batch1_greedy_output(draft):
         drafter, E = copy.deepcopy(model), None
     else:
         scheme, E = (("int8", None), 2) if "int8" in draft else (("int4", 32), None)
-        drafter = quantized_copy(model, *scheme, n_layers=E)
+        drafter = quantized_copy(model, *scheme, n_layers=E if "[0, 2)" in draft else None)
     prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
     ref = batch1_reference(model, prompts, 20)
     for rows, k in ((1, 3), (3, 1), (3, 4)):
         model.setup_caches(rows, 64)
-        drafter.setup_caches(rows, 64)
+        drafter.share_caches(model) if "model's cache" in draft else drafter.setup_caches(rows, 64)
         seqs, stats = generate_many(model, prompts, 20, GREEDY, exit_layer=E, num_speculations=k,
                                     draft_model=drafter)
         assert [s.tokens for s in seqs] == ref, (rows, k)

@@ -75,18 +75,31 @@ def repeating_prompt(n, seed):
     return torch.tensor(span + span[:n // 2])
 
 
-@pytest.mark.parametrize("source, draft", [("ngram", {}), ("auto", {"exit_layer": 2}), ("auto", {"two_model": True})])
+def draft_models(kw: dict, model, rows: int, size: int) -> dict:
+    """The tests' draft options: two_model, a separate model with its own cache; quantized, an
+    int8 copy of the model's layers drafting into the model's cache (as the engine sets it up)."""
+    from quantized import quantized_copy
+    kw = dict(kw)
+    if kw.pop("two_model", False):
+        kw["draft_model"] = random_model(n_layers=2, seed=1)
+        kw["draft_model"].setup_caches(rows, size)
+    if kw.pop("quantized", False):
+        kw["draft_model"] = quantized_copy(model, "int8")
+        kw["draft_model"].share_caches(model)
+    return kw
+
+
+@pytest.mark.parametrize("source, draft", [("ngram", {}), ("auto", {"exit_layer": 2}), ("auto", {"two_model": True}),
+                                           ("auto", {"quantized": True})])
 @pytest.mark.parametrize("ngram_tokens", [1, 3, 8])
 def test_greedy_equals_autoregressive_with_every_source(source, draft, ngram_tokens):
     """Prompts built to repeat and prompts that never do, through n-gram-only and mixed rounds
-    (self-speculative from the shared cache, and a draft model with its own cache, which must
-    catch up on what n-gram rounds kept): the output is plain greedy decoding's."""
+    (self-speculative from the shared cache, a draft model with its own cache, which must catch
+    up on what n-gram rounds kept, and the int8 self-draft drafting into the model's cache, which
+    never does): the output is plain greedy decoding's."""
     model = random_model()
     model.setup_caches(1, 160)
-    kw = dict(draft)
-    if kw.pop("two_model", False):
-        kw["draft_model"] = random_model(n_layers=2, seed=1)
-        kw["draft_model"].setup_caches(1, 160)
+    kw = draft_models(draft, model, 1, 160)
     totals = {}
     for seed in range(4):
         prompt = repeating_prompt(16, seed) if seed % 2 == 0 else rand_prompt(9, seed=seed)
@@ -97,6 +110,8 @@ def test_greedy_equals_autoregressive_with_every_source(source, draft, ngram_tok
                                           ngram_tokens=ngram_tokens, chooser=SourceChooser(3, clocks=False), **kw)
         assert out.tolist() == ref.tolist(), seed
         assert stats.new_tokens == 48
+        if draft.get("quantized"):
+            assert stats.catch_ups == 0
         for name, counts in stats.by_source.items():
             totals[name] = [a + b for a, b in zip(totals.get(name, [0, 0, 0]), counts)]
     rounds, made, kept = totals["ngram"]
@@ -351,7 +366,8 @@ def test_flags_that_contradict_are_refused():
 
 
 @pytest.mark.parametrize("source, kw", [("ngram", {}), ("auto", {"num_speculations": 3, "exit_layer": 2}),
-                                        ("auto", {"num_speculations": 2, "two_model": True})])
+                                        ("auto", {"num_speculations": 2, "two_model": True}),
+                                        ("auto", {"num_speculations": 2, "quantized": True})])
 def test_batched_rows_equal_their_batch1_greedy_output(source, kw):
     """Repeating and non-repeating prompts of different lengths, more prompts than rows (rows join
     and leave between rounds): each row's text is that prompt's plain greedy output."""
@@ -362,9 +378,7 @@ def test_batched_rows_equal_their_batch1_greedy_output(source, kw):
     prompts = [repeating_prompt(12 + 2 * i, i) if i % 2 == 0 else rand_prompt(5 + i, seed=i) for i in range(6)]
     refs = [generate(model, p, 30, GREEDY)[0][0, len(p):].tolist() for p in prompts]
     model.setup_caches(4, 160)
-    if kw.pop("two_model", False):
-        kw["draft_model"] = random_model(n_layers=2, seed=1)
-        kw["draft_model"].setup_caches(4, 160)
+    kw = draft_models(kw, model, 4, 160)
     seqs, stats = generate_many(model, [p.tolist() for p in prompts], 30, GREEDY, draft_source=source,
                                 ngram_tokens=4, **kw)
     assert [s.tokens for s in seqs] == refs

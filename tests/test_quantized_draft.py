@@ -1,6 +1,6 @@
 """Self-speculation with drafts from a quantized copy of the model's own layers (--draft_quantize):
 greedy output equals the full-precision model's greedy decoding, sampling keeps its distribution,
-and the draft's KV cache is its own."""
+and the draft's KV cache is its own or the model's (Transformer.share_caches, the engine's way)."""
 import re
 
 import pytest
@@ -16,12 +16,18 @@ from test_decoding import GREEDY, rand_prompt, random_model, run_cli
 
 @pytest.mark.parametrize("scheme", [("int8", 128), ("int4", 32)])
 @pytest.mark.parametrize("exit_layer", [1, 2, 3, 4])
-def test_tiny_quantized_draft_greedy_equals_autoregressive(scheme, exit_layer):
-    """Every E, the whole model (E = L = 4) included, and k from 1 to past the token budget's rounds."""
+@pytest.mark.parametrize("cache", ["own", "the model's"])
+def test_tiny_quantized_draft_greedy_equals_autoregressive(scheme, exit_layer, cache):
+    """Every E, the whole model (E = L = 4) included, and k from 1 to past the token budget's
+    rounds; the draft with a cache of its own, or drafting into the model's (as the engine sets it
+    up: Transformer.share_caches), where no round catches up."""
     model = random_model()
     draft = quantized_copy(model, *scheme, n_layers=exit_layer if exit_layer % 2 else None)  # E < layers too
     model.setup_caches(1, 128)
-    draft.setup_caches(1, 128)
+    if cache == "own":
+        draft.setup_caches(1, 128)
+    else:
+        draft.share_caches(model)
     histogram_ends = [0, 0]
     for k in (1, 2, 3, 4, 6, 12):
         for seed in range(2):
@@ -30,11 +36,28 @@ def test_tiny_quantized_draft_greedy_equals_autoregressive(scheme, exit_layer):
             assert_varied(ref[0, len(prompt):])
             out, stats = speculative_generate(model, prompt, 30, GREEDY, k, exit_layer=exit_layer, draft_model=draft)
             assert out.tolist() == ref.tolist(), (k, seed)
+            if cache != "own":
+                assert stats.catch_ups == 0
             histogram_ends[0] += stats.accepted_histogram[0]
             histogram_ends[1] += sum(stats.accepted_histogram[1:])
     assert histogram_ends[1] > 0  # drafts were kept
     if exit_layer < 4:
         assert histogram_ends[0] > 0  # and rejected at once
+
+
+def test_a_draft_sharing_the_model_caches_holds_none_of_its_own():
+    model = random_model()
+    draft = quantized_copy(model, "int8", n_layers=2)
+    model.setup_caches(2, 64)
+    assert not draft.shares_caches_with(model)
+    draft.share_caches(model)
+    assert draft.shares_caches_with(model) and (draft.max_batch_size, draft.max_seq_length) == (2, 64)
+    assert all(d.attention.kv_cache is m.attention.kv_cache for d, m in zip(draft.layers, model.layers))
+    assert draft.rope_cos is model.rope_cos and draft.causal_mask is model.causal_mask
+    model.setup_caches(3, 64)  # new caches: the draft shares them only once told again
+    assert not draft.shares_caches_with(model)
+    draft.share_caches(model)
+    assert draft.shares_caches_with(model) and draft.max_batch_size == 3
 
 
 def test_quantized_copy_shares_only_what_it_does_not_quantize():
@@ -79,6 +102,26 @@ def test_the_draft_never_touches_the_models_kv_cache():
     assert all(torch.allclose(a, b[:, :, :a.shape[2]], atol=1e-5) for a, b in zip(kept, caches(model)))
 
 
+def test_a_draft_in_the_models_cache_leaves_what_greedy_decoding_leaves():
+    """Drafting into the model's cache, the draft's keys and values at the drafted positions are
+    all rewritten by the verify passes: at every kept position the cache ends as greedy
+    decoding leaves it (the n-gram and plain rounds of auto, verified over every layer, too)."""
+    model = random_model()
+    draft = quantized_copy(model, "int8")
+    model.setup_caches(1, 64)
+    draft.share_caches(model)
+    caches = [t for layer in model.layers for t in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache)]
+    prompt = torch.tensor((rand_prompt(8).tolist() * 2)[:12])  # repeats: n-gram proposals too
+    ref, _ = generate(model, prompt, 20, GREEDY)
+    kept = [t[:, :, :len(prompt) + 19].clone() for t in caches]
+    for source in ("model", "auto"):
+        for t in caches:
+            t.normal_(0, 1e3)
+        out, stats = speculative_generate(model, prompt, 20, GREEDY, 3, draft_model=draft, draft_source=source)
+        assert out.tolist() == ref.tolist() and stats.catch_ups == 0 and stats.accepted_per_round
+        assert all(torch.allclose(a, b[:, :, :a.shape[2]], atol=1e-5) for a, b in zip(kept, caches)), source
+
+
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, top_k=3)])
 def test_quantized_draft_sampling_matches_autoregressive_distribution(params):
     """test_decoding's sampling test with an int4 draft of one layer (it disagrees often)."""
@@ -87,7 +130,7 @@ def test_quantized_draft_sampling_matches_autoregressive_distribution(params):
     model = random_model(n_layers=3, vocab=8, dim=32, seed=3, scale=0.35)
     draft = quantized_copy(model, "int4", 32, n_layers=E)
     model.setup_caches(1, 16)
-    draft.setup_caches(1, 16)
+    draft.share_caches(model) if params.top_k else draft.setup_caches(1, 16)  # the model's cache, or its own
     check_speculative_sampling(model, draft, params, exit_layer=E, draft_model=draft)
 
 
@@ -114,14 +157,15 @@ def test_tiny_compiled_quantized_draft_equals_autoregressive_without_recompiling
 
 @pytest.mark.slow
 def test_smollm2_quantized_drafts_equal_autoregressive(smollm2, smollm2_dir):
-    """Eager: int8 and int4 drafts of the whole model, and an int8 draft of 24 layers, on real prompts."""
+    """Eager: int8 and int4 drafts of the whole model drafting into its cache (the engine's way),
+    and an int8 draft of 24 layers with its own, on real prompts."""
     from test_decoding import SMOL_PROMPTS
     from tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2_dir)
     smollm2.setup_caches(1, 160)
     for scheme, E, k in [(("int8", 128), None, 4), (("int4", 32), None, 3), (("int8", 128), 24, 2)]:
         draft = quantized_copy(smollm2, *scheme, n_layers=E)
-        draft.setup_caches(1, 160)
+        draft.share_caches(smollm2) if E is None else draft.setup_caches(1, 160)
         for text in SMOL_PROMPTS[1:3]:
             prompt = torch.tensor(tok.encode(text))
             ref, _ = generate(smollm2, prompt, 24, GREEDY)
@@ -133,14 +177,15 @@ def test_smollm2_quantized_drafts_equal_autoregressive(smollm2, smollm2_dir):
 
 @pytest.mark.slow
 def test_smollm2_compiled_quantized_draft_equals_autoregressive(smollm2, smollm2_dir, smollm2_steps):
-    """Compiled: an int8 copy of 6 layers drafts (small graphs, quick to compile), the float32
-    model verifies through its 30 layers; the second prompt reuses every graph."""
+    """Compiled: an int8 copy of 6 layers drafts into the model's cache (small graphs, quick to
+    compile), the float32 model verifies through its 30 layers; the second prompt reuses every
+    graph."""
     from test_decoding import SMOL_PROMPTS
     from tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2_dir)
     smollm2.setup_caches(1, 160)
     draft = quantized_copy(smollm2, "int8", n_layers=6)
-    draft.setup_caches(1, 160)
+    draft.share_caches(smollm2)
     for i, text in enumerate(SMOL_PROMPTS[3:5]):
         prompt = torch.tensor(tok.encode(text))
         ref, _ = generate(smollm2, prompt, 24, GREEDY)
