@@ -359,6 +359,7 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_length = 0
         self.kv_cache_dtype: torch.dtype | None = None  # the caches' element type; None: the model's dtype
+        self.borrows_caches = False  # whether its KV caches are another model's (share_caches)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocates the KV cache of every layer, and the rope and mask tables, for this size."""
@@ -369,8 +370,9 @@ class Transformer(nn.Module):
         dtype, device = self.kv_cache_dtype or self.norm.weight.dtype, self.norm.weight.device
         cache = self.layers[0].attention.kv_cache
         if (max_batch_size, max_seq_length) == (self.max_batch_size, self.max_seq_length) and cache is not None \
-                and cache.k_cache.dtype == dtype:
+                and cache.k_cache.dtype == dtype and not self.borrows_caches:
             return
+        self.borrows_caches = False
         for layer in self.layers:  # the layer's own head count: a tensor-parallel rank holds its share
             layer.attention.kv_cache = KVCache(max_batch_size, layer.attention.n_kv_heads, max_seq_length,
                                                a.head_dim, dtype, device)
@@ -395,6 +397,7 @@ class Transformer(nn.Module):
             self.register_buffer(name, getattr(owner, name), persistent=False)
         self.max_batch_size, self.max_seq_length = owner.max_batch_size, owner.max_seq_length
         self.kv_cache_dtype = owner.kv_cache_dtype
+        self.borrows_caches = True
 
     def shares_caches_with(self, other: "Transformer | None") -> bool:
         """Whether this model reads and writes other's KV caches (share_caches)."""

@@ -58,6 +58,9 @@ def test_a_draft_sharing_the_model_caches_holds_none_of_its_own():
     assert not draft.shares_caches_with(model)
     draft.share_caches(model)
     assert draft.shares_caches_with(model) and draft.max_batch_size == 3
+    draft.setup_caches(3, 64)  # the same size: caches of its own all the same
+    assert not draft.shares_caches_with(model) and not draft.borrows_caches
+    assert all(d.attention.kv_cache is not m.attention.kv_cache for d, m in zip(draft.layers, model.layers))
 
 
 def test_quantized_copy_shares_only_what_it_does_not_quantize():
