@@ -110,11 +110,12 @@ def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
 
 
 def kv_bytes_per_row(engine) -> int:
-    """Bytes of KV cache one row holds, over every model the engine decodes with (a quantized
-    self-draft's and a draft model's caches included)."""
+    """Bytes of KV cache one row holds, over every model the engine decodes with (a draft model's
+    caches included; a quantized self-draft's are the model's own, counted once)."""
     models = (engine.model, engine.draft_model, *engine.drafts.values())
-    return sum(b.numel() * b.element_size() // b.shape[0] for m in models if m is not None
-               for name, b in m.named_buffers() if name.endswith(("k_cache", "v_cache")))
+    caches = {b.data_ptr(): b for m in models if m is not None
+              for name, b in m.named_buffers() if name.endswith(("k_cache", "v_cache"))}
+    return sum(b.numel() * b.element_size() // b.shape[0] for b in caches.values())
 
 
 def transformers_rows(a, prompts, rows: int, reference) -> list[dict]:

@@ -395,7 +395,7 @@ def test_compiled_policy_rounds_never_recompile():
         assert [s.tokens for s in seqs] == ref
 
 
-@pytest.mark.parametrize("draft", [None, "int8 self-draft"])
+@pytest.mark.parametrize("draft", [None, "int8 self-draft", "int8 self-draft in the model's cache"])
 @pytest.mark.parametrize("strategy", [(None, 0), (1, 3)], ids=["autoregressive", "self_spec_E1_k3"])
 def test_prompts_prefilled_in_chunks_between_steps_equal_batch1_greedy(strategy, draft):
     """Long prompts prefilled a chunk at a time while the other rows decode (a server's chunked
@@ -411,9 +411,9 @@ def test_prompts_prefilled_in_chunks_between_steps_equal_batch1_greedy(strategy,
     prompts = [rand_prompt(n, seed=100 + n).tolist() for n in lengths]
     ref = batch1_reference(model, prompts, 16, exit_layer=None if k else exit_layer, size=96)
     assert_varied(sum(ref, []), 0.1)
-    for m in (model, draft_model):
-        if m is not None:
-            m.setup_caches(3, 96)
+    model.setup_caches(3, 96)
+    if draft_model is not None:
+        draft_model.share_caches(model) if "model's cache" in draft else draft_model.setup_caches(3, 96)
     streamed = {}
     seqs, stats = generate_many(model, prompts, 16, GREEDY, exit_layer=exit_layer, num_speculations=k,
                                 draft_model=draft_model, prefill_chunk=8,
