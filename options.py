@@ -181,8 +181,8 @@ def check_options(p, a) -> EngineConfig:
                             auto_exit=auto_exit and a.draft_quantize is None, auto_k=auto_k,
                             draft_source=a.draft_source, ngram_tokens=a.ngram_tokens)
         if auto_exit and a.draft_quantize is not None:
-            note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (its own KV cache "
-                 "would lack the layers a smaller E skipped, so E cannot move during a generation)")
+            note("--exit_layer auto with --draft_quantize: the copy drafts with every layer (the adaptive exit "
+                 "chooses among the model's own layers; --num_speculations auto still chooses k)")
         return EngineConfig(a.checkpoint_path, a.hf_token, a.device, a.dtype, a.quantize, strategy, sampling_params(a),
                             a.draft_checkpoint_path, a.compile, a.compile_prefill, a.layers_per_graph, a.recalibrate,
                             a.kv_cache_dtype)
