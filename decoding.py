@@ -671,8 +671,8 @@ class Speculation:
         return self.verify(self.draft(self.model, cur, base, E, want, below), start, base, E, k, taps)
 
     def own_round(self, cur, pos: int, E: int | None, k: int, want: int) -> Round:
-        """A draft model with its own KV cache (a separate model, or the quantized self-draft)
-        drafts from its layers [0, E) (all if None); the verify pass runs every layer of the model.
+        """A draft model (a separate model, or the quantized self-draft) drafts from its layers
+        [0, E) (all if None); the verify pass runs every layer of the model.
         After a round that kept every draft a draft model with its own cache has not seen the last
         one, so the next round's first draft step takes it too (catch-up). One that drafts into the
         model's cache (the quantized self-draft) never falls behind: the verify pass wrote it all."""
