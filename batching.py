@@ -28,7 +28,7 @@ from tqdm import tqdm
 from adaptive import StepCosts
 from decoding import (CATCH_UP_BUCKETS, GenerationStats, Strategy, buckets_up_to, catch_up, check_draft_source,
                       check_exit_layer, check_fits, check_num_speculations, describe_choices, describe_sources,
-                      lengths_to_try, read_round)
+                      has_own_cache, lengths_to_try, read_round)
 from ngram import NgramIndex, SourceChooser, check_draft_source as check_source_name
 from steps import Steps, check_finite, synchronize
 from model import Transformer
@@ -107,10 +107,7 @@ class Batch:
             raise RuntimeError("the draft model's cache needs as many rows as the model's")
         self.model, self.params, self.steps, self.exit_layer = model, params, steps, exit_layer
         self.draft_model, self.k, self.policy = draft_model, num_speculations, policy
-        # a draft model with caches of its own falls behind where it does not draft (plain steps,
-        # n-gram rounds) and catches up; the quantized self-draft drafts into the model's caches
-        # (Transformer.share_caches), which the verify pass keeps whole
-        self.own_cache = draft_model is not None and not draft_model.shares_caches_with(model)
+        self.own_cache = has_own_cache(model, draft_model)  # it falls behind where it does not draft
         B, device = model.max_batch_size, model.norm.weight.device
         self.rows: list[Sequence | None] = [None] * B
         self.cur = torch.zeros(B, 1, dtype=torch.long, device=device)  # each row's newest token

@@ -549,9 +549,17 @@ def compile_ngram_rounds(model: Transformer, steps: Steps, params: SamplingParam
                        ngram_tokens)
     for K in spec.ngram_buckets:
         spec.ngram_round(5, 0, [5] * K)
-    if draft_model is not None and not draft_model.shares_caches_with(model):  # and its catch-up passes
+    if has_own_cache(model, draft_model):  # and its catch-up passes
         for T in CATCH_UP_BUCKETS:
             catch_up(draft_model, steps, [5] * T, 0, params, None)
+
+
+def has_own_cache(model: Transformer, draft_model: Transformer | None) -> bool:
+    """Whether draft_model (None: none) drafts with KV caches of its own, which fall behind where
+    it did not draft and catch up (`catch_up`): a separate model, or a quantized copy given its own;
+    not the quantized self-draft as the engine sets it up, in the model's (Transformer.share_caches),
+    whose every position the verify pass writes."""
+    return draft_model is not None and not draft_model.shares_caches_with(model)
 
 
 def catch_up(draft_model: Transformer, steps: Steps, ids: list[int], start: int, params: SamplingParams, E):
@@ -620,9 +628,7 @@ class Speculation:
                  policy: Policy, device: torch.device, ngram_tokens: int = 0):
         self.model, self.draft_model, self.params, self.steps, self.policy = model, draft_model, params, steps, policy
         self.shared = draft_model is None  # one KV cache: the verify pass resumes the drafts at layer E
-        # a draft model with caches of its own (not the quantized self-draft's, which are the model's:
-        # Transformer.share_caches) falls behind where it did not draft, and catches up
-        self.own_cache = draft_model is not None and not draft_model.shares_caches_with(model)
+        self.own_cache = has_own_cache(model, draft_model)
         self.device, self.clock = device, _Clock(device)
         most = max(policy.max_k, ngram_tokens)
         self.offsets = torch.arange(most + 1, device=device)

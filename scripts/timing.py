@@ -6,7 +6,7 @@ import time
 import torch
 
 from adaptive import round_timer
-from decoding import GenerationStats, peak_memory_gb
+from decoding import GenerationStats, has_own_cache, peak_memory_gb
 from steps import synchronize
 
 
@@ -125,7 +125,6 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
     pos = min(model.max_seq_length * 2 // 3 if pos is None else pos, model.max_seq_length - k - 1)
     x = torch.tensor([[5]], device=device)
     at = torch.tensor([pos], device=device)
-    shared = draft_model is None
     plain_round = round_timer(model, steps, exit_layer, k, pos, draft_model)
 
     with torch.no_grad():  # as in generation: a graph compiled with grad enabled would be compiled again
@@ -135,7 +134,7 @@ def step_costs(model, steps, exit_layer: int | None, k: int, device, pos=None, d
         plain = [plain_round() for _ in range(repeats)]
         costs["draft"] = statistics.median(d for d, _ in plain) / k
         costs["verify"] = statistics.median(v for _, v in plain)
-        if not shared and not draft_model.shares_caches_with(model):  # a draft with its own cache catches up
+        if has_own_cache(model, draft_model):  # a draft with its own cache catches up
             catch_up_round = round_timer(model, steps, exit_layer, k, pos, draft_model, catch_up=True)
             catch_up_round()
             first = statistics.median(d for d, _ in (catch_up_round() for _ in range(repeats))) - (k - 1) * costs["draft"]
