@@ -297,21 +297,25 @@ class Batch:
 
     @torch.no_grad()
     def compile_rounds(self):
-        """Runs every shape a round of a batch with drafts from the text can take once on stand-in
-        rows: for each bucket of rows, a plain step, the model's own round (auto: its self-draft or
-        exit, k drafts) and an n-gram round at each padded proposal length; so that compiled steps
-        compile them all now rather than at their first use inside a generation (serve.py's
-        warm-up, the benchmarks: the chooser's picks vary from run to run). Needs every row free;
-        leaves the chooser as it was."""
+        """Runs every shape a round of this batch can take once on stand-in rows: for each bucket
+        of rows, its step (plain or early exit) or fixed round, or each step and round a policy can
+        choose, and with drafts from the text a plain step and an n-gram round at each padded
+        proposal length; so that compiled steps compile them all now rather than at their first
+        use inside a generation, where rows that finish early step smaller buckets (serve.py's
+        warm-up, the benchmarks). Needs every row free; leaves the chooser as it was."""
         assert not self.running and not self.filling, "compile before adding sequences"
-        chooser, self.chooser = self.chooser, SourceChooser()
+        chooser, self.chooser = self.chooser, SourceChooser() if self.chooser else None
+        rounds = self.policy.candidates() if self.policy else [(self.exit_layer, self.k)]
+        if self.ngram:  # the chooser's plain step
+            rounds.append((None, 0))
+        # a step (k = 0) runs the early exit only where the batch has no rounds (as in step())
+        rounds = list(dict.fromkeys((E if k or not self.k else None, k) for E, k in rounds))
         try:
             for b in self.buckets:
                 self._stand_ins(b, 1)
                 with self.cache_rows(b):
-                    self._decode(b, None)
-                    if self.k:
-                        self._round(b, self.exit_layer, self.k)
+                    for E, k in rounds:
+                        self._round(b, E, k) if k else self._decode(b, E)
                 for K in self.ngram_buckets:
                     self._stand_ins(b, 1)
                     with self.cache_rows(b):

@@ -92,9 +92,7 @@ class Engine:
         stops = self.stops(stop_ids)
         rows = self.model.max_batch_size
         if rows > 1 or not strategy.adaptive:  # one row and auto: the one-sequence loop (probes, early stop)
-            k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else \
-                min(strategy.num_speculations, max_new_tokens)
-            policy = self.batch_policy_for(strategy) if strategy.adaptive else None
+            k, policy = self.batch_rounds(strategy, max_new_tokens)
             sampling = sampling or self.sampling
             return batching.generate_many(self.model, prompts, max_new_tokens, sampling, self.steps,
                                           strategy.exit_layer, stops, on_tokens, k, self.draft_for(strategy), policy,
@@ -109,6 +107,26 @@ class Engine:
             seq.take(tokens[0, len(seq.prompt):].tolist())
             seqs.append(seq)
         return seqs, batching.BatchStats.of(seqs, time.perf_counter() - t0, sum(s.stats.rounds for s in seqs), 1)
+
+    def batch_rounds(self, strategy: Strategy, max_new_tokens: int | None = None):
+        """(k, policy) of a batched generation with strategy: the drafts a round of the model's
+        drafts makes (0: none; at most max_new_tokens) and the adaptive BatchPolicy (or None)."""
+        k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else strategy.num_speculations
+        if max_new_tokens is not None:
+            k = min(k, max_new_tokens)
+        return k, self.batch_policy_for(strategy) if strategy.adaptive else None
+
+    def compile_batched(self, strategy: Strategy | None = None, sampling: SamplingParams | None = None):
+        """With compiled steps: every shape a batched generation (batching.Batch) with strategy can
+        step at the caches' rows (each bucket of rows: rows that finish early step smaller ones;
+        each round a policy can choose), compiled now rather than inside the first generations
+        that meet them (Batch.compile_rounds)."""
+        strategy = strategy or self.strategy
+        if self.steps.verify is Steps.verify:
+            return
+        k, policy = self.batch_rounds(strategy)
+        batching.Batch(self.model, sampling or self.sampling, self.steps, strategy.exit_layer, k,
+                       self.draft_for(strategy), policy, strategy.draft_source, strategy.ngram_tokens).compile_rounds()
 
     def policy_for(self, strategy: Strategy):
         """An adaptive strategy's policy for one sequence, kept across generations (its acceptance

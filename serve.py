@@ -501,6 +501,7 @@ def warm_up(engine, loop: EngineLoop):
         batching.generate_many(e.model, [[1] * 4] * b, 2 + loop.lookahead, SamplingParams(), e.steps,
                                e.strategy.exit_layer, (), None, loop.k, loop.draft, loop.policy,
                                draft_source=e.strategy.draft_source, ngram_tokens=e.strategy.ngram_tokens)
+    e.compile_batched(sampling=SamplingParams())  # every round a policy can choose, not only those it chose here
     print(f"Warm-up done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 

@@ -164,10 +164,9 @@ class EngineLoop:
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics or Metrics()
         self.prefill_chunk = prefill_chunk or None  # a longer prompt is prefilled this many tokens between steps
         strategy = engine.strategy
-        self.k = 0 if strategy.name == "autoregressive" or not strategy.model_drafts else strategy.num_speculations
+        self.k, self.policy = engine.batch_rounds(strategy)
         self.lookahead = 0 if strategy.name == "autoregressive" else strategy.max_drafts  # positions past the kept
         self.draft = engine.draft_for(strategy)
-        self.policy = engine.batch_policy_for(strategy) if strategy.adaptive else None
         self.stop_ids = frozenset(engine.stops())
         # regional or eager steps sample outside any graph: rows may mix their settings
         self.mix = engine.steps.decode is Steps.decode or hasattr(engine.steps.decode, "layer_graph")

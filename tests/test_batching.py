@@ -332,6 +332,33 @@ class Cycling(BatchPolicy):
         self.seen.append((b, E, k, hits, judged))
 
 
+@pytest.mark.parametrize("kind", ["early exit", "fixed round", "policy"])
+def test_compile_rounds_runs_every_shape_a_batch_can_step(kind):
+    """Batch.compile_rounds (the warm-up of serve.py and batch_speed.py) runs, for every bucket of
+    rows, each step or round the batch can take: the early exit's step, the fixed (E, k), a plain
+    step and every (E, k) of a policy; then the batch decodes as if it had not (each row its
+    batch-1 output)."""
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS[:4]]
+    kw = {"early exit": dict(exit_layer=1), "fixed round": dict(exit_layer=1, num_speculations=3),
+          "policy": dict(policy=Cycling((1, 3), (2, 4), True))}[kind]
+    ref = batch1_reference(model, prompts, 10, exit_layer=kw.get("exit_layer") if kind == "early exit" else None)
+    model.setup_caches(4, 64)
+    batch = Batch(model, GREEDY, **kw)
+    shapes = []
+    plain, drafted = batch._decode, batch._round
+    batch._decode = lambda b, E: shapes.append((b, E)) or plain(b, E)
+    batch._round = lambda b, E, k: shapes.append((b, E, k)) or drafted(b, E, k)
+    batch.compile_rounds()
+    # a fixed round never steps plainly: no decode graph
+    steps = {"early exit": [(1,)], "fixed round": [(1, 3)],
+             "policy": [(None,)] + [(E, k) for E in (1, 3) for k in (2, 4)]}
+    assert sorted(shapes, key=str) == sorted([(b, *s) for b in (1, 2, 4) for s in steps[kind]], key=str)
+    assert batch.free_rows == 4
+    seqs, _ = generate_many(model, prompts, 10, GREEDY, **kw)
+    assert [s.tokens for s in seqs] == ref
+
+
 @pytest.mark.parametrize("draft", ["shared", "int8 copy", "twin"])
 def test_policy_rounds_of_every_kind_equal_batch1_greedy_output(draft):
     """Batched rounds whose (E, k) change every round, plain steps among them: each row is still
