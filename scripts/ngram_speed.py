@@ -267,7 +267,9 @@ def plot(table, path: Path, a):
     for i, label in enumerate(labels):
         values = [next((t["tokens_per_s"] for t in table if t["row"] == label and t["workload"] == w), 0)
                   for w in workloads]
-        ax.bar([x + i * width for x in range(len(workloads))], values, width, label=label)
+        # tab20: up to 20 rows in distinct colours (the default cycle repeats after 10)
+        ax.bar([x + i * width for x in range(len(workloads))], values, width, label=label,
+               color=plt.get_cmap("tab20")(i % 20))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"Drafts from the text: SmolLM2-135M, greedy, up to {a.max_new_tokens} tokens, "
