@@ -312,9 +312,9 @@ class Batch:
         rounds = list(dict.fromkeys((E if k or not self.k else None, k) for E, k in rounds))
         try:
             for b in self.buckets:
-                self._stand_ins(b, 1)
-                with self.cache_rows(b):
-                    for E, k in rounds:
+                for E, k in rounds:
+                    self._stand_ins(b, 1)  # each from position 1: a policy's many rounds stay within a short cache
+                    with self.cache_rows(b):
                         self._round(b, E, k) if k else self._decode(b, E)
                 for K in self.ngram_buckets:
                     self._stand_ins(b, 1)

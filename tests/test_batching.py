@@ -339,11 +339,11 @@ def test_compile_rounds_runs_every_shape_a_batch_can_step(kind):
     step and every (E, k) of a policy; then the batch decodes as if it had not (each row its
     batch-1 output)."""
     model = packed_model()
-    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS[:4]]
+    prompts = [rand_prompt(n, seed=i).tolist() for i, n in enumerate((1, 2, 2, 1))]
     kw = {"early exit": dict(exit_layer=1), "fixed round": dict(exit_layer=1, num_speculations=3),
-          "policy": dict(policy=Cycling((1, 3), (2, 4), True))}[kind]
-    ref = batch1_reference(model, prompts, 10, exit_layer=kw.get("exit_layer") if kind == "early exit" else None)
-    model.setup_caches(4, 64)
+          "policy": dict(policy=Cycling((1, 3), (2, 4, 8), True))}[kind]
+    ref = batch1_reference(model, prompts, 2, exit_layer=kw.get("exit_layer") if kind == "early exit" else None)
+    model.setup_caches(4, 12)  # each round from position 1: a policy's six rounds one after another would pass 12
     batch = Batch(model, GREEDY, **kw)
     shapes = []
     plain, drafted = batch._decode, batch._round
@@ -352,10 +352,10 @@ def test_compile_rounds_runs_every_shape_a_batch_can_step(kind):
     batch.compile_rounds()
     # a fixed round never steps plainly: no decode graph
     steps = {"early exit": [(1,)], "fixed round": [(1, 3)],
-             "policy": [(None,)] + [(E, k) for E in (1, 3) for k in (2, 4)]}
+             "policy": [(None,)] + [(E, k) for E in (1, 3) for k in (2, 4, 8)]}
     assert sorted(shapes, key=str) == sorted([(b, *s) for b in (1, 2, 4) for s in steps[kind]], key=str)
     assert batch.free_rows == 4
-    seqs, _ = generate_many(model, prompts, 10, GREEDY, **kw)
+    seqs, _ = generate_many(model, prompts, 2, GREEDY, **kw)
     assert [s.tokens for s in seqs] == ref
 
 
