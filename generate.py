@@ -186,8 +186,9 @@ def warmup_tokens(strategy, max_new_tokens: int) -> int:
     """The budget of the untimed generation that compiles one prompt's steps: a few rounds meet every
     graph (the prefill, a decode step, speculative rounds, the second round's first draft step
     catching an own-cache draft up; n-gram verify shapes are compiled up front), so the start-up
-    does not also generate the whole budget. Several prompts warm up on their whole budget: rows
-    that end at different steps step smaller batches, each its own graphs."""
+    does not also generate the whole budget. Several prompts warm up the same way on as many
+    prompts as run at once, and the graphs of the fewer rows a batch steps as its rows end at
+    different steps are compiled after it (Engine.compile_batched)."""
     k = max(strategy.num_speculations, strategy.ngram_tokens if strategy.draft_source != "model" else 0)
     return min(max_new_tokens, 3 * (k + 1) + 2)
 
@@ -211,6 +212,11 @@ def run_samples(args, engine, texts: list[str], batch_size: int):
                 budget = warmup_tokens(engine.strategy, args.max_new_tokens) if i is None else args.max_new_tokens
                 tokens, stats = engine.run(prompts[0], budget)
                 outputs = [tokens[0, len(prompts[0]):].tolist()]
+            elif i is None:
+                budget = warmup_tokens(engine.strategy, args.max_new_tokens)
+                engine.run_many([p.tolist() for p in prompts[:rows]], budget)
+                if rows > 1:
+                    engine.compile_batched()
             else:
                 seqs, batch = engine.run_many([p.tolist() for p in prompts], args.max_new_tokens)
                 outputs = [s.tokens for s in seqs]
