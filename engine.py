@@ -108,6 +108,23 @@ class Engine:
             seqs.append(seq)
         return seqs, batching.BatchStats.of(seqs, time.perf_counter() - t0, sum(s.stats.rounds for s in seqs), 1)
 
+    def warm_up(self, prompts: list, max_new_tokens: int, strategy: Strategy | None = None, many: bool = False):
+        """An untimed start that compiles (with compiled steps) every graph a generation of these
+        prompts (lists of ids) with strategy meets, through run (one prompt at a time) or, with
+        `many`, run_many, in a time that does not grow with the budget or the number of prompts:
+        a few rounds (warmup_tokens) of as many prompts as run at once, then, with several rows,
+        every step and round of fewer rows (compile_batched)."""
+        strategy = strategy or self.strategy
+        if not many:
+            prompt = torch.tensor(prompts[0], device=self.device)
+            self.run(prompt, max(1, self.budget(len(prompt), warmup_tokens(strategy, max_new_tokens), strategy)),
+                     strategy=strategy)
+            return
+        rows = self.model.max_batch_size
+        self.run_many(prompts[:rows], warmup_tokens(strategy, max_new_tokens), strategy=strategy)
+        if rows > 1:
+            self.compile_batched(strategy)
+
     def batch_rounds(self, strategy: Strategy, max_new_tokens: int | None = None):
         """(k, policy) of a batched generation with strategy: the drafts a round of the model's
         drafts makes (0: none; at most max_new_tokens) and the adaptive BatchPolicy (or None)."""
@@ -205,6 +222,15 @@ class Engine:
         print(f"Adaptive speculation: exit layers {shown}, k in {what['ks']}{rows}; step costs {how}",
               file=sys.stderr)
         return costs, measured
+
+
+def warmup_tokens(strategy: Strategy, max_new_tokens: int) -> int:
+    """The budget of the untimed generation that compiles one prompt's steps (Engine.warm_up): a
+    few rounds meet every graph (the prefill, a decode step, speculative rounds, the second round's
+    first draft step catching an own-cache draft up; n-gram verify shapes are compiled up front),
+    so the start-up does not also generate the whole budget."""
+    k = max(strategy.num_speculations, strategy.ngram_tokens if strategy.draft_source != "model" else 0)
+    return min(max_new_tokens, 3 * (k + 1) + 2)
 
 
 def checkpoint_identity(path: Path) -> str:

@@ -182,17 +182,6 @@ def printable(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids[:-1] if ids and ids[-1] in tokenizer.stop_ids else ids)
 
 
-def warmup_tokens(strategy, max_new_tokens: int) -> int:
-    """The budget of the untimed generation that compiles one prompt's steps: a few rounds meet every
-    graph (the prefill, a decode step, speculative rounds, the second round's first draft step
-    catching an own-cache draft up; n-gram verify shapes are compiled up front), so the start-up
-    does not also generate the whole budget. Several prompts warm up the same way on as many
-    prompts as run at once, and the graphs of the fewer rows a batch steps as its rows end at
-    different steps are compiled after it (Engine.compile_batched)."""
-    k = max(strategy.num_speculations, strategy.ngram_tokens if strategy.draft_source != "model" else 0)
-    return min(max_new_tokens, 3 * (k + 1) + 2)
-
-
 def run_samples(args, engine, texts: list[str], batch_size: int):
     tokenizer, device = engine.tokenizer, engine.device
     prompts = [encode_prompt(args, text, tokenizer, device, i) for i, text in enumerate(texts)]
@@ -208,15 +197,11 @@ def run_samples(args, engine, texts: list[str], batch_size: int):
         prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
         t0 = time.perf_counter()
         with prof:
-            if single:
-                budget = warmup_tokens(engine.strategy, args.max_new_tokens) if i is None else args.max_new_tokens
-                tokens, stats = engine.run(prompts[0], budget)
+            if i is None:
+                engine.warm_up([p.tolist() for p in prompts], args.max_new_tokens, many=not single)
+            elif single:
+                tokens, stats = engine.run(prompts[0], args.max_new_tokens)
                 outputs = [tokens[0, len(prompts[0]):].tolist()]
-            elif i is None:
-                budget = warmup_tokens(engine.strategy, args.max_new_tokens)
-                engine.run_many([p.tolist() for p in prompts[:rows]], budget)
-                if rows > 1:
-                    engine.compile_batched()
             else:
                 seqs, batch = engine.run_many([p.tolist() for p in prompts], args.max_new_tokens)
                 outputs = [s.tokens for s in seqs]

@@ -32,7 +32,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a, config = parse_args(argv)
     out, samples, engine = evaluation.start_evaluation(a, config, "benchmark.json")
-    compile_s = evaluation.warm_up(engine, samples, a)
+    compile_s = evaluation.warm_up(engine, samples, a, rows=a.batch_size)
     records, agg = evaluation.evaluate(engine, samples, a, rows=a.batch_size)
     text = output.write_json(out, {"config": output.config_of(a), "compile_s": compile_s, "aggregate": agg,
                                    "samples": records})

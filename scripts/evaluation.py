@@ -136,10 +136,11 @@ def evaluate(engine, samples, a, progress=True, strategy=None, rows: int = 1):
     return records, agg
 
 
-def warm_up(engine, samples, a, strategy=None) -> float | None:
-    """One untimed generation that compiles the graphs before anything is measured; its seconds."""
+def warm_up(engine, samples, a, strategy=None, rows: int = 1) -> float | None:
+    """An untimed start that compiles the graphs before anything is measured (Engine.warm_up: a
+    few rounds, of `rows` samples at once where they run so); its seconds."""
     if not a.compile:
         return None
     t = time.perf_counter()
-    generate_text(engine, samples[0].prompt, a.max_new_tokens, strategy)
+    engine.warm_up([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens, strategy, many=rows > 1)
     return time.perf_counter() - t
