@@ -142,5 +142,6 @@ def warm_up(engine, samples, a, strategy=None, rows: int = 1) -> float | None:
     if not a.compile:
         return None
     t = time.perf_counter()
-    engine.warm_up([engine.tokenizer.encode(s.prompt) for s in samples], a.max_new_tokens, strategy, many=rows > 1)
+    engine.warm_up([engine.tokenizer.encode(s.prompt) for s in samples[:rows]], a.max_new_tokens, strategy,
+                   many=rows > 1)
     return time.perf_counter() - t
