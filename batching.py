@@ -272,7 +272,7 @@ class Batch:
             if seq.done:
                 self.remove(seq)
         if self.chooser:
-            self.chooser.observe_round(key, time.perf_counter() - t0, sum(len(kept) for _, kept in out))
+            self.chooser.observe_round(key, time.perf_counter() - t0, sum(len(kept) for _, kept in out), len(out))
         return out
 
     def _choose(self, b: int):
@@ -290,7 +290,7 @@ class Batch:
             options[("ngram", b, K)] = running + sum(self.chooser.expected(n, min(len(ids), K)) - 1.0
                                                      for ids, n in proposals if ids)
         options.update({("plain", b): running, **({("model", b): None} if self.k or self.policy else {})})
-        key = self.chooser.choose(options, behind=sum(self.behind[:b]))
+        key = self.chooser.choose(options, behind=sum(self.behind[:b]), rows=running)
         if key[0] == "ngram":  # the proposals cut to the chosen length
             proposals = [(ids[:key[-1]], n) for ids, n in proposals]
         return key, proposals

@@ -77,11 +77,12 @@ class SourceChooser:
     passage): the shares say where, so a long verify pass is chosen only where the tokens it adds
     are usually kept. Positions no proposal has reached yet take the share of the one before
     (copies go on as they went). A plain step yields one token a row; a model round, the moving
-    average of what its rounds kept. Each kind's seconds (per shape: rows, padded drafts) are
-    moving averages of what its rounds took (a round is counted as at most twice the estimate, so
-    that one stall does not make a kind look slow for long). A kind not yet timed is tried first
-    (its first round, which may compile, is not timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have
-    changed with the text) if its last estimate came within EXPLORE_WITHIN of the best, except a
+    average of what its rounds kept per running row, times the rows running now. Each kind's
+    seconds (per shape: rows, padded drafts) are moving averages of what its rounds took (a round
+    is counted as at most twice the estimate, so that one stall does not make a kind look slow
+    for long). A kind not yet timed is tried first (its first round, which may compile, is not
+    timed), and one not run for EXPLORE_EVERY rounds is tried again (its yield may have changed
+    with the text) if its last estimate came within EXPLORE_WITHIN of the best, except a
     proposal, whose first token every other round checks for free (observe_unverified): trying a
     model round costs more than the round when its draft has fallen far behind (it catches up
     first), so a kind that lost clearly is left alone. That catch-up (a draft model with its own
@@ -130,15 +131,15 @@ class SourceChooser:
             return 1.0 + 0.05 * key[-1]
         return 1.0 if key[0] == "plain" else self.model_cost
 
-    def choose(self, options: dict, behind: int = 0):
+    def choose(self, options: dict, behind: int = 0, rows: float = 1.0):
         """options: {kind of round (a tuple whose first item is "ngram", "plain" or "model"):
-        its expected tokens, or None for the moving average of that kind's rounds}; behind: the
-        positions a draft model with its own cache must catch up on before a model round. Returns
-        the kind to run."""
+        its expected tokens, or None for the moving average of that kind's rounds (per running
+        row, times `rows`, those running now)}; behind: the positions a draft model with its own
+        cache must catch up on before a model round. Returns the kind to run."""
         self.rounds += 1
 
         def tokens(key):
-            return options[key] if options[key] is not None else self.tokens.get(key, 1.0)
+            return options[key] if options[key] is not None else self.tokens.get(key, 1.0) * rows
         if not self.timing:
             # a kind whose yield only its rounds tell (the model's) is run once first: from the
             # default of one token a round it would never look worth its cost
@@ -237,9 +238,12 @@ class SourceChooser:
             return mean_s / mean_t * tokens
         return mean_s + c * (tokens - mean_t)
 
-    def observe_round(self, key, seconds: float, tokens: int):
-        """A round of this kind took `seconds` and yielded `tokens` (its first round not timed)."""
+    def observe_round(self, key, seconds: float, tokens: int, rows: int = 1):
+        """A round of this kind took `seconds` and yielded `tokens` for `rows` running rows (its
+        first round not timed). The yield is kept per row: a batch's round of few rows (the others
+        finished) yields less than one of many, at nearly the same cost."""
         self.last[key] = self.rounds
+        tokens = tokens / max(rows, 1)
         self.tokens[key] = tokens if key not in self.tokens else 0.9 * self.tokens[key] + 0.1 * tokens
         if key not in self.seen:
             self.seen.add(key)
