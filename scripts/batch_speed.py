@@ -193,9 +193,8 @@ def main(argv=None):
     cache = cache_size(max(len(p) for p in prompts), n, engine.strategy, engine.model.args.max_position_embeddings)
     for rows in batch_sizes:
         t0 = time.perf_counter()
-        run_batch(engine, prompts[:rows], rows, min(8, n), cache)  # compiles this batch size's graphs,
-        if rows > 1:  # and those of the fewer rows a batch steps as its rows finish
-            engine.compile_batched()
+        engine.setup_caches(cache, rows)
+        engine.warm_up(prompts, n, many=True)  # this row count's graphs and those of fewer rows
         warm = time.perf_counter() - t0
         seqs, stats = run_batch(engine, prompts, rows, n, cache)
         outputs = [s.tokens for s in seqs]
