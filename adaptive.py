@@ -502,13 +502,13 @@ class BatchPolicy:
         self.tried[(b, *current)] = self.rounds
         return current
 
-    def observe(self, b: int, E, k: int, hits: int, judged: int, seconds: float):
+    def observe(self, b: int, E, k: int, hits: int, judged: int, seconds: float | None):
         """A round's outcome over its rows: drafts accepted (hits) of those judged (accepted, and
-        each row's first rejected), and its wall time. A shape's first timing is skipped: it may
-        include compiling or evaluating guards."""
+        each row's first rejected), and its wall time (None: not a steady round's, its guards
+        evaluated). A shape's first timing is skipped too: it may include compiling."""
         if k:
             self.accepted[E].add(hits, judged)
-        if not self.timing:
+        if not self.timing or seconds is None:
             return
         key = (b, E, k)
         if key not in self.timed:

@@ -126,7 +126,7 @@ class Batch:
         self.behind = [0] * B  # own-cache draft: plain steps its cache has not seen, per row
         self.filling = {}  # row -> (sequence, prompt tokens prefilled, seconds): a prompt prefilled in chunks
         self.sampling = [params] * B  # each row's sampling settings (a free row: the batch's)
-        self.steps_run, self.last_shape = 0, None
+        self.steps_run, self.shapes = 0, set()  # the round shapes run so far (their guards evaluated once)
 
     @property
     def free_rows(self) -> int:
@@ -239,11 +239,17 @@ class Batch:
             if row < b:
                 self.pos[row] = done + 1
         t0 = time.perf_counter()
-        # While the rows stepped and (E, k) stay the same, the shapes and settings never change
-        # (rows join by prefill, between steps): the compiled steps' guards need not be evaluated
-        # again. A new shape's first step evaluates them (and compiles, the first time).
+        # The batch's model, caches and settings never change (rows join by prefill, between
+        # steps), so a round of a shape it ran before needs its compiled steps' guards evaluated no
+        # more (dynamo still tells the shapes' graphs apart), as the one-sequence loop does
+        # (decoding.Speculation.stance). A shape's first round evaluates them (and compiles, the
+        # first time): about 1 ms a compiled call, 25 ms of a 2-row k = 4 round, which, when every
+        # switch of an adaptive policy paid it (the guards were skipped only for the shape of the
+        # round before), made the rounds switched to look slower than they are.
         shape = (b, source, E, k)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=shape == self.last_shape), self.cache_rows(b):
+        guarded = shape not in self.shapes
+        self.shapes.add(shape)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=not guarded), self.cache_rows(b):
             if source == "ngram":
                 produced = self._ngram_round(b, proposals, k)
             elif source == "plain":
@@ -254,10 +260,10 @@ class Batch:
             for seq in self.rows[:b]:
                 if seq is not None:
                     seq.stats.count(source, 0, 0)
+        seconds = None if guarded else time.perf_counter() - t0  # a guarded round is not a steady one
         if self.policy and source == "model":
-            self.policy.observe(b, E, k, *self.judged, time.perf_counter() - t0)
+            self.policy.observe(b, E, k, *self.judged, seconds)
             self.choices[(E, k)] += 1
-        self.last_shape = shape
         self.steps_run += 1
         out = []
         for row, seq in enumerate(self.rows):
@@ -272,7 +278,7 @@ class Batch:
             if seq.done:
                 self.remove(seq)
         if self.chooser:
-            self.chooser.observe_round(key, time.perf_counter() - t0, sum(len(kept) for _, kept in out), len(out))
+            self.chooser.observe_round(key, seconds, sum(len(kept) for _, kept in out), len(out))
         return out
 
     def _choose(self, b: int):

@@ -238,13 +238,16 @@ class SourceChooser:
             return mean_s / mean_t * tokens
         return mean_s + c * (tokens - mean_t)
 
-    def observe_round(self, key, seconds: float, tokens: int, rows: int = 1):
-        """A round of this kind took `seconds` and yielded `tokens` for `rows` running rows (its
-        first round not timed). The yield is kept per row: a batch's round of few rows (the others
-        finished) yields less than one of many, at nearly the same cost."""
+    def observe_round(self, key, seconds: float | None, tokens: int, rows: int = 1):
+        """A round of this kind took `seconds` (None: not a steady round, its compiled steps'
+        guards evaluated) and yielded `tokens` for `rows` running rows (its first round not timed).
+        The yield is kept per row: a batch's round of few rows (the others finished) yields less
+        than one of many, at nearly the same cost."""
         self.last[key] = self.rounds
         tokens = tokens / max(rows, 1)
         self.tokens[key] = tokens if key not in self.tokens else 0.9 * self.tokens[key] + 0.1 * tokens
+        if seconds is None:
+            return
         if key not in self.seen:
             self.seen.add(key)
             return

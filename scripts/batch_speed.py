@@ -6,12 +6,19 @@ tiles (one pass over the weights) against one BLAS call (which would not be row-
 --transformers ROWS, transformers `generate` on the same prompts in left-padded batches of ROWS
 (eager, and its static cache under torch.compile); with --long_cache N, a step near position 128
 with caches of N positions against 256 (a step reads the caches only up to the longest live row).
+With --compare R, a speculative strategy's table against plain batched decoding and its own
+`--num_speculations auto` (the same draft), the three in turn R times at each row count in this one
+process (a shared machine's drift hits them alike), the median of each: where speculation stops
+paying, and whether `auto` keeps up with the better of the two.
 
     python scripts/batch_speed.py --compile --batch_sizes 1,2,4,8 --num_prompts 16
     python scripts/batch_speed.py --compile --quantize int8 --generation_strategy self_speculative \\
         --draft_quantize int8 --num_speculations 4 --plot batch_speed.png
     python scripts/batch_speed.py --compile --batch_sizes 1,8,16 --transformers 8 --long_cache 4096
+    python scripts/batch_speed.py --compile --max_new_tokens 128 --generation_strategy self_speculative \
+        --draft_quantize int8 --num_speculations 4 --compare 3
 """
+import dataclasses
 import argparse
 import json
 import statistics
@@ -31,7 +38,7 @@ import harness  # noqa: E402
 import timing  # noqa: E402
 import cpu_kernels  # noqa: E402
 from checkpoint import is_random  # noqa: E402
-from decoding import peak_memory_gb  # noqa: E402
+from decoding import Strategy, peak_memory_gb  # noqa: E402
 from engine import cache_size, device_name, load_engine  # noqa: E402
 import options  # noqa: E402
 
@@ -50,6 +57,9 @@ def parse_args(argv=None):
                    "static cache + compile variant (compiling it takes a minute or more)")
     p.add_argument("--long_cache", type=int, default=None, metavar="N", help="also time a step near position 128 "
                    "with caches of N positions against 256")
+    p.add_argument("--compare", type=int, default=0, metavar="R", help="with a speculative strategy: also plain "
+                   "batched decoding and --num_speculations auto, the three in turn R times at each row count "
+                   "(medians)")
     p.add_argument("--results", type=Path, default=None, help="append this run's rows to this JSON-lines file")
     p.add_argument("--plot", type=Path, default=None, help="draw decode tokens/s against rows at once to this PNG: "
                    "every run in --results (one line each), else this run")
@@ -65,6 +75,14 @@ def parse_args(argv=None):
         p.error("--batch_sizes must be >= 1")
     if a.num_prompts < 1:
         p.error("--num_prompts must be >= 1")
+    if a.compare < 0:
+        p.error("--compare must be >= 0")
+    if a.compare and (a.transformers is not None or a.long_cache or a.exactness or a.results):
+        p.error("--compare runs its comparison only: leave out --transformers, --long_cache, --exactness and --results")
+    if a.compare and (config.strategy.name == "autoregressive" or not config.strategy.model_drafts
+                      or config.strategy.adaptive):
+        p.error("--compare needs a speculative strategy with a fixed --num_speculations that drafts from a model "
+                "(it adds plain decoding and --num_speculations auto)")
     if a.long_cache is not None and a.long_cache < 256:
         p.error(f"--long_cache must be at least 256 (it is compared with 256), got {a.long_cache}")
     if a.transformers is not None:
@@ -80,9 +98,52 @@ def parse_args(argv=None):
     return a, config, batch_sizes
 
 
-def run_batch(engine, prompts, rows: int, max_new_tokens: int, cache: int):
+def run_batch(engine, prompts, rows: int, max_new_tokens: int, cache: int, strategy=None):
     engine.setup_caches(cache, rows)
-    return engine.run_many(prompts, max_new_tokens, stop_ids=())
+    return engine.run_many(prompts, max_new_tokens, stop_ids=(), strategy=strategy)
+
+
+def compared(strategy) -> dict:
+    """{label: strategy}: plain decoding, the strategy, and its --num_speculations auto."""
+    auto = dataclasses.replace(strategy, num_speculations=options.AUTO_MAX_SPECULATIONS, auto_k=True)
+    return {"plain": Strategy(), f"k={strategy.num_speculations}": strategy, "auto": auto}
+
+
+def compare_rows(engine, prompts, batch_sizes, max_new_tokens: int, repeats: int) -> list[dict]:
+    """compared()'s strategies at each row count: an untimed warm-up of each, then the three in
+    turn `repeats` times; the median decode tokens/s of each, and whether every output equals the
+    plain 1-row output."""
+    strategies = compared(engine.strategy)
+    n, out, reference = max_new_tokens, [], None
+    cache = max(cache_size(max(len(p) for p in prompts), n, s, engine.model.args.max_position_embeddings)
+                for s in strategies.values())
+    for rows in batch_sizes:
+        engine.setup_caches(cache, rows)
+        for s in strategies.values():
+            engine.warm_up(prompts, n, strategy=s, many=True)
+        rates, same = {label: [] for label in strategies}, True
+        for r in range(repeats):
+            for label, s in strategies.items():
+                seqs, stats = run_batch(engine, prompts, rows, n, cache, s)
+                reference = reference or [q.tokens for q in seqs]
+                same = same and [q.tokens for q in seqs] == reference
+                rates[label].append(stats.decode_tokens_per_s)
+            print(f"  {rows} rows, pass {r + 1}: " + ", ".join(f"{label} {v[-1]:.1f}" for label, v in rates.items()),
+                  file=sys.stderr)
+        out.append({"rows": rows, "same": same, **{label: statistics.median(v) for label, v in rates.items()}})
+    return out
+
+
+def print_compare(rows: list[dict], labels: list, repeats: int):
+    plain, fixed, auto = labels
+    print(f"\nDecode tokens/s in all, the median of {repeats} passes taking turns:\n")
+    print(f"| rows at once | {plain} | {fixed} | {fixed} vs plain | {auto} | {auto} vs the better | outputs = plain "
+          "1 row's |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        better = max(r[plain], r[fixed])
+        print(f"| {r['rows']} | {r[plain]:.1f} | {r[fixed]:.1f} | {r[fixed] / r[plain]:.2f}x | {r[auto]:.1f} | "
+              f"{r[auto] / better:.2f}x | {'yes' if r['same'] else '**no**'} |")
 
 
 def exactness_rows(engine, rows_list=(16, 32, 64, 128)) -> list[dict]:
@@ -187,6 +248,18 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; {engine.strategy.describe()}, "
           f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
           file=sys.stderr)
+    if a.compare:
+        rows = compare_rows(engine, prompts, batch_sizes, a.max_new_tokens, a.compare)
+        labels = list(compared(engine.strategy))
+        print(f"\n{engine.strategy.describe()} against plain and auto, {a.quantize or 'float'} weights, "
+              f"{device_name(engine.device)}, {torch.get_num_threads()} threads")
+        print_compare(rows, labels, a.compare)
+        if a.plot is not None:
+            plot([{"config": label, "rows": [{"rows": r["rows"], "decode": r[label]} for r in rows]} for label in labels],
+                 a.plot, f"SmolLM2 decode, {device_name(engine.device)}, {torch.get_num_threads()} threads")
+        if not all(r["same"] for r in rows):
+            raise SystemExit("some batched outputs differ from the plain 1-row outputs")
+        return
     results, reference = [], None
     n = a.max_new_tokens
     # one size: the graphs stay

@@ -332,6 +332,38 @@ class Cycling(BatchPolicy):
         self.seen.append((b, E, k, hits, judged))
 
 
+def test_a_batch_evaluates_guards_once_a_shape_and_times_only_steady_rounds(monkeypatch):
+    """A batch's rounds switch kinds (a policy's (E, k), plain steps): a round of a shape the batch
+    ran before skips the compiled steps' guards, whatever ran in between, as the one-sequence loop
+    does; only the shape's first round evaluates them, and its time (guards, maybe compiling) is
+    not given to the policy as a round's. (The guards were skipped only for the shape of the round
+    before, so every switch of an adaptive policy paid them and the rounds switched to looked slower:
+    a 2-row k = 4 round 70 ms where it takes 54.)"""
+    import batching
+    model = packed_model()
+    prompts = [rand_prompt(n, seed=n).tolist() for n in LENGTHS]
+    ref = batch1_reference(model, prompts, 12)
+    model.setup_caches(2, 64)
+    stances, set_stance = [], torch.compiler.set_stance
+    monkeypatch.setattr(batching.torch.compiler, "set_stance",
+                        lambda **kw: stances.append(kw["skip_guard_eval_unsafe"]) or set_stance(**kw))
+    timed = []
+
+    class Recording(Cycling):
+        def observe(self, b, E, k, hits, judged, seconds):
+            timed.append(((b, E, k), seconds))
+            super().observe(b, E, k, hits, judged, seconds)
+    policy = Recording((1, 3), (2,), True)
+    seqs, _ = generate_many(model, prompts, 12, GREEDY, policy=policy)
+    assert [s.tokens for s in seqs] == ref
+    shapes = {shape for shape, _ in timed}
+    assert len(shapes) >= 4 and len(timed) > 2 * len(shapes)  # every kind, each several times, alternating
+    assert stances.count(False) == len(shapes)  # one guarded round a shape
+    untimed = [shape for shape, seconds in timed if seconds is None]
+    assert sorted(untimed, key=str) == sorted(shapes, key=str)
+    assert all(seconds > 0 for _, seconds in timed if seconds is not None)
+
+
 @pytest.mark.parametrize("kind", ["early exit", "fixed round", "policy"])
 def test_compile_rounds_runs_every_shape_a_batch_can_step(kind):
     """Batch.compile_rounds (the warm-up of serve.py and batch_speed.py) runs, for every bucket of

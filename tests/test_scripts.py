@@ -214,9 +214,34 @@ def test_batch_speed_against_transformers_and_a_long_cache(tiny_smol_dir, capsys
     assert "KV cache:" in out and "MB per row" in out
 
 
+def test_batch_speed_compares_a_strategy_with_plain_and_auto_in_one_process(tiny_smol_dir, tmp_path, capsys):
+    """--compare R: plain decoding, the strategy and its --num_speculations auto in turn R times at
+    each row count; a row per count with the three medians, every output equal to plain decoding's
+    1-row output, and a plot of the three."""
+    import batch_speed
+    png = tmp_path / "c.png"
+    batch_speed.main(["--checkpoint_path", str(tiny_smol_dir), "--batch_sizes", "1,2", "--num_prompts", "3",
+                      "--max_new_tokens", "6", "--generation_strategy", "self_speculative", "--exit_layer", "2",
+                      "--num_speculations", "2", "--compare", "2", "--plot", str(png)])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "| rows at once | plain | k=2 | k=2 vs plain | auto | auto vs the better | outputs = plain 1 row's |" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(r.endswith("| yes |") for r in rows), out
+    assert captured.err.count("pass 2:") == 2  # each row count's second pass of the three
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("argv, message", [(["--transformers", "4"], "must be one of --batch_sizes"),
                                            (["--long_cache", "100"], "at least 256"),
-                                           (["--transformers_eager_only"], "needs --transformers")])
+                                           (["--transformers_eager_only"], "needs --transformers"),
+                                           (["--compare", "2"], "--compare needs a speculative strategy"),
+                                           (["--compare", "2", "--generation_strategy", "self_speculative",
+                                             "--exit_layer", "2", "--num_speculations", "auto"],
+                                            "--compare needs a speculative strategy"),
+                                           (["--compare", "2", "--generation_strategy", "self_speculative",
+                                             "--exit_layer", "2", "--long_cache", "512"],
+                                            "--compare runs its comparison only")])
 def test_batch_speed_refuses_bad_peer_flags(argv, message, capsys):
     import batch_speed
     with pytest.raises(SystemExit) as e:
