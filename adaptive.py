@@ -50,6 +50,8 @@ EXPLORE_EVERY, EXPLORE_WITHIN = 64, 0.1  # rounds; a rival predicted within 10% 
 BINS = 10  # confidence bins of the early-stop estimate
 DECAY = 0.98  # weight of the past per observation: an estimate spans the last ~50 of them
 TIME_WEIGHT = 0.2  # weight of a round's timing in the moving average of a step's seconds
+STALL = 1.5  # a batched round's timing counts as at most this many times its prediction (or 1 / STALL)
+FACTOR_WEIGHT = 0.05  # the weight of a batched round's timing in its kind's factor (BatchPolicy)
 
 
 def exit_candidates(n_layers: int, count: int = 4) -> tuple:
@@ -301,6 +303,7 @@ class AdaptivePolicy(Policy):
         self.timing = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                            and torch.distributed.get_world_size() > 1)
         self.tried = {}  # (E, k) -> the last round it ran
+        self.exploring = False  # whether the current pair is a rival being explored
         self.overhead = 0.0  # seconds per round outside its draft and verify phases
         self.round_seconds, self.round_tokens = 0.0, 1.0  # moving averages over the rounds
 
@@ -351,7 +354,12 @@ class AdaptivePolicy(Policy):
         current = self.predicted(self.exit_layer, self.k)
         best = max(self.candidates(), key=lambda p: self.predicted(*p))
         if self.dwell >= MIN_DWELL:
-            if best != (self.exit_layer, self.k) and self.predicted(*best) > current * (1 + HYSTERESIS):
+            # hysteresis keeps a pair against a close rival, but a rival run to explore it gives
+            # way to the best at once: otherwise a run within the hysteresis of the best stayed
+            # (2-row batches: k = 2 in 43% of the rounds where k = 4 was 7% better)
+            margin = 0.0 if self.exploring else HYSTERESIS
+            self.exploring = False
+            if best != (self.exit_layer, self.k) and self.predicted(*best) > current * (1 + margin):
                 self.switch(best)
             else:
                 # a close rival not run lately: its prediction rests on calibration and on runs of
@@ -361,6 +369,7 @@ class AdaptivePolicy(Policy):
                           self.predicted(*p) > current * (1 - EXPLORE_WITHIN)]
                 if rivals:
                     self.switch(min(rivals, key=lambda p: self.tried.get(p, 0)))
+                    self.exploring = True
         self.tried[(self.exit_layer, self.k)] = self.rounds
         self.speedup = self.predicted(self.exit_layer, self.k)
         return self.exit_layer, self.k
@@ -463,11 +472,19 @@ class BatchPolicy:
         self.costs, self.exits, self.ks, self.shared = costs, tuple(exits), tuple(ks), shared
         self.max_k = max(ks)
         self.accepted = {E: Rate(0.5) for E in self.exits}
-        self.seconds = {}  # (b, E, k) -> seconds of that round as run in generation (moving average)
+        # A round's seconds are predicted as calibrated x factor[(b, E, k)] x speed: `speed`, the
+        # machine now against the calibration, follows every round quickly (a shared machine's
+        # neighbours slow every kind of round alike); `factor`, what that kind's rounds take
+        # against its calibration, follows its own rounds slowly. So a kind not run lately is
+        # predicted at the machine's present speed: with one moving average of seconds per kind,
+        # the kind running when the machine slowed looked slower than the others, at their old
+        # timings, and the policy left the best kind for them (2 rows: k = 2 in 60% of the rounds
+        # where k = 4 was 7% better).
+        self.speed, self.factor = 1.0, {}
         self.timed = set()
-        self.drift = 1.0  # observed / calibrated seconds, the median over what ran
         self.choice, self.dwell = {}, {}  # b -> its current (E, k), and the rounds it ran
         self.tried = {}  # (b, E, k) -> the last round it ran
+        self.exploring = set()  # the b whose current pair is a rival being explored
         self.rounds = 0
         # under tensor parallelism every rank must choose alike: only the tokens decide, not clocks
         self.timing = not (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -479,7 +496,7 @@ class BatchPolicy:
 
     def predicted(self, b, E, k) -> float:
         """Expected tokens per row per second."""
-        seconds = self.seconds.get((b, E, k)) or self.calibrated(b, E, k) * self.drift
+        seconds = self.calibrated(b, E, k) * self.factor.get((b, E, k), 1.0) * self.speed
         return (expected_tokens(self.accepted[E].value, k) if k else 1.0) / seconds
 
     def candidates(self):
@@ -494,10 +511,13 @@ class BatchPolicy:
             best = max(self.candidates(), key=lambda p: self.predicted(b, *p))
             rivals = [p for p in self.candidates() if p != current and self.predicted(b, *p) > now * (1 - EXPLORE_WITHIN)
                       and self.rounds - self.tried.get((b, *p), 0) >= EXPLORE_EVERY]
-            if best != current and self.predicted(b, *best) > now * (1 + HYSTERESIS):
+            margin = 0.0 if b in self.exploring else HYSTERESIS  # an explored rival gives way to the best
+            self.exploring.discard(b)
+            if best != current and self.predicted(b, *best) > now * (1 + margin):
                 current, self.dwell[b] = best, 0
             elif rivals:  # predictions resting on calibration or old rounds: run it for a while
                 current, self.dwell[b] = min(rivals, key=lambda p: self.tried.get((b, *p), 0)), 0
+                self.exploring.add(b)
         self.choice[b] = current
         self.tried[(b, *current)] = self.rounds
         return current
@@ -514,6 +534,7 @@ class BatchPolicy:
         if key not in self.timed:
             self.timed.add(key)
             return
-        old = self.seconds.get(key, seconds)
-        self.seconds[key] = old + TIME_WEIGHT * (seconds - old)
-        self.drift = statistics.median(min(max(t / self.calibrated(*key), 0.2), 5.0) for key, t in self.seconds.items())
+        # a stall (the collector) counts as STALL times the prediction at most
+        ratio = min(max(seconds / (self.calibrated(*key) * self.factor.get(key, 1.0) * self.speed), 1 / STALL), STALL)
+        self.speed *= ratio ** TIME_WEIGHT
+        self.factor[key] = self.factor.get(key, 1.0) * ratio ** FACTOR_WEIGHT

@@ -434,6 +434,29 @@ def test_batch_policy_chooses_plain_steps_where_rounds_stop_paying():
     assert policy.choose(1) == (None, 0)
 
 
+def test_batch_policy_predicts_every_kind_at_the_machines_present_speed(monkeypatch):
+    """A machine that slows down (a neighbour) slows every kind of round alike: the kind running
+    then must not look slower than kinds timed before, at their old speed. At 2 rows, k = 4 yields
+    15% more per second than k = 2; after 40 rounds of k = 4 at 1.5 times their time, k = 2 is
+    predicted 1.5 times slower too, and k = 4 stays chosen (with one moving average of seconds per
+    kind, k = 4 looked 1.5 times slower than k = 2 at its old timing, and k = 2 was chosen)."""
+    import adaptive
+    from adaptive import StepCosts
+    monkeypatch.setattr(adaptive, "EXPLORE_EVERY", 10 ** 9)  # no rival tried
+    policy = BatchPolicy({2: StepCosts(1.0, {}, {(None, 2): 1.6, (None, 4): 2.2})}, (None,), (2, 4), shared=False)
+    for k, seconds in ((2, 1.6), (4, 2.2)):
+        for _ in range(2):  # the first timing of each is skipped
+            policy.observe(2, None, k, 19, 20, seconds)
+    assert policy.choose(2) == (None, 4)
+    k2 = policy.predicted(2, None, 2)
+    for _ in range(40):
+        assert policy.choose(2) == (None, 4)
+        policy.observe(2, None, 4, 19, 20, 3.3)
+    assert policy.speed * policy.factor[(2, None, 4)] == pytest.approx(1.5, rel=0.02)
+    assert policy.predicted(2, None, 2) < k2 / 1.3  # k = 2 is predicted slower with the machine
+    assert policy.predicted(2, None, 4) > policy.predicted(2, None, 2)
+
+
 def test_compiled_policy_rounds_never_recompile():
     """Compiled: the policy's costs, measured per bucket of rows (Batch.measure_costs), compile
     every graph its rounds use; then rounds of every kind, rows joining and leaving, compile
