@@ -123,13 +123,15 @@ def compare_rows(engine, prompts, batch_sizes, max_new_tokens: int, repeats: int
             engine.warm_up(prompts, n, strategy=s, many=True)
         rates, same = {label: [] for label in strategies}, True
         for r in range(repeats):
+            chosen = ""
             for label, s in strategies.items():
                 seqs, stats = run_batch(engine, prompts, rows, n, cache, s)
                 reference = reference or [q.tokens for q in seqs]
                 same = same and [q.tokens for q in seqs] == reference
                 rates[label].append(stats.decode_tokens_per_s)
-            print(f"  {rows} rows, pass {r + 1}: " + ", ".join(f"{label} {v[-1]:.1f}" for label, v in rates.items()),
-                  file=sys.stderr)
+                chosen = stats.chosen or chosen
+            print(f"  {rows} rows, pass {r + 1}: " + ", ".join(f"{label} {v[-1]:.1f}" for label, v in rates.items())
+                  + (f" (auto's rounds: {chosen})" if chosen else ""), file=sys.stderr)
         out.append({"rows": rows, "same": same, **{label: statistics.median(v) for label, v in rates.items()}})
     return out
 
