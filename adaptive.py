@@ -355,8 +355,8 @@ class AdaptivePolicy(Policy):
         best = max(self.candidates(), key=lambda p: self.predicted(*p))
         if self.dwell >= MIN_DWELL:
             # hysteresis keeps a pair against a close rival, but a rival run to explore it gives
-            # way to the best at once: otherwise a run within the hysteresis of the best stayed
-            # (2-row batches: k = 2 in 43% of the rounds where k = 4 was 7% better)
+            # way to the best at once: otherwise a rival within the hysteresis of the best stayed
+            # after its exploration (as in BatchPolicy.choose)
             margin = 0.0 if self.exploring else HYSTERESIS
             self.exploring = False
             if best != (self.exit_layer, self.k) and self.predicted(*best) > current * (1 + margin):
