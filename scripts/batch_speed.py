@@ -15,11 +15,11 @@ paying, and whether `auto` keeps up with the better of the two.
     python scripts/batch_speed.py --compile --quantize int8 --generation_strategy self_speculative \\
         --draft_quantize int8 --num_speculations 4 --plot batch_speed.png
     python scripts/batch_speed.py --compile --batch_sizes 1,8,16 --transformers 8 --long_cache 4096
-    python scripts/batch_speed.py --compile --max_new_tokens 128 --generation_strategy self_speculative \
+    python scripts/batch_speed.py --compile --max_new_tokens 128 --generation_strategy self_speculative \\
         --draft_quantize int8 --num_speculations 4 --compare 3
 """
-import dataclasses
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -109,10 +109,10 @@ def compared(strategy) -> dict:
     return {"plain": Strategy(), f"k={strategy.num_speculations}": strategy, "auto": auto}
 
 
-def compare_rows(engine, prompts, batch_sizes, max_new_tokens: int, repeats: int) -> list[dict]:
+def compare_rows(engine, prompts, batch_sizes, max_new_tokens: int, repeats: int) -> tuple[list, list[dict]]:
     """compared()'s strategies at each row count: an untimed warm-up of each, then the three in
-    turn `repeats` times; the median decode tokens/s of each, and whether every output equals the
-    plain 1-row output."""
+    turn `repeats` times; their labels, and per row count the median decode tokens/s of each and
+    whether every output equals the plain 1-row output."""
     strategies = compared(engine.strategy)
     n, out, reference = max_new_tokens, [], None
     cache = max(cache_size(max(len(p) for p in prompts), n, s, engine.model.args.max_position_embeddings)
@@ -133,7 +133,7 @@ def compare_rows(engine, prompts, batch_sizes, max_new_tokens: int, repeats: int
             print(f"  {rows} rows, pass {r + 1}: " + ", ".join(f"{label} {v[-1]:.1f}" for label, v in rates.items())
                   + (f" (auto's rounds: {chosen})" if chosen else ""), file=sys.stderr)
         out.append({"rows": rows, "same": same, **{label: statistics.median(v) for label, v in rates.items()}})
-    return out
+    return list(strategies), out
 
 
 def print_compare(rows: list[dict], labels: list, repeats: int):
@@ -251,8 +251,7 @@ def main(argv=None):
           f"{a.quantize or 'no'} quantization, {len(prompts)} prompts ({a.prompts}) x {a.max_new_tokens} tokens",
           file=sys.stderr)
     if a.compare:
-        rows = compare_rows(engine, prompts, batch_sizes, a.max_new_tokens, a.compare)
-        labels = list(compared(engine.strategy))
+        labels, rows = compare_rows(engine, prompts, batch_sizes, a.max_new_tokens, a.compare)
         print(f"\n{engine.strategy.describe()} against plain and auto, {a.quantize or 'float'} weights, "
               f"{device_name(engine.device)}, {torch.get_num_threads()} threads")
         print_compare(rows, labels, a.compare)
