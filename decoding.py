@@ -492,7 +492,7 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
         text.extend(out)
     pos = T  # position of `cur`, the last kept token: no layer has processed it yet
     while len(out) < max_new_tokens and out[-1] not in stop:
-        round_start = time.perf_counter()
+        round_start, spec.guarded = time.perf_counter(), False
         behind = len(spec.pending)  # ids an own-cache draft model has not seen (a model round catches up)
         left = max_new_tokens - len(out) - 1  # n tokens to go: n - 1 drafts and the full model's token suffice
         source = "model"
@@ -526,7 +526,8 @@ def speculative_generate(model: Transformer, prompt: torch.Tensor, max_new_token
                 chooser.observe_unverified(n, proposal, kept)
             if r.pending_s:  # the draft's catch-up, timed apart from the round (SourceChooser.choose charges it)
                 chooser.observe_catch_up(r.pending_s, behind)
-            chooser.observe_round(key, time.perf_counter() - round_start - r.pending_s, len(kept))
+            chooser.observe_round(key, None if spec.guarded else time.perf_counter() - round_start - r.pending_s,
+                                  len(kept))
             text.extend(kept)
         out += kept
         if on_tokens:
@@ -638,6 +639,10 @@ class Speculation:
         # early stop reads a confidence one draft step late on CUDA, not waiting for the GPU
         self.lag = 1 if device.type == "cuda" else 0
         self.seen = set()
+        # whether the round running evaluated a step's guards (its first call in this generation):
+        # its time goes to neither the chooser nor the policy, which outlive the generation (as
+        # batching.Batch does for a shape's first round)
+        self.guarded = False
         self.behind = None  # own-cache draft: the last round's last draft, which the draft model has not seen
         self.behind_id = None  # and its id
         self.pending = []  # own-cache draft: the ids before the round's first token it has not seen (n-gram rounds)
@@ -650,6 +655,7 @@ class Speculation:
         evaluated again; the first call evaluates them (and compiles, if the graph is new)."""
         skip = graph in self.seen
         self.seen.add(graph)
+        self.guarded = self.guarded or not skip  # the round's time is not a steady round's
         return torch.compiler.set_stance(skip_guard_eval_unsafe=skip)
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -847,7 +853,8 @@ class Speculation:
         stats.catch_ups += r.caught_up
         stats.early_stops += d.stopped
         stats.trace.append((E, k, d.made))
-        policy.observe_times(E, d.made, r.bucket, r.draft_s, r.verify_s, time.perf_counter() - round_start)
+        if not self.guarded:
+            policy.observe_times(E, d.made, r.bucket, r.draft_s, r.verify_s, time.perf_counter() - round_start)
         policy.observe(E, k, d.made, a, torch.stack(d.confidences).tolist() if policy.early_stop and d.made else [])
         row = policy.probe_row(a) if r.taps else None
         if row is not None:  # the full model's token after row `row` is kept[row] (row <= a)

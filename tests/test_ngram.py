@@ -459,6 +459,28 @@ def test_compiling_every_round_shape_first_leaves_the_batch_as_it_was():
     assert [s.tokens for s in seqs] == refs
 
 
+def test_a_generations_guarded_rounds_are_not_timed():
+    """The chooser outlives a generation (the engine keeps one per strategy), but each generation's
+    first call of a step evaluates its guards (Speculation.stance): that round's time, about 1 ms a
+    compiled call on top of the round, is not a steady round's and is not recorded (None), in the
+    second generation as in the first; every later round of that kind is."""
+    model = random_model()
+    model.setup_caches(1, 160)
+
+    class Recording(SourceChooser):
+        def observe_round(self, key, seconds, tokens, rows=1):
+            rounds.append((key, seconds))
+            super().observe_round(key, seconds, tokens, rows)
+    chooser = Recording(3)
+    for seed in (0, 2):
+        rounds = []
+        speculative_generate(model, repeating_prompt(16, seed), 48, GREEDY, 3, draft_source="ngram", chooser=chooser)
+        first = {key: i for i, (key, _) in reversed(list(enumerate(rounds)))}  # each kind's first round
+        assert len(rounds) > len(first) >= 2, rounds
+        assert [i for i, (_, seconds) in enumerate(rounds) if seconds is None] == sorted(first.values())
+        assert all(seconds > 0 for _, seconds in rounds if seconds is not None)
+
+
 def test_a_model_rounds_yield_is_kept_per_running_row():
     """A batch's model round yields per running row: learned on four rows (3 tokens a row in 20 ms,
     the best of four rows' options), it is not expected to yield 12 tokens when one row is left in
